@@ -1,0 +1,32 @@
+//! `diffii parity`: recompute a reference run and print one line per tensor.
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use diffii::parity;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// diffusers SD-1.x model folder the reference was made with.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Reference directory holding ref_diffii.json and ref_diffii.safetensors.
+    #[arg(long)]
+    pub reference: PathBuf,
+    /// Skip the teacher-forced trajectory checks (faster).
+    #[arg(long)]
+    pub skip_teacher_forced: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let opts = parity::Options { skip_teacher_forced: a.skip_teacher_forced };
+    let start = std::time::Instant::now();
+    let report = parity::run(&a.model, &a.reference, &opts, |stage| eprintln!("[parity] {stage}"))
+        .with_context(|| format!("parity of {} against {}", a.model.display(), a.reference.display()))?;
+    print!("{}", report.table());
+    let failed = report.lines.iter().filter(|l| !l.ok).count();
+    println!("{} tensors compared, {} ok, {} FAIL, {:.1} s", report.lines.len(), report.lines.len() - failed, failed, start.elapsed().as_secs_f64());
+    if failed > 0 {
+        bail!("{failed} tensor(s) outside tolerance");
+    }
+    Ok(())
+}

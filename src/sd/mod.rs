@@ -1,0 +1,13 @@
+//! Stable Diffusion 1.x components, loaded from a diffusers folder with diffusers' key names.
+pub mod clip;
+pub mod concepts;
+pub mod config;
+pub mod loader;
+pub mod nn;
+pub mod tokenizer;
+pub mod unet;
+pub mod unet_blocks;
+pub mod vae;
+pub mod weights;
+
+pub use loader::StableDiffusion;

@@ -1,0 +1,248 @@
+//! The layers every SD component is built from, with two execution modes.
+//!
+//! candle's fused `layer_norm` and `softmax_last_dim` are fast but have no backward pass: a
+//! gradient through them silently vanishes. [`Mode::Train`] switches those two to compositions
+//! of differentiable primitives (same maths, slower); [`Mode::Infer`] uses the fused kernels.
+//! GroupNorm, convolution, linear layers and activations are differentiable in both modes.
+//!
+//! Every layer also adds its multiply-accumulate count to a global FLOP counter when counting
+//! is switched on, so benchmarks report GFLOP/s measured from the graph actually run.
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use candle_core::{DType, Module, Tensor, D};
+
+use crate::error::Result;
+use crate::sd::weights::Weights;
+
+/// Which kernels to use: fused (inference) or differentiable (training, gradient checks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    #[default]
+    Infer,
+    Train,
+}
+
+static COUNT_FLOPS: AtomicBool = AtomicBool::new(false);
+static FLOPS: AtomicU64 = AtomicU64::new(0);
+
+/// Starts counting floating-point operations of matmuls and convolutions (2 per MAC) from zero.
+pub fn flops_start() {
+    FLOPS.store(0, Ordering::Relaxed);
+    COUNT_FLOPS.store(true, Ordering::Relaxed);
+}
+
+/// Stops counting and returns the count since [`flops_start`].
+pub fn flops_stop() -> u64 {
+    COUNT_FLOPS.store(false, Ordering::Relaxed);
+    FLOPS.load(Ordering::Relaxed)
+}
+
+pub(crate) fn add_flops(macs: usize) {
+    if COUNT_FLOPS.load(Ordering::Relaxed) {
+        FLOPS.fetch_add(2 * macs as u64, Ordering::Relaxed);
+    }
+}
+
+/// `nn.Linear`: y = x W^T + b, for inputs of any rank (the last dim is the feature dim).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = w.get(&[out_dim, in_dim], "weight")?;
+        let bias = if bias { Some(w.get(&[out_dim], "bias")?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_dim;
+        let (out_dim, _) = self.weight.dims2()?;
+        add_flops(rows * in_dim * out_dim);
+        // A 2-D matmul against the transposed weight avoids broadcasting the weight per batch.
+        let x2 = x.reshape((rows, in_dim))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_shape = dims.to_vec();
+        *out_shape.last_mut().unwrap() = out_dim;
+        Ok(y.reshape(out_shape)?)
+    }
+}
+
+/// `nn.Conv2d` with square kernel, stride and symmetric padding.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    pub fn load(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
+        let weight = w.get(&[cout, cin, k, k], "weight")?;
+        let bias = Some(w.get(&[cout], "bias")?);
+        Ok(Conv2d { weight, bias, stride, padding })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (cout, cin, kh, kw) = self.weight.dims4()?;
+        let y = if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 {
+            // A 1x1 convolution is a matmul over channels; candle's im2col path would copy.
+            let (b, c, h, wd) = x.dims4()?;
+            add_flops(b * h * wd * cin * cout);
+            let w2 = self.weight.reshape((cout, cin))?;
+            w2.broadcast_matmul(&x.reshape((b, c, h * wd))?)?.reshape((b, cout, h, wd))?
+        } else {
+            let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+            let (b, _, ho, wo) = y.dims4()?;
+            add_flops(b * ho * wo * cout * cin * kh * kw);
+            y
+        };
+        Ok(match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, cout, 1, 1))?)?,
+            None => y,
+        })
+    }
+}
+
+/// `nn.GroupNorm` over (C, H, W) of NCHW input, statistics in f32 or wider.
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn load(w: &Weights, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            return Err(crate::error::Error::Tensor {
+                path: w.path(),
+                key: w.key("weight"),
+                msg: format!("{channels} channels cannot be split into {groups} norm groups"),
+            });
+        }
+        Ok(GroupNorm { weight: w.get(&[channels], "weight")?, bias: w.get(&[channels], "bias")?, groups, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let dtype = x.dtype();
+        let internal = if matches!(dtype, DType::F16 | DType::BF16) { DType::F32 } else { dtype };
+        let n = x.elem_count() / (b * self.groups);
+        let xg = x.reshape((b, self.groups, n))?.to_dtype(internal)?;
+        let mean = (xg.sum_keepdim(2)? / n as f64)?;
+        let xc = xg.broadcast_sub(&mean)?;
+        let var = (xc.sqr()?.sum_keepdim(2)? / n as f64)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?.reshape(dims.as_slice())?;
+        let mut wshape = vec![1; dims.len()];
+        wshape[1] = c;
+        Ok(xn.broadcast_mul(&self.weight.reshape(wshape.as_slice())?)?.broadcast_add(&self.bias.reshape(wshape.as_slice())?)?)
+    }
+}
+
+/// `nn.LayerNorm` over the last dim.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+    pub mode: Mode,
+}
+
+impl LayerNorm {
+    pub fn load(w: &Weights, dim: usize, eps: f64, mode: Mode) -> Result<Self> {
+        Ok(LayerNorm { weight: w.get(&[dim], "weight")?, bias: w.get(&[dim], "bias")?, eps, mode })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.mode {
+            Mode::Infer => candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?,
+            Mode::Train => {
+                // Composition of differentiable ops (candle_nn::ops::layer_norm has no backward).
+                let dim = x.dim(D::Minus1)? as f64;
+                let mean = (x.sum_keepdim(D::Minus1)? / dim)?;
+                let xc = x.broadcast_sub(&mean)?;
+                let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / dim)?;
+                xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?
+            }
+        })
+    }
+}
+
+/// Softmax over the last dim: fused when inferring, differentiable when training.
+pub fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {
+    Ok(match mode {
+        Mode::Infer => candle_nn::ops::softmax_last_dim(&x.contiguous()?)?,
+        Mode::Train => candle_nn::ops::softmax(x, D::Minus1)?,
+    })
+}
+
+/// Activation functions named in diffusers / transformers configs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// Exact (erf) GELU, torch's `F.gelu` default.
+    Gelu,
+    /// tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// CLIP's x * sigmoid(1.702 x).
+    QuickGelu,
+}
+
+impl Activation {
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "silu" | "swish" => Activation::Silu,
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "quick_gelu" => Activation::QuickGelu,
+            _ => return None,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::Silu => x.silu()?,
+            Activation::Gelu => x.gelu_erf()?,
+            Activation::GeluTanh => x.gelu()?,
+            Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+        })
+    }
+}
+
+impl Module for Activation {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Activation::forward(self, x).map_err(candle_core::Error::wrap)
+    }
+}
+
+/// Multi-head scaled dot-product attention: q [b, n, h*d], k/v [b, m, h*d] -> [b, n, h*d].
+/// `mask`, if given, is added to the scores (broadcast over batch and heads).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let m = k.dim(1)?;
+    let d = inner / heads;
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+        Ok(t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()?)
+    };
+    let (qh, kh, vh) = (split(q, n)?, split(k, m)?, split(v, m)?);
+    add_flops(2 * b * heads * n * m * d);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut scores = (qh.matmul(&kh.t()?)? * scale)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(mask)?;
+    }
+    let probs = softmax_last_dim(&scores, mode)?;
+    let out = probs.matmul(&vh)?;
+    Ok(out.transpose(1, 2)?.reshape((b, n, inner))?)
+}

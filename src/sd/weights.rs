@@ -1,0 +1,280 @@
+//! Checkpoint access with the checkpoint's own key names.
+//!
+//! A [`Weights`] is a view on one safetensors file (memory-mapped) under a key prefix, in the
+//! spirit of candle's `VarBuilder`: model code calls `w.pp("down_blocks").pp(0)` and asks for a
+//! tensor by its diffusers name and expected shape. Unlike `VarBuilder`, every failure is a typed
+//! error that names the file and the key, and two checkpoint dialects are handled here, once:
+//! alternative spellings of a key (`text_model.` prefix present or not, old VAE attention names)
+//! are tried in order when the canonical key is missing.
+//!
+//! Weights can also be *synthetic* (deterministic pseudo-random values made on demand) so that
+//! benchmarks can build a full-size model without a checkpoint, and selected keys can be
+//! returned as trainable [`Var`]s for gradient checks and fine-tuning.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::error::{Error, Result};
+
+/// Where tensors come from.
+enum Source {
+    File { path: PathBuf, st: MmapedSafetensors },
+    /// Deterministic N(0, 1/fan_in) values, seeded per key: for benchmarks that only need shapes.
+    Synthetic { seed: u64 },
+}
+
+struct Shared {
+    source: Source,
+    dtype: DType,
+    device: Device,
+    /// Substring replacements tried, in order, when a key is missing.
+    aliases: Vec<(String, String)>,
+    /// Keys (full names) to hand out as trainable variables.
+    trainable: Vec<String>,
+    vars: Mutex<Vec<(String, Var)>>,
+}
+
+#[derive(Clone)]
+pub struct Weights {
+    shared: Arc<Shared>,
+    prefix: String,
+}
+
+impl Weights {
+    /// Opens a safetensors file. Tensors are converted to `dtype` on load.
+    pub fn from_file(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::bad_file(path, "file not found"));
+        }
+        // SAFETY: the file is mapped read-only; we never write to it while mapped.
+        let st = unsafe { MmapedSafetensors::new(path) }
+            .map_err(|e| Error::bad_file(path, format!("not a readable safetensors file: {e}")))?;
+        Ok(Self::new(Source::File { path: path.to_path_buf(), st }, dtype, device))
+    }
+
+    /// Synthetic weights: every requested tensor is made from `seed` and its key.
+    pub fn synthetic(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self::new(Source::Synthetic { seed }, dtype, device)
+    }
+
+    fn new(source: Source, dtype: DType, device: &Device) -> Self {
+        let shared = Shared {
+            source,
+            dtype,
+            device: device.clone(),
+            aliases: Vec::new(),
+            trainable: Vec::new(),
+            vars: Mutex::new(Vec::new()),
+        };
+        Weights { shared: Arc::new(shared), prefix: String::new() }
+    }
+
+    fn shared_mut(&mut self) -> &mut Shared {
+        Arc::get_mut(&mut self.shared).expect("configure Weights before cloning it")
+    }
+
+    /// Adds an alternative spelling: when `key` is missing, `key.replacen(from, to, 1)` is tried.
+    pub fn with_alias(mut self, from: &str, to: &str) -> Self {
+        self.shared_mut().aliases.push((from.to_string(), to.to_string()));
+        self
+    }
+
+    /// Marks full keys whose tensors are returned as trainable variables.
+    pub fn with_trainable(mut self, keys: &[&str]) -> Self {
+        self.shared_mut().trainable.extend(keys.iter().map(|k| k.to_string()));
+        self
+    }
+
+    /// The variables handed out so far for keys marked trainable.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.shared.vars.lock().unwrap().clone()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.shared.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.shared.device
+    }
+
+    /// The file behind these weights (for error messages); `<synthetic>` otherwise.
+    pub fn path(&self) -> PathBuf {
+        match &self.shared.source {
+            Source::File { path, .. } => path.clone(),
+            Source::Synthetic { .. } => PathBuf::from("<synthetic>"),
+        }
+    }
+
+    /// A view one level deeper: `pp("conv_in")`, `pp(0)`.
+    pub fn pp(&self, name: impl ToString) -> Self {
+        let name = name.to_string();
+        let prefix = if self.prefix.is_empty() { name } else { format!("{}.{name}", self.prefix) };
+        Weights { shared: self.shared.clone(), prefix }
+    }
+
+    /// The full checkpoint key of `name` under this prefix.
+    pub fn key(&self, name: &str) -> String {
+        self.full_key(name)
+    }
+
+    fn full_key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// The candidate keys for `key`, canonical first.
+    fn candidates(&self, key: &str) -> Vec<String> {
+        let mut out = vec![key.to_string()];
+        for (from, to) in &self.shared.aliases {
+            let n = out.len();
+            for i in 0..n {
+                if out[i].contains(from.as_str()) {
+                    let alt = out[i].replacen(from.as_str(), to, 1);
+                    if !out.contains(&alt) {
+                        out.push(alt);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether the tensor `name` exists under this prefix (in any spelling).
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.shared.source {
+            Source::File { st, .. } => {
+                self.candidates(&self.full_key(name)).iter().any(|k| st.get(k).is_ok())
+            }
+            Source::Synthetic { .. } => true,
+        }
+    }
+
+    /// The tensor `name` with the expected `shape`, converted to the target dtype and device.
+    pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        let key = self.full_key(name);
+        let t = match &self.shared.source {
+            Source::File { path, st } => {
+                let found = self.candidates(&key).into_iter().find(|k| st.get(k).is_ok());
+                let Some(k) = found else {
+                    return Err(Error::Tensor {
+                        path: path.clone(),
+                        key,
+                        msg: "missing from the checkpoint (is this the right model folder?)".into(),
+                    });
+                };
+                let t = st.load(&k, &self.shared.device).map_err(|e| Error::Tensor {
+                    path: path.clone(),
+                    key: k.clone(),
+                    msg: format!("cannot load: {e}"),
+                })?;
+                let t = fit_shape(t, shape).map_err(|have| Error::Tensor {
+                    path: path.clone(),
+                    key: k.clone(),
+                    msg: format!("has shape {have:?}, the config implies {shape:?}"),
+                })?;
+                if !t.dtype().is_float() {
+                    return Err(Error::Tensor {
+                        path: path.clone(),
+                        key: k,
+                        msg: format!("has dtype {:?}, expected a floating-point tensor", t.dtype()),
+                    });
+                }
+                t.to_dtype(self.shared.dtype)?
+            }
+            Source::Synthetic { seed } => synthetic_tensor(*seed, &key, shape, self.shared.dtype, &self.shared.device)?,
+        };
+        if self.shared.trainable.iter().any(|k| *k == key) {
+            let var = Var::from_tensor(&t)?;
+            let out = var.as_tensor().clone();
+            self.shared.vars.lock().unwrap().push((key, var));
+            return Ok(out);
+        }
+        Ok(t)
+    }
+
+    /// Like [`get`](Self::get) but `None` when the tensor is absent (optional biases).
+    pub fn get_opt(&self, shape: &[usize], name: &str) -> Result<Option<Tensor>> {
+        if self.contains(name) {
+            self.get(shape, name).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Names and shapes of all tensors in the file (empty for synthetic weights).
+    pub fn tensor_infos(&self) -> Vec<(String, Vec<usize>, DType)> {
+        match &self.shared.source {
+            Source::File { st, .. } => {
+                let mut v: Vec<_> = st
+                    .tensors()
+                    .into_iter()
+                    .map(|(k, view)| (k, view.shape().to_vec(), DType::try_from(view.dtype()).unwrap_or(DType::F32)))
+                    .collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v
+            }
+            Source::Synthetic { .. } => Vec::new(),
+        }
+    }
+}
+
+/// Accepts a stored tensor whose shape equals `want`, or differs only by trailing 1x1 spatial
+/// dims (old checkpoints store some linear layers as 1x1 convolutions and vice versa).
+fn fit_shape(t: Tensor, want: &[usize]) -> std::result::Result<Tensor, Vec<usize>> {
+    let have = t.dims().to_vec();
+    if have == want {
+        return Ok(t);
+    }
+    let strip = |s: &[usize]| -> Vec<usize> {
+        let mut s = s.to_vec();
+        while s.len() > 2 && s[s.len() - 1] == 1 && s[s.len() - 2] == 1 {
+            s.truncate(s.len() - 2);
+        }
+        s
+    };
+    if strip(&have) == strip(want) {
+        return t.reshape(want).map_err(|_| have);
+    }
+    Err(have)
+}
+
+/// Deterministic N(0, 1/fan_in) tensor for key `key` (norm weights: 1, biases: 0), so that
+/// activations of a synthetic model stay in a normal range.
+fn synthetic_tensor(seed: u64, key: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let n: usize = shape.iter().product();
+    let is_norm = key.contains("norm") && shape.len() == 1;
+    if key.ends_with("bias") || (is_norm && key.ends_with("bias")) {
+        return Ok(Tensor::zeros(shape, dtype, device)?);
+    }
+    if is_norm {
+        return Ok(Tensor::ones(shape, dtype, device)?);
+    }
+    let fan_in: usize = if shape.len() >= 2 { shape[1..].iter().product() } else { shape[0] };
+    let std = 1.0 / (fan_in.max(1) as f32).sqrt();
+    let mut h = seed ^ 0x9E37_79B9_7F4A_7C15;
+    for b in key.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01B3);
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(h);
+    let normal = rand_distr::Normal::new(0f32, std).expect("valid std");
+    let data: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+    Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
+}
+
+/// Reads every tensor of a safetensors file (small files: concepts, LoRA).
+pub fn load_all(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if !path.is_file() {
+        return Err(Error::bad_file(path, "file not found"));
+    }
+    candle_core::safetensors::load(path, device)
+        .map_err(|e| Error::bad_file(path, format!("not a readable safetensors file: {e}")))
+}

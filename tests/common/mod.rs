@@ -1,0 +1,56 @@
+//! Shared helpers for the integration tests: where the fixtures live, and tensor comparisons.
+#![allow(dead_code)]
+use std::path::PathBuf;
+
+/// The shared fixtures folder: `$DIFFII_FIXTURES`, else `../shared/fixtures` beside the repo.
+/// Panics with instructions when it is missing: a test must never pass by skipping.
+pub fn fixtures() -> PathBuf {
+    let dir = match std::env::var_os("DIFFII_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+    };
+    assert!(
+        dir.join("tiny-sd/model_index.json").is_file(),
+        "fixtures not found at {}: set DIFFII_FIXTURES to the folder holding tiny-sd/ and tiny-sd-ref/",
+        dir.display()
+    );
+    dir
+}
+
+pub fn tiny_sd() -> PathBuf {
+    fixtures().join("tiny-sd")
+}
+
+pub fn tiny_ref() -> PathBuf {
+    fixtures().join("tiny-sd-ref")
+}
+
+/// All tensors of the reference run, on the CPU.
+pub fn ref_tensors() -> std::collections::HashMap<String, candle_core::Tensor> {
+    let p = tiny_ref().join("ref_diffii.safetensors");
+    candle_core::safetensors::load(&p, &candle_core::Device::Cpu)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
+}
+
+/// Max absolute difference between two tensors of the same shape (computed in f64).
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let b = b
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
