@@ -157,7 +157,11 @@ fn bad_step_counts_are_errors() {
     }
 }
 
-/// Measured: inversion step 0 max abs error 0 (bit-identical); denoising step 0 likewise.
+/// Measured: the first inversion step is bit-identical (max abs 0); the first denoising step
+/// differs by 2.4e-7 (1-2 ulp on about half the elements). That residue is torch's, not a
+/// convention: the fixture is reproduced bit for bit if sqrt(1 - a_981) is taken one ulp above
+/// the correctly rounded f32 value we compute (torch's CPU sqrt goes through MKL VML, which need
+/// not round correctly); all other scalars and the operation order match exactly.
 #[test]
 fn teacher_forced_steps_match_fixture() {
     let r = ref_tensors();
@@ -192,7 +196,8 @@ fn mock_eps(base: &Tensor, t: usize) -> Tensor {
     (base * (t as f64).sin()).unwrap()
 }
 
-/// Measured: max abs error about 1e-6 for n = 50 and n = 10 (leading and trailing).
+/// Measured max abs error: leading n=50 5.4e-6, n=10 1.2e-6; trailing n=50 9.9e-6, n=10 1.5e-6
+/// (float32 rounding amplified by 1/sqrt(a_t) at the noisiest steps; trailing reaches t = 999).
 #[test]
 fn inversion_then_denoising_round_trips_with_x_independent_eps() {
     let dev = Device::Cpu;
@@ -215,7 +220,7 @@ fn inversion_then_denoising_round_trips_with_x_independent_eps() {
         }
         let err = max_abs_diff(&x, &z0);
         eprintln!("round trip {spacing} n={n}: max abs error {err:e}");
-        assert!(err < 1e-5, "{spacing} n={n}: {err}");
+        assert!(err < 2e-5, "{spacing} n={n}: {err}");
     }
 }
 

@@ -3,6 +3,7 @@ pub mod clip;
 pub mod concepts;
 pub mod config;
 pub mod loader;
+pub mod inspect;
 pub mod nn;
 pub mod tokenizer;
 pub mod unet;

@@ -165,9 +165,11 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self.mode {
-            Mode::Infer => candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?,
-            Mode::Train => {
+        // The fused kernel handles f32 / f16 / bf16 only.
+        let fused = self.mode == Mode::Infer && x.dtype() != DType::F64;
+        Ok(match fused {
+            true => candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?,
+            false => {
                 // Composition of differentiable ops (candle_nn::ops::layer_norm has no backward).
                 let dim = x.dim(D::Minus1)? as f64;
                 let mean = (x.sum_keepdim(D::Minus1)? / dim)?;

@@ -1,0 +1,1 @@
+//! Model folder inspection for `diffii info`.
