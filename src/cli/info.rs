@@ -1,13 +1,26 @@
-//! `diffii info`: what is in a model folder.
+//! `diffii info`: what is in a model folder, read from its configs and safetensors headers
+//! (no weights are loaded, so this is instant even for a full-size model).
 use std::path::PathBuf;
+
+use anyhow::Context;
+use diffii::sd::inspect::inspect;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// diffusers SD-1.x model folder.
     #[arg(long)]
     pub model: PathBuf,
+    /// Print the description as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
-pub fn run(_a: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let info = inspect(&a.model).with_context(|| format!("cannot describe model folder {}", a.model.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{info}");
+    }
+    Ok(())
 }
