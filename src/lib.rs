@@ -4,6 +4,7 @@
 //! from a diffusers folder; [`schedule`] the DDIM sampler and inverter as plain functions;
 //! [`diffii`] the method (inversion, interpolation, two-stage guided sampling); [`data`] image
 //! conversions; [`parity`] the tensor-by-tensor comparison with a diffusers reference run.
+pub mod bench;
 pub mod data;
 pub mod diffii;
 pub mod error;

@@ -1,7 +1,83 @@
-//! `diffii bench`.
-#[derive(clap::Args, Debug)]
-pub struct Args {}
+//! `diffii bench`: UNet step timings on the given model and on a full-size SD-1.5-shaped UNet,
+//! printed as a table next to PyTorch's figures for this CPU class, and written as JSON.
+use std::path::PathBuf;
 
-pub fn run(_a: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+use anyhow::Context;
+use candle_core::{DType, Device};
+use diffii::bench::{self, BenchResult};
+use diffii::sd::config::UNetConfig;
+use diffii::sd::loader::weights_file;
+use diffii::sd::nn::Mode;
+use diffii::sd::unet::UNet;
+use diffii::sd::weights::Weights;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// diffusers SD-1.x folder whose UNet to time (e.g. the tiny fixture model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Also time a full-size SD-1.5-shaped UNet (synthetic weights, ~3.4 GB of memory).
+    #[arg(long)]
+    pub sd15: bool,
+    /// Latent sizes for the SD-1.5 UNet (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    pub sd15_latents: Vec<usize>,
+    /// Batch sizes for the SD-1.5 UNet (comma-separated; 2 = one classifier-free-guided step).
+    #[arg(long, value_delimiter = ',', default_value = "2")]
+    pub sd15_batches: Vec<usize>,
+    /// Timed repetitions per case (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Untimed warm-up calls per case.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let mut results: Vec<BenchResult> = Vec::new();
+    if let Some(model) = &a.model {
+        let cfg = UNetConfig::from_file(&model.join("unet/config.json"))?;
+        let w = Weights::from_file(&weights_file(&model.join("unet"))?, DType::F32, &dev)?;
+        let unet = UNet::load(&w, &cfg, Mode::Infer)?;
+        let s = cfg.sample_size;
+        for (b, l) in [(1, s), (2, s), (2, s / 2)] {
+            eprintln!("[bench] {} UNet batch {b} latent {l}", model.display());
+            results.push(bench::unet_step("unet (model)", &unet, b, l, a.warmup, a.reps.max(5))?);
+        }
+    }
+    if a.sd15 {
+        eprintln!("[bench] building SD-1.5-shaped UNet with synthetic weights");
+        let t0 = std::time::Instant::now();
+        let unet = bench::synthetic_sd15_unet(DType::F32, &dev)?;
+        eprintln!("[bench] built in {:.1} s", t0.elapsed().as_secs_f64());
+        for &l in &a.sd15_latents {
+            for &b in &a.sd15_batches {
+                eprintln!("[bench] SD-1.5 UNet batch {b} latent {l}");
+                let mut r = bench::unet_step("unet sd15 (synthetic)", &unet, b, l, a.warmup, a.reps)?;
+                if b == 2 && l == 64 {
+                    r.torch_seconds = Some(bench::TORCH_SD15_B2_64_SECONDS);
+                }
+                results.push(r);
+            }
+        }
+    }
+    if results.is_empty() {
+        anyhow::bail!("nothing to measure: pass --model DIR and/or --sd15");
+    }
+    print!("{}", bench::table(&results));
+    println!(
+        "reference on this CPU class: fp32 peak {:.0} GFLOP/s; PyTorch SD-1.5 UNet batch 2 64x64: {:.1} s ({:.0} GFLOP/s)",
+        bench::CPU_PEAK_GFLOPS,
+        bench::TORCH_SD15_B2_64_SECONDS,
+        bench::TORCH_SD15_B2_64_GFLOPS
+    );
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&results)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }

@@ -2,7 +2,6 @@
 //! (no weights are loaded, so this is instant even for a full-size model).
 use std::path::PathBuf;
 
-use anyhow::Context;
 use diffii::sd::inspect::inspect;
 
 #[derive(clap::Args, Debug)]
@@ -16,7 +15,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let info = inspect(&a.model).with_context(|| format!("cannot describe model folder {}", a.model.display()))?;
+    // Library errors already name the offending file or folder.
+    let info = inspect(&a.model)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {

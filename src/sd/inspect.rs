@@ -250,7 +250,12 @@ pub fn inspect(dir: &Path) -> Result<ModelInfo> {
     let sched_class = read_json::<Value>(&sched_path)?.get("_class_name").and_then(|c| c.as_str()).map(String::from);
 
     let mut components = vec![
-        ComponentInfo { name: "tokenizer".into(), class: class_of(&index, "tokenizer"), files: tok_files, weights: None },
+        ComponentInfo {
+            name: "tokenizer".into(),
+            class: class_of(&index, "tokenizer"),
+            files: tok_files,
+            weights: None,
+        },
         ComponentInfo {
             name: "text_encoder".into(),
             class: class_of(&index, "text_encoder"),
@@ -322,10 +327,7 @@ pub fn inspect(dir: &Path) -> Result<ModelInfo> {
         }
     }
     if unet.in_channels != vae.latent_channels {
-        warnings.push(format!(
-            "unet in_channels {} != vae latent_channels {}",
-            unet.in_channels, vae.latent_channels
-        ));
+        warnings.push(format!("unet in_channels {} != vae latent_channels {}", unet.in_channels, vae.latent_channels));
     }
 
     let unet_info = UNetInfo {

@@ -246,13 +246,16 @@ fn fit_shape(t: Tensor, want: &[usize]) -> std::result::Result<Tensor, Vec<usize
 }
 
 /// Deterministic N(0, 1/fan_in) tensor for key `key` (norm weights: 1, biases: 0), so that
-/// activations of a synthetic model stay in a normal range.
+/// activations of a synthetic model stay in a normal range. Values are drawn in fixed-size
+/// chunks, each from its own seeded stream, so filling is parallel yet independent of threads.
 fn synthetic_tensor(seed: u64, key: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
     use rand::SeedableRng;
     use rand_distr::Distribution;
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
     let n: usize = shape.iter().product();
     let is_norm = key.contains("norm") && shape.len() == 1;
-    if key.ends_with("bias") || (is_norm && key.ends_with("bias")) {
+    if key.ends_with("bias") {
         return Ok(Tensor::zeros(shape, dtype, device)?);
     }
     if is_norm {
@@ -264,9 +267,14 @@ fn synthetic_tensor(seed: u64, key: &str, shape: &[usize], dtype: DType, device:
     for b in key.bytes() {
         h = (h ^ b as u64).wrapping_mul(0x0100_0000_01B3);
     }
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(h);
     let normal = rand_distr::Normal::new(0f32, std).expect("valid std");
-    let data: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+    let mut data = vec![0f32; n];
+    data.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(h.wrapping_add(i as u64));
+        for v in chunk.iter_mut() {
+            *v = normal.sample(&mut rng);
+        }
+    });
     Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
 }
 

@@ -1,0 +1,124 @@
+//! Speed measurements: UNet steps on a real model folder and on a full-size SD-1.5-shaped UNet
+//! built in memory with synthetic weights (no checkpoint needed). FLOPs are counted from the
+//! matmuls and convolutions actually executed (see [`crate::sd::nn::flops_start`]), the same
+//! convention as PyTorch's `FlopCounterMode` used for the reference figures.
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::schedule::ddim::seeded_randn;
+use crate::sd::config::UNetConfig;
+use crate::sd::nn::{flops_start, flops_stop, Mode};
+use crate::sd::unet::UNet;
+use crate::sd::weights::Weights;
+
+/// This machine class's fp32 peak (2 cores, AVX-512), GFLOP/s.
+pub const CPU_PEAK_GFLOPS: f64 = 333.0;
+
+/// PyTorch 2.15 on the same CPU: SD-1.5 UNet, batch 2, 64x64 latent (one CFG step at 512 px).
+pub const TORCH_SD15_B2_64_SECONDS: f64 = 7.2;
+pub const TORCH_SD15_B2_64_GFLOPS: f64 = 224.0;
+
+/// One measured configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub name: String,
+    pub batch: usize,
+    pub latent: usize,
+    /// Median wall time of one call.
+    pub seconds: f64,
+    pub min_seconds: f64,
+    pub gflop: f64,
+    pub gflops: f64,
+    pub percent_of_peak: f64,
+    /// Process peak resident memory after the case (MiB).
+    pub peak_rss_mib: f64,
+    /// The PyTorch figure for the same shape on this CPU class, when one is known.
+    pub torch_seconds: Option<f64>,
+}
+
+/// Peak resident set size of this process, from /proc (0 where unavailable).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Builds an SD-1.5-shaped UNet with deterministic synthetic weights.
+pub fn synthetic_sd15_unet(dtype: DType, device: &Device) -> Result<UNet> {
+    UNet::load(&Weights::synthetic(0, dtype, device), &UNetConfig::sd15(), Mode::Infer)
+}
+
+/// Times `reps` UNet calls (after `warmup` untimed ones) on a batch of `batch` latents of
+/// `latent` x `latent` with a 77-token context.
+pub fn unet_step(name: &str, unet: &UNet, batch: usize, latent: usize, warmup: usize, reps: usize) -> Result<BenchResult> {
+    let dev = Device::Cpu;
+    let c = &unet.config;
+    let dtype = unet.dtype();
+    let x = seeded_randn(1, &[batch, c.in_channels, latent, latent], &dev)?.to_dtype(dtype)?;
+    let ctx = seeded_randn(2, &[batch, 77, c.down[0].cross_attention_dim], &dev)?.to_dtype(dtype)?;
+    for _ in 0..warmup {
+        unet.forward_t(&x, 500, &ctx)?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    let mut flops = 0;
+    for i in 0..reps.max(1) {
+        if i == 0 {
+            flops_start();
+        }
+        let t0 = Instant::now();
+        let out = unet.forward_t(&x, 500, &ctx)?;
+        // Force completion (lazy backends) before stopping the clock.
+        let _ = out.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        times.push(t0.elapsed().as_secs_f64());
+        if i == 0 {
+            flops = flops_stop();
+        }
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let seconds = times[times.len() / 2];
+    let gflop = flops as f64 / 1e9;
+    let gflops = gflop / seconds;
+    Ok(BenchResult {
+        name: name.to_string(),
+        batch,
+        latent,
+        seconds,
+        min_seconds: times[0],
+        gflop,
+        gflops,
+        percent_of_peak: 100.0 * gflops / CPU_PEAK_GFLOPS,
+        peak_rss_mib: peak_rss_mib(),
+        torch_seconds: None,
+    })
+}
+
+/// A fixed-width table of results.
+pub fn table(results: &[BenchResult]) -> String {
+    let mut s = format!(
+        "{:<28} {:>5} {:>6} {:>10} {:>10} {:>9} {:>7} {:>10} {:>9} {:>8}\n",
+        "case", "batch", "latent", "seconds", "GFLOP", "GFLOP/s", "%peak", "peak MiB", "torch s", "ratio"
+    );
+    for r in results {
+        let (ts, ratio) = match r.torch_seconds {
+            Some(t) => (format!("{t:.2}"), format!("{:.2}x", r.seconds / t)),
+            None => ("-".into(), "-".into()),
+        };
+        s.push_str(&format!(
+            "{:<28} {:>5} {:>6} {:>10.4} {:>10.2} {:>9.1} {:>6.1}% {:>10.0} {:>9} {:>8}\n",
+            r.name, r.batch, r.latent, r.seconds, r.gflop, r.gflops, r.percent_of_peak, r.peak_rss_mib, ts, ratio
+        ));
+    }
+    s
+}
+
+/// Convenience for callers that want a tensor-free smoke value.
+pub fn describe(t: &Tensor) -> String {
+    format!("{:?} {:?}", t.dims(), t.dtype())
+}
