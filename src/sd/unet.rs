@@ -227,4 +227,30 @@ impl UNet {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+
+    /// Every attention projection (`to_q`, `to_k`, `to_v`, `to_out.0`) with its checkpoint
+    /// module path, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`: the
+    /// layers LoRA adapters attach to.
+    pub fn attention_projections_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        fn visit<'a>(prefix: String, attns: &'a mut [Transformer2D], out: &mut Vec<(String, &'a mut Linear)>) {
+            for (j, t) in attns.iter_mut().enumerate() {
+                for (k, block) in t.blocks_mut().iter_mut().enumerate() {
+                    for (attn_name, attn) in block.attentions_mut() {
+                        for (proj_name, lin) in attn.projections_mut() {
+                            out.push((format!("{prefix}.attentions.{j}.transformer_blocks.{k}.{attn_name}.{proj_name}"), lin));
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (i, b) in self.down.iter_mut().enumerate() {
+            visit(format!("down_blocks.{i}"), &mut b.attentions, &mut out);
+        }
+        visit("mid_block".to_string(), &mut self.mid.attentions, &mut out);
+        for (i, b) in self.up.iter_mut().enumerate() {
+            visit(format!("up_blocks.{i}"), &mut b.attentions, &mut out);
+        }
+        out
+    }
 }
