@@ -60,9 +60,10 @@ struct TempModel {
 
 impl TempModel {
     fn new(name: &str) -> Self {
-        let dir = fresh_dir(name);
-        copy_dir(&tiny_sd(), &dir);
-        TempModel { dir }
+        // Built before copying so that a failed copy is cleaned up too.
+        let m = TempModel { dir: fresh_dir(name) };
+        copy_dir(&tiny_sd(), &m.dir);
+        m
     }
 
     fn path(&self, rel: &str) -> PathBuf {

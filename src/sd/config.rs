@@ -235,12 +235,12 @@ impl UNetConfigFile {
         }
         // diffusers' historical naming: `attention_head_dim` holds the number of heads when
         // `num_attention_heads` is not given.
-        let heads_src = self
-            .num_attention_heads
-            .clone()
-            .or_else(|| self.attention_head_dim.clone())
-            .unwrap_or(OneOrMany::One(8));
-        let heads = heads_src.per_block(n, path, "attention_head_dim")?;
+        let (heads_src, heads_key) = match (&self.num_attention_heads, &self.attention_head_dim) {
+            (Some(h), _) => (h.clone(), "num_attention_heads"),
+            (None, Some(h)) => (h.clone(), "attention_head_dim"),
+            (None, None) => (OneOrMany::One(8), "attention_head_dim"),
+        };
+        let heads = heads_src.per_block(n, path, heads_key)?;
         let layers = self.layers_per_block.per_block(n, path, "layers_per_block")?;
         let cross = self.cross_attention_dim.per_block(n, path, "cross_attention_dim")?;
         let tlayers = self.transformer_layers_per_block.per_block(n, path, "transformer_layers_per_block")?;
@@ -505,7 +505,7 @@ impl ClipConfig {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let mut v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
-        if let Some(tc) = v.get("text_config").cloned() {
+        if let Some(tc) = v.get("text_config").filter(|t| t.is_object()).cloned() {
             v = tc;
         }
         let f: ClipConfigFile =

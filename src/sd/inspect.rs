@@ -159,7 +159,7 @@ fn file_info(path: &Path) -> Result<FileInfo> {
 /// Header-only summary of a safetensors file (memory-mapped, never read in full).
 pub fn weights_info(path: &Path) -> Result<WeightsInfo> {
     let w = Weights::from_file(path, DType::F32, &Device::Cpu)?;
-    let infos = w.tensor_infos();
+    let infos = w.tensor_infos()?;
     if infos.is_empty() {
         return Err(Error::bad_file(path, "holds no tensors"));
     }

@@ -139,6 +139,28 @@ impl StableDiffusion {
         Ok(StableDiffusion { dir: dir.to_path_buf(), tokenizer, text_encoder, unet, vae, scheduler, concepts })
     }
 
+    /// Adds concept tokens (from any source) to the tokenizer and the text encoder's extra
+    /// rows. Fails if the model already carries concepts: pass `concepts: false` to
+    /// [`LoadOptions`] when supplying your own.
+    pub fn add_concepts(&mut self, concepts: Concepts) -> Result<()> {
+        if self.concepts.is_some() {
+            return Err(Error::invalid("the model folder already provides concepts/; load it with concepts disabled"));
+        }
+        let hidden = self.text_encoder.config.hidden_size;
+        if concepts.rows.dim(1)? != hidden {
+            return Err(Error::invalid(format!("concept rows have {} values, the text encoder needs {hidden}", concepts.rows.dim(1)?)));
+        }
+        self.tokenizer.add_concept_tokens(&concepts.tokens)?;
+        self.concepts = Some(concepts);
+        Ok(())
+    }
+
+    /// SHA-256 over the model's weight, config and tokenizer files (what a generated image
+    /// depends on), for manifests and cache keys.
+    pub fn fingerprint(&self) -> Result<String> {
+        model_fingerprint(&self.dir)
+    }
+
     /// Extra embedding rows for the added concept tokens, in the model's dtype.
     pub fn concept_rows(&self) -> Result<Option<Tensor>> {
         Ok(match &self.concepts {
@@ -158,4 +180,45 @@ impl StableDiffusion {
     pub fn unet_device(&self) -> &Device {
         self.text_encoder.token_embedding().device()
     }
+}
+
+/// SHA-256 of a model folder's content: every file the loader reads, hashed in parallel, then
+/// combined in a fixed order.
+pub fn model_fingerprint(dir: &Path) -> Result<String> {
+    use rayon::prelude::*;
+    use sha2::{Digest, Sha256};
+    let mut files = vec![dir.join("scheduler/scheduler_config.json")];
+    for comp in ["text_encoder", "unet", "vae"] {
+        files.push(dir.join(comp).join("config.json"));
+        files.push(weights_file(&dir.join(comp))?);
+    }
+    for f in ["vocab.json", "merges.txt", "tokenizer.json"] {
+        let p = dir.join("tokenizer").join(f);
+        if p.is_file() {
+            files.push(p);
+        }
+    }
+    let hashes = files
+        .par_iter()
+        .map(|p| -> Result<[u8; 32]> {
+            use std::io::Read;
+            let mut f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f.read(&mut buf).map_err(|e| Error::io(p, e))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            Ok(h.finalize().into())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut h = Sha256::new();
+    for (p, d) in files.iter().zip(hashes) {
+        h.update(p.strip_prefix(dir).unwrap_or(p).to_string_lossy().as_bytes());
+        h.update(d);
+    }
+    Ok(format!("{:x}", h.finalize()))
 }

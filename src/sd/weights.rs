@@ -208,19 +208,24 @@ impl Weights {
         }
     }
 
-    /// Names and shapes of all tensors in the file (empty for synthetic weights).
-    pub fn tensor_infos(&self) -> Vec<(String, Vec<usize>, DType)> {
+    /// Names, shapes and stored dtypes of all tensors in the file (empty for synthetic
+    /// weights). A dtype candle cannot hold is an error naming the tensor.
+    pub fn tensor_infos(&self) -> Result<Vec<(String, Vec<usize>, DType)>> {
         match &self.shared.source {
-            Source::File { st, .. } => {
-                let mut v: Vec<_> = st
-                    .tensors()
-                    .into_iter()
-                    .map(|(k, view)| (k, view.shape().to_vec(), DType::try_from(view.dtype()).unwrap_or(DType::F32)))
-                    .collect();
+            Source::File { st, path } => {
+                let mut v = Vec::new();
+                for (k, view) in st.tensors() {
+                    let dt = DType::try_from(view.dtype()).map_err(|_| Error::Tensor {
+                        path: path.clone(),
+                        key: k.clone(),
+                        msg: format!("stored as {:?}, which is not supported", view.dtype()),
+                    })?;
+                    v.push((k, view.shape().to_vec(), dt));
+                }
                 v.sort_by(|a, b| a.0.cmp(&b.0));
-                v
+                Ok(v)
             }
-            Source::Synthetic { .. } => Vec::new(),
+            Source::Synthetic { .. } => Ok(Vec::new()),
         }
     }
 }
