@@ -122,3 +122,108 @@ pub fn table(results: &[BenchResult]) -> String {
 pub fn describe(t: &Tensor) -> String {
     format!("{:?} {:?}", t.dims(), t.dtype())
 }
+
+/// Times `reps` VAE decodes (after `warmup` untimed ones) of a batch of `batch` latents of
+/// `latent` x `latent`. FLOPs are counted like the UNet's.
+pub fn vae_decode_step(name: &str, vae: &crate::sd::vae::Vae, batch: usize, latent: usize, warmup: usize, reps: usize) -> Result<BenchResult> {
+    let dev = Device::Cpu;
+    let z = seeded_randn(3, &[batch, vae.config.latent_channels, latent, latent], &dev)?;
+    timed(name, batch, latent, warmup, reps, || vae.decode(&z))
+}
+
+fn timed(name: &str, batch: usize, latent: usize, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<BenchResult> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    let mut flops = 0;
+    for i in 0..reps.max(1) {
+        if i == 0 {
+            flops_start();
+        }
+        let t0 = Instant::now();
+        let out = f()?;
+        let _ = out.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        times.push(t0.elapsed().as_secs_f64());
+        if i == 0 {
+            flops = flops_stop();
+        }
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let seconds = times[times.len() / 2];
+    let gflop = flops as f64 / 1e9;
+    let gflops = gflop / seconds;
+    Ok(BenchResult {
+        name: name.to_string(),
+        batch,
+        latent,
+        seconds,
+        min_seconds: times[0],
+        gflop,
+        gflops,
+        percent_of_peak: 100.0 * gflops / CPU_PEAK_GFLOPS,
+        peak_rss_mib: peak_rss_mib(),
+        torch_seconds: None,
+    })
+}
+
+/// Wall time of one call split by op class (see [`crate::sd::kernels::profile`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Profile {
+    pub name: String,
+    pub batch: usize,
+    pub latent: usize,
+    pub total_seconds: f64,
+    /// (class, seconds, calls); "other" is the total minus the classes.
+    pub classes: Vec<(String, f64, u64)>,
+}
+
+/// Profiles the fastest of `reps` calls of `f` (one untimed warm-up first).
+pub fn profile_call(name: &str, batch: usize, latent: usize, reps: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<Profile> {
+    use crate::sd::kernels::profile;
+    f()?;
+    let mut best: Option<Profile> = None;
+    for _ in 0..reps.max(1) {
+        profile::start();
+        let t0 = Instant::now();
+        let out = f()?;
+        let _ = out.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let total = t0.elapsed().as_secs_f64();
+        let rows = profile::stop();
+        let mut classes: Vec<(String, f64, u64)> = rows.iter().map(|(c, s, n)| (c.name().to_string(), *s, *n)).collect();
+        let accounted: f64 = rows.iter().map(|r| r.1).sum();
+        classes.push(("other".to_string(), (total - accounted).max(0.0), 0));
+        if best.as_ref().is_none_or(|b| total < b.total_seconds) {
+            best = Some(Profile { name: name.to_string(), batch, latent, total_seconds: total, classes });
+        }
+    }
+    Ok(best.unwrap())
+}
+
+/// Profiles a UNet step like [`unet_step`].
+pub fn unet_profile(name: &str, unet: &UNet, batch: usize, latent: usize, reps: usize) -> Result<Profile> {
+    let dev = Device::Cpu;
+    let c = &unet.config;
+    let dtype = unet.dtype();
+    let x = seeded_randn(1, &[batch, c.in_channels, latent, latent], &dev)?.to_dtype(dtype)?;
+    let ctx = seeded_randn(2, &[batch, 77, c.down[0].cross_attention_dim], &dev)?.to_dtype(dtype)?;
+    profile_call(name, batch, latent, reps, || unet.forward_t(&x, 500, &ctx))
+}
+
+/// Profiles a VAE decode like [`vae_decode_step`].
+pub fn vae_decode_profile(name: &str, vae: &crate::sd::vae::Vae, batch: usize, latent: usize, reps: usize) -> Result<Profile> {
+    let z = seeded_randn(3, &[batch, vae.config.latent_channels, latent, latent], &Device::Cpu)?;
+    profile_call(name, batch, latent, reps, || vae.decode(&z))
+}
+
+/// Profiles as a table: seconds and share of the total per op class.
+pub fn profile_table(profiles: &[Profile]) -> String {
+    let mut s = String::new();
+    for p in profiles {
+        s.push_str(&format!("profile: {} batch {} latent {}: {:.4} s\n", p.name, p.batch, p.latent, p.total_seconds));
+        for (name, secs, calls) in &p.classes {
+            s.push_str(&format!("  {:<16} {:>9.4} s {:>6.1}%  {:>6} calls\n", name, secs, 100.0 * secs / p.total_seconds, calls));
+        }
+    }
+    s
+}

@@ -6,7 +6,7 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use diffii::bench::{self, BenchResult};
 use diffii::sd::config::UNetConfig;
-use diffii::sd::loader::weights_file;
+use diffii::sd::loader::{vae_weights, weights_file};
 use diffii::sd::nn::Mode;
 use diffii::sd::unet::UNet;
 use diffii::sd::weights::Weights;
@@ -31,6 +31,12 @@ pub struct Args {
     /// Untimed warm-up calls per case.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
+    /// Also print wall time per op class (conv, linear, attention, norms, elementwise, layout).
+    #[arg(long)]
+    pub profile: bool,
+    /// Also time the model's VAE decode (batch 1, latent = the UNet's sample size).
+    #[arg(long)]
+    pub vae: bool,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -39,6 +45,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let mut results: Vec<BenchResult> = Vec::new();
+    let mut profiles: Vec<bench::Profile> = Vec::new();
     if let Some(model) = &a.model {
         let cfg = UNetConfig::from_file(&model.join("unet/config.json"))?;
         let w = Weights::from_file(&weights_file(&model.join("unet"))?, DType::F32, &dev)?;
@@ -47,6 +54,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         for (b, l) in [(1, s), (2, s), (2, s / 2)] {
             eprintln!("[bench] {} UNet batch {b} latent {l}", model.display());
             results.push(bench::unet_step("unet (model)", &unet, b, l, a.warmup, a.reps.max(5))?);
+            if a.profile {
+                profiles.push(bench::unet_profile("unet (model)", &unet, b, l, a.reps.max(5))?);
+            }
+        }
+        if a.vae {
+            let vcfg = diffii::sd::config::VaeConfig::from_file(&model.join("vae/config.json"))?;
+            let vw = vae_weights(&weights_file(&model.join("vae"))?, DType::F32, &dev)?;
+            let vae = diffii::sd::vae::Vae::load(&vw, &vcfg, Mode::Infer)?;
+            eprintln!("[bench] {} VAE decode batch 1 latent {s}", model.display());
+            results.push(bench::vae_decode_step("vae decode (model)", &vae, 1, s, a.warmup, a.reps.max(5))?);
+            if a.profile {
+                profiles.push(bench::vae_decode_profile("vae decode (model)", &vae, 1, s, a.reps.max(5))?);
+            }
         }
     }
     if a.sd15 {
@@ -62,6 +82,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     r.torch_seconds = Some(bench::TORCH_SD15_B2_64_SECONDS);
                 }
                 results.push(r);
+                if a.profile {
+                    profiles.push(bench::unet_profile("unet sd15 (synthetic)", &unet, b, l, 1)?);
+                }
             }
         }
     }
@@ -69,6 +92,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         anyhow::bail!("nothing to measure: pass --model DIR and/or --sd15");
     }
     print!("{}", bench::table(&results));
+    if !profiles.is_empty() {
+        print!("{}", bench::profile_table(&profiles));
+    }
     println!(
         "reference on this CPU class: fp32 peak {:.0} GFLOP/s; PyTorch SD-1.5 UNet batch 2 64x64: {:.1} s ({:.0} GFLOP/s)",
         bench::CPU_PEAK_GFLOPS,

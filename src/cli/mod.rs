@@ -2,7 +2,11 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod common;
+mod generate;
 mod info;
+mod invert;
+mod merge;
 mod parity;
 
 /// Diff-II synthetic data augmentation with Stable Diffusion 1.x.
@@ -15,6 +19,12 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// DDIM-invert every image of a dataset into the inversion cache.
+    Invert(invert::Args),
+    /// Make Diff-II synthetic images for a dataset (ImageFolder output + manifest.jsonl).
+    Generate(generate::Args),
+    /// Merge the shard manifests of a sharded `generate` run.
+    Merge(merge::Args),
     /// Compare every stage of a Diff-II run with a diffusers reference directory.
     Parity(parity::Args),
     /// Describe a diffusers SD-1.x model folder: components, sizes, vocabulary, scheduler.
@@ -25,6 +35,9 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Invert(a) => invert::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Merge(a) => merge::run(a),
         Command::Parity(a) => parity::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),

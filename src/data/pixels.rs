@@ -6,7 +6,8 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 
 /// How a [0, 255] float becomes a byte.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Quantize {
     /// Round to nearest (diffusers' `numpy_to_pil`).
     #[default]

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use candle_core::{DType, Module, Tensor, D};
 
 use crate::error::Result;
+use crate::sd::kernels::profile::{scope, Class};
 use crate::sd::weights::Weights;
 
 /// Which kernels to use: fused (inference) or differentiable (training, gradient checks).
@@ -65,9 +66,21 @@ impl Linear {
         add_flops(rows * in_dim * out_dim);
         // A 2-D matmul against the transposed weight avoids broadcasting the weight per batch.
         let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        // Each batch item gets its own matmul of a fixed shape: gemm may pick a different
+        // kernel (and summation order) for a different row count, and a sample's bytes must not
+        // depend on what else is in its batch.
+        let items = if dims.len() >= 3 { dims[0] } else { rows };
+        let per = rows / items.max(1);
+        let wt = self.weight.t()?;
+        let mut y = scope(Class::Linear, || -> candle_core::Result<Tensor> {
+            if items <= 1 {
+                return x2.matmul(&wt);
+            }
+            let parts = (0..items).map(|i| x2.narrow(0, i * per, per)?.matmul(&wt)).collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)
+        })?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = scope(Class::Elementwise, || y.broadcast_add(b))?;
         }
         let mut out_shape = dims.to_vec();
         *out_shape.last_mut().unwrap() = out_dim;
@@ -93,7 +106,7 @@ impl Conv2d {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (cout, cin, kh, kw) = self.weight.dims4()?;
-        let y = if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 {
+        let y = scope(Class::Conv, || -> Result<Tensor> { Ok(if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 {
             // A 1x1 convolution is a matmul over channels; candle's im2col path would copy.
             let (b, c, h, wd) = x.dims4()?;
             add_flops(b * h * wd * cin * cout);
@@ -104,11 +117,11 @@ impl Conv2d {
             let (b, _, ho, wo) = y.dims4()?;
             add_flops(b * ho * wo * cout * cin * kh * kw);
             y
-        };
-        Ok(match &self.bias {
+        }) })?;
+        scope(Class::Elementwise, || Ok(match &self.bias {
             Some(bias) => y.broadcast_add(&bias.reshape((1, cout, 1, 1))?)?,
             None => y,
-        })
+        }))
     }
 }
 
@@ -134,6 +147,10 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        scope(Class::GroupNorm, || self.forward_composed(x))
+    }
+
+    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();
@@ -165,6 +182,10 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        scope(Class::LayerNorm, || self.forward_inner(x))
+    }
+
+    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         // The fused kernel handles f32 / f16 / bf16 only.
         let fused = self.mode == Mode::Infer && x.dtype() != DType::F64;
         Ok(match fused {
@@ -213,6 +234,10 @@ impl Activation {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        scope(Class::Elementwise, || self.forward_inner(x))
+    }
+
+    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Activation::Silu => x.silu()?,
             Activation::Gelu => x.gelu_erf()?,
@@ -237,14 +262,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
     let split = |t: &Tensor, len: usize| -> Result<Tensor> {
         Ok(t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()?)
     };
-    let (qh, kh, vh) = (split(q, n)?, split(k, m)?, split(v, m)?);
+    let (qh, kh, vh) = scope(Class::Layout, || -> Result<_> { Ok((split(q, n)?, split(k, m)?, split(v, m)?)) })?;
     add_flops(2 * b * heads * n * m * d);
     let scale = 1.0 / (d as f64).sqrt();
-    let mut scores = (qh.matmul(&kh.t()?)? * scale)?;
-    if let Some(mask) = mask {
-        scores = scores.broadcast_add(mask)?;
-    }
-    let probs = softmax_last_dim(&scores, mode)?;
-    let out = probs.matmul(&vh)?;
-    Ok(out.transpose(1, 2)?.reshape((b, n, inner))?)
+    let out = scope(Class::Attention, || -> Result<Tensor> {
+        let mut scores = (qh.matmul(&kh.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let probs = softmax_last_dim(&scores, mode)?;
+        Ok(probs.matmul(&vh)?)
+    })?;
+    scope(Class::Layout, || Ok(out.transpose(1, 2)?.reshape((b, n, inner))?))
 }

@@ -4,6 +4,7 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
+use crate::sd::kernels::profile::{scope, Class};
 use crate::sd::nn::{attention, Activation, Conv2d, GroupNorm, LayerNorm, Linear, Mode};
 use crate::sd::weights::Weights;
 
@@ -53,15 +54,17 @@ impl ResnetBlock2D {
         let mut h = self.conv1.forward(&self.act.forward(&self.norm1.forward(x)?)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&self.act.forward(temb)?)?;
-            h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+            h = scope(Class::Elementwise, || h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?))?;
         }
         let h = self.conv2.forward(&self.act.forward(&self.norm2.forward(&h)?)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        let out = (skip + h)?;
-        Ok(if self.output_scale_factor != 1.0 { (out / self.output_scale_factor)? } else { out })
+        scope(Class::Elementwise, || {
+            let out = (skip + h)?;
+            Ok(if self.output_scale_factor != 1.0 { (out / self.output_scale_factor)? } else { out })
+        })
     }
 }
 
@@ -80,7 +83,7 @@ impl Downsample2D {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.asymmetric_pad {
-            let x = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+            let x = scope(Class::Layout, || x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1))?;
             self.conv.forward(&x)
         } else {
             self.conv.forward(x)
@@ -104,7 +107,7 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+        self.conv.forward(&scope(Class::Layout, || x.upsample_nearest2d(th, tw))?)
     }
 }
 
@@ -165,9 +168,12 @@ impl FeedForward {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
         let half = h.dim(candle_core::D::Minus1)? / 2;
-        let value = h.narrow(candle_core::D::Minus1, 0, half)?;
-        let gate = h.narrow(candle_core::D::Minus1, half, half)?;
-        self.out.forward(&(value * gate.gelu_erf()?)?)
+        let g = scope(Class::Elementwise, || -> Result<Tensor> {
+            let value = h.narrow(candle_core::D::Minus1, 0, half)?;
+            let gate = h.narrow(candle_core::D::Minus1, half, half)?;
+            Ok((value * gate.gelu_erf()?)?)
+        })?;
+        self.out.forward(&g)
     }
 }
 
@@ -200,9 +206,12 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let ctx1 = if self.only_cross_attention { Some(context) } else { None };
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, ctx1)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
-        Ok((self.ff.forward(&self.norm3.forward(&x)?)? + &x)?)
+        let a = self.attn1.forward(&self.norm1.forward(x)?, ctx1)?;
+        let x = scope(Class::Elementwise, || a + x)?;
+        let a = self.attn2.forward(&self.norm2.forward(&x)?, Some(context))?;
+        let x = scope(Class::Elementwise, || a + &x)?;
+        let f = self.ff.forward(&self.norm3.forward(&x)?)?;
+        Ok(scope(Class::Elementwise, || f + &x)?)
     }
 
     pub fn attentions_mut(&mut self) -> [(&'static str, &mut CrossAttention); 2] {
@@ -259,8 +268,11 @@ impl Transformer2D {
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let to_tokens = |t: &Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
-        let to_image = |t: &Tensor| -> Result<Tensor> { Ok(t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?) };
+        let to_tokens =
+            |t: &Tensor| -> Result<Tensor> { scope(Class::Layout, || Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?)) };
+        let to_image = |t: &Tensor| -> Result<Tensor> {
+            scope(Class::Layout, || Ok(t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?))
+        };
         let hn = self.norm.forward(x)?;
         let mut tokens = match &self.proj_in {
             Proj::Conv(conv) => to_tokens(&conv.forward(&hn)?)?,
@@ -273,7 +285,7 @@ impl Transformer2D {
             Proj::Conv(conv) => conv.forward(&to_image(&tokens)?)?,
             Proj::Linear(lin) => to_image(&lin.forward(&tokens)?)?,
         };
-        Ok((out + x)?)
+        Ok(scope(Class::Elementwise, || out + x)?)
     }
 
     pub fn blocks_mut(&mut self) -> &mut [BasicTransformerBlock] {
@@ -309,12 +321,12 @@ impl SpatialSelfAttention {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let hn = self.group_norm.forward(x)?;
-        let tokens = hn.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let tokens = scope(Class::Layout, || hn.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous())?;
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
         let out = self.to_out.forward(&attention(&q, &k, &v, 1, None, self.mode)?)?;
-        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
-        Ok((out + x)?)
+        let out = scope(Class::Layout, || out.transpose(1, 2)?.reshape((b, c, h, w)))?;
+        Ok(scope(Class::Elementwise, || out + x)?)
     }
 }

@@ -1,0 +1,93 @@
+//! Crash-safe output files and deterministic PNG encoding.
+//!
+//! Generation is resumable and sharded: a run that is killed must never leave a half-written
+//! image or manifest that a later run would take as finished, and two machines producing the same
+//! sample must write the same bytes. Hence every output goes to a temporary file in the target's
+//! folder (same filesystem, so the rename is atomic) and is renamed into place only when complete,
+//! and PNGs are encoded with fixed settings and no timestamps or other ambient metadata.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+use image::{ExtendedColorType, ImageEncoder};
+
+use crate::error::{Error, Result};
+
+/// Distinguishes temporaries of threads of one process writing the same target.
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn temp_path(path: &Path) -> Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{}: not a file path", path.display())))?;
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = format!(".{}.tmp-{}-{n}", name.to_string_lossy(), std::process::id());
+    Ok(path.with_file_name(tmp))
+}
+
+/// Writes `bytes` to `path` atomically: readers see the old file or the complete new one, never
+/// a partial one. Creates missing parent folders; replaces an existing file.
+pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    let path = path.as_ref();
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let tmp = temp_path(path)?;
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+        // Without this a power loss after the rename can leave an empty file under the final name.
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Encodes HWC RGB8 pixels as PNG. The same pixels always give the same bytes (fixed compression
+/// and filter, no time or text chunks), so output hashes are reproducible across machines.
+pub fn encode_png(rgb: &[u8], w: usize, h: usize) -> Result<Vec<u8>> {
+    if w == 0 || h == 0 || rgb.len() != w * h * 3 {
+        return Err(Error::invalid(format!(
+            "cannot encode PNG: {} bytes for a {w}x{h} RGB image (expected {})",
+            rgb.len(),
+            w * h * 3
+        )));
+    }
+    let (w32, h32) = (
+        u32::try_from(w).map_err(|_| Error::invalid(format!("image width {w} too large")))?,
+        u32::try_from(h).map_err(|_| Error::invalid(format!("image height {h} too large")))?,
+    );
+    let mut out = Vec::new();
+    PngEncoder::new_with_quality(&mut out, CompressionType::Default, FilterType::Adaptive)
+        .write_image(rgb, w32, h32, ExtendedColorType::Rgb8)
+        .map_err(|e| Error::invalid(format!("cannot encode PNG: {e}")))?;
+    Ok(out)
+}
+
+/// Encodes and atomically writes a PNG; returns the hex SHA-256 of the bytes written.
+pub fn save_png_atomic(path: impl AsRef<Path>, rgb: &[u8], w: usize, h: usize) -> Result<String> {
+    let path = path.as_ref();
+    let bytes = encode_png(rgb, w, h).map_err(|e| match e {
+        Error::Invalid(msg) => Error::bad_file(path, msg),
+        e => e,
+    })?;
+    write_atomic(path, &bytes)?;
+    Ok(super::image::sha256_bytes(&bytes))
+}
+
+/// Writes `value` as pretty JSON (with a final newline) atomically.
+pub fn write_json_atomic<T: serde::Serialize + ?Sized>(
+    path: impl AsRef<Path>,
+    value: &T,
+) -> Result<()> {
+    let path = path.as_ref();
+    let mut bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::bad_file(path, format!("cannot serialise JSON: {e}")))?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes)
+}
