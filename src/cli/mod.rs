@@ -1,6 +1,7 @@
 //! Subcommands, one module each.
 use clap::{Parser, Subcommand};
 
+mod augment;
 mod bench;
 mod common;
 mod generate;
@@ -23,6 +24,8 @@ pub enum Command {
     Invert(invert::Args),
     /// Make Diff-II synthetic images for a dataset (ImageFolder output + manifest.jsonl).
     Generate(generate::Args),
+    /// Invert and generate in one go: the whole augmentation of a dataset.
+    Augment(augment::Args),
     /// Merge the shard manifests of a sharded `generate` run.
     Merge(merge::Args),
     /// Compare every stage of a Diff-II run with a diffusers reference directory.
@@ -37,6 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Invert(a) => invert::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Augment(a) => augment::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Parity(a) => parity::run(a),
         Command::Info(a) => info::run(a),
