@@ -2,26 +2,13 @@
 //! (cached), then generate the synthetic set.
 use std::collections::BTreeSet;
 
-use super::common::{load_dataset, load_pipeline, print_summary, settings, DataArgs, GenArgs, ModelArgs, RunArgs};
+use super::common::{print_summary, GenerateArgs};
 use diffii::diffii::generate::{generate, invert_items, manifest_name, Summary};
 
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub data: DataArgs,
-    #[command(flatten)]
-    pub gen: GenArgs,
-    #[command(flatten)]
-    pub run: RunArgs,
-}
+pub type Args = GenerateArgs;
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let ds = load_dataset(&a.data)?;
-    let p = load_pipeline(&a.model)?;
-    let s = settings(&a.gen, &p)?;
-    let opts = a.run.options();
+    let (ds, p, s, opts) = a.prepare()?;
     // Invert this shard's share of all images up front so a later `generate` with other
     // sampling settings (more samples, another seed) finds every inversion cached.
     let all: BTreeSet<usize> = (0..ds.items.len()).filter(|i| i % opts.shard.count == opts.shard.index).collect();

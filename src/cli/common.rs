@@ -285,3 +285,26 @@ impl GenArgs {
         }
     }
 }
+
+/// The full argument set of `generate` and `augment`.
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub gen: GenArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+impl GenerateArgs {
+    /// Loads the dataset and model and resolves the settings.
+    pub fn prepare(&self) -> anyhow::Result<(Dataset, Pipeline, Settings, RunOptions)> {
+        let ds = load_dataset(&self.data)?;
+        let p = load_pipeline(&self.model)?;
+        let s = settings(&self.gen, &p)?;
+        Ok((ds, p, s, self.run.options()))
+    }
+}

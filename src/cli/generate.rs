@@ -1,29 +1,13 @@
 //! `diffii generate`: Diff-II synthesis over a dataset (inverting what the cache lacks).
-use super::common::{load_dataset, load_pipeline, print_summary, settings, DataArgs, GenArgs, ModelArgs, RunArgs};
+use super::common::{print_summary, GenerateArgs};
+use diffii::diffii::generate::{generate, manifest_name};
 
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub data: DataArgs,
-    #[command(flatten)]
-    pub gen: GenArgs,
-    #[command(flatten)]
-    pub run: RunArgs,
-}
+pub type Args = GenerateArgs;
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let ds = load_dataset(&a.data)?;
-    let p = load_pipeline(&a.model)?;
-    let s = settings(&a.gen, &p)?;
-    let opts = a.run.options();
-    let summary = diffii::diffii::generate::generate(&p, &ds, &s, &opts)?;
+    let (ds, p, s, opts) = a.prepare()?;
+    let summary = generate(&p, &ds, &s, &opts)?;
     print_summary(&summary);
-    println!(
-        "images in {} ({})",
-        opts.out.display(),
-        diffii::diffii::generate::manifest_name(opts.shard)
-    );
+    println!("images in {} ({})", opts.out.display(), manifest_name(opts.shard));
     Ok(())
 }
