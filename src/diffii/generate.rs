@@ -121,19 +121,6 @@ pub struct Summary {
     pub notes: Vec<String>,
 }
 
-fn progress_bar(n: usize, label: &str, show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(n as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_message(label.to_string());
-    pb
-}
 
 /// The model plus the hashes that identify it.
 pub struct Pipeline {
@@ -211,7 +198,7 @@ pub fn invert_items(
             Lookup::Miss => todo.push((i, key, pixels)),
         }
     }
-    let pb = progress_bar(todo.len(), "invert", opts.progress);
+    let pb = crate::progress::bar(todo.len(), "invert", opts.progress);
     for chunk in todo.chunks(opts.batch.max(1)) {
         let xs = chunk.iter().map(|(_, _, px)| u8_to_tensor(px, s.size, s.size, &dev)).collect::<Result<Vec<_>>>()?;
         let x = Tensor::cat(&xs, 0)?.to_dtype(p.sd.unet.dtype())?;
@@ -324,7 +311,7 @@ pub fn generate(p: &Pipeline, ds: &Dataset, s: &Settings, opts: &RunOptions) -> 
 
     let t0 = Instant::now();
     let uncond = p.sd.encode_prompt("")?;
-    let pb = progress_bar(pending.len(), "generate", opts.progress);
+    let pb = crate::progress::bar(pending.len(), "generate", opts.progress);
     for chunk in pending.chunks(opts.batch.max(1)) {
         let mut zs = Vec::new();
         let mut meta = Vec::new();

@@ -433,3 +433,65 @@ pub fn apply_lora(unet: &mut UNet, lora: &Lora, scale: f64) -> Result<usize> {
     }
     Ok(plan.len())
 }
+
+/// A trainable adapter attached to one attention projection: `down` [r, in] and `up` [out, r].
+pub struct TrainableAdapter {
+    pub module: String,
+    pub down: candle_core::Var,
+    pub up: candle_core::Var,
+}
+
+/// Attaches a fresh unmerged adapter of rank `rank` (scale alpha / r) to every attention
+/// projection (`to_q`, `to_k`, `to_v`, `to_out.0`), initialised as diffusers' LoRA training
+/// scripts do (`init_lora_weights="gaussian"`): down ~ N(0, 1/r²) (std 1/r), up = 0, so the
+/// adapted UNet starts equal to the base one. Draws are seeded per module name.
+pub fn attach_trainable(unet: &mut UNet, rank: usize, alpha: f64, seed: u64) -> Result<Vec<TrainableAdapter>> {
+    if rank == 0 {
+        return Err(Error::invalid("LoRA rank must be at least 1"));
+    }
+    let mut out = Vec::new();
+    for (module, lin) in unet.attention_projections_mut() {
+        let (out_dim, in_dim) = lin.weight.dims2()?;
+        let (dtype, device) = (lin.weight.dtype(), lin.weight.device().clone());
+        let mut h = Sha256::new();
+        h.update(seed.to_le_bytes());
+        h.update(module.as_bytes());
+        let s = u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes"));
+        let down = (crate::schedule::ddim::seeded_randn(s, &[rank, in_dim], &device)? / rank as f64)?.to_dtype(dtype)?;
+        let down = candle_core::Var::from_tensor(&down)?;
+        let up = candle_core::Var::zeros((out_dim, rank), dtype, &device)?;
+        lin.adapter = Some(crate::sd::nn::Adapter {
+            down: down.as_tensor().clone(),
+            up: up.as_tensor().clone(),
+            scale: alpha / rank as f64,
+        });
+        out.push(TrainableAdapter { module, down, up });
+    }
+    if out.is_empty() {
+        return Err(Error::invalid("this UNet has no attention projections to attach LoRA adapters to"));
+    }
+    Ok(out)
+}
+
+/// Removes every unmerged adapter (the base weights were never touched).
+pub fn detach_adapters(unet: &mut UNet) {
+    for (_, lin) in unet.attention_projections_mut() {
+        lin.adapter = None;
+    }
+}
+
+/// The current values of trained adapters as a [`Lora`] (alpha recorded, so scale = alpha / r).
+pub fn to_lora(adapters: &[TrainableAdapter], alpha: f64) -> Result<Lora> {
+    let entries = adapters
+        .iter()
+        .map(|a| {
+            Ok(LoraEntry {
+                module: a.module.clone(),
+                down: a.down.as_tensor().copy()?,
+                up: a.up.as_tensor().copy()?,
+                alpha: Some(alpha),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Lora { entries })
+}

@@ -2,12 +2,14 @@
 pub mod clip;
 pub mod concepts;
 pub mod config;
+pub mod frozen;
 pub mod loader;
 pub mod lora;
 pub mod inspect;
 pub mod kernels;
 pub mod nn;
 pub mod tokenizer;
+pub mod torch_pickle;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;

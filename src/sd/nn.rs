@@ -13,6 +13,8 @@ use candle_core::{DType, Module, Tensor, D};
 
 use crate::error::Result;
 use crate::sd::kernels::profile::{scope, Class};
+use crate::sd::frozen;
+use crate::sd::kernels::{self, ConvInput};
 use crate::sd::weights::Weights;
 
 /// Which kernels to use: fused (inference) or differentiable (training, gradient checks).
@@ -44,21 +46,66 @@ pub(crate) fn add_flops(macs: usize) {
     }
 }
 
-/// `nn.Linear`: y = x W^T + b, for inputs of any rank (the last dim is the feature dim).
+/// `nn.Linear`: y = x W^T + b, for inputs of any rank (the last dim is the feature dim),
+/// plus an optional unmerged low-rank adapter.
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub adapter: Option<Adapter>,
+}
+
+/// An unmerged LoRA update: the layer computes `x W^T + b + scale (x down^T) up^T`. Training
+/// needs it unmerged so that `down` / `up` can be variables; inference merges instead
+/// ([`crate::sd::lora::apply_lora`]).
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    /// [r, in]
+    pub down: Tensor,
+    /// [out, r]
+    pub up: Tensor,
+    pub scale: f64,
 }
 
 impl Linear {
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.get(&[out_dim, in_dim], "weight")?;
         let bias = if bias { Some(w.get(&[out_dim], "bias")?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, adapter: None })
+    }
+
+    /// True when the fused f32 kernels may run: nothing here tracks gradients.
+    pub(crate) fn fast(&self, x: &Tensor) -> bool {
+        self.adapter.is_none()
+            && kernels::fast_ok(&[x, &self.weight])
+            && self.bias.as_ref().is_none_or(|b| kernels::fast_ok(&[b]))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_residual(x, None)
+    }
+
+    /// `forward(x) + residual`, the add fused into the product on the fast path.
+    pub(crate) fn forward_residual(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(a) = &self.adapter {
+            let base = Linear { weight: self.weight.clone(), bias: self.bias.clone(), adapter: None };
+            let y = base.forward_residual(x, residual)?;
+            let d = a.forward(x)?;
+            return Ok(scope(Class::Elementwise, || y + d)?);
+        }
+        if self.fast(x) && residual.is_none_or(|r| kernels::fast_ok(&[r])) {
+            let in_dim = x.dim(candle_core::D::Minus1)?;
+            add_flops(x.elem_count() / in_dim.max(1) * in_dim * self.weight.dim(0)?);
+            return scope(Class::Linear, || kernels::linear(x, &self.weight, self.bias.as_ref(), residual));
+        }
+        let y = self.forward_composed(x)?;
+        Ok(match residual {
+            Some(r) => scope(Class::Elementwise, || y + r)?,
+            None => y,
+        })
+    }
+
+    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
@@ -72,12 +119,20 @@ impl Linear {
         let items = if dims.len() >= 3 { dims[0] } else { rows };
         let per = rows / items.max(1);
         let wt = self.weight.t()?;
-        let mut y = scope(Class::Linear, || -> candle_core::Result<Tensor> {
-            if items <= 1 {
-                return x2.matmul(&wt);
+        // A frozen weight's gradient is neither computed nor kept (see `sd::frozen`).
+        let mm = |a: &Tensor| -> Result<Tensor> {
+            if frozen::use_frozen_rhs(a, &wt) {
+                frozen::matmul_frozen_rhs(a, &wt)
+            } else {
+                Ok(a.matmul(&wt)?)
             }
-            let parts = (0..items).map(|i| x2.narrow(0, i * per, per)?.matmul(&wt)).collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::cat(&parts, 0)
+        };
+        let mut y = scope(Class::Linear, || -> Result<Tensor> {
+            if items <= 1 {
+                return mm(&x2);
+            }
+            let parts = (0..items).map(|i| mm(&x2.narrow(0, i * per, per)?)).collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&parts, 0)?)
         })?;
         if let Some(b) = &self.bias {
             y = scope(Class::Elementwise, || y.broadcast_add(b))?;
@@ -85,6 +140,32 @@ impl Linear {
         let mut out_shape = dims.to_vec();
         *out_shape.last_mut().unwrap() = out_dim;
         Ok(y.reshape(out_shape)?)
+    }
+}
+
+impl Adapter {
+    /// `scale (x down^T) up^T`, one product per batch item like [`Linear`]'s.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_dim;
+        let (out_dim, r) = self.up.dims2()?;
+        add_flops(rows * r * (in_dim + out_dim));
+        let x2 = x.reshape((rows, in_dim))?;
+        let items = if dims.len() >= 3 { dims[0] } else { rows };
+        let per = rows / items.max(1);
+        let (dt, ut) = (self.down.t()?, self.up.t()?);
+        let y = scope(Class::Linear, || -> candle_core::Result<Tensor> {
+            let one = |a: &Tensor| a.matmul(&dt)?.matmul(&ut);
+            if items <= 1 {
+                return one(&x2);
+            }
+            let parts = (0..items).map(|i| one(&x2.narrow(0, i * per, per)?)).collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)
+        })?;
+        let mut out_shape = dims.to_vec();
+        *out_shape.last_mut().unwrap() = out_dim;
+        Ok((y * self.scale)?.reshape(out_shape)?)
     }
 }
 
@@ -104,7 +185,70 @@ impl Conv2d {
         Ok(Conv2d { weight, bias, stride, padding })
     }
 
+    /// True when the fused f32 kernels may run: nothing here tracks gradients.
+    pub(crate) fn fast(&self, x: &Tensor) -> bool {
+        kernels::fast_ok(&[x, &self.weight]) && self.bias.as_ref().is_none_or(|b| kernels::fast_ok(&[b]))
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.padding;
+        self.forward_ext(x, ConvInput { upsample: None, pad: (p, p, p, p) }, None, None, 1.0)
+    }
+
+    /// `(conv(prepare(x)) + bias + extra_bias[b] + residual) / out_scale`, where `prepare`
+    /// resizes (nearest) and zero-pads per `input` (whose padding replaces `self.padding`) and
+    /// `extra_bias` [b, cout] is a per-sample bias (the ResNet time embedding). Fused into one
+    /// kernel on the fast path; otherwise composed of differentiable candle ops in this order:
+    /// upsample, pad, conv, + bias, + extra bias, residual + y, / scale.
+    pub(crate) fn forward_ext(
+        &self,
+        x: &Tensor,
+        input: ConvInput,
+        extra_bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
+        out_scale: f64,
+    ) -> Result<Tensor> {
+        let extras_fast = extra_bias.is_none_or(|t| kernels::fast_ok(&[t])) && residual.is_none_or(|r| kernels::fast_ok(&[r]));
+        if self.fast(x) && extras_fast {
+            let (cout, cin, kh, kw) = self.weight.dims4()?;
+            let y = scope(Class::Conv, || {
+                kernels::conv2d(x, &self.weight, self.bias.as_ref(), extra_bias, self.stride, input, residual, out_scale)
+            })?;
+            let (b, _, ho, wo) = y.dims4()?;
+            add_flops(b * ho * wo * cout * cin * kh * kw);
+            return Ok(y);
+        }
+        let mut x = x.clone();
+        if let Some((th, tw)) = input.upsample {
+            x = scope(Class::Layout, || x.upsample_nearest2d(th, tw))?;
+        }
+        let (pt, pl, pb, pr) = input.pad;
+        let symmetric = pt == pl && pt == pb && pt == pr;
+        let conv = if symmetric && pt == self.padding {
+            self.clone()
+        } else {
+            if pl + pr > 0 {
+                x = scope(Class::Layout, || x.pad_with_zeros(3, pl, pr))?;
+            }
+            if pt + pb > 0 {
+                x = scope(Class::Layout, || x.pad_with_zeros(2, pt, pb))?;
+            }
+            Conv2d { padding: 0, ..self.clone() }
+        };
+        let mut y = conv.forward_composed(&x)?;
+        if let Some(t) = extra_bias {
+            y = scope(Class::Elementwise, || y.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?))?;
+        }
+        if let Some(r) = residual {
+            y = scope(Class::Elementwise, || r + y)?;
+        }
+        if out_scale != 1.0 {
+            y = scope(Class::Elementwise, || y / out_scale)?;
+        }
+        Ok(y)
+    }
+
+    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let (cout, cin, kh, kw) = self.weight.dims4()?;
         let y = scope(Class::Conv, || -> Result<Tensor> { Ok(if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 {
             // A 1x1 convolution is a matmul over channels; candle's im2col path would copy.
@@ -147,7 +291,18 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if kernels::fast_ok(&[x, &self.weight, &self.bias]) {
+            return scope(Class::GroupNorm, || kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, false));
+        }
         scope(Class::GroupNorm, || self.forward_composed(x))
+    }
+
+    /// `act(forward(x))`, fused into one pass on the fast path when `act` is SiLU.
+    pub(crate) fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        if act == Activation::Silu && kernels::fast_ok(&[x, &self.weight, &self.bias]) {
+            return scope(Class::GroupNorm, || kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, true));
+        }
+        act.forward(&self.forward(x)?)
     }
 
     fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
@@ -256,6 +411,19 @@ impl Module for Activation {
 /// Multi-head scaled dot-product attention: q [b, n, h*d], k/v [b, m, h*d] -> [b, n, h*d].
 /// `mask`, if given, is added to the scores (broadcast over batch and heads).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+    // The fused kernel records no backward: use it when inferring (candle's fused softmax
+    // drops gradients there anyway) or when nothing tracks gradients.
+    let mut ts = vec![q, k, v];
+    ts.extend(mask);
+    let fast = match mode {
+        Mode::Infer => kernels::fast_dtype_ok(&ts),
+        Mode::Train => kernels::fast_ok(&ts),
+    };
+    if fast {
+        let (b, n, inner) = q.dims3()?;
+        add_flops(2 * b * n * k.dim(1)? * inner);
+        return scope(Class::Attention, || kernels::attention(q, k, v, heads, mask));
+    }
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
     let d = inner / heads;

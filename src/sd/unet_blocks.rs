@@ -5,6 +5,7 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::sd::kernels::profile::{scope, Class};
+use crate::sd::kernels::{self, ConvInput};
 use crate::sd::nn::{attention, Activation, Conv2d, GroupNorm, LayerNorm, Linear, Mode};
 use crate::sd::weights::Weights;
 
@@ -51,6 +52,9 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        if self.fast(x, temb) {
+            return self.forward_fused(x, temb);
+        }
         let mut h = self.conv1.forward(&self.act.forward(&self.norm1.forward(x)?)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&self.act.forward(temb)?)?;
@@ -65,6 +69,34 @@ impl ResnetBlock2D {
             let out = (skip + h)?;
             Ok(if self.output_scale_factor != 1.0 { (out / self.output_scale_factor)? } else { out })
         })
+    }
+
+    fn fast(&self, x: &Tensor, temb: Option<&Tensor>) -> bool {
+        let p = |t: &Tensor| kernels::fast_ok(&[t]);
+        p(x) && temb.is_none_or(p)
+            && [&self.norm1, &self.norm2].iter().all(|n| p(&n.weight) && p(&n.bias))
+            && self.conv1.fast(x)
+            && self.conv2.fast(x)
+            && self.conv_shortcut.as_ref().is_none_or(|c| c.fast(x))
+            && self.time_emb_proj.as_ref().is_none_or(|l| l.fast(x))
+    }
+
+    /// The same function in fused kernels: norm+act in one pass, the time embedding folded
+    /// into conv1's bias, the residual add and output scale into conv2's epilogue.
+    fn forward_fused(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let pad = |c: &Conv2d| ConvInput { upsample: None, pad: (c.padding, c.padding, c.padding, c.padding) };
+        let t = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => Some(proj.forward(&self.act.forward(temb)?)?),
+            _ => None,
+        };
+        let h = self.norm1.forward_act(x, self.act)?;
+        let h = self.conv1.forward_ext(&h, pad(&self.conv1), t.as_ref(), None, 1.0)?;
+        let h = self.norm2.forward_act(&h, self.act)?;
+        let skip = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        self.conv2.forward_ext(&h, pad(&self.conv2), None, Some(&skip), self.output_scale_factor)
     }
 }
 
@@ -82,6 +114,11 @@ impl Downsample2D {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.conv.fast(x) {
+            let p = self.conv.padding;
+            let pad = if self.asymmetric_pad { (0, 0, 1, 1) } else { (p, p, p, p) };
+            return self.conv.forward_ext(x, ConvInput { upsample: None, pad }, None, None, 1.0);
+        }
         if self.asymmetric_pad {
             let x = scope(Class::Layout, || x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1))?;
             self.conv.forward(&x)
@@ -107,6 +144,10 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        if self.conv.fast(x) {
+            let p = self.conv.padding;
+            return self.conv.forward_ext(x, ConvInput { upsample: Some((th, tw)), pad: (p, p, p, p) }, None, None, 1.0);
+        }
         self.conv.forward(&scope(Class::Layout, || x.upsample_nearest2d(th, tw))?)
     }
 }
@@ -136,11 +177,16 @@ impl CrossAttention {
     }
 
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_residual(x, context, None)
+    }
+
+    /// `forward(x, context) + residual`, the add fused into `to_out` when possible.
+    fn forward_residual(&self, x: &Tensor, context: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        self.to_out.forward(&attention(&q, &k, &v, self.heads, None, self.mode)?)
+        self.to_out.forward_residual(&attention(&q, &k, &v, self.heads, None, self.mode)?, residual)
     }
 
     /// The four projections, for attaching adapters (LoRA) by name.
@@ -166,6 +212,27 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_residual(x, None)
+    }
+
+    /// `forward(x) + residual`: GEGLU in one pass and the add fused into the output layer
+    /// when nothing tracks gradients.
+    fn forward_residual(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        if self.proj.fast(x) {
+            let h = self.proj.forward(x)?;
+            if kernels::fast_ok(&[&h]) {
+                let g = scope(Class::Elementwise, || kernels::geglu(&h))?;
+                return self.out.forward_residual(&g, residual);
+            }
+        }
+        let y = self.forward_composed(x)?;
+        Ok(match residual {
+            Some(r) => scope(Class::Elementwise, || y + r)?,
+            None => y,
+        })
+    }
+
+    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
         let half = h.dim(candle_core::D::Minus1)? / 2;
         let g = scope(Class::Elementwise, || -> Result<Tensor> {
@@ -206,6 +273,13 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let ctx1 = if self.only_cross_attention { Some(context) } else { None };
+        if kernels::fast_ok(&[x, context]) {
+            // Residual adds fused into to_out / ff.out (they fall back to a separate add when
+            // a weight tracks gradients).
+            let x = self.attn1.forward_residual(&self.norm1.forward(x)?, ctx1, Some(x))?;
+            let x = self.attn2.forward_residual(&self.norm2.forward(&x)?, Some(context), Some(&x))?;
+            return self.ff.forward_residual(&self.norm3.forward(&x)?, Some(&x));
+        }
         let a = self.attn1.forward(&self.norm1.forward(x)?, ctx1)?;
         let x = scope(Class::Elementwise, || a + x)?;
         let a = self.attn2.forward(&self.norm2.forward(&x)?, Some(context))?;
@@ -267,6 +341,11 @@ impl Transformer2D {
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        // The fused proj_out records no backward: a context that tracks gradients (textual
+        // inversion) must take the composed path, or the gradient would stop here.
+        if self.fast(x) && kernels::fast_ok(&[context]) {
+            return self.forward_fused(x, context);
+        }
         let (b, c, h, w) = x.dims4()?;
         let to_tokens =
             |t: &Tensor| -> Result<Tensor> { scope(Class::Layout, || Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?)) };
@@ -286,6 +365,38 @@ impl Transformer2D {
             Proj::Linear(lin) => to_image(&lin.forward(&tokens)?)?,
         };
         Ok(scope(Class::Elementwise, || out + x)?)
+    }
+
+    fn proj_params(p: &Proj) -> (&Tensor, Option<&Tensor>) {
+        match p {
+            Proj::Conv(c) => (&c.weight, c.bias.as_ref()),
+            Proj::Linear(l) => (&l.weight, l.bias.as_ref()),
+        }
+    }
+
+    fn fast(&self, x: &Tensor) -> bool {
+        let ok = |p: &Proj| {
+            let (w, b) = Self::proj_params(p);
+            kernels::fast_ok(&[w]) && b.is_none_or(|b| kernels::fast_ok(&[b]))
+        };
+        kernels::fast_ok(&[x, &self.norm.weight, &self.norm.bias]) && ok(&self.proj_in) && ok(&self.proj_out)
+    }
+
+    /// proj_in reads the normalised NCHW map as tokens and proj_out writes NCHW plus the
+    /// residual, with the transposes folded into the products (1x1 conv and linear projection
+    /// are the same product).
+    fn forward_fused(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let hn = self.norm.forward(x)?;
+        let (wi, bi) = Self::proj_params(&self.proj_in);
+        crate::sd::nn::add_flops(b * h * w * c * wi.dim(0)?);
+        let mut tokens = scope(Class::Linear, || kernels::pointwise_to_tokens(&hn, wi, bi))?;
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let (wo, bo) = Self::proj_params(&self.proj_out);
+        crate::sd::nn::add_flops(b * h * w * tokens.dim(2)? * wo.dim(0)?);
+        scope(Class::Linear, || kernels::pointwise_from_tokens(&tokens, wo, bo, Some(x), h, w))
     }
 
     pub fn blocks_mut(&mut self) -> &mut [BasicTransformerBlock] {
@@ -320,6 +431,18 @@ impl SpatialSelfAttention {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
+        let lin_ok = |l: &Linear| kernels::fast_ok(&[&l.weight]) && l.bias.as_ref().is_none_or(|b| kernels::fast_ok(&[b]));
+        if kernels::fast_ok(&[x]) && [&self.to_q, &self.to_k, &self.to_v, &self.to_out].iter().all(|l| lin_ok(l)) {
+            let hn = self.group_norm.forward(x)?;
+            let proj = |l: &Linear| -> Result<Tensor> {
+                crate::sd::nn::add_flops(b * h * w * c * l.weight.dim(0)?);
+                scope(Class::Linear, || kernels::pointwise_to_tokens(&hn, &l.weight, l.bias.as_ref()))
+            };
+            let (q, k, v) = (proj(&self.to_q)?, proj(&self.to_k)?, proj(&self.to_v)?);
+            let a = attention(&q, &k, &v, 1, None, self.mode)?;
+            crate::sd::nn::add_flops(b * h * w * c * self.to_out.weight.dim(0)?);
+            return scope(Class::Linear, || kernels::pointwise_from_tokens(&a, &self.to_out.weight, self.to_out.bias.as_ref(), Some(x), h, w));
+        }
         let hn = self.group_norm.forward(x)?;
         let tokens = scope(Class::Layout, || hn.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous())?;
         let q = self.to_q.forward(&tokens)?;
