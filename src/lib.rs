@@ -9,5 +9,7 @@ pub mod data;
 pub mod diffii;
 pub mod error;
 pub mod parity;
+pub mod progress;
 pub mod schedule;
 pub mod sd;
+pub mod train;

@@ -62,6 +62,15 @@ pub enum ResizeArg {
     CenterCrop,
 }
 
+impl From<ResizeArg> for ResizePolicy {
+    fn from(r: ResizeArg) -> Self {
+        match r {
+            ResizeArg::Squash => ResizePolicy::Squash,
+            ResizeArg::CenterCrop => ResizePolicy::CenterCrop,
+        }
+    }
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuantizeArg {
     Round,
@@ -232,10 +241,7 @@ pub fn settings(g: &GenArgs, p: &Pipeline) -> anyhow::Result<Settings> {
         superclass: i.superclass.clone(),
         suffixes,
         size: i.size.unwrap_or(if official { 512 } else { native }),
-        resize: match i.resize.unwrap_or(ResizeArg::Squash) {
-            ResizeArg::Squash => ResizePolicy::Squash,
-            ResizeArg::CenterCrop => ResizePolicy::CenterCrop,
-        },
+        resize: i.resize.unwrap_or(ResizeArg::Squash).into(),
         inversion_steps: i.inversion_steps.unwrap_or(200),
         steps: g.steps.unwrap_or(25),
         guidance: g.guidance.unwrap_or(7.5),

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 mod augment;
 mod bench;
 mod common;
+mod concepts;
 mod generate;
 mod info;
 mod invert;
@@ -20,6 +21,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Learn one concept token per class (textual inversion; optional LoRA) from an image folder.
+    Concepts(concepts::Args),
     /// DDIM-invert every image of a dataset into the inversion cache.
     Invert(invert::Args),
     /// Make Diff-II synthetic images for a dataset (ImageFolder output + manifest.jsonl).
@@ -38,6 +41,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Concepts(a) => concepts::run(a),
         Command::Invert(a) => invert::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Augment(a) => augment::run(a),

@@ -264,16 +264,10 @@ impl Concepts {
     /// map and token order as `concepts.json` beside it.
     pub fn save(&self, embeds: &Path) -> Result<()> {
         let rows = self.rows.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        let mut map = HashMap::new();
-        for (i, tok) in self.tokens.iter().enumerate() {
-            map.insert(tok.clone(), rows.get(i)?.contiguous()?);
-        }
-        candle_core::safetensors::save(&map, embeds)
-            .map_err(|e| Error::bad_file(embeds, format!("cannot write: {e}")))?;
+        let tensors = self.tokens.iter().enumerate().map(|(i, tok)| Ok((tok.clone(), rows.get(i)?))).collect::<Result<Vec<_>>>()?;
+        crate::sd::weights::save_safetensors(embeds, &tensors, None)?;
         let meta = serde_json::json!({ "name2placeholder": self.class_to_token, "order": self.tokens });
-        let json_path = embeds.with_file_name("concepts.json");
-        let text = serde_json::to_string_pretty(&meta).map_err(|e| Error::invalid(e.to_string()))?;
-        std::fs::write(&json_path, text).map_err(|e| Error::io(&json_path, e))
+        crate::data::atomic::write_json_atomic(embeds.with_file_name("concepts.json"), &meta)
     }
 }
 

@@ -317,19 +317,14 @@ impl Lora {
             if !seen.insert(e.module.as_str()) {
                 return Err(Error::invalid(format!("LoRA module `{}` appears twice; merge the entries first", e.module)));
             }
-            let cpu = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?) };
-            tensors.push((format!("unet.{}.lora_A.weight", e.module), cpu(&e.down)?));
-            tensors.push((format!("unet.{}.lora_B.weight", e.module), cpu(&e.up)?));
+            tensors.push((format!("unet.{}.lora_A.weight", e.module), e.down.clone()));
+            tensors.push((format!("unet.{}.lora_B.weight", e.module), e.up.clone()));
         }
         let mut md = HashMap::from([("format".to_string(), "pt".to_string())]);
         if self.entries.iter().any(|e| e.alpha.is_some()) {
             md.insert(LORA_ADAPTER_METADATA_KEY.to_string(), self.peft_config_json().to_string());
         }
-        // Written beside the target and renamed, so an interrupted save leaves no partial file.
-        let tmp = path.with_extension("safetensors.partial");
-        safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(md), &tmp)
-            .map_err(|e| Error::bad_file(&tmp, format!("cannot write: {e}")))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        crate::sd::weights::save_safetensors(path, &tensors, Some(md))
     }
 
     /// diffusers' prefixed PEFT `LoraConfig`: the most common rank and alpha, with patterns for

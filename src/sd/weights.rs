@@ -291,3 +291,59 @@ pub fn load_all(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>>
     candle_core::safetensors::load(path, device)
         .map_err(|e| Error::bad_file(path, format!("not a readable safetensors file: {e}")))
 }
+
+/// Writes tensors (converted to f32 on the CPU) and string metadata as a safetensors file,
+/// atomically (temporary file + rename) and reproducibly: the header's JSON keys are sorted, so
+/// equal inputs give equal bytes (the `safetensors` crate writes metadata in hash-map order,
+/// which changes from process to process).
+pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+    let cpu = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.as_str(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut bytes = safetensors::serialize(cpu.iter().map(|(k, t)| (*k, t)), metadata)
+        .map_err(|e| Error::bad_file(path, format!("cannot serialise: {e}")))?;
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value = serde_json::from_slice(bytes[8..8 + n].trim_ascii_end())
+        .map_err(|e| Error::bad_file(path, format!("cannot serialise: {e}")))?;
+    let mut canon = String::with_capacity(n);
+    canonical_json(&header, &mut canon);
+    // Same keys and values in another order: the same length; pad as the writer did.
+    if canon.len() > n {
+        return Err(Error::bad_file(path, "cannot serialise: header grew when sorted"));
+    }
+    bytes[8..8 + n].copy_from_slice(format!("{canon:<n$}").as_bytes());
+    crate::data::atomic::write_atomic(path, &bytes)
+}
+
+/// Compact JSON with object keys in sorted order.
+fn canonical_json(v: &serde_json::Value, out: &mut String) {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String((*k).clone()).to_string());
+                out.push(':');
+                canonical_json(&m[k.as_str()], out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(x, out);
+            }
+            out.push(']');
+        }
+        leaf => out.push_str(&leaf.to_string()),
+    }
+}
