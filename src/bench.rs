@@ -52,7 +52,12 @@ pub fn peak_rss_mib() -> f64 {
 
 /// Builds an SD-1.5-shaped UNet with deterministic synthetic weights.
 pub fn synthetic_sd15_unet(dtype: DType, device: &Device) -> Result<UNet> {
-    UNet::load(&Weights::synthetic(0, dtype, device), &UNetConfig::sd15(), Mode::Infer)
+    synthetic_sd15_unet_mode(dtype, device, Mode::Infer)
+}
+
+/// [`synthetic_sd15_unet`] in a given mode ([`Mode::Train`] for training benchmarks).
+pub fn synthetic_sd15_unet_mode(dtype: DType, device: &Device, mode: Mode) -> Result<UNet> {
+    UNet::load(&Weights::synthetic(0, dtype, device), &UNetConfig::sd15(), mode)
 }
 
 /// Times `reps` UNet calls (after `warmup` untimed ones) on a batch of `batch` latents of
@@ -63,40 +68,61 @@ pub fn unet_step(name: &str, unet: &UNet, batch: usize, latent: usize, warmup: u
     let dtype = unet.dtype();
     let x = seeded_randn(1, &[batch, c.in_channels, latent, latent], &dev)?.to_dtype(dtype)?;
     let ctx = seeded_randn(2, &[batch, 77, c.down[0].cross_attention_dim], &dev)?.to_dtype(dtype)?;
-    for _ in 0..warmup {
-        unet.forward_t(&x, 500, &ctx)?;
-    }
-    let mut times = Vec::with_capacity(reps);
-    let mut flops = 0;
-    for i in 0..reps.max(1) {
-        if i == 0 {
-            flops_start();
-        }
-        let t0 = Instant::now();
-        let out = unet.forward_t(&x, 500, &ctx)?;
-        // Force completion (lazy backends) before stopping the clock.
-        let _ = out.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        times.push(t0.elapsed().as_secs_f64());
-        if i == 0 {
-            flops = flops_stop();
-        }
-    }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let seconds = times[times.len() / 2];
-    let gflop = flops as f64 / 1e9;
-    let gflops = gflop / seconds;
-    Ok(BenchResult {
-        name: name.to_string(),
-        batch,
-        latent,
-        seconds,
-        min_seconds: times[0],
-        gflop,
-        gflops,
-        percent_of_peak: 100.0 * gflops / CPU_PEAK_GFLOPS,
-        peak_rss_mib: peak_rss_mib(),
-        torch_seconds: None,
-    })
+    timed(name, batch, latent, warmup, reps, || unet.forward_t(&x, 500, &ctx))
+}
+
+/// Resets the process's peak-RSS mark (Linux `/proc/self/clear_refs`), so that the next case's
+/// `peak_rss_mib` is its own peak rather than the largest so far.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Times one textual-inversion step — text encoder forward from concept rows that require
+/// gradients, UNet forward at one timestep, MSE loss and backward — on random latents and
+/// prompts with one concept token. The optimiser update (a few vectors) is not included; the
+/// counted FLOPs are those of the forward pass. `frozen` switches the frozen-operand products
+/// (no weight gradients computed or kept, [`crate::sd::frozen`]) on or off.
+#[allow(clippy::too_many_arguments)]
+pub fn ti_step(
+    name: &str,
+    clip: &crate::sd::clip::ClipTextEncoder,
+    unet: &UNet,
+    batch: usize,
+    latent: usize,
+    frozen: bool,
+    warmup: usize,
+    reps: usize,
+) -> Result<BenchResult> {
+    use crate::train::concepts::{noise_prediction_loss, Batch};
+    let dev = Device::Cpu;
+    let dtype = unet.dtype();
+    let c = &unet.config;
+    let hidden = clip.config.hidden_size;
+    let vocab = clip.config.vocab_size as u32;
+    let rows = candle_core::Var::from_tensor(&(seeded_randn(4, &[1, hidden], &dev)?.to_dtype(dtype)? * 0.01)?)?;
+    // <start> a photo of a <concept> bird <end> <pad>...: ids below the vocabulary are arbitrary.
+    let w = |i: u32| i % (vocab - 2);
+    let mut ids: Vec<u32> = vec![vocab - 2, w(320), w(1125), w(539), w(320), vocab, w(3329), vocab - 1];
+    ids.resize(clip.config.max_position_embeddings, vocab - 1);
+    let ids = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?.repeat((batch, 1))?;
+    let latents = seeded_randn(5, &[batch, c.in_channels, latent, latent], &dev)?.to_dtype(dtype)?;
+    let noise = seeded_randn(6, latents.dims(), &dev)?.to_dtype(dtype)?;
+    let b = Batch { latents, noise, timesteps: vec![500; batch], ids };
+    let alphas = crate::schedule::ddim::alphas_cumprod(&crate::schedule::ddim::DdimConfig::sd15())?;
+    let was = crate::sd::frozen::enabled();
+    crate::sd::frozen::set_enabled(frozen);
+    let r = timed(name, batch, latent, warmup, reps, || {
+        let loss = noise_prediction_loss(clip, unet, &alphas, crate::schedule::ddim::PredictionType::Epsilon, &b, rows.as_tensor())?;
+        let grads = loss.backward()?;
+        grads.get(rows.as_tensor()).cloned().ok_or_else(|| crate::error::Error::invalid("no gradient reached the concept row"))
+    });
+    crate::sd::frozen::set_enabled(was);
+    r
+}
+
+/// Builds an SD-1.5-shaped CLIP text encoder with deterministic synthetic weights.
+pub fn synthetic_sd15_text_encoder(dtype: DType, device: &Device, mode: Mode) -> Result<crate::sd::clip::ClipTextEncoder> {
+    crate::sd::clip::ClipTextEncoder::load(&Weights::synthetic(1, dtype, device), &crate::sd::config::ClipConfig::sd15(), mode)
 }
 
 /// A fixed-width table of results.
@@ -132,6 +158,7 @@ pub fn vae_decode_step(name: &str, vae: &crate::sd::vae::Vae, batch: usize, late
 }
 
 fn timed(name: &str, batch: usize, latent: usize, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<BenchResult> {
+    reset_peak_rss();
     for _ in 0..warmup {
         f()?;
     }

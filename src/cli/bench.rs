@@ -37,6 +37,14 @@ pub struct Args {
     /// Also time the model's VAE decode (batch 1, latent = the UNet's sample size).
     #[arg(long)]
     pub vae: bool,
+    /// Also time one textual-inversion step (forward + backward to the concept row), with and
+    /// without the frozen-operand products: on the model at its native size, and with --sd15 on
+    /// an SD-1.5-shaped text encoder + UNet at --ti-latent.
+    #[arg(long)]
+    pub ti: bool,
+    /// Latent size of the SD-1.5 textual-inversion step (32 = 256 px).
+    #[arg(long, default_value_t = 32)]
+    pub ti_latent: usize,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -67,6 +75,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             if a.profile {
                 profiles.push(bench::vae_decode_profile("vae decode (model)", &vae, 1, s, a.reps.max(5))?);
             }
+        }
+        if a.ti {
+            let opts = diffii::sd::loader::LoadOptions { mode: Mode::Train, concepts: false, ..Default::default() };
+            let sd = diffii::sd::loader::StableDiffusion::load(model, &opts)?;
+            for frozen in [true, false] {
+                let name = if frozen { "ti step (model)" } else { "ti step (model), no frozen" };
+                eprintln!("[bench] {name}");
+                results.push(bench::ti_step(name, &sd.text_encoder, &sd.unet, 1, s, frozen, a.warmup, a.reps.max(5))?);
+            }
+        }
+    }
+    if a.sd15 && a.ti {
+        eprintln!("[bench] building SD-1.5-shaped text encoder + UNet (training mode)");
+        let clip = bench::synthetic_sd15_text_encoder(DType::F32, &dev, Mode::Train)?;
+        let unet = bench::synthetic_sd15_unet_mode(DType::F32, &dev, Mode::Train)?;
+        for frozen in [true, false] {
+            let name = if frozen { "ti step sd15" } else { "ti step sd15, no frozen" };
+            eprintln!("[bench] {name} latent {}", a.ti_latent);
+            results.push(bench::ti_step(name, &clip, &unet, 1, a.ti_latent, frozen, 0, a.reps)?);
         }
     }
     if a.sd15 {

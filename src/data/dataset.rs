@@ -392,6 +392,15 @@ impl Dataset {
         self.items.iter().filter(|it| it.class == class).collect()
     }
 
+    /// Item indices (into [`Dataset::items`]) of each class, in dataset order.
+    pub fn class_members(&self) -> Vec<Vec<usize>> {
+        let mut m = vec![Vec::new(); self.classes.len()];
+        for (i, it) in self.items.iter().enumerate() {
+            m[it.class].push(i);
+        }
+        m
+    }
+
     /// Number of images per class, indexed like [`Dataset::classes`].
     pub fn class_counts(&self) -> Vec<usize> {
         let mut counts = vec![0usize; self.classes.len()];

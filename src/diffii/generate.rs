@@ -135,7 +135,10 @@ impl Pipeline {
     /// The concept token of every dataset class, or an error listing classes without one.
     pub fn class_tokens(&self, ds: &Dataset) -> Result<Vec<String>> {
         let concepts = self.sd.concepts.as_ref().ok_or_else(|| {
-            Error::invalid("no concepts loaded: pass --concepts (learned_embeds.safetensors or the official .bin)")
+            Error::invalid(
+                "no concepts loaded: pass --concepts (learned_embeds.safetensors or the official .bin), \
+                 or learn them first with `diffii concepts --model M --data D --out C --superclass WORD`",
+            )
         })?;
         concepts.check_classes(&ds.classes)?;
         Ok(ds.classes.iter().map(|c| concepts.token_for_class(c).expect("checked").to_string()).collect())
@@ -145,15 +148,6 @@ impl Pipeline {
         let embs = prompts.iter().map(|p| self.sd.encode_prompt(p)).collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&embs, 0)?)
     }
-}
-
-/// Image indices (into `ds.items`) of each class, in dataset order.
-fn class_members(ds: &Dataset) -> Vec<Vec<usize>> {
-    let mut m = vec![Vec::new(); ds.classes.len()];
-    for (i, it) in ds.items.iter().enumerate() {
-        m[it.class].push(i);
-    }
-    m
 }
 
 /// Inverts the dataset images `wanted` (indices into `ds.items`), using and filling the cache.
@@ -266,7 +260,7 @@ pub fn generate(p: &Pipeline, ds: &Dataset, s: &Settings, opts: &RunOptions) -> 
         return Err(Error::invalid(format!("image size {} is not a multiple of the VAE factor {}", s.size, p.sd.vae.config.spatial_factor())));
     }
     let tokens = p.class_tokens(ds)?;
-    let members = class_members(ds);
+    let members = ds.class_members();
     let counts: Vec<usize> = members.iter().map(|m| m.len()).collect();
     let n_suffix = s.suffixes.len();
     let samples = plan::plan(&ds.classes, &counts, s.count, s.interp, n_suffix, s.seed)?;

@@ -524,4 +524,18 @@ impl ClipConfig {
             layer_norm_eps: f.layer_norm_eps,
         })
     }
+
+    /// The text encoder of SD-1.x (OpenAI CLIP ViT-L/14's text tower), for benchmarks.
+    pub fn sd15() -> Self {
+        ClipConfig {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            act: activation(Path::new("<built-in SD-1.5 config>"), "hidden_act", "quick_gelu").expect("known activation"),
+            layer_norm_eps: 1e-5,
+        }
+    }
 }

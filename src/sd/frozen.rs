@@ -7,16 +7,21 @@
 //! inversion on SD-1.5 that is one full weight-sized gradient per layer (gigabytes) and a third
 //! of the backward FLOPs, spent on numbers nobody reads.
 //!
-//! The custom ops here run the same forward kernel as candle's own op on the same layouts, so
-//! results are bit-identical, and their backward returns `None` for the frozen operand: candle
-//! then neither computes nor stores it. [`set_enabled`] switches them off (benchmarks measure
+//! The matmul here runs the same forward kernel as candle's own op on the same layouts, so
+//! results are bit-identical, and its backward returns `None` for the frozen operand: candle
+//! then neither computes nor stores it. The convolution runs our fused f32 kernel forward and
+//! computes only the input gradient backward — with the same kernel, as a stride-1 convolution
+//! of the (zero-dilated, padded) output gradient with the flipped, transposed weight — instead
+//! of candle's weight gradient plus its slow generic transposed convolution. [`set_enabled`] switches them off (benchmarks measure
 //! the difference; everything else leaves them on).
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, Device, Layout, MetalStorage, Shape, Storage, Tensor};
 
 use crate::error::Result;
+use crate::sd::kernels::{self, ConvInput};
+use crate::sd::nn::Conv2d;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
@@ -87,5 +92,103 @@ impl CustomOp2 for FrozenRhsMatmul {
     fn bwd(&self, _lhs: &Tensor, rhs: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // d(lhs rhs)/d lhs = grad rhs^T, as candle's own Matmul backward.
         Ok((Some(grad.matmul(&rhs.t()?)?), None))
+    }
+}
+
+/// Whether `conv.forward(x)` should go through [`conv2d_frozen`]: only the input is part of a
+/// graph, on the CPU in f32, with padding the gradient convolution can express.
+pub fn use_frozen_conv(x: &Tensor, conv: &Conv2d) -> bool {
+    let k = conv.weight.dim(3).unwrap_or(0);
+    enabled()
+        && x.track_op()
+        && !conv.weight.track_op()
+        && conv.bias.as_ref().is_none_or(|b| !b.track_op())
+        && kernels::fast_dtype_ok(&[x, &conv.weight])
+        && conv.weight.dim(2).ok() == Some(k)
+        && conv.padding < k
+        && conv.stride >= 1
+}
+
+/// `conv(x) + bias` whose backward produces only the gradient of `x`.
+pub fn conv2d_frozen(x: &Tensor, conv: &Conv2d) -> Result<Tensor> {
+    let op = FrozenConv { conv: conv.clone() };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+struct FrozenConv {
+    conv: Conv2d,
+}
+
+impl FrozenConv {
+    /// [cin, cout, k, k]: the weight with in/out channels swapped and both spatial axes reversed.
+    fn grad_kernel(&self) -> candle_core::Result<Tensor> {
+        if let Some(k) = self.conv.grad_kernel.get() {
+            return Ok(k.clone());
+        }
+        let w = &self.conv.weight;
+        let k = w.dim(3)?;
+        let rev = Tensor::new((0..k as u32).rev().collect::<Vec<_>>(), w.device())?;
+        let flipped = w.transpose(0, 1)?.contiguous()?.index_select(&rev, 2)?.contiguous()?.index_select(&rev, 3)?.contiguous()?;
+        Ok(self.conv.grad_kernel.get_or_init(|| flipped).clone())
+    }
+}
+
+fn to_msg(e: crate::error::Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+impl CustomOp1 for FrozenConv {
+    fn name(&self) -> &'static str {
+        "conv2d-frozen-weight"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
+            candle_core::bail!("frozen conv: expected a contiguous f32 input")
+        };
+        let x = Tensor::from_vec(v[a..b].to_vec(), l.shape(), &Device::Cpu)?;
+        let p = self.conv.padding;
+        let c = &self.conv;
+        let y = kernels::conv2d(&x, &c.weight, c.bias.as_ref(), None, c.stride, ConvInput { upsample: None, pad: (p, p, p, p) }, None, 1.0)
+            .map_err(to_msg)?;
+        let shape = y.shape().clone();
+        let (storage, _) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(cs) => Ok((cs.try_clone(y.layout())?, shape)),
+            _ => candle_core::bail!("frozen conv: expected a CPU result"),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (_, _, h, w) = x.dims4()?;
+        let (b, cout, ho, wo) = grad.dims4()?;
+        let k = self.conv.weight.dim(3)?;
+        let (s, p) = (self.conv.stride, self.conv.padding);
+        // Transposed convolution = stride-1 convolution of the output gradient with s-1 zeros
+        // between its entries, padded by k-1-p (plus the rows / columns the forward's floor
+        // division dropped), with the flipped kernel.
+        let g = if s == 1 {
+            grad.contiguous()?
+        } else {
+            let (hd, wd) = ((ho - 1) * s + 1, (wo - 1) * s + 1);
+            let src = grad.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut dst = vec![0f32; b * cout * hd * wd];
+            for (plane, chunk) in src.chunks(ho * wo).enumerate() {
+                for (i, row) in chunk.chunks(wo).enumerate() {
+                    let base = plane * hd * wd + i * s * wd;
+                    for (j, v) in row.iter().enumerate() {
+                        dst[base + j * s] = *v;
+                    }
+                }
+            }
+            Tensor::from_vec(dst, (b, cout, hd, wd), grad.device())?
+        };
+        let (_, _, gh, gw) = g.dims4()?;
+        let q = k - 1 - p;
+        // Output size of the padded convolution: gh + 2q + extra - k + 1 must equal h.
+        let (eh, ew) = ((h + k - 1) - (gh + 2 * q), (w + k - 1) - (gw + 2 * q));
+        let dx = kernels::conv2d(&g, &self.grad_kernel()?, None, None, 1, ConvInput { upsample: None, pad: (q, q, q + eh, q + ew) }, None, 1.0)
+            .map_err(to_msg)?;
+        Ok(Some(dx))
     }
 }

@@ -13,6 +13,7 @@ use candle_core::{DType, Module, Tensor, D};
 
 use crate::error::Result;
 use crate::sd::kernels::profile::{scope, Class};
+use crate::sd::attention_grad;
 use crate::sd::frozen;
 use crate::sd::kernels::{self, ConvInput};
 use crate::sd::weights::Weights;
@@ -176,13 +177,21 @@ pub struct Conv2d {
     pub bias: Option<Tensor>,
     pub stride: usize,
     pub padding: usize,
+    /// The flipped, transposed kernel that propagates gradients to the input when the weight
+    /// is frozen (made on first use, see [`frozen::conv2d_frozen`]).
+    pub(crate) grad_kernel: std::sync::Arc<std::sync::OnceLock<Tensor>>,
 }
 
 impl Conv2d {
     pub fn load(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
         let weight = w.get(&[cout, cin, k, k], "weight")?;
         let bias = Some(w.get(&[cout], "bias")?);
-        Ok(Conv2d { weight, bias, stride, padding })
+        Ok(Self::new(weight, bias, stride, padding))
+    }
+
+    /// A convolution from given tensors (weight [cout, cin, k, k]).
+    pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
+        Conv2d { weight, bias, stride, padding, grad_kernel: Default::default() }
     }
 
     /// True when the fused f32 kernels may run: nothing here tracks gradients.
@@ -233,6 +242,7 @@ impl Conv2d {
             if pt + pb > 0 {
                 x = scope(Class::Layout, || x.pad_with_zeros(2, pt, pb))?;
             }
+            // A new padding: the cached gradient kernel still applies (it does not depend on it).
             Conv2d { padding: 0, ..self.clone() }
         };
         let mut y = conv.forward_composed(&x)?;
@@ -250,6 +260,13 @@ impl Conv2d {
 
     fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let (cout, cin, kh, kw) = self.weight.dims4()?;
+        // A frozen weight's gradient is neither computed nor kept (see `sd::frozen`).
+        if frozen::use_frozen_conv(x, self) {
+            let y = scope(Class::Conv, || frozen::conv2d_frozen(x, self))?;
+            let (b, _, ho, wo) = y.dims4()?;
+            add_flops(b * ho * wo * cout * cin * kh * kw);
+            return Ok(y);
+        }
         let y = scope(Class::Conv, || -> Result<Tensor> { Ok(if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 {
             // A 1x1 convolution is a matmul over channels; candle's im2col path would copy.
             let (b, c, h, wd) = x.dims4()?;
@@ -408,6 +425,14 @@ impl Module for Activation {
     }
 }
 
+static FUSED_TRAIN_ATTENTION: AtomicBool = AtomicBool::new(true);
+
+/// Switches the fused, differentiable attention of [`Mode::Train`] on or off (on by default;
+/// off = attention composed of candle ops, for comparison).
+pub fn set_fused_train_attention(on: bool) {
+    FUSED_TRAIN_ATTENTION.store(on, Ordering::Relaxed);
+}
+
 /// Multi-head scaled dot-product attention: q [b, n, h*d], k/v [b, m, h*d] -> [b, n, h*d].
 /// `mask`, if given, is added to the scores (broadcast over batch and heads).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
@@ -423,6 +448,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
         let (b, n, inner) = q.dims3()?;
         add_flops(2 * b * n * k.dim(1)? * inner);
         return scope(Class::Attention, || kernels::attention(q, k, v, heads, mask));
+    }
+    if mode == Mode::Train && FUSED_TRAIN_ATTENTION.load(Ordering::Relaxed) && attention_grad::usable(&ts) {
+        let (b, n, inner) = q.dims3()?;
+        add_flops(2 * b * n * k.dim(1)? * inner);
+        return scope(Class::Attention, || attention_grad::attention(q, k, v, heads, mask));
     }
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;

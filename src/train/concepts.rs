@@ -36,9 +36,11 @@ use crate::data::image::{decode_rgb8, prepare, sha256_bytes, ResizePolicy};
 use crate::data::pixels::u8_to_tensor;
 use crate::error::{Error, Result};
 use crate::schedule::ddim::{seeded_randn, Ddim, PredictionType};
+use crate::sd::clip::ClipTextEncoder;
 use crate::sd::concepts::Concepts;
 use crate::sd::loader::StableDiffusion;
 use crate::sd::lora::{self, TrainableAdapter};
+use crate::sd::unet::UNet;
 use crate::train::optim::{AdamW, AdamWParams};
 
 /// The prompt template of the Diff-II / Diff-Mix concept training.
@@ -214,6 +216,35 @@ pub struct Batch {
     pub ids: Tensor,
 }
 
+/// The latent-diffusion training loss of `batch` (Rombach et al. 2022, eq. 2):
+/// `mean((unet(x_t, t, clip(ids; rows)) - target)^2)` with `x_t = sqrt(a_t) x0 + sqrt(1-a_t) noise`
+/// and target = noise (epsilon), `sqrt(a_t) noise - sqrt(1-a_t) x0` (v-prediction) or x0.
+pub fn noise_prediction_loss(
+    text_encoder: &ClipTextEncoder,
+    unet: &UNet,
+    alphas_cumprod: &[f32],
+    prediction: PredictionType,
+    batch: &Batch,
+    rows: &Tensor,
+) -> Result<Tensor> {
+    let b = batch.timesteps.len();
+    let dtype = batch.latents.dtype();
+    let dev = batch.latents.device();
+    let a: Vec<f32> = batch.timesteps.iter().map(|&t| alphas_cumprod[t]).collect();
+    let sa = Tensor::from_vec(a.iter().map(|a| a.sqrt()).collect::<Vec<_>>(), (b, 1, 1, 1), dev)?.to_dtype(dtype)?;
+    let sb = Tensor::from_vec(a.iter().map(|a| (1.0 - a).sqrt()).collect::<Vec<_>>(), (b, 1, 1, 1), dev)?.to_dtype(dtype)?;
+    let x_t = (batch.latents.broadcast_mul(&sa)? + batch.noise.broadcast_mul(&sb)?)?;
+    let target = match prediction {
+        PredictionType::Epsilon => batch.noise.clone(),
+        PredictionType::VPrediction => (batch.noise.broadcast_mul(&sa)? - batch.latents.broadcast_mul(&sb)?)?,
+        PredictionType::Sample => batch.latents.clone(),
+    };
+    let ctx = text_encoder.forward(&batch.ids, Some(rows))?;
+    let ts: Vec<f64> = batch.timesteps.iter().map(|&t| t as f64).collect();
+    let pred = unet.forward(&x_t, &ts, &ctx)?;
+    Ok((pred - target)?.sqr()?.mean_all()?)
+}
+
 /// Per-image training data: the VAE posterior (mean, std) of the image and of its mirror image,
 /// or the pixels when crops are random (encoded per draw).
 enum Source {
@@ -255,10 +286,7 @@ impl<'a> Trainer<'a> {
         let sched = Ddim::new(sd.scheduler.clone())?;
         let prediction = sd.scheduler.prediction().map_err(Error::invalid)?;
         let alphas = sched.alphas_cumprod().to_vec();
-        let mut members = vec![Vec::new(); ds.classes.len()];
-        for (i, it) in ds.items.iter().enumerate() {
-            members[it.class].push(i);
-        }
+        let members = ds.class_members();
         let item_class = ds.items.iter().map(|it| it.class).collect();
         let sources = encode_dataset(sd, ds, s, progress)?;
         Ok(Trainer { sd, settings, sched, prediction, alphas, sources, members, item_class, rows, adapters })
@@ -325,22 +353,7 @@ impl<'a> Trainer<'a> {
     /// The noise-prediction loss of `batch` with concept rows `rows` [k, hidden] (a tensor that
     /// may be, or contain, a variable).
     pub fn loss(&self, batch: &Batch, rows: &Tensor) -> Result<Tensor> {
-        let b = batch.timesteps.len();
-        let dtype = batch.latents.dtype();
-        let dev = batch.latents.device();
-        let a: Vec<f32> = batch.timesteps.iter().map(|&t| self.alphas[t]).collect();
-        let sa = Tensor::from_vec(a.iter().map(|a| a.sqrt()).collect::<Vec<_>>(), (b, 1, 1, 1), dev)?.to_dtype(dtype)?;
-        let sb = Tensor::from_vec(a.iter().map(|a| (1.0 - a).sqrt()).collect::<Vec<_>>(), (b, 1, 1, 1), dev)?.to_dtype(dtype)?;
-        let x_t = (batch.latents.broadcast_mul(&sa)? + batch.noise.broadcast_mul(&sb)?)?;
-        let target = match self.prediction {
-            PredictionType::Epsilon => batch.noise.clone(),
-            PredictionType::VPrediction => (batch.noise.broadcast_mul(&sa)? - batch.latents.broadcast_mul(&sb)?)?,
-            PredictionType::Sample => batch.latents.clone(),
-        };
-        let ctx = self.sd.text_encoder.forward(&batch.ids, Some(rows))?;
-        let ts: Vec<f64> = batch.timesteps.iter().map(|&t| t as f64).collect();
-        let pred = self.sd.unet.forward(&x_t, &ts, &ctx)?;
-        Ok((pred - target)?.sqr()?.mean_all()?)
+        noise_prediction_loss(&self.sd.text_encoder, &self.sd.unet, &self.alphas, self.prediction, batch, rows)
     }
 
     /// The rows the text encoder sees in `phase` when `var` holds the trained part.

@@ -1,0 +1,99 @@
+//! Differentiable fused attention for training on the CPU.
+//!
+//! Composed of candle ops, `softmax(Q K^T / sqrt(d) + mask) V` keeps every layer's score and
+//! probability tensors ([b, heads, n, m], the largest in the graph) alive until backward, and
+//! runs a dozen passes over them. This op runs the fused inference kernel
+//! ([`kernels::attention`]) forward, keeps only q, k, v, and recomputes the probabilities in
+//! its backward (as FlashAttention does, Dao et al. 2022, §3.1):
+//!
+//! `P = softmax(S)`, `dV = P^T dO`, `dP = dO V^T`, `dS = P ∘ (dP - rowsum(dP ∘ P))`,
+//! `dQ = dS K / sqrt(d)`, `dK = dS^T Q / sqrt(d)`.
+//!
+//! `tests/train.rs` checks its gradients against the composed path (itself checked against
+//! finite differences in f64).
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Storage, Tensor, D};
+
+use crate::error::Result;
+use crate::sd::kernels;
+
+/// Multi-head attention `q` [b, n, h*d], `k`/`v` [b, m, h*d] -> [b, n, h*d] with a backward
+/// pass. CPU, f32 only (see [`usable`]).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let op = AttentionOp { heads, mask: mask.map(|m| m.detach()) };
+    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// Whether [`attention`] can run on these tensors.
+pub fn usable(ts: &[&Tensor]) -> bool {
+    kernels::fast_dtype_ok(ts)
+}
+
+struct AttentionOp {
+    heads: usize,
+    mask: Option<Tensor>,
+}
+
+fn to_tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
+    let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
+        candle_core::bail!("fused attention: expected contiguous f32 inputs")
+    };
+    Tensor::from_vec(v[a..b].to_vec(), l.shape(), &Device::Cpu)
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (to_tensor(s1, l1)?, to_tensor(s2, l2)?, to_tensor(s3, l3)?);
+        let out = kernels::attention(&q, &k, &v, self.heads, self.mask.as_ref())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let shape = out.shape().clone();
+        let (storage, _) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(cs) => Ok((cs.try_clone(out.layout())?, shape)),
+            _ => candle_core::bail!("fused attention: expected a CPU result"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, n, inner) = q.dims3()?;
+        let m = k.dim(1)?;
+        let h = self.heads;
+        let d = inner / h;
+        let scale = 1.0 / (d as f64).sqrt();
+        let split = |t: &Tensor, len: usize| t.reshape((b, len, h, d))?.transpose(1, 2)?.contiguous();
+        let merge = |t: Tensor, len: usize| t.transpose(1, 2)?.contiguous()?.reshape((b, len, inner));
+        let (qh, kh, vh, gh) = (split(q, n)?, split(k, m)?, split(v, m)?, split(grad, n)?);
+        let mut s = (qh.matmul(&kh.t()?)? * scale)?;
+        if let Some(mask) = &self.mask {
+            s = s.broadcast_add(mask)?;
+        }
+        let p = candle_nn::ops::softmax_last_dim(&s)?;
+        drop(s);
+        let dv = p.t()?.matmul(&gh)?;
+        let dp = gh.matmul(&vh.t()?)?;
+        let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
+        let ds = (p * dp.broadcast_sub(&row)?)?;
+        let dq = (ds.matmul(&kh)? * scale)?;
+        let dk = (ds.t()?.matmul(&qh)? * scale)?;
+        Ok((Some(merge(dq, n)?), Some(merge(dk, m)?), Some(merge(dv, m)?)))
+    }
+}

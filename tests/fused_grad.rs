@@ -1,0 +1,85 @@
+//! The training path's fused ops with hand-written backward passes (attention, convolution with
+//! a frozen weight) against the same functions composed of candle ops, whose backward candle
+//! derives itself: values and gradients must agree to f32 precision.
+use candle_core::{DType, Device, Tensor, Var};
+use diffii::schedule::ddim::seeded_randn;
+use diffii::sd::nn::Conv2d;
+use diffii::sd::{attention_grad, frozen};
+
+fn randn(seed: u64, shape: &[usize]) -> Tensor {
+    seeded_randn(seed, shape, &Device::Cpu).unwrap()
+}
+
+/// Max |a - b| / max |b|.
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    let m = b.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    d / m.max(1e-30)
+}
+
+fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Tensor {
+    let (b, n, inner) = q.dims3().unwrap();
+    let m = k.dim(1).unwrap();
+    let d = inner / heads;
+    let split = |t: &Tensor, len: usize| t.reshape((b, len, heads, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+    let mut s = (split(q, n).matmul(&split(k, m).t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+    if let Some(mask) = mask {
+        s = s.broadcast_add(mask).unwrap();
+    }
+    let p = candle_nn::ops::softmax(&s, candle_core::D::Minus1).unwrap();
+    p.matmul(&split(v, m)).unwrap().transpose(1, 2).unwrap().reshape((b, n, inner)).unwrap()
+}
+
+#[test]
+fn fused_attention_gradients_match_composed_attention() {
+    let (b, n, m, heads, d) = (2, 37, 19, 4, 8);
+    let causal: Vec<f32> = (0..n).flat_map(|i| (0..n).map(move |j| if j > i { f32::MIN } else { 0.0 })).collect();
+    let causal = Tensor::from_vec(causal, (n, n), &Device::Cpu).unwrap();
+    for (case, self_attn) in [("cross", false), ("causal self", true)] {
+        let kv_len = if self_attn { n } else { m };
+        let mask = self_attn.then_some(&causal);
+        let q = Var::from_tensor(&randn(1, &[b, n, heads * d])).unwrap();
+        let k = Var::from_tensor(&randn(2, &[b, kv_len, heads * d])).unwrap();
+        let v = Var::from_tensor(&randn(3, &[b, kv_len, heads * d])).unwrap();
+        let r = randn(4, &[b, n, heads * d]);
+        let fused = attention_grad::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, mask).unwrap();
+        let reference = composed_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, mask);
+        let e = rel(&fused, &reference);
+        assert!(e < 1e-5, "{case}: values differ by {e}");
+        let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (reference * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+            let e = rel(gf.get(var.as_tensor()).unwrap(), gr.get(var.as_tensor()).unwrap());
+            eprintln!("{case} attention d{name}: relative error {e:.2e}");
+            assert!(e < 1e-4, "{case} d{name}: {e}");
+        }
+    }
+}
+
+#[test]
+fn frozen_conv_input_gradient_matches_candle_conv() {
+    // (k, stride, padding) as in the UNet / VAE: 3x3 same, 3x3 stride-2 downsample, 1x1
+    // shortcut, and a stride-2 conv without padding on odd sizes (dropped rows).
+    for (i, (k, s, p)) in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (3, 2, 0)].into_iter().enumerate() {
+        let (cin, cout) = (6, 5);
+        let conv = Conv2d::new((randn(10 + i as u64, &[cout, cin, k, k]) * 0.3).unwrap(), Some(randn(20 + i as u64, &[cout])), s, p);
+        let x = Var::from_tensor(&randn(30 + i as u64, &[2, cin, 9, 11])).unwrap();
+        assert!(frozen::use_frozen_conv(x.as_tensor(), &conv), "case {i} should take the frozen path");
+        let y = frozen::conv2d_frozen(x.as_tensor(), &conv).unwrap();
+        let reference = x
+            .as_tensor()
+            .conv2d(&conv.weight, p, s, 1, 1)
+            .unwrap()
+            .broadcast_add(&conv.bias.as_ref().unwrap().reshape((1, cout, 1, 1)).unwrap())
+            .unwrap();
+        let e = rel(&y, &reference);
+        assert!(e < 1e-5, "k{k} s{s} p{p}: values differ by {e}");
+        let r = randn(40 + i as u64, reference.dims());
+        let gf = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (reference * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let e = rel(gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap());
+        eprintln!("conv k{k} s{s} p{p}: dx relative error {e:.2e}");
+        assert!(e < 1e-5, "k{k} s{s} p{p}: dx {e}");
+    }
+}
