@@ -91,3 +91,31 @@ pub fn write_json_atomic<T: serde::Serialize + ?Sized>(
     bytes.push(b'\n');
     write_atomic(path, &bytes)
 }
+
+/// Guards an output folder against mixing runs: writes `settings` as JSON to `path` when the
+/// file is missing; otherwise the stored settings must equal them, or the error names the
+/// first differing field and says what to do. Returns whether the file already existed.
+pub fn write_or_match_settings<T>(path: impl AsRef<Path>, settings: &T, what: &str) -> Result<bool>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq,
+{
+    let path = path.as_ref();
+    if !path.is_file() {
+        write_json_atomic(path, settings)?;
+        return Ok(false);
+    }
+    let old: T = crate::error::read_json(path)?;
+    if old != *settings {
+        let a = serde_json::to_value(&old).unwrap_or_default();
+        let b = serde_json::to_value(settings).unwrap_or_default();
+        let field = a
+            .as_object()
+            .and_then(|o| o.iter().find(|(k, v)| b.get(k.as_str()) != Some(v)).map(|(k, _)| k.clone()))
+            .unwrap_or_default();
+        return Err(Error::bad_file(
+            path,
+            format!("this output folder holds {what} with different settings (`{field}` differs); use another --out or delete it"),
+        ));
+    }
+    Ok(true)
+}

@@ -234,23 +234,7 @@ pub fn manifest_name(shard: Shard) -> String {
 
 /// Refuses to mix runs in one output folder.
 fn check_run_config(out: &Path, s: &Settings) -> Result<()> {
-    let path = out.join("run_config.json");
-    if path.is_file() {
-        let old: Settings = crate::error::read_json(&path)?;
-        if old != *s {
-            let a = serde_json::to_value(&old).unwrap_or_default();
-            let b = serde_json::to_value(s).unwrap_or_default();
-            let field = a
-                .as_object()
-                .and_then(|o| o.iter().find(|(k, v)| b.get(k.as_str()) != Some(v)).map(|(k, _)| k.clone()))
-                .unwrap_or_default();
-            return Err(Error::bad_file(
-                &path,
-                format!("this output folder holds a run with different settings (`{field}` differs); use another --out or delete it"),
-            ));
-        }
-    }
-    write_json_atomic(&path, s)
+    crate::data::atomic::write_or_match_settings(out.join("run_config.json"), s, "a run").map(|_| ())
 }
 
 /// Generates the samples of `opts.shard`, skipping those already finished.

@@ -30,7 +30,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::data::atomic::{write_atomic, write_json_atomic};
+use crate::data::atomic::write_atomic;
 use crate::data::dataset::Dataset;
 use crate::data::image::{decode_rgb8, prepare, sha256_bytes, ResizePolicy};
 use crate::data::pixels::u8_to_tensor;
@@ -671,29 +671,14 @@ fn config_sha256(s: &TrainSettings) -> String {
 /// Refuses to mix runs in one folder; writes the config of a new run.
 fn check_config(out: &Path, s: &TrainSettings, resume: bool) -> Result<()> {
     let path = out.join(CONFIG_FILE);
-    if path.is_file() {
-        let old: TrainSettings = crate::error::read_json(&path)?;
-        if old != *s {
-            let a = serde_json::to_value(&old).unwrap_or_default();
-            let b = serde_json::to_value(s).unwrap_or_default();
-            let field = a
-                .as_object()
-                .and_then(|o| o.iter().find(|(k, v)| b.get(k.as_str()) != Some(v)).map(|(k, _)| k.clone()))
-                .unwrap_or_default();
-            return Err(Error::bad_file(
-                &path,
-                format!("this folder holds a concept run with different settings (`{field}` differs); use another --out or delete it"),
-            ));
-        }
-        if !resume {
-            return Err(Error::bad_file(
-                &path,
-                "this folder already holds a concept run; pass --resume to continue or finish it, or use another --out",
-            ));
-        }
-        return Ok(());
+    let existed = crate::data::atomic::write_or_match_settings(&path, s, "a concept run")?;
+    if existed && !resume {
+        return Err(Error::bad_file(
+            &path,
+            "this folder already holds a concept run; pass --resume to continue or finish it, or use another --out",
+        ));
     }
-    write_json_atomic(&path, s)
+    Ok(())
 }
 
 struct Checkpoint {

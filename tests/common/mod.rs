@@ -35,22 +35,8 @@ pub fn ref_tensors() -> std::collections::HashMap<String, candle_core::Tensor> {
 /// Max absolute difference between two tensors of the same shape (computed in f64).
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a
-        .to_dtype(candle_core::DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let b = b
-        .to_dtype(candle_core::DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
+    let flat = |t: &candle_core::Tensor| -> Vec<f64> {
+        t.to_dtype(candle_core::DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    };
+    flat(a).iter().zip(&flat(b)).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
