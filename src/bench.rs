@@ -157,6 +157,36 @@ pub fn vae_decode_step(name: &str, vae: &crate::sd::vae::Vae, batch: usize, late
     timed(name, batch, latent, warmup, reps, || vae.decode(&z))
 }
 
+/// Times VAE encodes (posterior moments) of `batch` random images of `side` x `side` pixels.
+pub fn vae_encode_step(name: &str, vae: &crate::sd::vae::Vae, batch: usize, side: usize, warmup: usize, reps: usize) -> Result<BenchResult> {
+    let x = (seeded_randn(7, &[batch, 3, side, side], &Device::Cpu)?.tanh())?;
+    let latent = side / vae.config.spatial_factor();
+    timed(name, batch, latent, warmup, reps, || Ok(vae.encode(&x)?.0))
+}
+
+/// Times text-encoder calls on `batch` prompts of the full context length.
+pub fn text_encoder_step(name: &str, clip: &crate::sd::clip::ClipTextEncoder, batch: usize, warmup: usize, reps: usize) -> Result<BenchResult> {
+    let n = clip.config.max_position_embeddings;
+    let vocab = clip.config.vocab_size as u32;
+    let ids: Vec<u32> = (0..batch * n).map(|i| (i as u32 * 7919) % vocab).collect();
+    let ids = Tensor::from_vec(ids, (batch, n), &Device::Cpu)?;
+    timed(name, batch, 0, warmup, reps, || clip.forward(&ids, None))
+}
+
+/// Times the whole Diff-II flow of a reference run (`diffii parity --skip-teacher-forced`:
+/// model load, text encoding, VAE encoding, both inversions, interpolation, two-stage guided
+/// sampling, decoding, plus the cheap comparisons), and fails if any tensor is off.
+pub fn flow(name: &str, model: &std::path::Path, reference: &std::path::Path, reps: usize) -> Result<BenchResult> {
+    let opts = crate::parity::Options { skip_teacher_forced: true };
+    timed(name, 1, 0, 0, reps, || {
+        let report = crate::parity::run(model, reference, &opts, |_| {})?;
+        if !report.all_ok() {
+            return Err(crate::error::Error::invalid("the benchmarked flow does not match its reference (run `diffii parity`)"));
+        }
+        Ok(Tensor::new(0f32, &Device::Cpu)?)
+    })
+}
+
 fn timed(name: &str, batch: usize, latent: usize, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<BenchResult> {
     reset_peak_rss();
     for _ in 0..warmup {

@@ -45,6 +45,14 @@ pub struct Args {
     /// Latent size of the SD-1.5 textual-inversion step (32 = 256 px).
     #[arg(long, default_value_t = 32)]
     pub ti_latent: usize,
+    /// Also time the text encoder (batch 2) and the VAE encoder (batch 1) of the model, and with
+    /// --sd15 an SD-1.5-shaped text encoder.
+    #[arg(long)]
+    pub text_vae: bool,
+    /// Also time the whole Diff-II flow of this reference run (made by reference/ref_diffii.py
+    /// for --model): model load to decoded image.
+    #[arg(long)]
+    pub flow: Option<PathBuf>,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -76,6 +84,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 profiles.push(bench::vae_decode_profile("vae decode (model)", &vae, 1, s, a.reps.max(5))?);
             }
         }
+        if a.text_vae {
+            let opts = diffii::sd::loader::LoadOptions { concepts: false, ..Default::default() };
+            let sd = diffii::sd::loader::StableDiffusion::load(model, &opts)?;
+            eprintln!("[bench] {} text encoder, VAE encode", model.display());
+            results.push(bench::text_encoder_step("text encoder (model)", &sd.text_encoder, 2, a.warmup, a.reps.max(5))?);
+            let side = s * sd.vae.config.spatial_factor();
+            results.push(bench::vae_encode_step("vae encode (model)", &sd.vae, 1, side, a.warmup, a.reps.max(5))?);
+        }
+        if let Some(reference) = &a.flow {
+            eprintln!("[bench] whole Diff-II flow of {}", reference.display());
+            results.push(bench::flow("diffii flow (reference run)", model, reference, a.reps.max(3))?);
+        }
         if a.ti {
             let opts = diffii::sd::loader::LoadOptions { mode: Mode::Train, concepts: false, ..Default::default() };
             let sd = diffii::sd::loader::StableDiffusion::load(model, &opts)?;
@@ -85,6 +105,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 results.push(bench::ti_step(name, &sd.text_encoder, &sd.unet, 1, s, frozen, a.warmup, a.reps.max(5))?);
             }
         }
+    }
+    if a.sd15 && a.text_vae {
+        let clip = bench::synthetic_sd15_text_encoder(DType::F32, &dev, Mode::Infer)?;
+        eprintln!("[bench] SD-1.5 text encoder");
+        results.push(bench::text_encoder_step("text encoder sd15", &clip, 2, a.warmup, a.reps)?);
     }
     if a.sd15 && a.ti {
         eprintln!("[bench] building SD-1.5-shaped text encoder + UNet (training mode)");
