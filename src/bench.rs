@@ -120,6 +120,32 @@ pub fn ti_step(
     r
 }
 
+/// Builds an SD-1.5-shaped VAE with deterministic synthetic weights.
+pub fn synthetic_sd15_vae(dtype: DType, device: &Device) -> Result<crate::sd::vae::Vae> {
+    crate::sd::vae::Vae::load(&Weights::synthetic(2, dtype, device), &crate::sd::config::VaeConfig::sd15(), Mode::Infer)
+}
+
+/// PyTorch timings of the same SD-1.5 shapes, from `reference/bench_sd15_cpu.py --json`:
+/// (case, batch, latent) -> median seconds. Cases: "unet", "text encoder", "vae encode",
+/// "vae decode".
+pub fn read_torch_json(path: &std::path::Path) -> Result<Vec<(String, usize, usize, f64)>> {
+    let v: serde_json::Value = crate::error::read_json(path)?;
+    let mut out = Vec::new();
+    for (key, case, batch, latent) in [
+        ("unet64", "unet", 2, 64),
+        ("unet32", "unet", 2, 32),
+        ("unet64b1", "unet", 1, 64),
+        ("clip_text_b2", "text encoder", 2, 0),
+        ("vae_encode_512", "vae encode", 1, 64),
+        ("vae_decode_512", "vae decode", 1, 64),
+    ] {
+        if let Some(s) = v.get(key).and_then(|d| d.get("median_s")).and_then(|s| s.as_f64()) {
+            out.push((case.to_string(), batch, latent, s));
+        }
+    }
+    Ok(out)
+}
+
 /// Builds an SD-1.5-shaped CLIP text encoder with deterministic synthetic weights.
 pub fn synthetic_sd15_text_encoder(dtype: DType, device: &Device, mode: Mode) -> Result<crate::sd::clip::ClipTextEncoder> {
     crate::sd::clip::ClipTextEncoder::load(&Weights::synthetic(1, dtype, device), &crate::sd::config::ClipConfig::sd15(), mode)

@@ -53,6 +53,17 @@ pub struct Args {
     /// for --model): model load to decoded image.
     #[arg(long)]
     pub flow: Option<PathBuf>,
+    /// Also time an SD-1.5-shaped VAE (encode 512 px, decode a 64x64 latent) with --sd15.
+    #[arg(long)]
+    pub sd15_vae: bool,
+    /// Python interpreter of an environment with torch + diffusers (e.g. one made from
+    /// reference/requirements-ref.txt): runs reference/bench_sd15_cpu.py on the same shapes in
+    /// the same run and prints the ratio ours / theirs.
+    #[arg(long)]
+    pub compare_python: Option<PathBuf>,
+    /// The PyTorch benchmark script for --compare-python.
+    #[arg(long, default_value = "../shared/reference/bench_sd15_cpu.py")]
+    pub python_script: PathBuf,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -111,6 +122,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         eprintln!("[bench] SD-1.5 text encoder");
         results.push(bench::text_encoder_step("text encoder sd15", &clip, 2, a.warmup, a.reps)?);
     }
+    if a.sd15 && a.sd15_vae {
+        let vae = bench::synthetic_sd15_vae(DType::F32, &dev)?;
+        eprintln!("[bench] SD-1.5 VAE encode 512 px, decode 64x64");
+        results.push(bench::vae_encode_step("vae encode sd15", &vae, 1, 512, a.warmup, a.reps)?);
+        results.push(bench::vae_decode_step("vae decode sd15", &vae, 1, 64, a.warmup, a.reps)?);
+    }
     if a.sd15 && a.ti {
         eprintln!("[bench] building SD-1.5-shaped text encoder + UNet (training mode)");
         let clip = bench::synthetic_sd15_text_encoder(DType::F32, &dev, Mode::Train)?;
@@ -137,6 +154,27 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 if a.profile {
                     profiles.push(bench::unet_profile("unet sd15 (synthetic)", &unet, b, l, 1)?);
                 }
+            }
+        }
+    }
+    if let Some(python) = &a.compare_python {
+        let json = std::env::temp_dir().join(format!("diffii-torch-bench-{}.json", std::process::id()));
+        eprintln!("[bench] PyTorch: {} {}", python.display(), a.python_script.display());
+        let status = std::process::Command::new(python)
+            .arg(&a.python_script)
+            .args(["--threads", &rayon::current_num_threads().to_string(), "--reps", &a.reps.to_string(), "--no-flops"])
+            .arg("--json")
+            .arg(&json)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .with_context(|| format!("running {}", python.display()))?;
+        anyhow::ensure!(status.success(), "{} {} failed ({status})", python.display(), a.python_script.display());
+        let torch = bench::read_torch_json(&json)?;
+        let _ = std::fs::remove_file(&json);
+        for r in results.iter_mut().filter(|r| r.name.contains("sd15")) {
+            let case = ["unet", "text encoder", "vae encode", "vae decode"].into_iter().find(|c| r.name.starts_with(c));
+            if let Some(&(_, _, _, secs)) = torch.iter().find(|(c, b, l, _)| Some(c.as_str()) == case && *b == r.batch && *l == r.latent) {
+                r.torch_seconds = Some(secs);
             }
         }
     }

@@ -453,6 +453,24 @@ impl VaeConfig {
         })
     }
 
+    /// The SD-1.x autoencoder (`AutoencoderKL`, 4 levels of 128-512 channels), for benchmarks.
+    pub fn sd15() -> Self {
+        VaeConfig {
+            in_channels: 3,
+            out_channels: 3,
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            latent_channels: 4,
+            norm_num_groups: 32,
+            act: Activation::Silu,
+            scaling_factor: 0.18215,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+            sample_size: 512,
+        }
+    }
+
     /// Pixels per latent cell along one side (8 for SD-1.5).
     pub fn spatial_factor(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)
