@@ -520,3 +520,18 @@ fn info_command_fails_on_a_missing_folder() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&shown(&missing)), "stderr should name the folder: {stderr}");
 }
+
+#[test]
+fn device_names_parse_or_say_what_to_do() {
+    use diffii::sd::loader::parse_device;
+    assert!(parse_device("cpu").unwrap().is_cpu());
+    assert!(parse_device(" CPU ").unwrap().is_cpu());
+    let e = parse_device("tpu").err().unwrap().to_string();
+    assert_mentions(&e, &["tpu", "cpu, cuda or cuda:N"]);
+    let e = parse_device("cuda:x").err().unwrap().to_string();
+    assert_mentions(&e, &["cuda:x", "cuda:N"]);
+    if !cfg!(feature = "cuda") {
+        let e = parse_device("cuda:1").err().unwrap().to_string();
+        assert_mentions(&e, &["no CUDA support", "scripts/build-cuda.sh"]);
+    }
+}

@@ -31,6 +31,9 @@ pub struct ModelArgs {
     /// LoRA strength.
     #[arg(long, default_value_t = 1.0)]
     pub lora_scale: f64,
+    /// Where to run: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -180,7 +183,8 @@ pub fn load_dataset(d: &DataArgs) -> anyhow::Result<Dataset> {
 /// Loads the model with its concepts (and LoRA) and computes the identifying hashes.
 pub fn load_pipeline(m: &ModelArgs) -> anyhow::Result<Pipeline> {
     eprintln!("[diffii] loading {}", m.model.display());
-    let opts = LoadOptions { concepts: m.concepts.is_empty(), ..LoadOptions::default() };
+    let device = diffii::sd::loader::parse_device(&m.device)?;
+    let opts = LoadOptions { concepts: m.concepts.is_empty(), device, ..LoadOptions::default() };
     let mut sd = StableDiffusion::load(&m.model, &opts)?;
     if !m.concepts.is_empty() {
         let c = Concepts::from_files(&m.concepts, m.class_map.as_deref(), sd.text_encoder.config.hidden_size, &opts.device)?;

@@ -107,6 +107,9 @@ pub struct Args {
     pub random_crop: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Where to run: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Write a resumable checkpoint every N steps (0 = only at the end of each class).
     #[arg(long, default_value_t = 500)]
     pub checkpoint_every: usize,
@@ -124,7 +127,8 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let ds = load_dataset(&a.data)?;
     eprintln!("[diffii] loading {}", a.model.display());
-    let opts = LoadOptions { mode: Mode::Train, concepts: false, ..LoadOptions::default() };
+    let device = diffii::sd::loader::parse_device(&a.device)?;
+    let opts = LoadOptions { mode: Mode::Train, concepts: false, device, ..LoadOptions::default() };
     let mut sd = StableDiffusion::load(&a.model, &opts)?;
     let official = a.preset == Some(ConceptPreset::Official);
     let tokens = match &a.class_map {

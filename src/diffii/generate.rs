@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -418,12 +418,7 @@ pub fn write_previews(out: &Path, ds: &Dataset, records: &[Record], s: &Settings
     Ok(())
 }
 
-/// Output folder of the default device for callers that only have a path.
+/// The default inversion cache of an output folder.
 pub fn default_cache(out: &Path) -> PathBuf {
     out.join(".cache").join("inversions")
-}
-
-#[allow(dead_code)]
-fn _device_is_cpu(d: &Device) -> bool {
-    matches!(d, Device::Cpu)
 }

@@ -33,6 +33,27 @@ impl Default for LoadOptions {
     }
 }
 
+/// Parses `cpu`, `cuda` or `cuda:N`. CUDA needs a build with the `cuda` feature
+/// (`scripts/build-cuda.sh`); otherwise the error says so.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let s = s.trim().to_ascii_lowercase();
+    let ordinal = match s.as_str() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" | "gpu" => Some(0),
+        _ => s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()),
+    };
+    let Some(n) = ordinal else {
+        return Err(Error::invalid(format!("unknown device `{s}`: use cpu, cuda or cuda:N")));
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(Error::invalid(format!(
+            "device `{s}`: this build has no CUDA support; build with `scripts/build-cuda.sh` \
+             (cargo build --release --features cuda) on a machine with a CUDA toolkit"
+        )));
+    }
+    Device::new_cuda(n).map_err(|e| Error::invalid(format!("cannot open CUDA device {n}: {e}")))
+}
+
 /// Finds a component's safetensors weights, preferring full precision.
 pub fn weights_file(dir: &Path) -> Result<PathBuf> {
     for name in [
