@@ -64,6 +64,10 @@ pub struct Args {
     /// The PyTorch benchmark script for --compare-python.
     #[arg(long, default_value = "../shared/reference/bench_sd15_cpu.py")]
     pub python_script: PathBuf,
+    /// Weight and activation type of the SD-1.5-shaped UNet: f32 (the fused kernels), f16 or
+    /// bf16 (candle's own ops).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -141,7 +145,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.sd15 {
         eprintln!("[bench] building SD-1.5-shaped UNet with synthetic weights");
         let t0 = std::time::Instant::now();
-        let unet = bench::synthetic_sd15_unet(DType::F32, &dev)?;
+        let dtype = match a.dtype.as_str() {
+            "f32" => DType::F32,
+            "f16" => DType::F16,
+            "bf16" => DType::BF16,
+            other => anyhow::bail!("--dtype {other}: use f32, f16 or bf16"),
+        };
+        let unet = bench::synthetic_sd15_unet(dtype, &dev)?;
         eprintln!("[bench] built in {:.1} s", t0.elapsed().as_secs_f64());
         for &l in &a.sd15_latents {
             for &b in &a.sd15_batches {
