@@ -318,3 +318,28 @@ fn cli_concepts_then_generate_round_trip() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("map.json") && e.contains("heron"), "{e}");
 }
+
+#[test]
+fn cli_concepts_bytes_do_not_depend_on_thread_count() {
+    let root = tmp("threads");
+    let ds = dataset(&root);
+    let data = ds.root.display().to_string();
+    let model = common::tiny_sd().display().to_string();
+    let run = |threads: &str| -> PathBuf {
+        let out = root.join(format!("t{threads}"));
+        let o = Command::new(env!("CARGO_BIN_EXE_diffii"))
+            .args([
+                "concepts", "--model", &model, "--data", &data, "--out", out.to_str().unwrap(), "--superclass", "bird", "--steps", "4",
+                "--batch", "2", "--lora-rank", "2", "--resolution", "32", "--flip", "--quiet",
+            ])
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    let (a, b) = (run("1"), run("2"));
+    for f in [EMBEDS_FILE, LORA_FILE, LOSS_FILE] {
+        assert!(std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(), "{f} differs between 1 and 2 threads");
+    }
+}
