@@ -68,6 +68,10 @@ pub struct Args {
     /// bf16 (candle's own ops).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Product precision of the fused kernels: f32, or bf16 (inputs rounded to bf16, f32
+    /// accumulation; needs AVX-512 BF16).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: super::common::PrecisionArg,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -75,6 +79,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let dev = Device::Cpu;
+    a.precision.apply()?;
     let mut results: Vec<BenchResult> = Vec::new();
     let mut profiles: Vec<bench::Profile> = Vec::new();
     if let Some(model) = &a.model {

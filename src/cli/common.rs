@@ -34,6 +34,23 @@ pub struct ModelArgs {
     /// Where to run: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Product precision on the CPU: f32, or bf16 (inputs of every convolution and linear layer
+    /// rounded to bf16, f32 accumulation; ~1.3x faster, needs AVX-512 BF16).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: PrecisionArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrecisionArg {
+    F32,
+    Bf16,
+}
+
+impl PrecisionArg {
+    /// Switches the kernels to this precision.
+    pub fn apply(self) -> anyhow::Result<()> {
+        Ok(diffii::sd::bf16::set_enabled(self == PrecisionArg::Bf16)?)
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -184,6 +201,7 @@ pub fn load_dataset(d: &DataArgs) -> anyhow::Result<Dataset> {
 pub fn load_pipeline(m: &ModelArgs) -> anyhow::Result<Pipeline> {
     eprintln!("[diffii] loading {}", m.model.display());
     let device = diffii::sd::loader::parse_device(&m.device)?;
+    m.precision.apply()?;
     let opts = LoadOptions { concepts: m.concepts.is_empty(), device, ..LoadOptions::default() };
     let mut sd = StableDiffusion::load(&m.model, &opts)?;
     if !m.concepts.is_empty() {
@@ -261,6 +279,7 @@ pub fn settings(g: &GenArgs, p: &Pipeline) -> anyhow::Result<Settings> {
         model_sha256: p.model_sha256.clone(),
         concepts_sha256: p.concepts_sha256.clone(),
         lora_sha256: p.lora_sha256.clone(),
+        precision: diffii::diffii::generate::current_precision(),
     })
 }
 

@@ -15,9 +15,14 @@ pub struct Args {
     /// Skip the teacher-forced trajectory checks (faster).
     #[arg(long)]
     pub skip_teacher_forced: bool,
+    /// Product precision of the kernels (bf16 shows how far bf16 products move each tensor;
+    /// the tolerances are those of a float32 port, so expect FAIL lines).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: super::common::PrecisionArg,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    a.precision.apply()?;
     let opts = parity::Options { skip_teacher_forced: a.skip_teacher_forced };
     let start = std::time::Instant::now();
     let report = parity::run(&a.model, &a.reference, &opts, |stage| eprintln!("[parity] {stage}"))

@@ -71,6 +71,18 @@ pub struct Settings {
     pub model_sha256: String,
     pub concepts_sha256: String,
     pub lora_sha256: Option<String>,
+    /// Product precision of the kernels: "f32", or "bf16" (see [`crate::sd::bf16`]).
+    #[serde(default = "default_precision")]
+    pub precision: String,
+}
+
+fn default_precision() -> String {
+    "f32".into()
+}
+
+/// The precision the kernels run at now.
+pub fn current_precision() -> String {
+    if crate::sd::bf16::enabled() { "bf16".into() } else { default_precision() }
 }
 
 impl Settings {
@@ -177,7 +189,7 @@ pub fn invert_items(
             steps: s.inversion_steps,
             size: s.size,
             resize: format!("{:?}", s.resize),
-            dtype: format!("{:?}", p.sd.unet.dtype()),
+            dtype: format!("{:?}/{}", p.sd.unet.dtype(), s.precision),
         };
         match cache::load(&cache::entry_path(&opts.cache, &item.rel), &key, &dev)? {
             Lookup::Hit(t) => {

@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::sd::bf16;
 
 // ---------------------------------------------------------------------------------------------
 // Glue: tensors <-> slices
@@ -603,9 +604,16 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
             });
             return out;
         }
+        let packed_w = bf16::enabled().then(|| bf16::cached(weight.id(), || bf16::PairPlanes::from_fn(in_dim, out_dim, |i, o| ws[o * in_dim + i])));
         for i in 0..items {
             let dst = &mut out[i * rows * out_dim..(i + 1) * rows * out_dim];
             let acc = preload_rows(dst, out_dim, bs, rs.map(|r| &r[i * rows * out_dim..(i + 1) * rows * out_dim]));
+            if let Some(pw) = &packed_w {
+                let xi = &xs[i * rows * in_dim..(i + 1) * rows * in_dim];
+                let a = bf16::PackedA::new(rows, 1, in_dim, |r, _, k| xi[r * in_dim + k]);
+                bf16::gemm_taps(&a, pw, &[0], out_dim, dst, out_dim, acc).expect("shapes checked above");
+                continue;
+            }
             unsafe {
                 sgemm(
                     rows,
@@ -786,14 +794,23 @@ pub fn conv2d(
         if out.is_empty() {
             return out;
         }
+        let packed_w = bf16::enabled().then(|| {
+            bf16::cached(weight.id(), || bf16::PackedA::new(cout, kh * kw, cin, |co, t, ci| ws[(co * cin + ci) * kh * kw + t]))
+        });
         if direct {
             for bi in 0..b {
                 let dst = &mut out[bi * cout * out_plane..(bi + 1) * cout * out_plane];
                 let bvec = sample_bias(bi);
                 let acc = preload_channels(dst, out_plane, bvec.as_deref(), rs.map(|r| &r[bi * cout * out_plane..(bi + 1) * cout * out_plane]));
-                unsafe {
-                    sgemm(cout, out_plane, cin, dst.as_mut_ptr(), out_plane, 1, acc, ws.as_ptr(), cin, 1, xs[bi * cin * in_plane..].as_ptr(), in_plane, 1, 1.0, nt)
-                };
+                match &packed_w {
+                    Some(pw) => {
+                        let xb = bf16::PairPlanes::from_rows(&xs[bi * cin * in_plane..], cin, in_plane, in_plane);
+                        bf16::gemm_taps(pw, &xb, &[0], out_plane, dst, out_plane, acc).expect("shapes checked above");
+                    }
+                    None => unsafe {
+                        sgemm(cout, out_plane, cin, dst.as_mut_ptr(), out_plane, 1, acc, ws.as_ptr(), cin, 1, xs[bi * cin * in_plane..].as_ptr(), in_plane, 1, 1.0, nt)
+                    },
+                }
                 if inv_scale {
                     scale_slice(dst, (1.0 / out_scale) as f32, out_scale as f32);
                 }
@@ -855,9 +872,17 @@ pub fn conv2d(
                 }
                 None => false,
             };
-            for t in 0..kk {
+            let tap_off = |t: usize| {
                 let (ty, tx) = (t / k, t % k);
-                let off = ((ty % s_) * s_ + tx % s_) * phase + (ty / s_) * wq + tx / s_;
+                ((ty % s_) * s_ + tx % s_) * phase + (ty / s_) * wq + tx / s_
+            };
+            if let Some(pw) = &packed_w {
+                let xb = bf16::PairPlanes::from_rows(&xp, cin, plane, plane);
+                let offs: Vec<usize> = (0..kk).map(tap_off).collect();
+                bf16::gemm_taps(pw, &xb, &offs, n_ext, &mut ext, n_ext, acc).expect("shapes checked above");
+            }
+            for t in (0..kk).filter(|_| packed_w.is_none()) {
+                let off = tap_off(t);
                 unsafe {
                     sgemm(
                         cout,

@@ -1,5 +1,6 @@
 //! Stable Diffusion 1.x components, loaded from a diffusers folder with diffusers' key names.
 pub mod attention_grad;
+pub mod bf16;
 pub mod clip;
 pub mod concepts;
 pub mod config;
