@@ -173,25 +173,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     if let Some(python) = &a.compare_python {
-        let json = std::env::temp_dir().join(format!("diffii-torch-bench-{}.json", std::process::id()));
-        eprintln!("[bench] PyTorch: {} {}", python.display(), a.python_script.display());
-        let status = std::process::Command::new(python)
-            .arg(&a.python_script)
-            .args(["--threads", &rayon::current_num_threads().to_string(), "--reps", &a.reps.to_string(), "--no-flops"])
-            .arg("--json")
-            .arg(&json)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .with_context(|| format!("running {}", python.display()))?;
-        anyhow::ensure!(status.success(), "{} {} failed ({status})", python.display(), a.python_script.display());
-        let torch = bench::read_torch_json(&json)?;
-        let _ = std::fs::remove_file(&json);
-        for r in results.iter_mut().filter(|r| r.name.contains("sd15")) {
-            let case = ["unet", "text encoder", "vae encode", "vae decode"].into_iter().find(|c| r.name.starts_with(c));
-            if let Some(&(_, _, _, secs)) = torch.iter().find(|(c, b, l, _)| Some(c.as_str()) == case && *b == r.batch && *l == r.latent) {
-                r.torch_seconds = Some(secs);
-            }
-        }
+        compare_with_python(&a, python, &mut results)?;
     }
     if results.is_empty() {
         anyhow::bail!("nothing to measure: pass --model DIR and/or --sd15");
@@ -209,6 +191,75 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&results)?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Fills the PyTorch column: SD-1.5 shapes from `reference/bench_sd15_cpu.py`, the whole flow
+/// from `reference/ref_diffii.py` (its own `flow_total_s`: encode, inversions, sampling, decode).
+fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchResult]) -> anyhow::Result<()> {
+    let run = |script: &std::path::Path, args: &[String]| -> anyhow::Result<String> {
+        eprintln!("[bench] PyTorch: {} {}", python.display(), script.display());
+        let out = std::process::Command::new(python)
+            .arg(script)
+            .args(args)
+            .output()
+            .with_context(|| format!("running {}", python.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{} {} failed ({}): {}",
+            python.display(),
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let threads = rayon::current_num_threads().to_string();
+    let mut only = Vec::new();
+    for r in results.iter().filter(|r| r.name.contains("sd15")) {
+        let key = match (r.name.split(" sd15").next().unwrap_or(""), r.batch, r.latent) {
+            ("unet", 2, 64) => "unet64",
+            ("unet", 2, 32) => "unet32",
+            ("unet", 1, 64) => "unet64b1",
+            ("text encoder", 2, _) => "text",
+            ("vae encode", ..) => "vae_enc",
+            ("vae decode", ..) => "vae_dec",
+            _ => continue,
+        };
+        only.push(key);
+    }
+    if !only.is_empty() {
+        let json = std::env::temp_dir().join(format!("diffii-torch-bench-{}.json", std::process::id()));
+        let args = ["--threads", &threads, "--reps", &a.reps.to_string(), "--no-flops", "--only", &only.join(",")];
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        args.extend(["--json".to_string(), json.display().to_string()]);
+        run(&a.python_script, &args)?;
+        let torch = bench::read_torch_json(&json)?;
+        let _ = std::fs::remove_file(&json);
+        for r in results.iter_mut().filter(|r| r.name.contains("sd15")) {
+            let case = ["unet", "text encoder", "vae encode", "vae decode"].into_iter().find(|c| r.name.starts_with(c));
+            if let Some(&(_, _, _, secs)) = torch.iter().find(|(c, b, l, _)| Some(c.as_str()) == case && *b == r.batch && *l == r.latent) {
+                r.torch_seconds = Some(secs);
+            }
+        }
+    }
+    if let (Some(model), Some(_)) = (&a.model, &a.flow) {
+        let script = a.python_script.with_file_name("ref_diffii.py");
+        let out_dir = std::env::temp_dir().join(format!("diffii-torch-flow-{}", std::process::id()));
+        let mut times = Vec::new();
+        for _ in 0..a.reps.max(1) {
+            let args = ["--model".to_string(), model.display().to_string(), "--out-dir".into(), out_dir.display().to_string(), "--no-check".into(), "--threads".into(), threads.clone()];
+            let stdout = run(&script, &args)?;
+            let v: serde_json::Value = serde_json::from_str(stdout.trim()).with_context(|| format!("reading the output of {}", script.display()))?;
+            let t = v.pointer("/timings_s/flow_total_s").and_then(|t| t.as_f64()).context("no timings_s.flow_total_s in its output")?;
+            times.push(t);
+        }
+        let _ = std::fs::remove_dir_all(&out_dir);
+        times.sort_by(|x, y| x.total_cmp(y));
+        if let Some(r) = results.iter_mut().find(|r| r.name.starts_with("diffii flow")) {
+            r.torch_seconds = Some(times[times.len() / 2]);
+        }
     }
     Ok(())
 }
