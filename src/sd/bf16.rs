@@ -115,21 +115,7 @@ impl PairPlanes {
 
     /// From `k` rows of `plane` f32 values each, rows `row_stride` apart in `src`.
     pub fn from_rows(src: &[f32], k: usize, plane: usize, row_stride: usize) -> Self {
-        let mut pp = Self::zeros(k, plane);
-        let len = pp.k_pairs * plane * 2;
-        pp.data[..len].par_chunks_mut(plane * 2).enumerate().for_each(|(p, dst)| {
-            for half in 0..2 {
-                let row = 2 * p + half;
-                if row >= k {
-                    break;
-                }
-                let s = &src[row * row_stride..row * row_stride + plane];
-                for (pos, &v) in s.iter().enumerate() {
-                    dst[pos * 2 + half] = bf16(v);
-                }
-            }
-        });
-        pp
+        Self::from_fn(k, plane, |row, pos| src[row * row_stride + pos])
     }
 
     /// From a `get(k, pos)` function.
@@ -202,34 +188,17 @@ pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
         let bases: Vec<Ptr<u16>> = offs.iter().map(|&o| Ptr(unsafe { bptr.0.add((o + nb * NR) * 2) })).collect();
         // SAFETY: tasks write disjoint (row block, column block) regions of dst; every read of
         // A and B stays inside the packed buffers (checked above, plus their zeroed slack).
+        #[cfg(target_arch = "x86_64")]
         unsafe {
-            micro(a.block(mb), a.taps, a.k_pairs, &bases, b.plane * 2, d.0.add(mb * MR * dst_rs + nb * NR), dst_rs, rows, cols, accumulate)
+            micro_avx512(a.block(mb), a.taps, a.k_pairs, &bases, b.plane * 2, d.0.add(mb * MR * dst_rs + nb * NR), dst_rs, rows, cols, accumulate)
         };
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (bases, d, rows, cols);
+            unreachable!("bf16 kernels are enabled only where supported()")
+        }
     });
     Ok(())
-}
-
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn micro(
-    a: *const u32,
-    taps: usize,
-    k_pairs: usize,
-    b: &[Ptr<u16>],
-    b_pair_stride: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    rows: usize,
-    cols: usize,
-    accumulate: bool,
-) {
-    micro_avx512(a, taps, k_pairs, b, b_pair_stride, dst, dst_rs, rows, cols, accumulate)
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn micro(_: *const u32, _: usize, _: usize, _: &[Ptr<u16>], _: usize, _: *mut f32, _: usize, _: usize, _: usize, _: bool) {
-    unreachable!("bf16 kernels are enabled only where supported()")
 }
 
 #[cfg(target_arch = "x86_64")]
