@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::data::atomic::write_atomic;
 use crate::data::dataset::Dataset;
-use crate::data::image::{decode_rgb8, prepare, sha256_bytes, ResizePolicy};
+use crate::data::image::{load_for_model, sha256_bytes, ResizePolicy};
 use crate::data::pixels::u8_to_tensor;
 use crate::error::{Error, Result};
 use crate::schedule::ddim::{seeded_randn, Ddim, PredictionType};
@@ -329,9 +329,7 @@ impl<'a> Trainer<'a> {
                 Source::Pixels { rgb, side } => {
                     let r = s.resolution;
                     let (x0, y0) = (rng.random_range(0..=side - r), rng.random_range(0..=side - r));
-                    let crop = crop_rgb(rgb, *side, x0, y0, r, flip);
-                    let (m, lv) = self.sd.vae.encode(&u8_to_tensor(&crop, r, r, &dev)?.to_dtype(dtype)?)?;
-                    (m.squeeze(0)?, (lv * 0.5)?.exp()?.squeeze(0)?)
+                    posterior(self.sd, &crop_rgb(rgb, *side, x0, y0, r, flip), r)?
                 }
             };
             let eps_seed: u64 = rng.random();
@@ -493,7 +491,7 @@ impl<'a> Trainer<'a> {
                         keep_adam.then_some(&opt_rows),
                         (!self.adapters.is_empty()).then_some(&opt_lora),
                     )?;
-                    write_atomic(out.join(LOSS_FILE), (log.join("\n") + "\n").as_bytes())?;
+                    write_log(out, &log)?;
                 }
             }
             self.store_phase_var(phase, &var)?;
@@ -502,14 +500,14 @@ impl<'a> Trainer<'a> {
         summary.finished = done_total == summary.steps_total;
         if summary.finished {
             self.save_outputs(out)?;
-            write_atomic(out.join(LOSS_FILE), (log.join("\n") + "\n").as_bytes())?;
+            write_log(out, &log)?;
             let _ = std::fs::remove_file(&ckpt_path);
         }
         let n = losses_now.len();
-        let tenth = (n / 10).max(1).min(n.max(1));
+        let tenth = (n / 10).max(1).min(n);
         let mean = |xs: &[f64]| if xs.is_empty() { f64::NAN } else { xs.iter().sum::<f64>() / xs.len() as f64 };
-        summary.loss_first = mean(&losses_now[..tenth.min(n)]);
-        summary.loss_last = mean(&losses_now[n.saturating_sub(tenth)..]);
+        summary.loss_first = mean(&losses_now[..tenth]);
+        summary.loss_last = mean(&losses_now[n - tenth..]);
         summary.seconds = start_time.elapsed().as_secs_f64();
         summary.seconds_per_step = if n > 0 { summary.seconds / n as f64 } else { 0.0 };
         summary.peak_rss_mib = crate::bench::peak_rss_mib();
@@ -621,26 +619,20 @@ pub fn init_row(sd: &StableDiffusion, word: &str) -> Result<Tensor> {
 /// Encodes every image once (and its mirror image when flips are on), or keeps its pixels when
 /// crops are random.
 fn encode_dataset(sd: &StableDiffusion, ds: &Dataset, s: &TrainSettings, progress: bool) -> Result<Vec<Source>> {
-    let dev = sd.unet_device().clone();
-    let dtype = sd.unet.dtype();
     let pb = crate::progress::bar(ds.items.len(), "encode", progress);
     let mut out = Vec::with_capacity(ds.items.len());
     for it in &ds.items {
-        let bytes = std::fs::read(&it.path).map_err(|e| Error::io(&it.path, e))?;
-        let img = decode_rgb8(&bytes, &it.path)?;
         if s.random_crop {
             let side = s.resolution * 9 / 8;
-            out.push(Source::Pixels { rgb: prepare(&img, side, s.resize).into_raw(), side });
+            out.push(Source::Pixels { rgb: load_for_model(&it.path, side, s.resize)?.0, side });
         } else {
             let r = s.resolution;
-            let rgb = prepare(&img, r, s.resize).into_raw();
-            let mut mean = Vec::new();
-            let mut std = Vec::new();
+            let rgb = load_for_model(&it.path, r, s.resize)?.0;
+            let (mut mean, mut std) = (Vec::new(), Vec::new());
             for flip in [false, true].into_iter().take(1 + s.flip as usize) {
-                let px = if flip { crop_rgb(&rgb, r, 0, 0, r, true) } else { rgb.clone() };
-                let (m, lv) = sd.vae.encode(&u8_to_tensor(&px, r, r, &dev)?.to_dtype(dtype)?)?;
-                mean.push(m.squeeze(0)?);
-                std.push((lv * 0.5)?.exp()?.squeeze(0)?);
+                let (m, sd_) = posterior(sd, &crop_rgb(&rgb, r, 0, 0, r, flip), r)?;
+                mean.push(m);
+                std.push(sd_);
             }
             out.push(Source::Posterior { mean, std });
         }
@@ -648,6 +640,13 @@ fn encode_dataset(sd: &StableDiffusion, ds: &Dataset, s: &TrainSettings, progres
     }
     pb.finish_and_clear();
     Ok(out)
+}
+
+/// The VAE posterior (mean, standard deviation) [c, h, w] of a `side`-square RGB image.
+fn posterior(sd: &StableDiffusion, rgb: &[u8], side: usize) -> Result<(Tensor, Tensor)> {
+    let x = u8_to_tensor(rgb, side, side, sd.unet_device())?.to_dtype(sd.unet.dtype())?;
+    let (mean, logvar) = sd.vae.encode(&x)?;
+    Ok((mean.squeeze(0)?, (logvar * 0.5)?.exp()?.squeeze(0)?))
 }
 
 /// The `size`-square window at (x0, y0) of a `side`-square RGB image, optionally mirrored.
@@ -721,6 +720,11 @@ fn read_checkpoint(path: &Path, dev: &Device, s: &TrainSettings, n_adapters: usi
         adam_rows: adam("rows", 1)?,
         adam_lora: adam("lora", 2 * n_adapters)?,
     })
+}
+
+/// Writes the loss log (header + one line per step) atomically.
+fn write_log(out: &Path, lines: &[String]) -> Result<()> {
+    write_atomic(out.join(LOSS_FILE), (lines.join("\n") + "\n").as_bytes())
 }
 
 /// The loss log up to global step `upto` (header kept), for a resumed run.
