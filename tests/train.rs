@@ -280,7 +280,11 @@ fn bad_settings_are_clear_errors() {
 }
 
 fn diffii(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_diffii")).args(args).output().unwrap()
+    diffii_env(args, &[])
+}
+
+fn diffii_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_diffii")).args(args).envs(env.iter().copied()).output().unwrap()
 }
 
 #[test]
@@ -327,14 +331,13 @@ fn cli_concepts_bytes_do_not_depend_on_thread_count() {
     let model = common::tiny_sd().display().to_string();
     let run = |threads: &str| -> PathBuf {
         let out = root.join(format!("t{threads}"));
-        let o = Command::new(env!("CARGO_BIN_EXE_diffii"))
-            .args([
+        let o = diffii_env(
+            &[
                 "concepts", "--model", &model, "--data", &data, "--out", out.to_str().unwrap(), "--superclass", "bird", "--steps", "4",
                 "--batch", "2", "--lora-rank", "2", "--resolution", "32", "--flip", "--quiet",
-            ])
-            .env("RAYON_NUM_THREADS", threads)
-            .output()
-            .unwrap();
+            ],
+            &[("RAYON_NUM_THREADS", threads)],
+        );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         out
     };
