@@ -11,8 +11,7 @@
 //!
 //! `tests/train.rs` checks its gradients against the composed path (itself checked against
 //! finite differences in f64).
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 
 use crate::error::Result;
 use crate::sd::kernels;
@@ -34,13 +33,6 @@ struct AttentionOp {
     mask: Option<Tensor>,
 }
 
-fn to_tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
-    let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
-        candle_core::bail!("fused attention: expected contiguous f32 inputs")
-    };
-    Tensor::from_vec(v[a..b].to_vec(), l.shape(), &Device::Cpu)
-}
-
 impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -55,15 +47,9 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (to_tensor(s1, l1)?, to_tensor(s2, l2)?, to_tensor(s3, l3)?);
-        let out = kernels::attention(&q, &k, &v, self.heads, self.mask.as_ref())
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let shape = out.shape().clone();
-        let (storage, _) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(cs) => Ok((cs.try_clone(out.layout())?, shape)),
-            _ => candle_core::bail!("fused attention: expected a CPU result"),
-        }
+        const OP: &str = "fused attention";
+        let (q, k, v) = (kernels::op_input(s1, l1, OP)?, kernels::op_input(s2, l2, OP)?, kernels::op_input(s3, l3, OP)?);
+        kernels::op_output(kernels::attention(&q, &k, &v, self.heads, self.mask.as_ref()), OP)
     }
 
     fn bwd(

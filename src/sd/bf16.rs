@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::sd::kernels::SendPtr;
 
 /// Rows of A (output channels / rows) per microkernel call.
 pub const MR: usize = 8;
@@ -159,10 +160,6 @@ pub fn cached<T: Send + Sync + 'static>(id: candle_core::TensorId, make: impl Fn
 struct Ptr<T>(*const T);
 unsafe impl<T> Send for Ptr<T> {}
 unsafe impl<T> Sync for Ptr<T> {}
-#[derive(Clone, Copy)]
-struct MutPtr(*mut f32);
-unsafe impl Send for MutPtr {}
-unsafe impl Sync for MutPtr {}
 
 /// `dst[r, j] (+)= sum over taps t and k of A[r, t, k] * B[k, offs[t] + j]` for r < a.m and
 /// j < n, with B in `b`'s pair planes and dst rows `dst_rs` apart.
@@ -178,7 +175,7 @@ pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
         return Err(Error::invalid("bf16 gemm: operands too small for the requested block"));
     }
     let (mbs, nbs) = (a.m.div_ceil(MR), n.div_ceil(NR));
-    let dptr = MutPtr(dst.as_mut_ptr());
+    let dptr = SendPtr(dst.as_mut_ptr());
     let bptr = Ptr(b.data.as_ptr());
     (0..mbs * nbs).into_par_iter().for_each(|task| {
         let (bptr, d) = (bptr, dptr);

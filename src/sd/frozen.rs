@@ -17,7 +17,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, Device, Layout, MetalStorage, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, MetalStorage, Shape, Tensor};
 
 use crate::error::Result;
 use crate::sd::kernels::{self, ConvInput};
@@ -143,20 +143,12 @@ impl CustomOp1 for FrozenConv {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
-            candle_core::bail!("frozen conv: expected a contiguous f32 input")
-        };
-        let x = Tensor::from_vec(v[a..b].to_vec(), l.shape(), &Device::Cpu)?;
-        let p = self.conv.padding;
+        const OP: &str = "frozen conv";
+        let x = kernels::op_input(s, l, OP)?;
         let c = &self.conv;
-        let y = kernels::conv2d(&x, &c.weight, c.bias.as_ref(), None, c.stride, ConvInput { upsample: None, pad: (p, p, p, p) }, None, 1.0)
-            .map_err(to_msg)?;
-        let shape = y.shape().clone();
-        let (storage, _) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(cs) => Ok((cs.try_clone(y.layout())?, shape)),
-            _ => candle_core::bail!("frozen conv: expected a CPU result"),
-        }
+        let p = c.padding;
+        let input = ConvInput { upsample: None, pad: (p, p, p, p) };
+        kernels::op_output(kernels::conv2d(&x, &c.weight, c.bias.as_ref(), None, c.stride, input, None, 1.0), OP)
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {

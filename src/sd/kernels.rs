@@ -58,6 +58,25 @@ fn tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
+/// A custom op's `cpu_fwd` input as a tensor the kernels take (the data is copied: candle hands
+/// custom ops storage, not tensors).
+pub(crate) fn op_input(s: &CpuStorage, l: &Layout, op: &str) -> candle_core::Result<Tensor> {
+    let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
+        candle_core::bail!("{op}: expected contiguous f32 inputs")
+    };
+    Tensor::from_vec(v[a..b].to_vec(), l.shape(), &Device::Cpu)
+}
+
+/// A kernel's result as a custom op's `cpu_fwd` output.
+pub(crate) fn op_output(result: Result<Tensor>, op: &str) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+    let t = result.map_err(|e| candle_core::Error::Msg(format!("{op}: {e}")))?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cs) => Ok((candle_core::backend::BackendStorage::try_clone(cs, layout)?, layout.shape().clone())),
+        _ => candle_core::bail!("{op}: expected a CPU result"),
+    }
+}
+
 /// A `Vec<f32>` of length `n` whose contents the caller overwrites completely.
 #[allow(clippy::uninit_vec)]
 fn uninit(n: usize) -> Vec<f32> {
@@ -69,7 +88,7 @@ fn uninit(n: usize) -> Vec<f32> {
 
 /// A raw pointer that may cross threads; tasks write disjoint regions.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
