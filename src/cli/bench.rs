@@ -5,11 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use diffii::bench::{self, BenchResult};
-use diffii::sd::config::UNetConfig;
-use diffii::sd::loader::{vae_weights, weights_file};
 use diffii::sd::nn::Mode;
-use diffii::sd::unet::UNet;
-use diffii::sd::weights::Weights;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -83,30 +79,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut results: Vec<BenchResult> = Vec::new();
     let mut profiles: Vec<bench::Profile> = Vec::new();
     if let Some(model) = &a.model {
-        let cfg = UNetConfig::from_file(&model.join("unet/config.json"))?;
-        let w = Weights::from_file(&weights_file(&model.join("unet"))?, DType::F32, &dev)?;
-        let unet = UNet::load(&w, &cfg, Mode::Infer)?;
-        let s = cfg.sample_size;
+        let opts = diffii::sd::loader::LoadOptions { concepts: false, ..Default::default() };
+        let sd = diffii::sd::loader::StableDiffusion::load(model, &opts)?;
+        let s = sd.unet.config.sample_size;
         for (b, l) in [(1, s), (2, s), (2, s / 2)] {
             eprintln!("[bench] {} UNet batch {b} latent {l}", model.display());
-            results.push(bench::unet_step("unet (model)", &unet, b, l, a.warmup, a.reps.max(5))?);
+            results.push(bench::unet_step("unet (model)", &sd.unet, b, l, a.warmup, a.reps.max(5))?);
             if a.profile {
-                profiles.push(bench::unet_profile("unet (model)", &unet, b, l, a.reps.max(5))?);
+                profiles.push(bench::unet_profile("unet (model)", &sd.unet, b, l, a.reps.max(5))?);
             }
         }
         if a.vae {
-            let vcfg = diffii::sd::config::VaeConfig::from_file(&model.join("vae/config.json"))?;
-            let vw = vae_weights(&weights_file(&model.join("vae"))?, DType::F32, &dev)?;
-            let vae = diffii::sd::vae::Vae::load(&vw, &vcfg, Mode::Infer)?;
             eprintln!("[bench] {} VAE decode batch 1 latent {s}", model.display());
-            results.push(bench::vae_decode_step("vae decode (model)", &vae, 1, s, a.warmup, a.reps.max(5))?);
+            results.push(bench::vae_decode_step("vae decode (model)", &sd.vae, 1, s, a.warmup, a.reps.max(5))?);
             if a.profile {
-                profiles.push(bench::vae_decode_profile("vae decode (model)", &vae, 1, s, a.reps.max(5))?);
+                profiles.push(bench::vae_decode_profile("vae decode (model)", &sd.vae, 1, s, a.reps.max(5))?);
             }
         }
         if a.text_vae {
-            let opts = diffii::sd::loader::LoadOptions { concepts: false, ..Default::default() };
-            let sd = diffii::sd::loader::StableDiffusion::load(model, &opts)?;
             eprintln!("[bench] {} text encoder, VAE encode", model.display());
             results.push(bench::text_encoder_step("text encoder (model)", &sd.text_encoder, 2, a.warmup, a.reps.max(5))?);
             let side = s * sd.vae.config.spatial_factor();
@@ -117,7 +107,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             results.push(bench::flow("diffii flow (reference run)", model, reference, a.reps.max(3))?);
         }
         if a.ti {
-            let opts = diffii::sd::loader::LoadOptions { mode: Mode::Train, concepts: false, ..Default::default() };
+            let opts = diffii::sd::loader::LoadOptions { mode: Mode::Train, ..opts };
             let sd = diffii::sd::loader::StableDiffusion::load(model, &opts)?;
             for frozen in [true, false] {
                 let name = if frozen { "ti step (model)" } else { "ti step (model), no frozen" };
