@@ -77,9 +77,12 @@ impl Linear {
 
     /// True when the fused f32 kernels may run: nothing here tracks gradients.
     pub(crate) fn fast(&self, x: &Tensor) -> bool {
-        self.adapter.is_none()
-            && kernels::fast_ok(&[x, &self.weight])
-            && self.bias.as_ref().is_none_or(|b| kernels::fast_ok(&[b]))
+        self.adapter.is_none() && self.fast_base(x)
+    }
+
+    /// [`fast`](Self::fast) for the layer without its adapter.
+    fn fast_base(&self, x: &Tensor) -> bool {
+        kernels::fast_ok(&[x, &self.weight]) && self.bias.as_ref().is_none_or(|b| kernels::fast_ok(&[b]))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -88,13 +91,19 @@ impl Linear {
 
     /// `forward(x) + residual`, the add fused into the product on the fast path.
     pub(crate) fn forward_residual(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        if let Some(a) = &self.adapter {
-            let base = Linear { weight: self.weight.clone(), bias: self.bias.clone(), adapter: None };
-            let y = base.forward_residual(x, residual)?;
-            let d = a.forward(x)?;
-            return Ok(scope(Class::Elementwise, || y + d)?);
+        let y = self.forward_base(x, residual)?;
+        match &self.adapter {
+            Some(a) => {
+                let d = a.forward(x)?;
+                Ok(scope(Class::Elementwise, || y + d)?)
+            }
+            None => Ok(y),
         }
-        if self.fast(x) && residual.is_none_or(|r| kernels::fast_ok(&[r])) {
+    }
+
+    /// `x W^T + b + residual`, without the adapter.
+    fn forward_base(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        if self.fast_base(x) && residual.is_none_or(|r| kernels::fast_ok(&[r])) {
             let in_dim = x.dim(candle_core::D::Minus1)?;
             add_flops(x.elem_count() / in_dim.max(1) * in_dim * self.weight.dim(0)?);
             return scope(Class::Linear, || kernels::linear(x, &self.weight, self.bias.as_ref(), residual));
@@ -107,66 +116,58 @@ impl Linear {
     }
 
     fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let in_dim = dims[dims.len() - 1];
-        let rows = x.elem_count() / in_dim;
+        let in_dim = x.dim(D::Minus1)?;
         let (out_dim, _) = self.weight.dims2()?;
-        add_flops(rows * in_dim * out_dim);
+        add_flops(x.elem_count() / in_dim * in_dim * out_dim);
         // A 2-D matmul against the transposed weight avoids broadcasting the weight per batch.
-        let x2 = x.reshape((rows, in_dim))?;
-        // Each batch item gets its own matmul of a fixed shape: gemm may pick a different
-        // kernel (and summation order) for a different row count, and a sample's bytes must not
-        // depend on what else is in its batch.
-        let items = if dims.len() >= 3 { dims[0] } else { rows };
-        let per = rows / items.max(1);
         let wt = self.weight.t()?;
         // A frozen weight's gradient is neither computed nor kept (see `sd::frozen`).
-        let mm = |a: &Tensor| -> Result<Tensor> {
+        let y = per_item_rows(x, out_dim, |a| {
             if frozen::use_frozen_rhs(a, &wt) {
                 frozen::matmul_frozen_rhs(a, &wt)
             } else {
                 Ok(a.matmul(&wt)?)
             }
-        };
-        let mut y = scope(Class::Linear, || -> Result<Tensor> {
-            if items <= 1 {
-                return mm(&x2);
-            }
-            let parts = (0..items).map(|i| mm(&x2.narrow(0, i * per, per)?)).collect::<Result<Vec<_>>>()?;
-            Ok(Tensor::cat(&parts, 0)?)
         })?;
-        if let Some(b) = &self.bias {
-            y = scope(Class::Elementwise, || y.broadcast_add(b))?;
-        }
-        let mut out_shape = dims.to_vec();
-        *out_shape.last_mut().unwrap() = out_dim;
-        Ok(y.reshape(out_shape)?)
+        Ok(match &self.bias {
+            Some(b) => scope(Class::Elementwise, || y.broadcast_add(b))?,
+            None => y,
+        })
     }
+}
+
+/// Applies the row-wise product `f` ([rows, in] -> [rows, out]) to `x` [..., in] one batch item
+/// at a time and returns [..., out]. Each item gets its own product of a fixed shape: gemm may
+/// pick a different kernel (and summation order) for a different row count, and a sample's
+/// bytes must not depend on what else is in its batch.
+fn per_item_rows(x: &Tensor, out_dim: usize, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let in_dim = dims[dims.len() - 1];
+    let rows = x.elem_count() / in_dim;
+    let x2 = x.reshape((rows, in_dim))?;
+    let items = if dims.len() >= 3 { dims[0] } else { rows };
+    let per = rows / items.max(1);
+    let y = scope(Class::Linear, || -> Result<Tensor> {
+        if items <= 1 {
+            return f(&x2);
+        }
+        let parts = (0..items).map(|i| f(&x2.narrow(0, i * per, per)?)).collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    })?;
+    let mut out_shape = dims.to_vec();
+    *out_shape.last_mut().unwrap() = out_dim;
+    Ok(y.reshape(out_shape)?)
 }
 
 impl Adapter {
     /// `scale (x down^T) up^T`, one product per batch item like [`Linear`]'s.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let in_dim = dims[dims.len() - 1];
-        let rows = x.elem_count() / in_dim;
+        let in_dim = x.dim(D::Minus1)?;
         let (out_dim, r) = self.up.dims2()?;
-        add_flops(rows * r * (in_dim + out_dim));
-        let x2 = x.reshape((rows, in_dim))?;
-        let items = if dims.len() >= 3 { dims[0] } else { rows };
-        let per = rows / items.max(1);
+        add_flops(x.elem_count() / in_dim * r * (in_dim + out_dim));
         let (dt, ut) = (self.down.t()?, self.up.t()?);
-        let y = scope(Class::Linear, || -> candle_core::Result<Tensor> {
-            let one = |a: &Tensor| a.matmul(&dt)?.matmul(&ut);
-            if items <= 1 {
-                return one(&x2);
-            }
-            let parts = (0..items).map(|i| one(&x2.narrow(0, i * per, per)?)).collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::cat(&parts, 0)
-        })?;
-        let mut out_shape = dims.to_vec();
-        *out_shape.last_mut().unwrap() = out_dim;
-        Ok((y * self.scale)?.reshape(out_shape)?)
+        let y = per_item_rows(x, out_dim, |a| Ok(a.matmul(&dt)?.matmul(&ut)?))?;
+        Ok((y * self.scale)?)
     }
 }
 
