@@ -431,8 +431,7 @@ impl SpatialSelfAttention {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let lin_ok = |l: &Linear| kernels::fast_ok(&[&l.weight]) && l.bias.as_ref().is_none_or(|b| kernels::fast_ok(&[b]));
-        if kernels::fast_ok(&[x]) && [&self.to_q, &self.to_k, &self.to_v, &self.to_out].iter().all(|l| lin_ok(l)) {
+        if [&self.to_q, &self.to_k, &self.to_v, &self.to_out].iter().all(|l| l.fast(x)) {
             let hn = self.group_norm.forward(x)?;
             let proj = |l: &Linear| -> Result<Tensor> {
                 crate::sd::nn::add_flops(b * h * w * c * l.weight.dim(0)?);
