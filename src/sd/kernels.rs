@@ -899,28 +899,29 @@ pub fn conv2d(
                 let xb = bf16::PairPlanes::from_rows(&xp, cin, plane, plane);
                 let offs: Vec<usize> = (0..kk).map(tap_off).collect();
                 bf16::gemm_taps(pw, &xb, &offs, n_ext, &mut ext, n_ext, acc).expect("shapes checked above");
-            }
-            for t in (0..kk).filter(|_| packed_w.is_none()) {
-                let off = tap_off(t);
-                unsafe {
-                    sgemm(
-                        cout,
-                        n_ext,
-                        cin,
-                        ext.as_mut_ptr(),
-                        n_ext,
-                        1,
-                        acc || t > 0,
-                        ws[t..].as_ptr(),
-                        cin * kk,
-                        kk,
-                        xp[off..].as_ptr(),
-                        plane,
-                        1,
-                        1.0,
-                        nt,
-                    )
-                };
+            } else {
+                for t in 0..kk {
+                    let off = tap_off(t);
+                    unsafe {
+                        sgemm(
+                            cout,
+                            n_ext,
+                            cin,
+                            ext.as_mut_ptr(),
+                            n_ext,
+                            1,
+                            acc || t > 0,
+                            ws[t..].as_ptr(),
+                            cin * kk,
+                            kk,
+                            xp[off..].as_ptr(),
+                            plane,
+                            1,
+                            1.0,
+                            nt,
+                        )
+                    };
+                }
             }
             // Compact into NCHW with the epilogue.
             let dst = &mut out[bi * cout * out_plane..(bi + 1) * cout * out_plane];
