@@ -10,10 +10,7 @@ use std::process::{Command, Output};
 use sha2::{Digest, Sha256};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("diffii-gen-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::empty_temp_dir(&format!("gen-{name}"))
 }
 
 /// sparrow: 3 images (one non-square, one grey); gull: 1 image (no pair possible).

@@ -20,10 +20,7 @@ use diffii::train::concepts::{
 };
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("diffii-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::empty_temp_dir(&format!("train-{name}"))
 }
 
 /// Two classes of two 32 px images each, with distinct colour patterns.

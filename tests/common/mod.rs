@@ -40,3 +40,11 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
     };
     flat(a).iter().zip(&flat(b)).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
+
+/// An empty folder `diffii-<name>-<pid>` in the system temp dir (emptied if it exists).
+pub fn empty_temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("diffii-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
