@@ -1,6 +1,6 @@
 //! Speed measurements: UNet steps on a real model folder and on a full-size SD-1.5-shaped UNet
 //! built in memory with synthetic weights (no checkpoint needed). FLOPs are counted from the
-//! matmuls and convolutions actually executed (see [`crate::sd::nn::flops_start`]), the same
+//! matmuls and convolutions actually executed (see [`crate::instrument::flops`]), the same
 //! convention as PyTorch's `FlopCounterMode` used for the reference figures.
 use std::time::Instant;
 
@@ -10,9 +10,10 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::schedule::ddim::seeded_randn;
 use crate::sd::config::UNetConfig;
-use crate::sd::nn::{flops_start, flops_stop, Mode};
+use crate::instrument::{flops, peak_rss_mib, reset_peak_rss};
+use crate::nn::{Mode, Precision};
 use crate::sd::unet::UNet;
-use crate::sd::weights::Weights;
+use crate::nn::weights::Weights;
 
 /// This machine class's fp32 peak (2 cores, AVX-512), GFLOP/s.
 pub const CPU_PEAK_GFLOPS: f64 = 333.0;
@@ -39,25 +40,14 @@ pub struct BenchResult {
     pub torch_seconds: Option<f64>,
 }
 
-/// Peak resident set size of this process, from /proc (0 where unavailable).
-pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
-}
-
 /// Builds an SD-1.5-shaped UNet with deterministic synthetic weights.
-pub fn synthetic_sd15_unet(dtype: DType, device: &Device) -> Result<UNet> {
-    synthetic_sd15_unet_mode(dtype, device, Mode::Infer)
+pub fn synthetic_sd15_unet(dtype: DType, precision: Precision, device: &Device) -> Result<UNet> {
+    synthetic_sd15_unet_mode(dtype, precision, device, Mode::Infer)
 }
 
 /// [`synthetic_sd15_unet`] in a given mode ([`Mode::Train`] for training benchmarks).
-pub fn synthetic_sd15_unet_mode(dtype: DType, device: &Device, mode: Mode) -> Result<UNet> {
-    UNet::load(&Weights::synthetic(0, dtype, device), &UNetConfig::sd15(), mode)
+pub fn synthetic_sd15_unet_mode(dtype: DType, precision: Precision, device: &Device, mode: Mode) -> Result<UNet> {
+    UNet::load(&Weights::synthetic(0, dtype, device).with_precision(precision), &UNetConfig::sd15(), mode)
 }
 
 /// Times `reps` UNet calls (after `warmup` untimed ones) on a batch of `batch` latents of
@@ -71,17 +61,11 @@ pub fn unet_step(name: &str, unet: &UNet, batch: usize, latent: usize, warmup: u
     timed(name, batch, latent, warmup, reps, || unet.forward_t(&x, 500, &ctx))
 }
 
-/// Resets the process's peak-RSS mark (Linux `/proc/self/clear_refs`), so that the next case's
-/// `peak_rss_mib` is its own peak rather than the largest so far.
-pub fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 /// Times one textual-inversion step — text encoder forward from concept rows that require
 /// gradients, UNet forward at one timestep, MSE loss and backward — on random latents and
 /// prompts with one concept token. The optimiser update (a few vectors) is not included; the
 /// counted FLOPs are those of the forward pass. `frozen` switches the frozen-operand products
-/// (no weight gradients computed or kept, [`crate::sd::frozen`]) on or off.
+/// (no weight gradients computed or kept, [`crate::nn::frozen`]) on or off.
 #[allow(clippy::too_many_arguments)]
 pub fn ti_step(
     name: &str,
@@ -109,20 +93,20 @@ pub fn ti_step(
     let noise = seeded_randn(6, latents.dims(), &dev)?.to_dtype(dtype)?;
     let b = Batch { latents, noise, timesteps: vec![500; batch], ids };
     let alphas = crate::schedule::ddim::alphas_cumprod(&crate::schedule::ddim::DdimConfig::sd15())?;
-    let was = crate::sd::frozen::enabled();
-    crate::sd::frozen::set_enabled(frozen);
+    let was = crate::nn::frozen::enabled();
+    crate::nn::frozen::set_enabled(frozen);
     let r = timed(name, batch, latent, warmup, reps, || {
         let loss = noise_prediction_loss(clip, unet, &alphas, crate::schedule::ddim::PredictionType::Epsilon, &b, rows.as_tensor())?;
         let grads = loss.backward()?;
         grads.get(rows.as_tensor()).cloned().ok_or_else(|| crate::error::Error::invalid("no gradient reached the concept row"))
     });
-    crate::sd::frozen::set_enabled(was);
+    crate::nn::frozen::set_enabled(was);
     r
 }
 
 /// Builds an SD-1.5-shaped VAE with deterministic synthetic weights.
-pub fn synthetic_sd15_vae(dtype: DType, device: &Device) -> Result<crate::sd::vae::Vae> {
-    crate::sd::vae::Vae::load(&Weights::synthetic(2, dtype, device), &crate::sd::config::VaeConfig::sd15(), Mode::Infer)
+pub fn synthetic_sd15_vae(dtype: DType, precision: Precision, device: &Device) -> Result<crate::sd::vae::Vae> {
+    crate::sd::vae::Vae::load(&Weights::synthetic(2, dtype, device).with_precision(precision), &crate::sd::config::VaeConfig::sd15(), Mode::Infer)
 }
 
 /// PyTorch timings of the same SD-1.5 shapes, from `reference/bench_sd15_cpu.py --json`:
@@ -147,8 +131,8 @@ pub fn read_torch_json(path: &std::path::Path) -> Result<Vec<(String, usize, usi
 }
 
 /// Builds an SD-1.5-shaped CLIP text encoder with deterministic synthetic weights.
-pub fn synthetic_sd15_text_encoder(dtype: DType, device: &Device, mode: Mode) -> Result<crate::sd::clip::ClipTextEncoder> {
-    crate::sd::clip::ClipTextEncoder::load(&Weights::synthetic(1, dtype, device), &crate::sd::config::ClipConfig::sd15(), mode)
+pub fn synthetic_sd15_text_encoder(dtype: DType, precision: Precision, device: &Device, mode: Mode) -> Result<crate::sd::clip::ClipTextEncoder> {
+    crate::sd::clip::ClipTextEncoder::load(&Weights::synthetic(1, dtype, device).with_precision(precision), &crate::sd::config::ClipConfig::sd15(), mode)
 }
 
 /// A fixed-width table of results.
@@ -202,8 +186,8 @@ pub fn text_encoder_step(name: &str, clip: &crate::sd::clip::ClipTextEncoder, ba
 /// Times the whole Diff-II flow of a reference run (`diffii parity --skip-teacher-forced`:
 /// model load, text encoding, VAE encoding, both inversions, interpolation, two-stage guided
 /// sampling, decoding, plus the cheap comparisons), and fails if any tensor is off.
-pub fn flow(name: &str, model: &std::path::Path, reference: &std::path::Path, reps: usize) -> Result<BenchResult> {
-    let opts = crate::parity::Options { skip_teacher_forced: true };
+pub fn flow(name: &str, model: &std::path::Path, reference: &std::path::Path, precision: Precision, reps: usize) -> Result<BenchResult> {
+    let opts = crate::parity::Options { skip_teacher_forced: true, precision };
     timed(name, 1, 0, 0, reps, || {
         let report = crate::parity::run(model, reference, &opts, |_| {})?;
         if !report.all_ok() {
@@ -222,14 +206,14 @@ fn timed(name: &str, batch: usize, latent: usize, warmup: usize, reps: usize, mu
     let mut flops = 0;
     for i in 0..reps.max(1) {
         if i == 0 {
-            flops_start();
+            flops::start();
         }
         let t0 = Instant::now();
         let out = f()?;
         let _ = out.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         times.push(t0.elapsed().as_secs_f64());
         if i == 0 {
-            flops = flops_stop();
+            flops = flops::stop();
         }
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -250,7 +234,7 @@ fn timed(name: &str, batch: usize, latent: usize, warmup: usize, reps: usize, mu
     })
 }
 
-/// Wall time of one call split by op class (see [`crate::sd::kernels::profile`]).
+/// Wall time of one call split by op class (see [`crate::instrument::profile`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct Profile {
     pub name: String,
@@ -263,7 +247,7 @@ pub struct Profile {
 
 /// Profiles the fastest of `reps` calls of `f` (one untimed warm-up first).
 pub fn profile_call(name: &str, batch: usize, latent: usize, reps: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<Profile> {
-    use crate::sd::kernels::profile;
+    use crate::instrument::profile;
     f()?;
     let mut best: Option<Profile> = None;
     for _ in 0..reps.max(1) {

@@ -156,6 +156,8 @@ fn diff_stats(name: &str, ours: &Tensor, reference: &Tensor) -> Result<(f64, f64
 pub struct Options {
     /// Skip the teacher-forced trajectories (half the UNet calls).
     pub skip_teacher_forced: bool,
+    /// Product precision of the model's layers.
+    pub precision: crate::nn::Precision,
 }
 
 /// Recomputes every stage of the reference run at `reference` with the model at `model` and
@@ -173,7 +175,7 @@ pub fn run(model: &Path, reference: &Path, opts: &Options, mut progress: impl Fn
     let mut rep = Report::default();
 
     progress("load model");
-    let sd = StableDiffusion::load(model, &LoadOptions::default())?;
+    let sd = StableDiffusion::load(model, &LoadOptions { precision: opts.precision, ..LoadOptions::default() })?;
     let sched = Ddim::new(sd.scheduler.clone())?;
 
     // ---- tokens and concept rows --------------------------------------------------------

@@ -3,8 +3,8 @@
 //! derives itself: values and gradients must agree to f32 precision.
 use candle_core::{DType, Device, Tensor, Var};
 use diffii::schedule::ddim::seeded_randn;
-use diffii::sd::nn::Conv2d;
-use diffii::sd::{attention_grad, frozen};
+use diffii::nn::Conv2d;
+use diffii::nn::{attention_grad, frozen};
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
     seeded_randn(seed, shape, &Device::Cpu).unwrap()
@@ -65,8 +65,10 @@ fn frozen_conv_input_gradient_matches_candle_conv() {
         let (cin, cout) = (6, 5);
         let conv = Conv2d::new((randn(10 + i as u64, &[cout, cin, k, k]) * 0.3).unwrap(), Some(randn(20 + i as u64, &[cout])), s, p);
         let x = Var::from_tensor(&randn(30 + i as u64, &[2, cin, 9, 11])).unwrap();
-        assert!(frozen::use_frozen_conv(x.as_tensor(), &conv), "case {i} should take the frozen path");
-        let y = frozen::conv2d_frozen(x.as_tensor(), &conv).unwrap();
+        let (w, b) = (&conv.weight, conv.bias.as_ref());
+        assert!(frozen::use_frozen_conv(x.as_tensor(), w, b, s, p), "case {i} should take the frozen path");
+        let parts = frozen::ConvParts { weight: w.clone(), bias: b.cloned(), stride: s, padding: p, packed: None, grad_kernel: Default::default() };
+        let y = frozen::conv2d_frozen(x.as_tensor(), parts).unwrap();
         let reference = x
             .as_tensor()
             .conv2d(&conv.weight, p, s, 1, 1)

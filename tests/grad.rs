@@ -9,9 +9,9 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use diffii::schedule::ddim::{seeded_randn, Ddim};
 use diffii::sd::loader::{text_encoder_weights, weights_file, LoadOptions, StableDiffusion};
-use diffii::sd::nn::Mode;
+use diffii::nn::Mode;
 use diffii::sd::unet::UNet;
-use diffii::sd::weights::Weights;
+use diffii::nn::weights::Weights;
 
 const T: usize = 500;
 
@@ -23,7 +23,7 @@ struct Setup {
 }
 
 fn setup(mode: Mode, dtype: DType) -> Setup {
-    let opts = LoadOptions { dtype, device: Device::Cpu, mode, concepts: true };
+    let opts = LoadOptions { dtype, mode, ..LoadOptions::default() };
     let sd = StableDiffusion::load(&common::tiny_sd(), &opts).unwrap();
     let ids = sd.tokenizer.encode("a photo of a <cls0> bird").unwrap();
     let n = ids.len();

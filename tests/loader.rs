@@ -17,9 +17,9 @@ use diffii::error::Error;
 use diffii::sd::config::UNetConfig;
 use diffii::sd::inspect::inspect;
 use diffii::sd::loader::{weights_file, LoadOptions};
-use diffii::sd::nn::Mode;
+use diffii::nn::Mode;
 use diffii::sd::unet::UNet;
-use diffii::sd::weights::Weights;
+use diffii::nn::weights::Weights;
 use diffii::sd::StableDiffusion;
 use serde_json::{json, Value};
 

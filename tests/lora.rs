@@ -12,9 +12,9 @@ use diffii::schedule::ddim::seeded_randn;
 use diffii::sd::config::UNetConfig;
 use diffii::sd::loader::weights_file;
 use diffii::sd::lora::{apply_lora, Lora, LoraEntry};
-use diffii::sd::nn::Mode;
+use diffii::nn::Mode;
 use diffii::sd::unet::UNet;
-use diffii::sd::weights::Weights;
+use diffii::nn::weights::Weights;
 
 /// A square self-attention query, a non-square cross-attention key (in = cross_attention_dim),
 /// and an output projection (`to_out.0`, which the old layout calls `to_out_lora`).

@@ -14,7 +14,7 @@ use diffii::schedule::ddim::seeded_randn;
 use diffii::sd::concepts::Concepts;
 use diffii::sd::loader::{model_fingerprint, LoadOptions, StableDiffusion};
 use diffii::sd::lora::{self, Lora};
-use diffii::sd::nn::Mode;
+use diffii::nn::Mode;
 use diffii::train::concepts::{
     default_tokens, TrainMode, TrainOptions, TrainSettings, Trainer, DEFAULT_TEMPLATE, EMBEDS_FILE, LORA_FILE, LOSS_FILE,
 };
@@ -40,7 +40,7 @@ fn dataset(root: &Path) -> Dataset {
 }
 
 fn load(dtype: DType) -> StableDiffusion {
-    let opts = LoadOptions { dtype, device: Device::Cpu, mode: Mode::Train, concepts: false };
+    let opts = LoadOptions { dtype, mode: Mode::Train, concepts: false, ..LoadOptions::default() };
     StableDiffusion::load(&common::tiny_sd(), &opts).unwrap()
 }
 

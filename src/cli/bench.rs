@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use diffii::bench::{self, BenchResult};
-use diffii::sd::nn::Mode;
+use diffii::nn::Mode;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -75,11 +75,11 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let dev = Device::Cpu;
-    a.precision.apply()?;
+    let prec: diffii::nn::Precision = a.precision.into();
     let mut results: Vec<BenchResult> = Vec::new();
     let mut profiles: Vec<bench::Profile> = Vec::new();
     if let Some(model) = &a.model {
-        let opts = diffii::sd::loader::LoadOptions { concepts: false, ..Default::default() };
+        let opts = diffii::sd::loader::LoadOptions { concepts: false, precision: prec, ..Default::default() };
         let sd = diffii::sd::loader::StableDiffusion::load(model, &opts)?;
         let s = sd.unet.config.sample_size;
         for (b, l) in [(1, s), (2, s), (2, s / 2)] {
@@ -104,7 +104,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         if let Some(reference) = &a.flow {
             eprintln!("[bench] whole Diff-II flow of {}", reference.display());
-            results.push(bench::flow("diffii flow (reference run)", model, reference, a.reps.max(3))?);
+            results.push(bench::flow("diffii flow (reference run)", model, reference, prec, a.reps.max(3))?);
         }
         if a.ti {
             let opts = diffii::sd::loader::LoadOptions { mode: Mode::Train, ..opts };
@@ -117,20 +117,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     if a.sd15 && a.text_vae {
-        let clip = bench::synthetic_sd15_text_encoder(DType::F32, &dev, Mode::Infer)?;
+        let clip = bench::synthetic_sd15_text_encoder(DType::F32, prec, &dev, Mode::Infer)?;
         eprintln!("[bench] SD-1.5 text encoder");
         results.push(bench::text_encoder_step("text encoder sd15", &clip, 2, a.warmup, a.reps)?);
     }
     if a.sd15 && a.sd15_vae {
-        let vae = bench::synthetic_sd15_vae(DType::F32, &dev)?;
+        let vae = bench::synthetic_sd15_vae(DType::F32, prec, &dev)?;
         eprintln!("[bench] SD-1.5 VAE encode 512 px, decode 64x64");
         results.push(bench::vae_encode_step("vae encode sd15", &vae, 1, 512, a.warmup, a.reps)?);
         results.push(bench::vae_decode_step("vae decode sd15", &vae, 1, 64, a.warmup, a.reps)?);
     }
     if a.sd15 && a.ti {
         eprintln!("[bench] building SD-1.5-shaped text encoder + UNet (training mode)");
-        let clip = bench::synthetic_sd15_text_encoder(DType::F32, &dev, Mode::Train)?;
-        let unet = bench::synthetic_sd15_unet_mode(DType::F32, &dev, Mode::Train)?;
+        let clip = bench::synthetic_sd15_text_encoder(DType::F32, prec, &dev, Mode::Train)?;
+        let unet = bench::synthetic_sd15_unet_mode(DType::F32, prec, &dev, Mode::Train)?;
         for frozen in [true, false] {
             let name = if frozen { "ti step sd15" } else { "ti step sd15, no frozen" };
             eprintln!("[bench] {name} latent {}", a.ti_latent);
@@ -146,7 +146,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "bf16" => DType::BF16,
             other => anyhow::bail!("--dtype {other}: use f32, f16 or bf16"),
         };
-        let unet = bench::synthetic_sd15_unet(dtype, &dev)?;
+        let unet = bench::synthetic_sd15_unet(dtype, prec, &dev)?;
         eprintln!("[bench] built in {:.1} s", t0.elapsed().as_secs_f64());
         for &l in &a.sd15_latents {
             for &b in &a.sd15_batches {

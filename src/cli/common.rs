@@ -10,6 +10,7 @@ use diffii::data::pixels::Quantize;
 use diffii::diffii::generate::{Pipeline, RunOptions, Settings, BUILTIN_SUFFIXES};
 use diffii::diffii::plan::{Count, Interp, Shard};
 use diffii::schedule::ddim::Ddim;
+use diffii::nn::Precision;
 use diffii::sd::concepts::Concepts;
 use diffii::sd::loader::{LoadOptions, StableDiffusion};
 
@@ -46,10 +47,12 @@ pub enum PrecisionArg {
     Bf16,
 }
 
-impl PrecisionArg {
-    /// Switches the kernels to this precision.
-    pub fn apply(self) -> anyhow::Result<()> {
-        Ok(diffii::sd::bf16::set_enabled(self == PrecisionArg::Bf16)?)
+impl From<PrecisionArg> for Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        }
     }
 }
 
@@ -201,8 +204,7 @@ pub fn load_dataset(d: &DataArgs) -> anyhow::Result<Dataset> {
 pub fn load_pipeline(m: &ModelArgs) -> anyhow::Result<Pipeline> {
     eprintln!("[diffii] loading {}", m.model.display());
     let device = diffii::sd::loader::parse_device(&m.device)?;
-    m.precision.apply()?;
-    let opts = LoadOptions { concepts: m.concepts.is_empty(), device, ..LoadOptions::default() };
+    let opts = LoadOptions { concepts: m.concepts.is_empty(), device, precision: m.precision.into(), ..LoadOptions::default() };
     let mut sd = StableDiffusion::load(&m.model, &opts)?;
     if !m.concepts.is_empty() {
         let c = Concepts::from_files(&m.concepts, m.class_map.as_deref(), sd.text_encoder.config.hidden_size, &opts.device)?;
@@ -279,7 +281,7 @@ pub fn settings(g: &GenArgs, p: &Pipeline) -> anyhow::Result<Settings> {
         model_sha256: p.model_sha256.clone(),
         concepts_sha256: p.concepts_sha256.clone(),
         lora_sha256: p.lora_sha256.clone(),
-        precision: diffii::diffii::generate::current_precision(),
+        precision: p.sd.precision.name().to_string(),
     })
 }
 

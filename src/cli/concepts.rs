@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use clap::ValueEnum;
 use diffii::sd::concepts::ClassMap;
 use diffii::sd::loader::{LoadOptions, StableDiffusion};
-use diffii::sd::nn::Mode;
+use diffii::nn::Mode;
 use diffii::train::concepts::{
     dataset_sha256, default_tokens, imagenet_templates, TrainMode, TrainOptions, TrainSettings, Trainer, DEFAULT_TEMPLATE,
 };

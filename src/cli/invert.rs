@@ -26,7 +26,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let wanted: BTreeSet<usize> = (0..ds.items.len()).filter(|i| i % opts.shard.count == opts.shard.index).collect();
     let mut summary = Summary::default();
     invert_items(&p, &ds, &s, &opts, &wanted, &mut summary)?;
-    summary.peak_rss_mib = diffii::bench::peak_rss_mib();
+    summary.peak_rss_mib = diffii::instrument::peak_rss_mib();
     super::common::print_summary(&summary);
     println!("inversions cached in {}", opts.cache.display());
     Ok(())

@@ -22,8 +22,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    a.precision.apply()?;
-    let opts = parity::Options { skip_teacher_forced: a.skip_teacher_forced };
+    let opts = parity::Options { skip_teacher_forced: a.skip_teacher_forced, precision: a.precision.into() };
     let start = std::time::Instant::now();
     let report = parity::run(&a.model, &a.reference, &opts, |stage| eprintln!("[parity] {stage}"))
         .with_context(|| format!("parity of {} against {}", a.model.display(), a.reference.display()))?;

@@ -71,18 +71,13 @@ pub struct Settings {
     pub model_sha256: String,
     pub concepts_sha256: String,
     pub lora_sha256: Option<String>,
-    /// Product precision of the kernels: "f32", or "bf16" (see [`crate::sd::bf16`]).
+    /// Product precision of the model's layers: "f32", or "bf16" (see [`crate::nn::Precision`]).
     #[serde(default = "default_precision")]
     pub precision: String,
 }
 
 fn default_precision() -> String {
     "f32".into()
-}
-
-/// The precision the kernels run at now.
-pub fn current_precision() -> String {
-    if crate::sd::bf16::enabled() { "bf16".into() } else { default_precision() }
 }
 
 impl Settings {
@@ -398,7 +393,7 @@ pub fn generate(p: &Pipeline, ds: &Dataset, s: &Settings, opts: &RunOptions) -> 
     if opts.shard.is_all() {
         write_previews(&opts.out, ds, &recs, s)?;
     }
-    summary.peak_rss_mib = crate::bench::peak_rss_mib();
+    summary.peak_rss_mib = crate::instrument::peak_rss_mib();
     Ok(summary)
 }
 

@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::sd::config::ClipConfig;
-use crate::sd::nn::{attention, LayerNorm, Linear, Mode};
-use crate::sd::weights::Weights;
+use crate::nn::{attention, LayerNorm, Linear, Mode};
+use crate::nn::weights::Weights;
 
 #[derive(Clone, Debug)]
 struct EncoderLayer {

@@ -23,7 +23,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::error::{read_json, Error, Result};
-use crate::sd::weights::load_all;
+use crate::nn::weights::load_all;
 
 #[derive(Deserialize, Debug, Clone, Default)]
 pub struct ConceptsJson {
@@ -265,7 +265,7 @@ impl Concepts {
     pub fn save(&self, embeds: &Path) -> Result<()> {
         let rows = self.rows.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let tensors = self.tokens.iter().enumerate().map(|(i, tok)| Ok((tok.clone(), rows.get(i)?))).collect::<Result<Vec<_>>>()?;
-        crate::sd::weights::save_safetensors(embeds, &tensors, None)?;
+        crate::nn::weights::save_safetensors(embeds, &tensors, None)?;
         let meta = serde_json::json!({ "name2placeholder": self.class_to_token, "order": self.tokens });
         crate::data::atomic::write_json_atomic(embeds.with_file_name("concepts.json"), &meta)
     }
@@ -341,10 +341,10 @@ fn read_concept_file(path: &Path, device: &Device) -> Result<ConceptFile> {
 /// Reads a `torch.save` file holding `{"learned_embeds_dict": {token: tensor},
 /// "name2placeholder": {class: token}, ...}` or a plain `{token: tensor}`, without executing it.
 fn read_torch_concepts(path: &Path, device: &Device) -> Result<ConceptFile> {
-    use crate::sd::torch_pickle::Value as V;
+    use crate::formats::torch_pickle::Value as V;
     let bad = |msg: String| Error::bad_file(path, msg);
     let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let file = crate::sd::torch_pickle::TorchFile::open(&data).map_err(|e| bad(format!("cannot read it as a torch.save file: {e}")))?;
+    let file = crate::formats::torch_pickle::TorchFile::open(&data).map_err(|e| bad(format!("cannot read it as a torch.save file: {e}")))?;
     let V::Dict(root) = file.root() else {
         return Err(bad("the pickled object is not a dict; expected {\"learned_embeds_dict\": ..., \"name2placeholder\": ...}".into()));
     };
@@ -385,12 +385,12 @@ fn read_torch_concepts(path: &Path, device: &Device) -> Result<ConceptFile> {
 }
 
 fn read_token_tensors(
-    file: &crate::sd::torch_pickle::TorchFile,
+    file: &crate::formats::torch_pickle::TorchFile,
     path: &Path,
-    pairs: Vec<(crate::sd::torch_pickle::Value, crate::sd::torch_pickle::Value)>,
+    pairs: Vec<(crate::formats::torch_pickle::Value, crate::formats::torch_pickle::Value)>,
     device: &Device,
 ) -> Result<Vec<(String, Tensor)>> {
-    use crate::sd::torch_pickle::Value as V;
+    use crate::formats::torch_pickle::Value as V;
     let mut rows = Vec::with_capacity(pairs.len());
     for (k, v) in pairs {
         let (V::Str(tok), V::Tensor(t)) = (&k, &v) else {

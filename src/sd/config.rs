@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{read_json, Error, Result};
-use crate::sd::nn::Activation;
+use crate::nn::Activation;
 
 /// A JSON value that may be one number or one per block (`attention_head_dim: 8` or `[5, 10, ...]`).
 #[derive(Deserialize, Clone, Debug)]

@@ -17,9 +17,9 @@ use crate::schedule::ddim::DdimConfig;
 use crate::sd::concepts::Concepts;
 use crate::sd::config::{BlockConfig, BlockKind, ClipConfig, UNetConfig, VaeConfig};
 use crate::sd::loader::weights_file;
-use crate::sd::nn::Activation;
+use crate::nn::Activation;
 use crate::sd::tokenizer::ClipTokenizer;
-use crate::sd::weights::Weights;
+use crate::nn::weights::Weights;
 
 /// Everything `diffii info` reports about a model folder.
 #[derive(Clone, Debug, Serialize)]

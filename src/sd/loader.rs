@@ -11,11 +11,11 @@ use crate::schedule::ddim::DdimConfig;
 use crate::sd::clip::ClipTextEncoder;
 use crate::sd::concepts::Concepts;
 use crate::sd::config::{ClipConfig, UNetConfig, VaeConfig};
-use crate::sd::nn::Mode;
+use crate::nn::{Mode, Precision};
 use crate::sd::tokenizer::ClipTokenizer;
 use crate::sd::unet::UNet;
 use crate::sd::vae::Vae;
-use crate::sd::weights::Weights;
+use crate::nn::weights::Weights;
 
 /// How to load a model.
 #[derive(Clone, Debug)]
@@ -23,13 +23,15 @@ pub struct LoadOptions {
     pub dtype: DType,
     pub device: Device,
     pub mode: Mode,
+    /// Product precision of every convolution and linear layer (checked against the CPU).
+    pub precision: Precision,
     /// Also load `concepts/learned_embeds.safetensors` when the folder has one.
     pub concepts: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: DType::F32, device: Device::Cpu, mode: Mode::Infer, concepts: true }
+        LoadOptions { dtype: DType::F32, device: Device::Cpu, mode: Mode::Infer, precision: Precision::F32, concepts: true }
     }
 }
 
@@ -126,21 +128,24 @@ pub struct StableDiffusion {
     pub scheduler: DdimConfig,
     /// Concept tokens shipped in `concepts/`, already added to the tokenizer.
     pub concepts: Option<Concepts>,
+    /// The product precision the model was loaded at.
+    pub precision: Precision,
 }
 
 impl StableDiffusion {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         check_model_index(dir)?;
-        let (dt, dev) = (opts.dtype, &opts.device);
+        opts.precision.check()?;
+        let (dt, dev, prec) = (opts.dtype, &opts.device, opts.precision);
         let mut tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
         let clip_cfg = ClipConfig::from_file(&dir.join("text_encoder/config.json"))?;
-        let tw = text_encoder_weights(&weights_file(&dir.join("text_encoder"))?, dt, dev)?;
+        let tw = text_encoder_weights(&weights_file(&dir.join("text_encoder"))?, dt, dev)?.with_precision(prec);
         let text_encoder = ClipTextEncoder::load(&tw, &clip_cfg, opts.mode)?;
         let unet_cfg = UNetConfig::from_file(&dir.join("unet/config.json"))?;
-        let uw = Weights::from_file(&weights_file(&dir.join("unet"))?, dt, dev)?;
+        let uw = Weights::from_file(&weights_file(&dir.join("unet"))?, dt, dev)?.with_precision(prec);
         let unet = UNet::load(&uw, &unet_cfg, opts.mode)?;
         let vae_cfg = VaeConfig::from_file(&dir.join("vae/config.json"))?;
-        let vw = vae_weights(&weights_file(&dir.join("vae"))?, dt, dev)?;
+        let vw = vae_weights(&weights_file(&dir.join("vae"))?, dt, dev)?.with_precision(prec);
         let vae = Vae::load(&vw, &vae_cfg, opts.mode)?;
         let scheduler = DdimConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
         if tokenizer.vocab_size() != clip_cfg.vocab_size {
@@ -157,7 +162,7 @@ impl StableDiffusion {
         } else {
             None
         };
-        Ok(StableDiffusion { dir: dir.to_path_buf(), tokenizer, text_encoder, unet, vae, scheduler, concepts })
+        Ok(StableDiffusion { dir: dir.to_path_buf(), tokenizer, text_encoder, unet, vae, scheduler, concepts, precision: prec })
     }
 
     /// Adds concept tokens (from any source) to the tokenizer and the text encoder's extra

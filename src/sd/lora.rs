@@ -324,7 +324,7 @@ impl Lora {
         if self.entries.iter().any(|e| e.alpha.is_some()) {
             md.insert(LORA_ADAPTER_METADATA_KEY.to_string(), self.peft_config_json().to_string());
         }
-        crate::sd::weights::save_safetensors(path, &tensors, Some(md))
+        crate::nn::weights::save_safetensors(path, &tensors, Some(md))
     }
 
     /// diffusers' prefixed PEFT `LoraConfig`: the most common rank and alpha, with patterns for
@@ -455,7 +455,7 @@ pub fn attach_trainable(unet: &mut UNet, rank: usize, alpha: f64, seed: u64) -> 
         let down = (crate::schedule::ddim::seeded_randn(s, &[rank, in_dim], &device)? / rank as f64)?.to_dtype(dtype)?;
         let down = candle_core::Var::from_tensor(&down)?;
         let up = candle_core::Var::zeros((out_dim, rank), dtype, &device)?;
-        lin.adapter = Some(crate::sd::nn::Adapter {
+        lin.adapter = Some(crate::nn::Adapter {
             down: down.as_tensor().clone(),
             up: up.as_tensor().clone(),
             scale: alpha / rank as f64,

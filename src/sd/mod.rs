@@ -1,20 +1,15 @@
-//! Stable Diffusion 1.x components, loaded from a diffusers folder with diffusers' key names.
-pub mod attention_grad;
-pub mod bf16;
+//! Stable Diffusion 1.x: the models (tokenizer, CLIP text encoder, UNet, VAE) built from
+//! [`crate::nn`] layers with diffusers' key names, and their file formats (configs, concept
+//! embeddings, LoRA files, model folders).
 pub mod clip;
 pub mod concepts;
 pub mod config;
-pub mod frozen;
+pub mod inspect;
 pub mod loader;
 pub mod lora;
-pub mod inspect;
-pub mod kernels;
-pub mod nn;
 pub mod tokenizer;
-pub mod torch_pickle;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;
-pub mod weights;
 
 pub use loader::StableDiffusion;

@@ -4,9 +4,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::sd::config::{BlockConfig, BlockKind, UNetConfig};
-use crate::sd::nn::{Conv2d, GroupNorm, Linear, Mode};
+use crate::nn::{Conv2d, GroupNorm, Linear, Mode};
 use crate::sd::unet_blocks::{Downsample2D, ResnetBlock2D, ResnetSpec, Transformer2D, TransformerSpec, Upsample2D};
-use crate::sd::weights::Weights;
+use crate::nn::weights::Weights;
 
 /// Sinusoidal timestep features as diffusers' `get_timestep_embedding`, computed in f32:
 /// freq_i = exp(-ln(10000) * i / (half - shift)), features = [sin(t f), cos(t f)], or

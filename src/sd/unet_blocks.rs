@@ -4,10 +4,9 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::sd::kernels::profile::{scope, Class};
-use crate::sd::kernels::{self, ConvInput};
-use crate::sd::nn::{attention, Activation, Conv2d, GroupNorm, LayerNorm, Linear, Mode};
-use crate::sd::weights::Weights;
+use crate::instrument::profile::{scope, Class};
+use crate::nn::linear::Pointwise;
+use crate::nn::{attention, fast_ok, geglu, Activation, Conv2d, ConvInput, GroupNorm, LayerNorm, Linear, Mode, Weights};
 
 /// diffusers' `ResnetBlock2D` (time-scale-shift "default"): two GroupNorm-act-conv stages, the
 /// projected time embedding added in between, a 1x1 shortcut when channels change.
@@ -72,7 +71,7 @@ impl ResnetBlock2D {
     }
 
     fn fast(&self, x: &Tensor, temb: Option<&Tensor>) -> bool {
-        let p = |t: &Tensor| kernels::fast_ok(&[t]);
+        let p = |t: &Tensor| fast_ok(&[t]);
         p(x) && temb.is_none_or(p)
             && [&self.norm1, &self.norm2].iter().all(|n| p(&n.weight) && p(&n.bias))
             && self.conv1.fast(x)
@@ -220,9 +219,8 @@ impl FeedForward {
     fn forward_residual(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         if self.proj.fast(x) {
             let h = self.proj.forward(x)?;
-            if kernels::fast_ok(&[&h]) {
-                let g = scope(Class::Elementwise, || kernels::geglu(&h))?;
-                return self.out.forward_residual(&g, residual);
+            if fast_ok(&[&h]) {
+                return self.out.forward_residual(&geglu(&h)?, residual);
             }
         }
         let y = self.forward_composed(x)?;
@@ -234,13 +232,7 @@ impl FeedForward {
 
     fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
-        let half = h.dim(candle_core::D::Minus1)? / 2;
-        let g = scope(Class::Elementwise, || -> Result<Tensor> {
-            let value = h.narrow(candle_core::D::Minus1, 0, half)?;
-            let gate = h.narrow(candle_core::D::Minus1, half, half)?;
-            Ok((value * gate.gelu_erf()?)?)
-        })?;
-        self.out.forward(&g)
+        self.out.forward(&crate::nn::activation::geglu_composed(&h)?)
     }
 }
 
@@ -273,7 +265,7 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let ctx1 = if self.only_cross_attention { Some(context) } else { None };
-        if kernels::fast_ok(&[x, context]) {
+        if fast_ok(&[x, context]) {
             // Residual adds fused into to_out / ff.out (they fall back to a separate add when
             // a weight tracks gradients).
             let x = self.attn1.forward_residual(&self.norm1.forward(x)?, ctx1, Some(x))?;
@@ -343,7 +335,7 @@ impl Transformer2D {
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         // The fused proj_out records no backward: a context that tracks gradients (textual
         // inversion) must take the composed path, or the gradient would stop here.
-        if self.fast(x) && kernels::fast_ok(&[context]) {
+        if self.fast(x) && fast_ok(&[context]) {
             return self.forward_fused(x, context);
         }
         let (b, c, h, w) = x.dims4()?;
@@ -367,36 +359,32 @@ impl Transformer2D {
         Ok(scope(Class::Elementwise, || out + x)?)
     }
 
-    fn proj_params(p: &Proj) -> (&Tensor, Option<&Tensor>) {
+    fn pointwise(p: &Proj) -> Pointwise<'_> {
         match p {
-            Proj::Conv(c) => (&c.weight, c.bias.as_ref()),
-            Proj::Linear(l) => (&l.weight, l.bias.as_ref()),
+            Proj::Conv(c) => c.pointwise(),
+            Proj::Linear(l) => l.pointwise(),
         }
     }
 
     fn fast(&self, x: &Tensor) -> bool {
         let ok = |p: &Proj| {
-            let (w, b) = Self::proj_params(p);
-            kernels::fast_ok(&[w]) && b.is_none_or(|b| kernels::fast_ok(&[b]))
+            let pw = Self::pointwise(p);
+            fast_ok(&[pw.weight]) && pw.bias.is_none_or(|b| fast_ok(&[b]))
         };
-        kernels::fast_ok(&[x, &self.norm.weight, &self.norm.bias]) && ok(&self.proj_in) && ok(&self.proj_out)
+        fast_ok(&[x, &self.norm.weight, &self.norm.bias]) && ok(&self.proj_in) && ok(&self.proj_out)
     }
 
     /// proj_in reads the normalised NCHW map as tokens and proj_out writes NCHW plus the
     /// residual, with the transposes folded into the products (1x1 conv and linear projection
     /// are the same product).
     fn forward_fused(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
+        let (_, _, h, w) = x.dims4()?;
         let hn = self.norm.forward(x)?;
-        let (wi, bi) = Self::proj_params(&self.proj_in);
-        crate::sd::nn::add_flops(b * h * w * c * wi.dim(0)?);
-        let mut tokens = scope(Class::Linear, || kernels::pointwise_to_tokens(&hn, wi, bi))?;
+        let mut tokens = Self::pointwise(&self.proj_in).to_tokens(&hn)?;
         for block in &self.blocks {
             tokens = block.forward(&tokens, context)?;
         }
-        let (wo, bo) = Self::proj_params(&self.proj_out);
-        crate::sd::nn::add_flops(b * h * w * tokens.dim(2)? * wo.dim(0)?);
-        scope(Class::Linear, || kernels::pointwise_from_tokens(&tokens, wo, bo, Some(x), h, w))
+        Self::pointwise(&self.proj_out).from_tokens(&tokens, h, w, Some(x))
     }
 
     pub fn blocks_mut(&mut self) -> &mut [BasicTransformerBlock] {
@@ -433,14 +421,10 @@ impl SpatialSelfAttention {
         let (b, c, h, w) = x.dims4()?;
         if [&self.to_q, &self.to_k, &self.to_v, &self.to_out].iter().all(|l| l.fast(x)) {
             let hn = self.group_norm.forward(x)?;
-            let proj = |l: &Linear| -> Result<Tensor> {
-                crate::sd::nn::add_flops(b * h * w * c * l.weight.dim(0)?);
-                scope(Class::Linear, || kernels::pointwise_to_tokens(&hn, &l.weight, l.bias.as_ref()))
-            };
+            let proj = |l: &Linear| l.pointwise().to_tokens(&hn);
             let (q, k, v) = (proj(&self.to_q)?, proj(&self.to_k)?, proj(&self.to_v)?);
             let a = attention(&q, &k, &v, 1, None, self.mode)?;
-            crate::sd::nn::add_flops(b * h * w * c * self.to_out.weight.dim(0)?);
-            return scope(Class::Linear, || kernels::pointwise_from_tokens(&a, &self.to_out.weight, self.to_out.bias.as_ref(), Some(x), h, w));
+            return self.to_out.pointwise().from_tokens(&a, h, w, Some(x));
         }
         let hn = self.group_norm.forward(x)?;
         let tokens = scope(Class::Layout, || hn.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous())?;

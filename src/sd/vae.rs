@@ -4,9 +4,9 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::sd::config::VaeConfig;
-use crate::sd::nn::{Conv2d, GroupNorm, Mode};
+use crate::nn::{Conv2d, GroupNorm, Mode};
 use crate::sd::unet_blocks::{Downsample2D, ResnetBlock2D, ResnetSpec, SpatialSelfAttention, Upsample2D};
-use crate::sd::weights::Weights;
+use crate::nn::weights::Weights;
 
 /// diffusers hard-codes this epsilon for every VAE norm.
 const VAE_EPS: f64 = 1e-6;

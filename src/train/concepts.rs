@@ -10,7 +10,7 @@
 //! target)^2)` with target = noise (epsilon models) or velocity (v-prediction models).
 //! Gradients reach only the concept rows (and the adapters): the base vocabulary and every
 //! model weight stay frozen, and frozen matmul operands get no gradient computed at all
-//! (see [`crate::sd::frozen`]).
+//! (see [`crate::nn::frozen`]).
 //!
 //! Every random draw of a step derives from (seed, phase, step, micro-batch), so a run resumed
 //! from a checkpoint (rows, adapters, optimizer moments, step) continues exactly as the
@@ -270,7 +270,7 @@ pub struct Trainer<'a> {
 
 impl<'a> Trainer<'a> {
     /// Adds the tokens, initialises their rows, attaches adapters and encodes the dataset.
-    /// `sd` must be loaded in [`Mode::Train`](crate::sd::nn::Mode) without concepts.
+    /// `sd` must be loaded in [`Mode::Train`](crate::nn::Mode) without concepts.
     pub fn new(sd: &'a mut StableDiffusion, ds: &Dataset, settings: TrainSettings, progress: bool) -> Result<Self> {
         let s = &settings;
         validate(sd, ds, s)?;
@@ -510,7 +510,7 @@ impl<'a> Trainer<'a> {
         summary.loss_last = mean(&losses_now[n - tenth..]);
         summary.seconds = start_time.elapsed().as_secs_f64();
         summary.seconds_per_step = if n > 0 { summary.seconds / n as f64 } else { 0.0 };
-        summary.peak_rss_mib = crate::bench::peak_rss_mib();
+        summary.peak_rss_mib = crate::instrument::peak_rss_mib();
         Ok(summary)
     }
 
@@ -545,7 +545,7 @@ impl<'a> Trainer<'a> {
                 meta.insert(format!("adam.{name}.t"), o.t.to_string());
             }
         }
-        crate::sd::weights::save_safetensors(path, &tensors, Some(meta))
+        crate::nn::weights::save_safetensors(path, &tensors, Some(meta))
     }
 }
 

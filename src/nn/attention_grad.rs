@@ -14,7 +14,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 
 use crate::error::Result;
-use crate::sd::kernels;
+use crate::kernels;
 
 /// Multi-head attention `q` [b, n, h*d], `k`/`v` [b, m, h*d] -> [b, n, h*d] with a backward
 /// pass. CPU, f32 only (see [`usable`]).

@@ -1,5 +1,6 @@
 //! bf16 products with f32 accumulation for CPUs with AVX-512 BF16 (`vdpbf16ps`), used by the
-//! convolution and linear kernels when [`set_enabled`] turned them on (`--precision bf16`).
+//! convolution and linear kernels when a layer's precision is bf16 (`--precision bf16`) and it
+//! hands them its packed weight.
 //!
 //! Operands are rounded to bf16 (round to nearest even, as PyTorch's `.to(torch.bfloat16)`);
 //! every product of a pair of bf16 values is exact in f32 and sums are accumulated in f32, so
@@ -12,21 +13,15 @@
 //! an offset into it, so the taps are summed inside the microkernel without any im2col copy.
 //! Each output element is summed in a fixed order (taps, then k pairs) by one task, so results
 //! do not depend on the number of threads.
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-
 use rayon::prelude::*;
 
+use super::SendPtr;
 use crate::error::{Error, Result};
-use crate::sd::kernels::SendPtr;
 
 /// Rows of A (output channels / rows) per microkernel call.
 pub const MR: usize = 8;
 /// Columns of B per microkernel call (two zmm registers of f32).
 pub const NR: usize = 32;
-
-static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Whether this CPU can run the bf16 kernels.
 pub fn supported() -> bool {
@@ -38,19 +33,6 @@ pub fn supported() -> bool {
     {
         false
     }
-}
-
-/// Switches bf16 products on or off process-wide (off by default).
-pub fn set_enabled(on: bool) -> Result<()> {
-    if on && !supported() {
-        return Err(Error::invalid("--precision bf16 needs a CPU with AVX-512 BF16 (e.g. AMD Zen 4, Intel Sapphire Rapids); use f32"));
-    }
-    ENABLED.store(on, Ordering::Relaxed);
-    Ok(())
-}
-
-pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
 }
 
 fn bf16(x: f32) -> u16 {
@@ -139,23 +121,6 @@ impl PairPlanes {
 
 }
 
-type Packed = Arc<dyn std::any::Any + Send + Sync>;
-
-/// Packed weights, made once per weight tensor (weights are immutable while inferring).
-static PACKED: OnceLock<Mutex<HashMap<(candle_core::TensorId, std::any::TypeId), Packed>>> = OnceLock::new();
-
-/// The packed form `T` of a weight tensor, made by `make` on first use.
-pub fn cached<T: Send + Sync + 'static>(id: candle_core::TensorId, make: impl FnOnce() -> T) -> Arc<T> {
-    let map = PACKED.get_or_init(Default::default);
-    let key = (id, std::any::TypeId::of::<T>());
-    if let Some(p) = map.lock().expect("bf16 cache").get(&key) {
-        return p.clone().downcast::<T>().expect("keyed by type");
-    }
-    let p = Arc::new(make());
-    map.lock().expect("bf16 cache").insert(key, p.clone() as Packed);
-    p
-}
-
 #[derive(Clone, Copy)]
 struct Ptr<T>(*const T);
 unsafe impl<T> Send for Ptr<T> {}
@@ -169,6 +134,9 @@ pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
     }
     if a.m == 0 || n == 0 {
         return Ok(());
+    }
+    if !supported() {
+        return Err(Error::invalid("bf16 products need a CPU with AVX-512 BF16; use f32"));
     }
     let max_off = offs.iter().copied().max().unwrap_or(0);
     if max_off + n.div_ceil(NR) * NR > 2 * b.plane + NR * 2 || dst.len() < (a.m - 1) * dst_rs + n {

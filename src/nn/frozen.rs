@@ -19,9 +19,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, MetalStorage, Shape, Tensor};
 
+use std::sync::{Arc, OnceLock};
+
 use crate::error::Result;
-use crate::sd::kernels::{self, ConvInput};
-use crate::sd::nn::Conv2d;
+use crate::kernels::{self, bf16::PackedA, ConvInput};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
@@ -95,28 +96,45 @@ impl CustomOp2 for FrozenRhsMatmul {
     }
 }
 
-/// Whether `conv.forward(x)` should go through [`conv2d_frozen`]: only the input is part of a
-/// graph, on the CPU in f32, with padding the gradient convolution can express.
-pub fn use_frozen_conv(x: &Tensor, conv: &Conv2d) -> bool {
-    let k = conv.weight.dim(3).unwrap_or(0);
+/// The flipped, transposed kernel of a frozen convolution, made on first use and kept by the
+/// layer (shared by its clones).
+pub type GradKernel = Arc<OnceLock<Tensor>>;
+
+/// What the frozen-weight convolution needs of a `Conv2d` layer.
+pub struct ConvParts {
+    /// [cout, cin, k, k]
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+    /// The weight packed for bf16 products (forward only), when the layer runs in bf16.
+    pub packed: Option<Arc<PackedA>>,
+    pub grad_kernel: GradKernel,
+}
+
+/// Whether a convolution of `x` with this weight should go through [`conv2d_frozen`]: only the
+/// input is part of a graph, on the CPU in f32, with padding the gradient convolution can
+/// express.
+pub fn use_frozen_conv(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> bool {
+    let k = weight.dim(3).unwrap_or(0);
     enabled()
         && x.track_op()
-        && !conv.weight.track_op()
-        && conv.bias.as_ref().is_none_or(|b| !b.track_op())
-        && kernels::fast_dtype_ok(&[x, &conv.weight])
-        && conv.weight.dim(2).ok() == Some(k)
-        && conv.padding < k
-        && conv.stride >= 1
+        && !weight.track_op()
+        && bias.is_none_or(|b| !b.track_op())
+        && kernels::fast_dtype_ok(&[x, weight])
+        && weight.dim(2).ok() == Some(k)
+        && padding < k
+        && stride >= 1
 }
 
 /// `conv(x) + bias` whose backward produces only the gradient of `x`.
-pub fn conv2d_frozen(x: &Tensor, conv: &Conv2d) -> Result<Tensor> {
-    let op = FrozenConv { conv: conv.clone() };
+pub fn conv2d_frozen(x: &Tensor, conv: ConvParts) -> Result<Tensor> {
+    let op = FrozenConv { conv };
     Ok(x.contiguous()?.apply_op1(op)?)
 }
 
 struct FrozenConv {
-    conv: Conv2d,
+    conv: ConvParts,
 }
 
 impl FrozenConv {
@@ -148,7 +166,7 @@ impl CustomOp1 for FrozenConv {
         let c = &self.conv;
         let p = c.padding;
         let input = ConvInput { upsample: None, pad: (p, p, p, p) };
-        kernels::op_output(kernels::conv2d(&x, &c.weight, c.bias.as_ref(), None, c.stride, input, None, 1.0), OP)
+        kernels::op_output(kernels::conv2d(&x, &c.weight, c.bias.as_ref(), None, c.stride, input, None, 1.0, c.packed.as_deref()), OP)
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -179,7 +197,8 @@ impl CustomOp1 for FrozenConv {
         let q = k - 1 - p;
         // Output size of the padded convolution: gh + 2q + extra - k + 1 must equal h.
         let (eh, ew) = ((h + k - 1) - (gh + 2 * q), (w + k - 1) - (gw + 2 * q));
-        let dx = kernels::conv2d(&g, &self.grad_kernel()?, None, None, 1, ConvInput { upsample: None, pad: (q, q, q + eh, q + ew) }, None, 1.0)
+        // The input gradient is computed in f32 whatever the layer's precision.
+        let dx = kernels::conv2d(&g, &self.grad_kernel()?, None, None, 1, ConvInput { upsample: None, pad: (q, q, q + eh, q + ew) }, None, 1.0, None)
             .map_err(to_msg)?;
         Ok(Some(dx))
     }

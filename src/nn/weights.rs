@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor, Var};
 
+use super::Precision;
 use crate::error::{Error, Result};
 
 /// Where tensors come from.
@@ -41,6 +42,7 @@ struct Shared {
 pub struct Weights {
     shared: Arc<Shared>,
     prefix: String,
+    precision: Precision,
 }
 
 impl Weights {
@@ -69,7 +71,7 @@ impl Weights {
             trainable: Vec::new(),
             vars: Mutex::new(Vec::new()),
         };
-        Weights { shared: Arc::new(shared), prefix: String::new() }
+        Weights { shared: Arc::new(shared), prefix: String::new(), precision: Precision::F32 }
     }
 
     fn shared_mut(&mut self) -> &mut Shared {
@@ -93,6 +95,16 @@ impl Weights {
         self.shared.vars.lock().unwrap().clone()
     }
 
+    /// The layers loaded from these weights run their products at `precision` (default f32).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
     pub fn dtype(&self) -> DType {
         self.shared.dtype
     }
@@ -113,7 +125,7 @@ impl Weights {
     pub fn pp(&self, name: impl ToString) -> Self {
         let name = name.to_string();
         let prefix = if self.prefix.is_empty() { name } else { format!("{}.{name}", self.prefix) };
-        Weights { shared: self.shared.clone(), prefix }
+        Weights { shared: self.shared.clone(), prefix, precision: self.precision }
     }
 
     /// The full checkpoint key of `name` under this prefix.

@@ -1,0 +1,181 @@
+//! Attention: softmax(scale * Q K^T + mask) V without materialising all scores. Work is split
+//! into (batch, head, block of query rows) tasks; each computes its block's full score rows
+//! (block x m, in a per-thread scratch buffer), an exact max-subtracted softmax, and P V.
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+use super::gemm::sgemm;
+use super::simd::{dispatch, exp_v, Vf, LANES, S1};
+use super::{tensor, uninit, with_slices, SendPtr};
+use crate::error::{Error, Result};
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Row max, then e^(x - max) in place, returning the row sum. Fixed order: 16 strided lanes,
+/// then the lanes in order, then the tail.
+#[inline(always)]
+fn softmax_row<V: Vf>(row: &mut [f32]) -> f32 {
+    let n = row.len();
+    let body = n / LANES * LANES;
+    let p = row.as_mut_ptr();
+    let mut vmax = V::splat(f32::NEG_INFINITY);
+    let mut i = 0;
+    while i < body {
+        // SAFETY: i + 16 <= body <= n (V::N is 16 for the vector types used here).
+        vmax = vmax.max(unsafe { V::load(p.add(i)) });
+        i += V::N;
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in vmax.lanes()[..V::N].iter().chain(&row[body..]) {
+        m = if v > m { v } else { m };
+    }
+    if m == f32::NEG_INFINITY {
+        m = 0.0;
+    }
+    let vm = V::splat(m);
+    let mut vsum = V::splat(0.0);
+    let mut i = 0;
+    while i < body {
+        unsafe {
+            let e = exp_v(V::load(p.add(i)).sub(vm));
+            e.store(p.add(i));
+            vsum = vsum.add(e);
+        }
+        i += V::N;
+    }
+    let mut sum = 0f32;
+    for &l in &vsum.lanes()[..V::N] {
+        sum += l;
+    }
+    for v in &mut row[body..] {
+        *v = exp_v(S1(*v).sub(S1(m))).0;
+        sum += *v;
+    }
+    sum
+}
+
+#[inline(always)]
+fn softmax_rows_imp<V: Vf>(s: &mut [f32], cols: usize, sums: &mut [f32]) {
+    for (row, sum) in s.chunks_exact_mut(cols).zip(sums.iter_mut()) {
+        *sum = softmax_row::<V>(row);
+    }
+}
+dispatch!(fn softmax_rows(s: &mut [f32], cols: usize, sums: &mut [f32]) => softmax_rows_imp);
+
+fn add_mask(s: &mut [f32], mask: &[f32]) {
+    for (v, &mv) in s.iter_mut().zip(mask) {
+        *v += mv;
+    }
+}
+
+/// In-place softmax over the last dim of contiguous rows of `cols` (inference only; same
+/// maths as the attention kernel).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let cols = *dims.last().ok_or_else(|| Error::invalid("softmax: scalar input"))?;
+    let out = with_slices(&[x], |s| {
+        let mut out = s[0].to_vec();
+        if cols > 0 {
+            out.par_chunks_mut(cols).for_each(|row| {
+                let mut sum = [0f32];
+                softmax_rows(row, cols, &mut sum);
+                let inv = sum[0];
+                for v in row.iter_mut() {
+                    *v /= inv;
+                }
+            });
+        }
+        out
+    })?;
+    tensor(out, &dims)
+}
+
+/// Multi-head attention on token-major inputs: `q` [b, n, heads*d], `k`/`v` [b, m, heads*d],
+/// optional additive `mask` [n, m] (broadcast over batch and heads). Returns [b, n, heads*d].
+/// Inference only.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let (bk, m, inner_k) = k.dims3()?;
+    if bk != b || inner_k != inner || v.dims() != k.dims() || heads == 0 || inner % heads != 0 {
+        return Err(Error::invalid(format!("attention: q {:?}, k {:?}, v {:?}, {heads} heads", q.dims(), k.dims(), v.dims())));
+    }
+    if let Some(mk) = mask {
+        if mk.dims() != [n, m] {
+            return Err(Error::invalid(format!("attention: mask {:?}, expected [{n}, {m}]", mk.dims())));
+        }
+    }
+    let d = inner / heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    // Query block: enough rows for an efficient gemm, the score block within ~512 KiB.
+    let bq = ((128 * 1024) / m.max(1)).clamp(16, 128).min(n.max(1));
+    let nblocks = n.div_ceil(bq);
+    let mut ts: Vec<&Tensor> = vec![q, k, v];
+    if let Some(mk) = mask {
+        ts.push(mk);
+    }
+    let out = with_slices(&ts, |s| {
+        let (qs, ks, vs) = (s[0], s[1], s[2]);
+        let ms = mask.map(|_| s[3]);
+        let mut out = uninit(b * n * inner);
+        if out.is_empty() || m == 0 {
+            out.fill(0.0);
+            return out;
+        }
+        let optr = SendPtr(out.as_mut_ptr());
+        (0..b * heads * nblocks).into_par_iter().for_each(|task| {
+            let optr = optr;
+            let blk = task % nblocks;
+            let bh = task / nblocks;
+            let (bi, hi) = (bh / heads, bh % heads);
+            let q0 = blk * bq;
+            let rows = bq.min(n - q0);
+            SCRATCH.with(|sc| {
+                let mut sc = sc.borrow_mut();
+                if sc.len() < rows * m + rows {
+                    sc.resize(rows * m + rows, 0.0);
+                }
+                let (sbuf, sums) = sc.split_at_mut(rows * m);
+                let sums = &mut sums[..rows];
+                unsafe {
+                    // S = scale * Q_blk K^T
+                    sgemm(
+                        rows,
+                        m,
+                        d,
+                        sbuf.as_mut_ptr(),
+                        m,
+                        1,
+                        false,
+                        qs[(bi * n + q0) * inner + hi * d..].as_ptr(),
+                        inner,
+                        1,
+                        ks[bi * m * inner + hi * d..].as_ptr(),
+                        1,
+                        inner,
+                        scale,
+                        1,
+                    );
+                }
+                if let Some(mk) = ms {
+                    add_mask(sbuf, &mk[q0 * m..(q0 + rows) * m]);
+                }
+                softmax_rows(sbuf, m, sums);
+                // O_blk = P V, then divide each row by its sum.
+                let o = unsafe { optr.0.add((bi * n + q0) * inner + hi * d) };
+                unsafe {
+                    sgemm(rows, d, m, o, inner, 1, false, sbuf.as_ptr(), m, 1, vs[bi * m * inner + hi * d..].as_ptr(), inner, 1, 1.0, 1);
+                }
+                for (r, &sum) in sums.iter().enumerate() {
+                    let row = unsafe { std::slice::from_raw_parts_mut(o.add(r * inner), d) };
+                    for x in row.iter_mut() {
+                        *x /= sum;
+                    }
+                }
+            });
+        });
+        out
+    })?;
+    tensor(out, &[b, n, inner])
+}

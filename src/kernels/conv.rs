@@ -1,0 +1,275 @@
+//! Convolution (NCHW), as k*k accumulated gemms over a zero-padded copy of the input: tap
+//! (kh, kw) of output pixel p = oy*We + ox reads padded pixel s*p + kh*Wp + kw, a strided view,
+//! so no im2col matrix is built. Outputs are computed on a grid We = Wp/s wide (a few junk
+//! columns per row) and compacted, with bias / residual / scale, into NCHW.
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+use super::bf16::{self, PackedA};
+use super::gemm::{sgemm, threads};
+use super::{tensor, uninit, with_slices};
+use crate::error::{Error, Result};
+
+/// How a convolution's input is prepared: nearest-upsampled to a size first, then padded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvInput {
+    /// Nearest-neighbour resize to (h, w) before padding (candle's `upsample_nearest2d` rule).
+    pub upsample: Option<(usize, usize)>,
+    /// (top, left, bottom, right) zero padding.
+    pub pad: (usize, usize, usize, usize),
+}
+
+/// `x` [b, cin, h, w], `weight` [cout, cin, k, k], `bias` [cout], `extra_bias` [b, cout]:
+/// convolution with `stride`, input prepared per `input`, then
+/// `(conv + bias + extra_bias + residual) / out_scale`. With `packed` (the weight from
+/// [`pack_weight`]) the products take bf16 inputs with f32 accumulation. Inference only.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    extra_bias: Option<&Tensor>,
+    stride: usize,
+    input: ConvInput,
+    residual: Option<&Tensor>,
+    out_scale: f64,
+    packed: Option<&PackedA>,
+) -> Result<Tensor> {
+    let (b, cin, h0, w0) = x.dims4()?;
+    let (cout, wcin, kh, kw) = weight.dims4()?;
+    if wcin != cin || kh != kw || stride == 0 {
+        return Err(Error::invalid(format!("conv2d: input {:?}, weight {:?}, stride {stride}", x.dims(), weight.dims())));
+    }
+    let k = kh;
+    let (h, w) = input.upsample.unwrap_or((h0, w0));
+    let (pt, pl, pb, pr) = input.pad;
+    let (hp, wp_real) = (h + pt + pb, w + pl + pr);
+    if hp < k || wp_real < k {
+        return Err(Error::invalid(format!("conv2d: padded input {hp}x{wp_real} smaller than kernel {k}")));
+    }
+    let ho = (hp - k) / stride + 1;
+    let wo = (wp_real - k) / stride + 1;
+    let out_shape = [b, cout, ho, wo];
+    if let Some(r) = residual {
+        if r.dims() != out_shape {
+            return Err(Error::invalid(format!("conv2d: residual {:?} vs output {out_shape:?}", r.dims())));
+        }
+    }
+    if let Some(e) = extra_bias {
+        if e.dims() != [b, cout] {
+            return Err(Error::invalid(format!("conv2d: extra bias {:?} vs [{b}, {cout}]", e.dims())));
+        }
+    }
+    if let Some(pw) = packed {
+        if (pw.m, pw.taps, pw.k_pairs) != (cout, k * k, cin.div_ceil(2)) {
+            return Err(Error::invalid(format!("conv2d: packed weight does not match {:?}", weight.dims())));
+        }
+    }
+    let direct = k == 1 && stride == 1 && input.upsample.is_none() && input.pad == (0, 0, 0, 0);
+    let mut ts: Vec<&Tensor> = vec![x, weight];
+    ts.extend(bias);
+    ts.extend(extra_bias);
+    ts.extend(residual);
+    let inv_scale = out_scale != 1.0;
+    let out = with_slices(&ts, |s| {
+        let (xs, ws) = (s[0], s[1]);
+        let mut next = 2;
+        let mut take = |present: bool| {
+            present.then(|| {
+                next += 1;
+                s[next - 1]
+            })
+        };
+        let bias_s = take(bias.is_some());
+        let extra_s = take(extra_bias.is_some());
+        let rs = take(residual.is_some());
+        // Per-sample bias: bias + extra_bias[bi] (the sum rounded once, before the product).
+        let sample_bias = |bi: usize| -> Option<Vec<f32>> {
+            match (bias_s, extra_s) {
+                (None, None) => None,
+                (Some(bv), None) => Some(bv.to_vec()),
+                (None, Some(e)) => Some(e[bi * cout..(bi + 1) * cout].to_vec()),
+                (Some(bv), Some(e)) => Some(bv.iter().zip(&e[bi * cout..(bi + 1) * cout]).map(|(a, b)| a + b).collect()),
+            }
+        };
+        let nt = threads();
+        let in_plane = h0 * w0;
+        let out_plane = ho * wo;
+        let mut out = uninit(b * cout * out_plane);
+        if out.is_empty() {
+            return out;
+        }
+        if direct {
+            for bi in 0..b {
+                let dst = &mut out[bi * cout * out_plane..(bi + 1) * cout * out_plane];
+                let bvec = sample_bias(bi);
+                let acc = preload_channels(dst, out_plane, bvec.as_deref(), rs.map(|r| &r[bi * cout * out_plane..(bi + 1) * cout * out_plane]));
+                match packed {
+                    Some(pw) => {
+                        let xb = bf16::PairPlanes::from_rows(&xs[bi * cin * in_plane..], cin, in_plane, in_plane);
+                        bf16::gemm_taps(pw, &xb, &[0], out_plane, dst, out_plane, acc).expect("shapes checked above");
+                    }
+                    None => unsafe {
+                        sgemm(cout, out_plane, cin, dst.as_mut_ptr(), out_plane, 1, acc, ws.as_ptr(), cin, 1, xs[bi * cin * in_plane..].as_ptr(), in_plane, 1, 1.0, nt)
+                    },
+                }
+                if inv_scale {
+                    scale_slice(dst, (1.0 / out_scale) as f32, out_scale as f32);
+                }
+            }
+            return out;
+        }
+        // The padded input is split into stride x stride phase planes of hq x wq,
+        // phase (py, px)[i, j] = padded[s*i + py, s*j + px]: tap (ty, tx) of output (oy, ox) is
+        // then phase (ty % s, tx % s) at (oy + ty / s, ox + tx / s), a unit-stride view. For
+        // stride 1 there is one phase, the padded input itself. Outputs use a grid wq wide.
+        let s_ = stride;
+        let (hq, wq) = (hp.div_ceil(s_), wp_real.div_ceil(s_));
+        let phase = hq * wq;
+        let plane = s_ * s_ * phase;
+        let we = wq;
+        let n_ext = ho * we;
+        let slack = (k / s_ + 1) * wq + k;
+        let mut xp = vec![0f32; cin * plane + slack];
+        let mut ext = uninit(cout * n_ext);
+        // Exactly candle's nearest rule: src = min(src_len - 1, floor(i * (src_len / dst_len))).
+        let (sh, sw) = (h0 as f64 / h as f64, w0 as f64 / w as f64);
+        let src_rows: Vec<usize> = (0..h).map(|i| ((i as f64 * sh) as usize).min(h0 - 1)).collect();
+        let src_cols: Vec<usize> = (0..w).map(|i| ((i as f64 * sw) as usize).min(w0 - 1)).collect();
+        let kk = k * k;
+        for bi in 0..b {
+            let xb = &xs[bi * cin * in_plane..(bi + 1) * cin * in_plane];
+            // Padded (and resized) copy; the zero border was set once and is never written.
+            xp[..cin * plane].par_chunks_mut(plane).enumerate().for_each(|(ci, dstp)| {
+                let src = &xb[ci * in_plane..(ci + 1) * in_plane];
+                for (y, &sy) in src_rows.iter().enumerate() {
+                    let srow = &src[sy * w0..(sy + 1) * w0];
+                    let yy = y + pt;
+                    if s_ == 1 {
+                        let drow = &mut dstp[yy * wq + pl..yy * wq + pl + w];
+                        if w == w0 {
+                            drow.copy_from_slice(srow);
+                        } else {
+                            for (d, &sx) in drow.iter_mut().zip(&src_cols) {
+                                *d = srow[sx];
+                            }
+                        }
+                    } else {
+                        let (py, i) = (yy % s_, yy / s_);
+                        for (x, &sx) in src_cols.iter().enumerate() {
+                            let xx = x + pl;
+                            let (px, j) = (xx % s_, xx / s_);
+                            dstp[(py * s_ + px) * phase + i * wq + j] = srow[sx];
+                        }
+                    }
+                }
+            });
+            let bvec = sample_bias(bi);
+            let acc = match bvec.as_deref() {
+                Some(bv) => {
+                    for (row, &bv) in ext.chunks_exact_mut(n_ext).zip(bv) {
+                        row.fill(bv);
+                    }
+                    true
+                }
+                None => false,
+            };
+            let tap_off = |t: usize| {
+                let (ty, tx) = (t / k, t % k);
+                ((ty % s_) * s_ + tx % s_) * phase + (ty / s_) * wq + tx / s_
+            };
+            if let Some(pw) = packed {
+                let xb = bf16::PairPlanes::from_rows(&xp, cin, plane, plane);
+                let offs: Vec<usize> = (0..kk).map(tap_off).collect();
+                bf16::gemm_taps(pw, &xb, &offs, n_ext, &mut ext, n_ext, acc).expect("shapes checked above");
+            } else {
+                for t in 0..kk {
+                    let off = tap_off(t);
+                    unsafe {
+                        sgemm(
+                            cout,
+                            n_ext,
+                            cin,
+                            ext.as_mut_ptr(),
+                            n_ext,
+                            1,
+                            acc || t > 0,
+                            ws[t..].as_ptr(),
+                            cin * kk,
+                            kk,
+                            xp[off..].as_ptr(),
+                            plane,
+                            1,
+                            1.0,
+                            nt,
+                        )
+                    };
+                }
+            }
+            // Compact into NCHW with the epilogue.
+            let dst = &mut out[bi * cout * out_plane..(bi + 1) * cout * out_plane];
+            let res = rs.map(|r| &r[bi * cout * out_plane..(bi + 1) * cout * out_plane]);
+            let ext_ref = &ext;
+            dst.par_chunks_mut(out_plane).enumerate().for_each(|(co, dplane)| {
+                let eplane = &ext_ref[co * n_ext..(co + 1) * n_ext];
+                for oy in 0..ho {
+                    let d = &mut dplane[oy * wo..(oy + 1) * wo];
+                    let e = &eplane[oy * we..oy * we + wo];
+                    match res {
+                        Some(r) => {
+                            let r = &r[co * out_plane + oy * wo..co * out_plane + (oy + 1) * wo];
+                            for ((dv, &ev), &rv) in d.iter_mut().zip(e).zip(r) {
+                                *dv = rv + ev;
+                            }
+                        }
+                        None => d.copy_from_slice(e),
+                    }
+                    if inv_scale {
+                        for dv in d.iter_mut() {
+                            *dv /= out_scale as f32;
+                        }
+                    }
+                }
+            });
+        }
+        out
+    })?;
+    tensor(out, &out_shape)
+}
+
+/// Fills `dst` [c, plane] with `residual + bias[c]`; returns whether anything was written.
+pub(crate) fn preload_channels(dst: &mut [f32], plane: usize, bias: Option<&[f32]>, residual: Option<&[f32]>) -> bool {
+    match (bias, residual) {
+        (None, None) => false,
+        (Some(b), None) => {
+            for (row, &bv) in dst.chunks_exact_mut(plane).zip(b) {
+                row.fill(bv);
+            }
+            true
+        }
+        (None, Some(r)) => {
+            dst.copy_from_slice(r);
+            true
+        }
+        (Some(b), Some(r)) => {
+            for ((row, rrow), &bv) in dst.chunks_exact_mut(plane).zip(r.chunks_exact(plane)).zip(b) {
+                for (d, &rv) in row.iter_mut().zip(rrow) {
+                    *d = rv + bv;
+                }
+            }
+            true
+        }
+    }
+}
+
+fn scale_slice(x: &mut [f32], _inv: f32, div: f32) {
+    for v in x.iter_mut() {
+        *v /= div;
+    }
+}
+
+/// `weight` [cout, cin, k, k] packed for the bf16 path of [`conv2d`] (done once per layer).
+pub fn pack_weight(weight: &Tensor) -> Result<PackedA> {
+    let (cout, cin, kh, kw) = weight.dims4()?;
+    with_slices(&[weight], |s| PackedA::new(cout, kh * kw, cin, |co, t, ci| s[0][(co * cin + ci) * kh * kw + t]))
+}

@@ -1,0 +1,192 @@
+//! Linear layers: y = x W^T + b (+ residual), one gemm per batch element, and the pointwise
+//! (1x1) products that read or write NCHW maps as token rows.
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+use super::bf16::{self, PairPlanes};
+use super::conv::preload_channels;
+use super::gemm::{sgemm, threads};
+use super::{tensor, uninit, with_slices};
+use crate::error::{Error, Result};
+
+/// Fills `dst` (rows x cols, row-major) with `residual + bias` (either may be absent), returning
+/// whether anything was written (i.e. whether the gemm must accumulate).
+fn preload_rows(dst: &mut [f32], cols: usize, bias: Option<&[f32]>, residual: Option<&[f32]>) -> bool {
+    match (bias, residual) {
+        (None, None) => false,
+        (Some(b), None) => {
+            for row in dst.chunks_exact_mut(cols) {
+                row.copy_from_slice(b);
+            }
+            true
+        }
+        (None, Some(r)) => {
+            dst.copy_from_slice(r);
+            true
+        }
+        (Some(b), Some(r)) => {
+            for (row, rrow) in dst.chunks_exact_mut(cols).zip(r.chunks_exact(cols)) {
+                for ((d, &rv), &bv) in row.iter_mut().zip(rrow).zip(b) {
+                    *d = rv + bv;
+                }
+            }
+            true
+        }
+    }
+}
+
+/// `x` [items, rows, in] (rank >= 3: items = dim 0) or [rows, in] (rank 2: every row is its
+/// own item) times `weight` [out, in]^T, plus `bias` [out] and `residual` (shaped like the
+/// output). With `packed` (the weight from [`pack_weight`]) the products take bf16 inputs with
+/// f32 accumulation. Inference only (no backward).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, packed: Option<&PairPlanes>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let in_dim = *dims.last().ok_or_else(|| Error::invalid("linear: scalar input"))?;
+    let (out_dim, w_in) = weight.dims2()?;
+    if w_in != in_dim {
+        return Err(Error::invalid(format!("linear: input dim {in_dim} vs weight {:?}", weight.dims())));
+    }
+    let total_rows = x.elem_count() / in_dim.max(1);
+    let rows = if dims.len() >= 3 { total_rows / dims[0].max(1) } else { 1 };
+    let items = if rows == 0 { 0 } else { total_rows / rows };
+    let mut out_shape = dims.clone();
+    *out_shape.last_mut().unwrap() = out_dim;
+    let mut ts: Vec<&Tensor> = vec![x, weight];
+    if let Some(b) = bias {
+        ts.push(b);
+    }
+    if let Some(r) = residual {
+        if r.dims() != out_shape.as_slice() {
+            return Err(Error::invalid(format!("linear: residual {:?} vs output {out_shape:?}", r.dims())));
+        }
+        ts.push(r);
+    }
+    if let Some(pw) = packed {
+        if (pw.k_pairs, pw.plane) != (in_dim.div_ceil(2), out_dim) {
+            return Err(Error::invalid(format!("linear: packed weight does not match {:?}", weight.dims())));
+        }
+    }
+    let out = with_slices(&ts, |s| {
+        let (xs, ws) = (s[0], s[1]);
+        let bs = bias.map(|_| s[2]);
+        let rs = residual.map(|_| s[s.len() - 1]);
+        let mut out = uninit(total_rows * out_dim);
+        if total_rows == 0 || out_dim == 0 {
+            return out;
+        }
+        let nt = threads();
+        if rows == 1 && items > 1 {
+            // Single rows (e.g. the time embedding): rows are independent tasks.
+            out.par_chunks_mut(out_dim).enumerate().for_each(|(i, dst)| {
+                let acc = preload_rows(dst, out_dim, bs, rs.map(|r| &r[i * out_dim..(i + 1) * out_dim]));
+                unsafe {
+                    sgemm(1, out_dim, in_dim, dst.as_mut_ptr(), out_dim, 1, acc, xs[i * in_dim..].as_ptr(), in_dim, 1, ws.as_ptr(), 1, in_dim, 1.0, 1)
+                };
+            });
+            return out;
+        }
+        for i in 0..items {
+            let dst = &mut out[i * rows * out_dim..(i + 1) * rows * out_dim];
+            let acc = preload_rows(dst, out_dim, bs, rs.map(|r| &r[i * rows * out_dim..(i + 1) * rows * out_dim]));
+            if let Some(pw) = packed {
+                let xi = &xs[i * rows * in_dim..(i + 1) * rows * in_dim];
+                let a = bf16::PackedA::new(rows, 1, in_dim, |r, _, k| xi[r * in_dim + k]);
+                bf16::gemm_taps(&a, pw, &[0], out_dim, dst, out_dim, acc).expect("shapes checked above");
+                continue;
+            }
+            unsafe {
+                sgemm(
+                    rows,
+                    out_dim,
+                    in_dim,
+                    dst.as_mut_ptr(),
+                    out_dim,
+                    1,
+                    acc,
+                    xs[i * rows * in_dim..].as_ptr(),
+                    in_dim,
+                    1,
+                    ws.as_ptr(),
+                    1,
+                    in_dim,
+                    1.0,
+                    nt,
+                )
+            };
+        }
+        out
+    })?;
+    tensor(out, &out_shape)
+}
+
+/// Token features from an NCHW map through a pointwise layer: `x` [b, c, h, w], `weight`
+/// [cout, c] (or [cout, c, 1, 1]), `bias` [cout] -> [b, h*w, cout]; the transpose is folded
+/// into the product's strides. Inference only.
+pub fn pointwise_to_tokens(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let cout = weight.dim(0)?;
+    if weight.elem_count() != cout * c {
+        return Err(Error::invalid(format!("pointwise_to_tokens: input {:?}, weight {:?}", x.dims(), weight.dims())));
+    }
+    let hw = h * w;
+    let mut ts = vec![x, weight];
+    ts.extend(bias);
+    let out = with_slices(&ts, |s| {
+        let (xs, ws) = (s[0], s[1]);
+        let bs = bias.map(|_| s[2]);
+        let mut out = uninit(b * hw * cout);
+        let nt = threads();
+        for bi in 0..b {
+            let dst = &mut out[bi * hw * cout..(bi + 1) * hw * cout];
+            if dst.is_empty() {
+                continue;
+            }
+            let acc = preload_rows(dst, cout, bs, None);
+            unsafe { sgemm(hw, cout, c, dst.as_mut_ptr(), cout, 1, acc, xs[bi * c * hw..].as_ptr(), 1, hw, ws.as_ptr(), 1, c, 1.0, nt) };
+        }
+        out
+    })?;
+    tensor(out, &[b, hw, cout])
+}
+
+/// The inverse: `t` [b, h*w, c] through a pointwise layer (`weight` [cout, c] or
+/// [cout, c, 1, 1], `bias` [cout]) into NCHW [b, cout, h, w], plus `residual` (NCHW).
+/// Inference only.
+pub fn pointwise_from_tokens(t: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, h: usize, w: usize) -> Result<Tensor> {
+    let (b, hw, c) = t.dims3()?;
+    let cout = weight.dim(0)?;
+    if weight.elem_count() != cout * c || hw != h * w {
+        return Err(Error::invalid(format!("pointwise_from_tokens: tokens {:?}, weight {:?}, {h}x{w}", t.dims(), weight.dims())));
+    }
+    if let Some(r) = residual {
+        if r.dims() != [b, cout, h, w] {
+            return Err(Error::invalid(format!("pointwise_from_tokens: residual {:?}", r.dims())));
+        }
+    }
+    let mut ts = vec![t, weight];
+    ts.extend(bias);
+    ts.extend(residual);
+    let out = with_slices(&ts, |s| {
+        let (xs, ws) = (s[0], s[1]);
+        let bs = bias.map(|_| s[2]);
+        let rs = residual.map(|_| s[s.len() - 1]);
+        let mut out = uninit(b * cout * hw);
+        let nt = threads();
+        for bi in 0..b {
+            let dst = &mut out[bi * cout * hw..(bi + 1) * cout * hw];
+            if dst.is_empty() {
+                continue;
+            }
+            let acc = preload_channels(dst, hw, bs, rs.map(|r| &r[bi * cout * hw..(bi + 1) * cout * hw]));
+            unsafe { sgemm(cout, hw, c, dst.as_mut_ptr(), hw, 1, acc, ws.as_ptr(), c, 1, xs[bi * hw * c..].as_ptr(), 1, c, 1.0, nt) };
+        }
+        out
+    })?;
+    tensor(out, &[b, cout, h, w])
+}
+
+/// `weight` [out, in] packed for the bf16 path of [`linear`] (done once per layer).
+pub fn pack_weight(weight: &Tensor) -> Result<PairPlanes> {
+    let (out_dim, in_dim) = weight.dims2()?;
+    with_slices(&[weight], |s| PairPlanes::from_fn(in_dim, out_dim, |i, o| s[0][o * in_dim + i]))
+}

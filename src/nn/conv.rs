@@ -1,0 +1,165 @@
+//! `nn.Conv2d` with fused input preparation (nearest upsampling, asymmetric padding) and
+//! epilogues (bias, per-sample bias, residual, output scale), bf16 products, and a backward that
+//! skips the gradient of a frozen weight.
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use super::linear::Pointwise;
+use super::{frozen, PackedWeight, Precision, Weights};
+use crate::error::Result;
+use crate::instrument::flops;
+use crate::instrument::profile::{scope, Class};
+use crate::kernels::{self, bf16::PackedA};
+
+pub use crate::kernels::ConvInput;
+
+/// `nn.Conv2d` with square kernel, stride and symmetric padding.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+    pub precision: Precision,
+    packed: PackedWeight<PackedA>,
+    /// The flipped, transposed kernel that propagates gradients to the input when the weight
+    /// is frozen (made on first use, see [`frozen::conv2d_frozen`]).
+    grad_kernel: frozen::GradKernel,
+}
+
+impl Conv2d {
+    pub fn load(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
+        let weight = w.get(&[cout, cin, k, k], "weight")?;
+        let bias = Some(w.get(&[cout], "bias")?);
+        Ok(Self::new(weight, bias, stride, padding).with_precision(w.precision()))
+    }
+
+    /// A convolution from given tensors (weight [cout, cin, k, k]), products in f32.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
+        Conv2d { weight, bias, stride, padding, precision: Precision::F32, packed: PackedWeight::default(), grad_kernel: Default::default() }
+    }
+
+    /// The same layer with its products at `precision`.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        Conv2d { precision, ..self }
+    }
+
+    /// The bf16-packed weight when this layer runs its products in bf16.
+    fn packed(&self) -> Result<Option<Arc<PackedA>>> {
+        Ok(match self.precision {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(self.packed.get(&self.weight, kernels::conv::pack_weight)?),
+        })
+    }
+
+    /// The parts the frozen-weight convolution needs.
+    fn frozen_parts(&self) -> Result<frozen::ConvParts> {
+        Ok(frozen::ConvParts {
+            weight: self.weight.clone(),
+            bias: self.bias.clone(),
+            stride: self.stride,
+            padding: self.padding,
+            packed: self.packed()?,
+            grad_kernel: self.grad_kernel.clone(),
+        })
+    }
+
+    /// This 1x1 convolution as a [`Pointwise`] projection.
+    pub fn pointwise(&self) -> Pointwise<'_> {
+        Pointwise { weight: &self.weight, bias: self.bias.as_ref() }
+    }
+
+    /// True when the fused f32 kernels may run: nothing here tracks gradients.
+    pub fn fast(&self, x: &Tensor) -> bool {
+        kernels::fast_ok(&[x, &self.weight]) && self.bias.as_ref().is_none_or(|b| kernels::fast_ok(&[b]))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.padding;
+        self.forward_ext(x, ConvInput { upsample: None, pad: (p, p, p, p) }, None, None, 1.0)
+    }
+
+    /// `(conv(prepare(x)) + bias + extra_bias[b] + residual) / out_scale`, where `prepare`
+    /// resizes (nearest) and zero-pads per `input` (whose padding replaces `self.padding`) and
+    /// `extra_bias` [b, cout] is a per-sample bias (the ResNet time embedding). Fused into one
+    /// kernel on the fast path; otherwise composed of differentiable candle ops in this order:
+    /// upsample, pad, conv, + bias, + extra bias, residual + y, / scale.
+    pub fn forward_ext(
+        &self,
+        x: &Tensor,
+        input: ConvInput,
+        extra_bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
+        out_scale: f64,
+    ) -> Result<Tensor> {
+        let extras_fast = extra_bias.is_none_or(|t| kernels::fast_ok(&[t])) && residual.is_none_or(|r| kernels::fast_ok(&[r]));
+        if self.fast(x) && extras_fast {
+            let (cout, cin, kh, kw) = self.weight.dims4()?;
+            let packed = self.packed()?;
+            let y = scope(Class::Conv, || {
+                kernels::conv2d(x, &self.weight, self.bias.as_ref(), extra_bias, self.stride, input, residual, out_scale, packed.as_deref())
+            })?;
+            let (b, _, ho, wo) = y.dims4()?;
+            flops::add(b * ho * wo * cout * cin * kh * kw);
+            return Ok(y);
+        }
+        let mut x = x.clone();
+        if let Some((th, tw)) = input.upsample {
+            x = scope(Class::Layout, || x.upsample_nearest2d(th, tw))?;
+        }
+        let (pt, pl, pb, pr) = input.pad;
+        let symmetric = pt == pl && pt == pb && pt == pr;
+        let conv = if symmetric && pt == self.padding {
+            self.clone()
+        } else {
+            if pl + pr > 0 {
+                x = scope(Class::Layout, || x.pad_with_zeros(3, pl, pr))?;
+            }
+            if pt + pb > 0 {
+                x = scope(Class::Layout, || x.pad_with_zeros(2, pt, pb))?;
+            }
+            // A new padding: the cached gradient kernel still applies (it does not depend on it).
+            Conv2d { padding: 0, ..self.clone() }
+        };
+        let mut y = conv.forward_composed(&x)?;
+        if let Some(t) = extra_bias {
+            y = scope(Class::Elementwise, || y.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?))?;
+        }
+        if let Some(r) = residual {
+            y = scope(Class::Elementwise, || r + y)?;
+        }
+        if out_scale != 1.0 {
+            y = scope(Class::Elementwise, || y / out_scale)?;
+        }
+        Ok(y)
+    }
+
+    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
+        let (cout, cin, kh, kw) = self.weight.dims4()?;
+        // A frozen weight's gradient is neither computed nor kept (see `nn::frozen`).
+        if frozen::use_frozen_conv(x, &self.weight, self.bias.as_ref(), self.stride, self.padding) {
+            let parts = self.frozen_parts()?;
+            let y = scope(Class::Conv, || frozen::conv2d_frozen(x, parts))?;
+            let (b, _, ho, wo) = y.dims4()?;
+            flops::add(b * ho * wo * cout * cin * kh * kw);
+            return Ok(y);
+        }
+        let y = scope(Class::Conv, || -> Result<Tensor> { Ok(if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 {
+            // A 1x1 convolution is a matmul over channels; candle's im2col path would copy.
+            let (b, c, h, wd) = x.dims4()?;
+            flops::add(b * h * wd * cin * cout);
+            let w2 = self.weight.reshape((cout, cin))?;
+            w2.broadcast_matmul(&x.reshape((b, c, h * wd))?)?.reshape((b, cout, h, wd))?
+        } else {
+            let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+            let (b, _, ho, wo) = y.dims4()?;
+            flops::add(b * ho * wo * cout * cin * kh * kw);
+            y
+        }) })?;
+        scope(Class::Elementwise, || Ok(match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, cout, 1, 1))?)?,
+            None => y,
+        }))
+    }
+}

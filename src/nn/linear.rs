@@ -1,0 +1,184 @@
+//! `nn.Linear` with fused bias / residual epilogues, an optional unmerged LoRA adapter, bf16
+//! products, and the pointwise projections between NCHW maps and token rows.
+use std::sync::Arc;
+
+use candle_core::{Tensor, D};
+
+use super::{frozen, PackedWeight, Precision, Weights};
+use crate::error::Result;
+use crate::instrument::flops;
+use crate::instrument::profile::{scope, Class};
+use crate::kernels::{self, bf16::PairPlanes};
+
+/// `nn.Linear`: y = x W^T + b, for inputs of any rank (the last dim is the feature dim),
+/// plus an optional unmerged low-rank adapter.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub adapter: Option<Adapter>,
+    pub precision: Precision,
+    packed: PackedWeight<PairPlanes>,
+}
+
+/// An unmerged LoRA update: the layer computes `x W^T + b + scale (x down^T) up^T`. Training
+/// needs it unmerged so that `down` / `up` can be variables; inference merges instead
+/// (`crate::sd::lora::apply_lora`).
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    /// [r, in]
+    pub down: Tensor,
+    /// [out, r]
+    pub up: Tensor,
+    pub scale: f64,
+}
+
+impl Linear {
+    /// Loads `weight` [out, in] (and `bias` [out]) at the precision of `w`.
+    pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = w.get(&[out_dim, in_dim], "weight")?;
+        let bias = if bias { Some(w.get(&[out_dim], "bias")?) } else { None };
+        Ok(Linear::new(weight, bias, w.precision()))
+    }
+
+    /// A layer from given tensors (weight [out, in]).
+    pub fn new(weight: Tensor, bias: Option<Tensor>, precision: Precision) -> Self {
+        Linear { weight, bias, adapter: None, precision, packed: PackedWeight::default() }
+    }
+
+    /// The bf16-packed weight when this layer runs its products in bf16.
+    fn packed(&self) -> Result<Option<Arc<PairPlanes>>> {
+        Ok(match self.precision {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(self.packed.get(&self.weight, kernels::linear::pack_weight)?),
+        })
+    }
+
+    /// True when the fused f32 kernels may run: nothing here tracks gradients.
+    pub(crate) fn fast(&self, x: &Tensor) -> bool {
+        self.adapter.is_none() && self.fast_base(x)
+    }
+
+    /// [`fast`](Self::fast) for the layer without its adapter.
+    fn fast_base(&self, x: &Tensor) -> bool {
+        kernels::fast_ok(&[x, &self.weight]) && self.bias.as_ref().is_none_or(|b| kernels::fast_ok(&[b]))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_residual(x, None)
+    }
+
+    /// `forward(x) + residual`, the add fused into the product on the fast path.
+    pub(crate) fn forward_residual(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let y = self.forward_base(x, residual)?;
+        match &self.adapter {
+            Some(a) => {
+                let d = a.forward(x)?;
+                Ok(scope(Class::Elementwise, || y + d)?)
+            }
+            None => Ok(y),
+        }
+    }
+
+    /// `x W^T + b + residual`, without the adapter.
+    fn forward_base(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        if self.fast_base(x) && residual.is_none_or(|r| kernels::fast_ok(&[r])) {
+            let in_dim = x.dim(candle_core::D::Minus1)?;
+            flops::add(x.elem_count() / in_dim.max(1) * in_dim * self.weight.dim(0)?);
+            let packed = self.packed()?;
+            return scope(Class::Linear, || kernels::linear(x, &self.weight, self.bias.as_ref(), residual, packed.as_deref()));
+        }
+        let y = self.forward_composed(x)?;
+        Ok(match residual {
+            Some(r) => scope(Class::Elementwise, || y + r)?,
+            None => y,
+        })
+    }
+
+    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
+        let in_dim = x.dim(D::Minus1)?;
+        let (out_dim, _) = self.weight.dims2()?;
+        flops::add(x.elem_count() / in_dim * in_dim * out_dim);
+        // A 2-D matmul against the transposed weight avoids broadcasting the weight per batch.
+        let wt = self.weight.t()?;
+        // A frozen weight's gradient is neither computed nor kept (see `nn::frozen`).
+        let y = per_item_rows(x, out_dim, |a| {
+            if frozen::use_frozen_rhs(a, &wt) {
+                frozen::matmul_frozen_rhs(a, &wt)
+            } else {
+                Ok(a.matmul(&wt)?)
+            }
+        })?;
+        Ok(match &self.bias {
+            Some(b) => scope(Class::Elementwise, || y.broadcast_add(b))?,
+            None => y,
+        })
+    }
+}
+
+/// Applies the row-wise product `f` ([rows, in] -> [rows, out]) to `x` [..., in] one batch item
+/// at a time and returns [..., out]. Each item gets its own product of a fixed shape: gemm may
+/// pick a different kernel (and summation order) for a different row count, and a sample's
+/// bytes must not depend on what else is in its batch.
+fn per_item_rows(x: &Tensor, out_dim: usize, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let in_dim = dims[dims.len() - 1];
+    let rows = x.elem_count() / in_dim;
+    let x2 = x.reshape((rows, in_dim))?;
+    let items = if dims.len() >= 3 { dims[0] } else { rows };
+    let per = rows / items.max(1);
+    let y = scope(Class::Linear, || -> Result<Tensor> {
+        if items <= 1 {
+            return f(&x2);
+        }
+        let parts = (0..items).map(|i| f(&x2.narrow(0, i * per, per)?)).collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    })?;
+    let mut out_shape = dims.to_vec();
+    *out_shape.last_mut().unwrap() = out_dim;
+    Ok(y.reshape(out_shape)?)
+}
+
+impl Adapter {
+    /// `scale (x down^T) up^T`, one product per batch item like [`Linear`]'s.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let in_dim = x.dim(D::Minus1)?;
+        let (out_dim, r) = self.up.dims2()?;
+        flops::add(x.elem_count() / in_dim * r * (in_dim + out_dim));
+        let (dt, ut) = (self.down.t()?, self.up.t()?);
+        let y = per_item_rows(x, out_dim, |a| Ok(a.matmul(&dt)?.matmul(&ut)?))?;
+        Ok((y * self.scale)?)
+    }
+}
+
+/// A pointwise projection (a linear layer, or a 1x1 convolution: the same product) between an
+/// NCHW map and token rows, with the transpose folded into the product's strides. Inference
+/// only: callers check [`super::fast_ok`] first.
+pub struct Pointwise<'a> {
+    /// [cout, c] or [cout, c, 1, 1].
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+}
+
+impl Pointwise<'_> {
+    /// `x` [b, c, h, w] -> tokens [b, h*w, cout].
+    pub fn to_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        flops::add(b * h * w * c * self.weight.dim(0)?);
+        scope(Class::Linear, || kernels::pointwise_to_tokens(x, self.weight, self.bias))
+    }
+
+    /// Tokens `t` [b, h*w, c] -> [b, cout, h, w], plus `residual` (NCHW).
+    pub fn from_tokens(&self, t: &Tensor, h: usize, w: usize, residual: Option<&Tensor>) -> Result<Tensor> {
+        let (b, _, c) = t.dims3()?;
+        flops::add(b * h * w * c * self.weight.dim(0)?);
+        scope(Class::Linear, || kernels::pointwise_from_tokens(t, self.weight, self.bias, residual, h, w))
+    }
+}
+
+impl Linear {
+    /// This layer as a [`Pointwise`] projection (the adapter is not included).
+    pub fn pointwise(&self) -> Pointwise<'_> {
+        Pointwise { weight: &self.weight, bias: self.bias.as_ref() }
+    }
+}

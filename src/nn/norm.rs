@@ -1,0 +1,96 @@
+//! `nn.GroupNorm` (fused with SiLU on the fast path) and `nn.LayerNorm` (composed of
+//! differentiable ops in [`Mode::Train`]).
+use candle_core::{DType, Tensor, D};
+
+use super::{Activation, Mode, Weights};
+use crate::error::Result;
+use crate::instrument::profile::{scope, Class};
+use crate::kernels;
+
+/// `nn.GroupNorm` over (C, H, W) of NCHW input, statistics in f32 or wider.
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn load(w: &Weights, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            return Err(crate::error::Error::Tensor {
+                path: w.path(),
+                key: w.key("weight"),
+                msg: format!("{channels} channels cannot be split into {groups} norm groups"),
+            });
+        }
+        Ok(GroupNorm { weight: w.get(&[channels], "weight")?, bias: w.get(&[channels], "bias")?, groups, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if kernels::fast_ok(&[x, &self.weight, &self.bias]) {
+            return scope(Class::GroupNorm, || kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, false));
+        }
+        scope(Class::GroupNorm, || self.forward_composed(x))
+    }
+
+    /// `act(forward(x))`, fused into one pass on the fast path when `act` is SiLU.
+    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        if act == Activation::Silu && kernels::fast_ok(&[x, &self.weight, &self.bias]) {
+            return scope(Class::GroupNorm, || kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, true));
+        }
+        act.forward(&self.forward(x)?)
+    }
+
+    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let dtype = x.dtype();
+        let internal = if matches!(dtype, DType::F16 | DType::BF16) { DType::F32 } else { dtype };
+        let n = x.elem_count() / (b * self.groups);
+        let xg = x.reshape((b, self.groups, n))?.to_dtype(internal)?;
+        let mean = (xg.sum_keepdim(2)? / n as f64)?;
+        let xc = xg.broadcast_sub(&mean)?;
+        let var = (xc.sqr()?.sum_keepdim(2)? / n as f64)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?.reshape(dims.as_slice())?;
+        let mut wshape = vec![1; dims.len()];
+        wshape[1] = c;
+        Ok(xn.broadcast_mul(&self.weight.reshape(wshape.as_slice())?)?.broadcast_add(&self.bias.reshape(wshape.as_slice())?)?)
+    }
+}
+
+/// `nn.LayerNorm` over the last dim.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+    pub mode: Mode,
+}
+
+impl LayerNorm {
+    pub fn load(w: &Weights, dim: usize, eps: f64, mode: Mode) -> Result<Self> {
+        Ok(LayerNorm { weight: w.get(&[dim], "weight")?, bias: w.get(&[dim], "bias")?, eps, mode })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        scope(Class::LayerNorm, || self.forward_inner(x))
+    }
+
+    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
+        // The fused kernel handles f32 / f16 / bf16 only.
+        let fused = self.mode == Mode::Infer && x.dtype() != DType::F64;
+        Ok(match fused {
+            true => candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?,
+            false => {
+                // Composition of differentiable ops (candle_nn::ops::layer_norm has no backward).
+                let dim = x.dim(D::Minus1)? as f64;
+                let mean = (x.sum_keepdim(D::Minus1)? / dim)?;
+                let xc = x.broadcast_sub(&mean)?;
+                let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / dim)?;
+                xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?
+            }
+        })
+    }
+}
