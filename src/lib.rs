@@ -9,14 +9,15 @@
 //! - [`formats`]: foreign file formats (PyTorch pickles, read without executing them);
 //! - [`data`]: datasets, image decoding, pixel conversions, atomic output files;
 //! - [`sd`]: the Stable Diffusion 1.x models and their file formats;
-//! - [`schedule`]: the DDIM sampler and inverter as plain functions;
-//! - [`diffii`]: the method (inversion, interpolation, two-stage guided sampling) over a dataset;
+//! - [`schedule`]: the DDIM scheduler as plain functions, and the sampling and inversion loops
+//!   that take the noise prediction as a closure;
+//! - [`synth`]: synthetic images from a dataset: the generator pipeline, the driver every method
+//!   runs under (resume, shards, records, manifest, previews) and the methods (Diff-II);
 //! - [`train`]: concept learning (textual inversion, LoRA);
 //! - [`bench`], [`parity`]: measuring instruments (speed, tensor-by-tensor comparison with a
 //!   diffusers reference run).
 pub mod bench;
 pub mod data;
-pub mod diffii;
 pub mod error;
 pub mod formats;
 pub mod instrument;
@@ -26,4 +27,5 @@ pub mod parity;
 pub mod progress;
 pub mod schedule;
 pub mod sd;
+pub mod synth;
 pub mod train;

@@ -16,9 +16,10 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use serde::Deserialize;
 
 use crate::data::pixels::{tensor_to_u8, u8_to_tensor, Quantize};
-use crate::diffii::interpolate::{circle, slerp};
-use crate::diffii::invert::ddim_invert;
-use crate::diffii::sample::{guided_eps, sample_two_stage, stage1_steps_for_strength, TwoStage};
+use crate::schedule::sampling::ddim_invert;
+use crate::synth::diffii::{sample_two_stage, stage1_steps_for_strength, TwoStage};
+use crate::synth::guidance::guided_eps;
+use crate::synth::interpolate::{circle, slerp};
 use crate::error::{read_json, Error, Result};
 use crate::schedule::ddim::Ddim;
 use crate::sd::loader::{LoadOptions, StableDiffusion};
@@ -61,7 +62,7 @@ pub struct RefConfig {
 }
 
 fn default_dot() -> f64 {
-    crate::diffii::interpolate::DEFAULT_DOT_THRESHOLD
+    crate::synth::interpolate::DEFAULT_DOT_THRESHOLD
 }
 fn default_probe_t() -> usize {
     500
@@ -271,7 +272,7 @@ pub fn run(model: &Path, reference: &Path, opts: &Options, mut progress: impl Fn
         }
         progress(&format!("inversion {which} (free-running)"));
         let mut lat = vec![z0.clone()];
-        let z_t = ddim_invert(&sd.unet, &sched, z0, emb_b, cfg.inv_steps, |v| lat.push(v.latent.clone()))?;
+        let z_t = ddim_invert(&sched, z0, cfg.inv_steps, |x, _, t| sd.unet.forward_t(x, t, emb_b), |v| lat.push(v.latent.clone()))?;
         rep.compare(&format!("inv_traj_{which}"), &Tensor::cat(&lat, 0)?, &traj_ref, TOL_FREE_INVERSION)?;
         rep.compare(&format!("inv_latent_{which}"), &z_t, &get(&format!("inv_latent_{which}"))?, TOL_FREE_INVERSION)?;
     }

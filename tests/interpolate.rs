@@ -3,7 +3,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{max_abs_diff, ref_tensors, tiny_ref};
-use diffii::diffii::interpolate::{circle, circle_alpha, cosine, slerp, SlerpInfo, DEFAULT_DOT_THRESHOLD};
+use diffii::synth::interpolate::{circle, circle_alpha, cosine, slerp, SlerpInfo, DEFAULT_DOT_THRESHOLD};
 use diffii::schedule::ddim::seeded_randn;
 
 fn norm(t: &Tensor) -> f64 {

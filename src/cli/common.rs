@@ -1,18 +1,17 @@
 //! Arguments shared by `invert`, `generate` and `augment`, and their resolution into the
-//! library's settings (explicit flag > `--preset` > default).
-use std::path::{Path, PathBuf};
+//! library's settings requests (the library resolves them: explicit flag > `--preset` > default).
+use std::path::PathBuf;
 
-use anyhow::{bail, Context};
 use clap::ValueEnum;
 use diffii::data::dataset::Dataset;
 use diffii::data::image::ResizePolicy;
 use diffii::data::pixels::Quantize;
-use diffii::diffii::generate::{Pipeline, RunOptions, Settings, BUILTIN_SUFFIXES};
-use diffii::diffii::plan::{Count, Interp, Shard};
-use diffii::schedule::ddim::Ddim;
 use diffii::nn::Precision;
-use diffii::sd::concepts::Concepts;
-use diffii::sd::loader::{LoadOptions, StableDiffusion};
+use diffii::synth::diffii::{read_suffixes, Settings, SettingsRequest};
+use diffii::synth::driver::{RunOptions, Summary};
+use diffii::synth::invert::InversionRequest;
+use diffii::synth::pipeline::{Pipeline, PipelineSpec};
+use diffii::synth::plan::{Count, Interp, Shard};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -186,13 +185,7 @@ pub struct RunArgs {
 
 impl RunArgs {
     pub fn options(&self) -> RunOptions {
-        RunOptions {
-            out: self.out.clone(),
-            cache: self.cache.clone().unwrap_or_else(|| diffii::diffii::generate::default_cache(&self.out)),
-            batch: self.batch.max(1),
-            shard: self.shard,
-            progress: !self.quiet,
-        }
+        RunOptions::new(self.out.clone(), self.cache.clone(), self.batch, self.shard, !self.quiet)
     }
 }
 
@@ -200,92 +193,77 @@ pub fn load_dataset(d: &DataArgs) -> anyhow::Result<Dataset> {
     Ok(Dataset::open(&d.data, d.class_names.as_deref())?)
 }
 
-/// Loads the model with its concepts (and LoRA) and computes the identifying hashes.
+/// Loads the model with its concepts (and LoRA), saying what it does.
 pub fn load_pipeline(m: &ModelArgs) -> anyhow::Result<Pipeline> {
     eprintln!("[diffii] loading {}", m.model.display());
-    let device = diffii::sd::loader::parse_device(&m.device)?;
-    let opts = LoadOptions { concepts: m.concepts.is_empty(), device, precision: m.precision.into(), ..LoadOptions::default() };
-    let mut sd = StableDiffusion::load(&m.model, &opts)?;
-    if !m.concepts.is_empty() {
-        let c = Concepts::from_files(&m.concepts, m.class_map.as_deref(), sd.text_encoder.config.hidden_size, &opts.device)?;
-        sd.add_concepts(c)?;
-    } else if let Some(map) = &m.class_map {
-        bail!("--class-map {} needs --concepts", map.display());
-    }
-    let lora_sha256 = match &m.lora {
-        Some(path) => {
-            let lora = diffii::sd::lora::Lora::load(path)?;
-            let n = diffii::sd::lora::apply_lora(&mut sd.unet, &lora, m.lora_scale)?;
-            eprintln!("[diffii] merged LoRA {} into {n} attention projections", path.display());
-            Some(format!("{}@{}", lora.sha256(), m.lora_scale))
-        }
-        None => None,
+    let spec = PipelineSpec {
+        model: m.model.clone(),
+        concepts: m.concepts.clone(),
+        class_map: m.class_map.clone(),
+        lora: m.lora.clone(),
+        lora_scale: m.lora_scale,
+        device: m.device.clone(),
+        precision: m.precision.into(),
     };
-    let concepts_sha256 = sd.concepts.as_ref().map(|c| c.sha256()).unwrap_or_default();
-    let model_sha256 = sd.fingerprint()?;
-    let sched = Ddim::new(sd.scheduler.clone())?;
-    Ok(Pipeline { sd, sched, model_sha256, concepts_sha256, lora_sha256 })
+    let p = Pipeline::load(&spec)?;
+    if let Some(path) = &m.lora {
+        eprintln!("[diffii] merged LoRA {} into {} attention projections", path.display(), p.lora_projections);
+    }
+    Ok(p)
 }
 
-fn read_suffixes(path: &Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading suffix file {}", path.display()))?;
-    Ok(text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty() && !l.starts_with('#')).collect())
+impl InvertArgs {
+    pub fn request(&self) -> InversionRequest {
+        InversionRequest {
+            official: self.preset == Some(Preset::Official),
+            prompt_template: Some(self.prompt_template.clone()),
+            superclass: Some(self.superclass.clone()),
+            size: self.size,
+            resize: self.resize.map(Into::into),
+            steps: self.inversion_steps,
+        }
+    }
 }
 
-/// Resolves flags, preset and defaults into the settings hashed into every record.
-pub fn settings(g: &GenArgs, p: &Pipeline) -> anyhow::Result<Settings> {
-    let i = &g.invert;
-    let official = i.preset == Some(Preset::Official);
-    let native = p.sd.unet.config.sample_size * p.sd.vae.config.spatial_factor();
-    let suffixes = match &g.suffixes {
-        Some(path) => {
-            let s = read_suffixes(path)?;
-            if s.is_empty() {
-                eprintln!("[diffii] note: {} has no suffix lines; stage 1 uses the plain concept prompt", path.display());
+impl GenArgs {
+    /// The library's settings request; reads the suffix file.
+    pub fn request(&self) -> anyhow::Result<SettingsRequest> {
+        let suffixes = match &self.suffixes {
+            Some(path) => {
+                let s = read_suffixes(path)?;
+                if s.is_empty() {
+                    eprintln!("[diffii] note: {} has no suffix lines; stage 1 uses the plain concept prompt", path.display());
+                }
+                Some(s)
             }
-            s
-        }
-        None => BUILTIN_SUFFIXES.iter().map(|s| s.to_string()).collect(),
-    };
-    let interp = match g.interp.unwrap_or(InterpArg::Circle) {
-        InterpArg::Circle => Interp::Circle,
-        InterpArg::Slerp => Interp::Slerp { t_min: g.t_min, t_max: g.t_max },
-    };
-    let count = match (g.per_class, g.expansion) {
-        (Some(n), _) => Count::PerClass(n),
-        (None, Some(k)) => Count::Expansion(k),
-        (None, None) => Count::Expansion(5),
-    };
-    let strength = g.strength.unwrap_or(0.3);
-    if !(0.0..=1.0).contains(&strength) {
-        bail!("--strength {strength} must lie in [0, 1]");
+            None => None,
+        };
+        Ok(SettingsRequest {
+            inversion: self.invert.request(),
+            suffixes,
+            steps: self.steps,
+            guidance: self.guidance,
+            strength: self.strength,
+            stage1_steps: self.stage1_steps,
+            interp: self.interp.map(|i| match i {
+                InterpArg::Circle => Interp::Circle,
+                InterpArg::Slerp => Interp::Slerp { t_min: self.t_min, t_max: self.t_max },
+            }),
+            count: match (self.per_class, self.expansion) {
+                (Some(n), _) => Some(Count::PerClass(n)),
+                (None, Some(k)) => Some(Count::Expansion(k)),
+                (None, None) => None,
+            },
+            seed: self.seed,
+            quantize: self.quantize.map(|q| match q {
+                QuantizeArg::Round => Quantize::Round,
+                QuantizeArg::Truncate => Quantize::Truncate,
+            }),
+        })
     }
-    Ok(Settings {
-        prompt_template: i.prompt_template.clone(),
-        superclass: i.superclass.clone(),
-        suffixes,
-        size: i.size.unwrap_or(if official { 512 } else { native }),
-        resize: i.resize.unwrap_or(ResizeArg::Squash).into(),
-        inversion_steps: i.inversion_steps.unwrap_or(200),
-        steps: g.steps.unwrap_or(25),
-        guidance: g.guidance.unwrap_or(7.5),
-        strength,
-        stage1_steps: g.stage1_steps,
-        interp,
-        count,
-        seed: g.seed,
-        quantize: match g.quantize.unwrap_or(if official { QuantizeArg::Truncate } else { QuantizeArg::Round }) {
-            QuantizeArg::Round => Quantize::Round,
-            QuantizeArg::Truncate => Quantize::Truncate,
-        },
-        model_sha256: p.model_sha256.clone(),
-        concepts_sha256: p.concepts_sha256.clone(),
-        lora_sha256: p.lora_sha256.clone(),
-        precision: p.sd.precision.name().to_string(),
-    })
 }
 
-pub fn print_summary(s: &diffii::diffii::generate::Summary) {
+pub fn print_summary(s: &Summary) {
     for n in &s.notes {
         eprintln!("note: {n}");
     }
@@ -294,27 +272,6 @@ pub fn print_summary(s: &diffii::diffii::generate::Summary) {
         s.planned, s.written, s.skipped_existing, s.inverted, s.inversion_cache_hits, s.inversion_cache_stale,
         s.seconds_inversion, s.seconds_generation, s.peak_rss_mib
     );
-}
-
-impl GenArgs {
-    /// Generation settings at their defaults around the given inversion settings.
-    pub fn from_invert(invert: InvertArgs) -> Self {
-        GenArgs {
-            invert,
-            suffixes: None,
-            guidance: None,
-            steps: None,
-            strength: None,
-            stage1_steps: None,
-            interp: None,
-            t_min: 0.0,
-            t_max: 1.0,
-            expansion: None,
-            per_class: None,
-            seed: 0,
-            quantize: None,
-        }
-    }
 }
 
 /// The full argument set of `generate` and `augment`.
@@ -335,7 +292,7 @@ impl GenerateArgs {
     pub fn prepare(&self) -> anyhow::Result<(Dataset, Pipeline, Settings, RunOptions)> {
         let ds = load_dataset(&self.data)?;
         let p = load_pipeline(&self.model)?;
-        let s = settings(&self.gen, &p)?;
+        let s = Settings::resolve(&self.gen.request()?, &p)?;
         Ok((ds, p, s, self.run.options()))
     }
 }

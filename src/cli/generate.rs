@@ -1,6 +1,7 @@
 //! `diffii generate`: Diff-II synthesis over a dataset (inverting what the cache lacks).
 use super::common::{print_summary, GenerateArgs};
-use diffii::diffii::generate::{generate, manifest_name};
+use diffii::synth::diffii::generate;
+use diffii::synth::driver::manifest_name;
 
 pub type Args = GenerateArgs;
 

@@ -11,11 +11,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// One synthetic image.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One synthetic image. The fields after `method` up to `lora_sha256` describe how the method
+/// made it; a method leaves those it has no use for at their defaults.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     /// `<class>_<index>`, also the file stem.
     pub id: String,
+    /// The synthesis method (`diffii`; records written before the tag existed read as `diffii`).
+    #[serde(default = "default_method")]
+    pub method: String,
     pub class: String,
     pub class_index: usize,
     pub index: usize,
@@ -52,6 +56,10 @@ pub struct Record {
     pub lora_sha256: Option<String>,
     /// Hash of every generation setting: a record is only reused by a run with the same one.
     pub run_sha256: String,
+}
+
+fn default_method() -> String {
+    "diffii".into()
 }
 
 pub const MANIFEST: &str = "manifest.jsonl";
