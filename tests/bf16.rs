@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use diffii::kernels::{self, bf16, ConvInput};
 use diffii::nn::Precision;
-use diffii::schedule::ddim::seeded_randn;
+use diffii::rng::seeded_randn;
 use diffii::sd::loader::{LoadOptions, StableDiffusion};
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {

@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use diffii::data::atomic::{encode_png, save_png_atomic, write_atomic, write_json_atomic};
 use diffii::data::dataset::Dataset;
 use diffii::data::image::{
-    load_for_model, load_rgb8, prepare, sha256_bytes, sha256_file, ResizePolicy,
+    load_for_model, load_rgb8, prepare, ResizePolicy,
 };
+use diffii::hash::{sha256_bytes, sha256_file};
 use image::{ImageBuffer, Luma, LumaA, Rgb, RgbImage, Rgba};
 
 /// A fresh temporary folder, removed when dropped.

@@ -4,9 +4,10 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{max_abs_diff, ref_tensors, tiny_sd};
+use diffii::rng::seeded_randn;
 use diffii::schedule::ddim::{
     add_noise, ddim_inverse_step, ddim_step, ddim_step_eta, ddim_variance, denoise_timesteps, inverse_timesteps,
-    seeded_randn, step_ratio, torch_linspace_f32, Ddim, DdimConfig, TimestepSpacing,
+    step_ratio, torch_linspace_f32, Ddim, DdimConfig, TimestepSpacing,
 };
 
 fn fixture_ddim() -> Ddim {

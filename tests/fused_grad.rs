@@ -2,7 +2,7 @@
 //! a frozen weight) against the same functions composed of candle ops, whose backward candle
 //! derives itself: values and gradients must agree to f32 precision.
 use candle_core::{DType, Device, Tensor, Var};
-use diffii::schedule::ddim::seeded_randn;
+use diffii::rng::seeded_randn;
 use diffii::nn::Conv2d;
 use diffii::nn::{attention_grad, frozen};
 

@@ -7,7 +7,8 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use diffii::schedule::ddim::{seeded_randn, Ddim};
+use diffii::rng::seeded_randn;
+use diffii::schedule::ddim::Ddim;
 use diffii::sd::loader::{text_encoder_weights, weights_file, LoadOptions, StableDiffusion};
 use diffii::nn::Mode;
 use diffii::sd::unet::UNet;

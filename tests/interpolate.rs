@@ -4,7 +4,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{max_abs_diff, ref_tensors, tiny_ref};
 use diffii::synth::interpolate::{circle, circle_alpha, cosine, slerp, SlerpInfo, DEFAULT_DOT_THRESHOLD};
-use diffii::schedule::ddim::seeded_randn;
+use diffii::rng::seeded_randn;
 
 fn norm(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f64>().unwrap()

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use common::{max_abs_diff, tiny_sd};
-use diffii::schedule::ddim::seeded_randn;
+use diffii::rng::seeded_randn;
 use diffii::sd::config::UNetConfig;
 use diffii::sd::loader::weights_file;
 use diffii::sd::lora::{apply_lora, Lora, LoraEntry};

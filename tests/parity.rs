@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 
 use candle_core::Tensor;
-use diffii::parity::{self, Options};
+use diffii::measure::parity::{self, Options};
 
 #[test]
 fn every_stage_matches_the_diffusers_reference() {

@@ -10,7 +10,7 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor, Var};
 use diffii::data::dataset::Dataset;
 use diffii::data::image::ResizePolicy;
-use diffii::schedule::ddim::seeded_randn;
+use diffii::rng::seeded_randn;
 use diffii::sd::concepts::Concepts;
 use diffii::sd::loader::{model_fingerprint, LoadOptions, StableDiffusion};
 use diffii::sd::lora::{self, Lora};

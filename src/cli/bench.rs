@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use candle_core::{DType, Device};
-use diffii::bench::{self, BenchResult};
+use diffii::measure::bench::{self, BenchResult};
 use diffii::nn::Mode;
 
 #[derive(clap::Args, Debug)]
@@ -45,7 +45,7 @@ pub struct Args {
     /// --sd15 an SD-1.5-shaped text encoder.
     #[arg(long)]
     pub text_vae: bool,
-    /// Also time the whole Diff-II flow of this reference run (made by reference/ref_diffii.py
+    /// Also time the whole Diff-II flow of this reference run (made by scripts/reference/ref_diffii.py
     /// for --model): model load to decoded image.
     #[arg(long)]
     pub flow: Option<PathBuf>,
@@ -53,12 +53,12 @@ pub struct Args {
     #[arg(long)]
     pub sd15_vae: bool,
     /// Python interpreter of an environment with torch + diffusers (e.g. one made from
-    /// reference/requirements-ref.txt): runs reference/bench_sd15_cpu.py on the same shapes in
+    /// scripts/reference/requirements-ref.txt): runs scripts/reference/bench_sd15_cpu.py on the same shapes in
     /// the same run and prints the ratio ours / theirs.
     #[arg(long)]
     pub compare_python: Option<PathBuf>,
-    /// The PyTorch benchmark script for --compare-python.
-    #[arg(long, default_value = "../shared/reference/bench_sd15_cpu.py")]
+    /// The PyTorch benchmark script for --compare-python (default: the one in this source tree).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/reference/bench_sd15_cpu.py"))]
     pub python_script: PathBuf,
     /// Weight and activation type of the SD-1.5-shaped UNet: f32 (the fused kernels), f16 or
     /// bf16 (candle's own ops).
@@ -185,8 +185,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fills the PyTorch column: SD-1.5 shapes from `reference/bench_sd15_cpu.py`, the whole flow
-/// from `reference/ref_diffii.py` (its own `flow_total_s`: encode, inversions, sampling, decode).
+/// Fills the PyTorch column: SD-1.5 shapes from `scripts/reference/bench_sd15_cpu.py`, the whole flow
+/// from `scripts/reference/ref_diffii.py` (its own `flow_total_s`: encode, inversions, sampling, decode).
 fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchResult]) -> anyhow::Result<()> {
     let run = |script: &std::path::Path, args: &[String]| -> anyhow::Result<String> {
         eprintln!("[bench] PyTorch: {} {}", python.display(), script.display());

@@ -2,13 +2,9 @@
 //! LoRA on the UNet attention projections) from the user's image folder.
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
 use clap::ValueEnum;
-use diffii::sd::concepts::ClassMap;
-use diffii::sd::loader::{LoadOptions, StableDiffusion};
-use diffii::nn::Mode;
 use diffii::train::concepts::{
-    dataset_sha256, default_tokens, imagenet_templates, TrainMode, TrainOptions, TrainSettings, Trainer, DEFAULT_TEMPLATE,
+    imagenet_templates, load_model, TrainMode, TrainOptions, TrainRequest, TrainSettings, Trainer, DEFAULT_TEMPLATE,
 };
 
 use super::common::{load_dataset, DataArgs, ResizeArg};
@@ -127,63 +123,37 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let ds = load_dataset(&a.data)?;
     eprintln!("[diffii] loading {}", a.model.display());
-    let device = diffii::sd::loader::parse_device(&a.device)?;
-    let opts = LoadOptions { mode: Mode::Train, concepts: false, device, ..LoadOptions::default() };
-    let mut sd = StableDiffusion::load(&a.model, &opts)?;
-    let official = a.preset == Some(ConceptPreset::Official);
-    let tokens = match &a.class_map {
-        Some(path) => {
-            let map = ClassMap::from_file(path)?;
-            ds.classes
-                .iter()
-                .map(|c| {
-                    map.entries.iter().find(|(k, _)| k == c).map(|(_, t)| t.clone()).with_context(|| {
-                        format!("{}: class `{c}` has no token; the map must cover every dataset class", path.display())
-                    })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?
-        }
-        None => default_tokens(ds.classes.len()),
-    };
-    let init_word = match a.init_word.clone().filter(|w| !w.trim().is_empty()) {
-        Some(w) => w,
-        None if !a.superclass.trim().is_empty() => a.superclass.clone(),
-        None => bail!("pass --superclass (e.g. `bird`) or --init-word to initialise the tokens"),
-    };
-    let templates = match a.templates {
-        TemplatesArg::Single => vec![a.template.clone()],
-        TemplatesArg::Imagenet => imagenet_templates(),
-    };
-    let native = sd.unet.config.sample_size * sd.vae.config.spatial_factor();
-    let lora_rank = a.lora_rank.unwrap_or(if official { 10 } else { 0 });
-    eprintln!("[diffii] hashing {} images", ds.items.len());
-    let settings = TrainSettings {
-        mode: match a.mode {
-            Some(ModeArg::PerClass) => TrainMode::PerClass,
-            _ => TrainMode::Joint,
+    let mut sd = load_model(&a.model, &a.device)?;
+    let request = TrainRequest {
+        official: a.preset == Some(ConceptPreset::Official),
+        class_map: a.class_map.clone(),
+        superclass: a.superclass.clone(),
+        init_word: a.init_word.clone(),
+        templates: match a.templates {
+            TemplatesArg::Single => vec![a.template.clone()],
+            TemplatesArg::Imagenet => imagenet_templates(),
         },
-        steps: a.steps.unwrap_or(if official { 35_000 } else { 3000 }),
-        batch: a.batch.unwrap_or(if official { 2 } else { 1 }),
+        mode: a.mode.map(|m| match m {
+            ModeArg::Joint => TrainMode::Joint,
+            ModeArg::PerClass => TrainMode::PerClass,
+        }),
+        steps: a.steps,
+        batch: a.batch,
         grad_accum: a.grad_accum,
-        lr: a.lr.unwrap_or(if official { 5e-5 } else { 5e-4 }),
+        lr: a.lr,
         weight_decay: a.weight_decay,
-        lora_rank,
-        lora_alpha: a.lora_alpha.unwrap_or(lora_rank as f64),
-        lora_lr: a.lora_lr.unwrap_or(5e-5),
-        resolution: a.resolution.unwrap_or(if official { 224 } else { native }),
+        lora_rank: a.lora_rank,
+        lora_alpha: a.lora_alpha,
+        lora_lr: a.lora_lr,
+        resolution: a.resolution,
         resize: a.resize.into(),
         flip: a.flip,
         random_crop: a.random_crop,
-        templates,
-        superclass: a.superclass.clone(),
-        init_word,
-        classes: ds.classes.clone(),
-        tokens,
         seed: a.seed,
         checkpoint_every: a.checkpoint_every,
-        model_sha256: sd.fingerprint()?,
-        data_sha256: dataset_sha256(&ds)?,
     };
+    eprintln!("[diffii] hashing {} images", ds.items.len());
+    let settings = TrainSettings::resolve(&request, &sd, &ds)?;
     let mut trainer = Trainer::new(&mut sd, &ds, settings, !a.quiet)?;
     let run = TrainOptions { out: a.out.clone(), resume: a.resume, progress: !a.quiet, stop_after: a.stop_after };
     let s = trainer.run(&run)?;

@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use diffii::parity;
+use diffii::measure::parity;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

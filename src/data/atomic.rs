@@ -77,7 +77,7 @@ pub fn save_png_atomic(path: impl AsRef<Path>, rgb: &[u8], w: usize, h: usize) -
         e => e,
     })?;
     write_atomic(path, &bytes)?;
-    Ok(super::image::sha256_bytes(&bytes))
+    Ok(crate::hash::sha256_bytes(&bytes))
 }
 
 /// Writes `value` as pretty JSON (with a final newline) atomically.

@@ -1,4 +1,4 @@
-//! Image decoding and resizing for the model input, plus content hashes.
+//! Image decoding and resizing for the model input.
 //!
 //! Decoding aims at what the Python pipelines do with `Image.open(p).convert("RGB")`, so that
 //! latents and hashes are comparable with theirs:
@@ -21,9 +21,9 @@ use std::str::FromStr;
 
 use image::imageops::FilterType;
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::hash::sha256_bytes;
 
 /// How an image of any shape becomes the square the model works on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -166,30 +166,6 @@ fn crop_offset(len: u32, size: u32) -> u32 {
     } else {
         half
     }
-}
-
-/// Lower-case hex SHA-256 of `bytes`.
-pub fn sha256_bytes(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-/// Lower-case hex SHA-256 of a file's bytes, streamed so large files need no big buffer.
-pub fn sha256_file(path: impl AsRef<Path>) -> Result<String> {
-    let path = path.as_ref();
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
-    Ok(hex(&h.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 /// Reads one image for the model: HWC RGB8 pixels of `size x size`, and the SHA-256 of the file

@@ -3,7 +3,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::simd::{dispatch, gelu_erf_v, map_into, silu_v, Vf, S1};
-use super::{tensor, uninit, with_slices};
+use super::io::{tensor, uninit, with_slices};
 use crate::error::{Error, Result};
 
 #[inline(always)]

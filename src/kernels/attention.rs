@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::gemm::sgemm;
 use super::simd::{dispatch, exp_v, Vf, LANES, S1};
-use super::{tensor, uninit, with_slices, SendPtr};
+use super::io::{tensor, uninit, with_slices, SendPtr};
 use crate::error::{Error, Result};
 
 thread_local! {

@@ -15,7 +15,7 @@
 //! do not depend on the number of threads.
 use rayon::prelude::*;
 
-use super::SendPtr;
+use super::io::SendPtr;
 use crate::error::{Error, Result};
 
 /// Rows of A (output channels / rows) per microkernel call.

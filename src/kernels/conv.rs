@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::bf16::{self, PackedA};
 use super::gemm::{sgemm, threads};
-use super::{tensor, uninit, with_slices};
+use super::io::{tensor, uninit, with_slices};
 use crate::error::{Error, Result};
 
 /// How a convolution's input is prepared: nearest-upsampled to a size first, then padded.

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use super::bf16::{self, PairPlanes};
 use super::conv::preload_channels;
 use super::gemm::{sgemm, threads};
-use super::{tensor, uninit, with_slices};
+use super::io::{tensor, uninit, with_slices};
 use crate::error::{Error, Result};
 
 /// Fills `dst` (rows x cols, row-major) with `residual + bias` (either may be absent), returning

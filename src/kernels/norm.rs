@@ -3,7 +3,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::simd::{dispatch, map_into, silu_v, Vf, LANES, S1};
-use super::{tensor, uninit, with_slices};
+use super::io::{tensor, uninit, with_slices};
 use crate::error::{Error, Result};
 
 /// Sum of a slice in a fixed order: 16 strided f32 lanes per 4096-element block, the lanes

@@ -2,7 +2,8 @@
 //! differentiable op ([`super::attention_grad`]) when training on the CPU, candle ops otherwise.
 use candle_core::{Tensor, D};
 
-use super::{attention_grad, Mode};
+use super::attention_grad;
+use super::mode::Mode;
 use crate::error::Result;
 use crate::instrument::flops;
 use crate::instrument::profile::{scope, Class};

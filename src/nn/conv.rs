@@ -6,7 +6,10 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use super::linear::Pointwise;
-use super::{frozen, PackedWeight, Precision, Weights};
+use super::frozen;
+use super::mode::Precision;
+use super::packed::PackedWeight;
+use super::weights::Weights;
 use crate::error::Result;
 use crate::instrument::flops;
 use crate::instrument::profile::{scope, Class};

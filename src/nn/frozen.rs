@@ -162,11 +162,11 @@ impl CustomOp1 for FrozenConv {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         const OP: &str = "frozen conv";
-        let x = kernels::op_input(s, l, OP)?;
+        let x = kernels::io::op_input(s, l, OP)?;
         let c = &self.conv;
         let p = c.padding;
         let input = ConvInput { upsample: None, pad: (p, p, p, p) };
-        kernels::op_output(kernels::conv2d(&x, &c.weight, c.bias.as_ref(), None, c.stride, input, None, 1.0, c.packed.as_deref()), OP)
+        kernels::io::op_output(kernels::conv2d(&x, &c.weight, c.bias.as_ref(), None, c.stride, input, None, 1.0, c.packed.as_deref()), OP)
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {

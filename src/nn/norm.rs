@@ -2,7 +2,9 @@
 //! differentiable ops in [`Mode::Train`]).
 use candle_core::{DType, Tensor, D};
 
-use super::{Activation, Mode, Weights};
+use super::activation::Activation;
+use super::mode::Mode;
+use super::weights::Weights;
 use crate::error::Result;
 use crate::instrument::profile::{scope, Class};
 use crate::kernels;

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::Precision;
+use super::mode::Precision;
 use crate::error::{Error, Result};
 
 /// Where tensors come from.

@@ -32,12 +32,10 @@
 //! * Scalar alpha arithmetic is done in float32 (torch's 0-dim float32 tensors), then applied with
 //!   tensor ops in the order diffusers writes them, so float32 results are bit-identical to
 //!   diffusers on the CPU. Tensors keep the dtype of the latent `x`.
-//! * candle's CPU RNG cannot be seeded, so noise comes from [`seeded_randn`].
+//! * candle's CPU RNG cannot be seeded, so noise comes from [`crate::rng::seeded_randn`].
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
-use rand_distr::Distribution;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -515,16 +513,6 @@ pub fn add_noise(x0: &Tensor, noise: &Tensor, alpha_t: f32) -> Result<Tensor> {
     let a = x0.broadcast_mul(&scalar_like(x0, alpha_t.sqrt())?)?;
     let b = noise.broadcast_mul(&scalar_like(x0, (1.0f32 - alpha_t).sqrt())?)?;
     Ok(a.add(&b)?)
-}
-
-/// A standard-normal tensor of `shape` (f32) drawn from ChaCha8 seeded with `seed`, in row-major
-/// order, then moved to `device`. Deterministic across runs, platforms and thread counts (candle's
-/// own CPU RNG cannot be seeded).
-pub fn seeded_randn(seed: u64, shape: &[usize], device: &Device) -> Result<Tensor> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rand_distr::StandardNormal.sample(&mut rng)).collect();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(device)?)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -226,25 +226,12 @@ pub fn model_fingerprint(dir: &Path) -> Result<String> {
     }
     let hashes = files
         .par_iter()
-        .map(|p| -> Result<[u8; 32]> {
-            use std::io::Read;
-            let mut f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = f.read(&mut buf).map_err(|e| Error::io(p, e))?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-            }
-            Ok(h.finalize().into())
-        })
+        .map(crate::hash::file_digest)
         .collect::<Result<Vec<_>>>()?;
     let mut h = Sha256::new();
     for (p, d) in files.iter().zip(hashes) {
         h.update(p.strip_prefix(dir).unwrap_or(p).to_string_lossy().as_bytes());
         h.update(d);
     }
-    Ok(format!("{:x}", h.finalize()))
+    Ok(crate::hash::hex(&h.finalize()))
 }

@@ -448,11 +448,8 @@ pub fn attach_trainable(unet: &mut UNet, rank: usize, alpha: f64, seed: u64) -> 
     for (module, lin) in unet.attention_projections_mut() {
         let (out_dim, in_dim) = lin.weight.dims2()?;
         let (dtype, device) = (lin.weight.dtype(), lin.weight.device().clone());
-        let mut h = Sha256::new();
-        h.update(seed.to_le_bytes());
-        h.update(module.as_bytes());
-        let s = u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes"));
-        let down = (crate::schedule::ddim::seeded_randn(s, &[rank, in_dim], &device)? / rank as f64)?.to_dtype(dtype)?;
+        let s = crate::rng::derive_u64(&[&seed.to_le_bytes(), module.as_bytes()]);
+        let down = (crate::rng::seeded_randn(s, &[rank, in_dim], &device)? / rank as f64)?.to_dtype(dtype)?;
         let down = candle_core::Var::from_tensor(&down)?;
         let up = candle_core::Var::zeros((out_dim, rank), dtype, &device)?;
         lin.adapter = Some(crate::nn::Adapter {

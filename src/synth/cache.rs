@@ -5,10 +5,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::data::atomic::write_atomic;
 use crate::error::{Error, Result};
 
 /// Everything an inverted latent depends on.
@@ -95,13 +94,8 @@ pub fn load(path: &Path, key: &InversionKey, device: &Device) -> Result<Lookup> 
     }
 }
 
-/// Stores `latent` for `key` at `path` (atomically).
+/// Stores `latent` for `key` at `path` (atomically; the header is written in a canonical
+/// order, so the same latent and key give the same bytes).
 pub fn store(path: &Path, key: &InversionKey, latent: &Tensor) -> Result<()> {
-    let data: Vec<f32> = latent.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, latent.dims().to_vec(), &bytes)
-        .map_err(|e| Error::invalid(format!("cache entry: {e}")))?;
-    let out = safetensors::tensor::serialize([("latent", view)], Some(key.to_metadata()))
-        .map_err(|e| Error::invalid(format!("cache entry: {e}")))?;
-    write_atomic(path, &out)
+    crate::nn::weights::save_safetensors(path, &[("latent".to_string(), latent.clone())], Some(key.to_metadata()))
 }

@@ -14,9 +14,10 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::data::dataset::Dataset;
-use crate::data::image::{sha256_file, ResizePolicy};
+use crate::data::image::ResizePolicy;
 use crate::data::pixels::Quantize;
 use crate::error::{Error, Result};
+use crate::hash::{settings_sha256, sha256_file};
 use crate::schedule::ddim::Ddim;
 use crate::schedule::sampling::{ddim_sample, StepView};
 use crate::sd::unet::UNet;
@@ -133,8 +134,9 @@ impl Settings {
         })
     }
 
+    /// The hash every record of the run carries.
     pub fn run_sha256(&self) -> String {
-        driver::run_sha256(self)
+        settings_sha256(self)
     }
 
     /// The settings that decide the inversions.

@@ -22,9 +22,10 @@ use serde::Serialize;
 
 use crate::data::atomic::{save_png_atomic, write_atomic, write_json_atomic, write_or_match_settings};
 use crate::data::dataset::{Dataset, Item};
-use crate::data::image::{load_rgb8, prepare, sha256_bytes, sha256_file, ResizePolicy};
+use crate::data::image::{load_rgb8, prepare, ResizePolicy};
 use crate::data::pixels::{tensor_to_u8, Quantize};
 use crate::error::{Error, Result};
+use crate::hash::{settings_sha256, sha256_file};
 use crate::synth::manifest::{self, Record};
 use crate::synth::plan::{sanitize, Sample, Shard};
 
@@ -89,11 +90,6 @@ pub trait Method {
     fn source_geometry(&self) -> (usize, ResizePolicy);
 }
 
-/// Hash of a method's settings, carried by every record of the run.
-pub fn run_sha256<S: Serialize>(settings: &S) -> String {
-    sha256_bytes(serde_json::to_string(settings).expect("serialisable").as_bytes())
-}
-
 /// The manifest file a run writes: `manifest.jsonl`, or one per shard.
 pub fn manifest_name(shard: Shard) -> String {
     if shard.is_all() {
@@ -109,7 +105,7 @@ pub fn run<M: Method>(m: &mut M, ds: &Dataset, opts: &RunOptions, mut summary: S
     summary.planned = m.samples().len();
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     write_or_match_settings(opts.out.join("run_config.json"), m.settings(), "a run")?;
-    let run_sha = run_sha256(m.settings());
+    let run_sha = settings_sha256(m.settings());
 
     let mine: Vec<Sample> = m.samples().iter().filter(|x| opts.shard.contains(x)).cloned().collect();
     let mut pending = Vec::new();

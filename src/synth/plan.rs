@@ -10,7 +10,6 @@ use std::str::FromStr;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
@@ -77,14 +76,7 @@ pub fn sanitize(name: &str) -> String {
 
 /// The seed of sample `index` of class `class_name` in a run seeded with `run_seed`.
 pub fn sample_seed(run_seed: u64, class_name: &str, index: usize) -> u64 {
-    let mut h = Sha256::new();
-    h.update(b"diffii-sample\0");
-    h.update(run_seed.to_le_bytes());
-    h.update(class_name.as_bytes());
-    h.update([0u8]);
-    h.update((index as u64).to_le_bytes());
-    let d = h.finalize();
-    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+    crate::rng::derive_u64(&[b"diffii-sample\0", &run_seed.to_le_bytes(), class_name.as_bytes(), &[0], &(index as u64).to_le_bytes()])
 }
 
 /// Plans every sample of a run, ordered by (class, index). `images_per_class[c]` must be > 0.

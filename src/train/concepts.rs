@@ -20,27 +20,29 @@
 //! `concepts.json` (class → token map and token order), `pytorch_lora_weights.safetensors`
 //! when a LoRA is trained, `train_config.json`, `loss.csv`, and `checkpoint.safetensors`
 //! while training.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use candle_core::{DType, Tensor, Var};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::data::atomic::write_atomic;
 use crate::data::dataset::Dataset;
-use crate::data::image::{load_for_model, sha256_bytes, ResizePolicy};
+use crate::data::image::{load_for_model, ResizePolicy};
 use crate::data::pixels::u8_to_tensor;
 use crate::error::{Error, Result};
-use crate::schedule::ddim::{seeded_randn, Ddim, PredictionType};
-use crate::sd::clip::ClipTextEncoder;
+use crate::hash::{settings_sha256, sha256_file};
+use crate::rng::seeded_randn;
+use crate::schedule::ddim::{Ddim, PredictionType};
 use crate::sd::concepts::Concepts;
 use crate::sd::loader::StableDiffusion;
 use crate::sd::lora::{self, TrainableAdapter};
-use crate::sd::unet::UNet;
+use crate::train::checkpoint::{self, Checkpoint};
+use crate::train::diffusion::{noise_prediction_loss, Batch};
+use crate::train::log::LossLog;
 use crate::train::optim::{AdamW, AdamWParams};
 
 /// The prompt template of the Diff-II / Diff-Mix concept training.
@@ -150,6 +152,102 @@ impl TrainSettings {
     }
 }
 
+/// Concept-learning settings as a user gives them: `None` takes the default, or the official
+/// preset's value when `official` is set.
+#[derive(Clone, Debug)]
+pub struct TrainRequest {
+    /// The Diff-Mix recipe of the official Diff-II release: joint, LoRA rank 10, lr 5e-5 for
+    /// tokens and LoRA, batch 2, 224 px, 35000 steps.
+    pub official: bool,
+    /// JSON map from class name to the token to learn (default `<class_0>`, `<class_1>`, ...).
+    pub class_map: Option<PathBuf>,
+    pub superclass: String,
+    /// Default: the superclass.
+    pub init_word: Option<String>,
+    pub templates: Vec<String>,
+    pub mode: Option<TrainMode>,
+    pub steps: Option<usize>,
+    pub batch: Option<usize>,
+    pub grad_accum: usize,
+    pub lr: Option<f64>,
+    pub weight_decay: f64,
+    pub lora_rank: Option<usize>,
+    /// Default: the rank.
+    pub lora_alpha: Option<f64>,
+    pub lora_lr: Option<f64>,
+    /// Default: the model's native size; official 224.
+    pub resolution: Option<usize>,
+    pub resize: ResizePolicy,
+    pub flip: bool,
+    pub random_crop: bool,
+    pub seed: u64,
+    pub checkpoint_every: usize,
+}
+
+impl TrainSettings {
+    /// Resolves a request against the model and dataset (explicit value > official preset >
+    /// default) and hashes both, so the settings identify the run.
+    pub fn resolve(r: &TrainRequest, sd: &StableDiffusion, ds: &Dataset) -> Result<Self> {
+        let official = r.official;
+        let tokens = match &r.class_map {
+            Some(path) => {
+                let map = crate::sd::concepts::ClassMap::from_file(path)?;
+                ds.classes
+                    .iter()
+                    .map(|c| {
+                        map.entries.iter().find(|(k, _)| k == c).map(|(_, t)| t.clone()).ok_or_else(|| {
+                            Error::bad_file(path, format!("class `{c}` has no token; the map must cover every dataset class"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => default_tokens(ds.classes.len()),
+        };
+        let init_word = match r.init_word.clone().filter(|w| !w.trim().is_empty()) {
+            Some(w) => w,
+            None if !r.superclass.trim().is_empty() => r.superclass.clone(),
+            None => return Err(Error::invalid("pass --superclass (e.g. `bird`) or --init-word to initialise the tokens")),
+        };
+        let native = sd.unet.config.sample_size * sd.vae.config.spatial_factor();
+        let lora_rank = r.lora_rank.unwrap_or(if official { 10 } else { 0 });
+        Ok(TrainSettings {
+            mode: r.mode.unwrap_or(TrainMode::Joint),
+            steps: r.steps.unwrap_or(if official { 35_000 } else { 3000 }),
+            batch: r.batch.unwrap_or(if official { 2 } else { 1 }),
+            grad_accum: r.grad_accum,
+            lr: r.lr.unwrap_or(if official { 5e-5 } else { 5e-4 }),
+            weight_decay: r.weight_decay,
+            lora_rank,
+            lora_alpha: r.lora_alpha.unwrap_or(lora_rank as f64),
+            lora_lr: r.lora_lr.unwrap_or(5e-5),
+            resolution: r.resolution.unwrap_or(if official { 224 } else { native }),
+            resize: r.resize,
+            flip: r.flip,
+            random_crop: r.random_crop,
+            templates: r.templates.clone(),
+            superclass: r.superclass.clone(),
+            init_word,
+            classes: ds.classes.clone(),
+            tokens,
+            seed: r.seed,
+            checkpoint_every: r.checkpoint_every,
+            model_sha256: sd.fingerprint()?,
+            data_sha256: dataset_sha256(ds)?,
+        })
+    }
+}
+
+/// Loads a model for concept learning: training mode, without concepts.
+pub fn load_model(dir: &Path, device: &str) -> Result<StableDiffusion> {
+    let opts = crate::sd::loader::LoadOptions {
+        mode: crate::nn::Mode::Train,
+        concepts: false,
+        device: crate::sd::loader::parse_device(device)?,
+        ..Default::default()
+    };
+    StableDiffusion::load(dir, &opts)
+}
+
 /// The default tokens: `<class_0>`, `<class_1>`, …
 pub fn default_tokens(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("<class_{i}>")).collect()
@@ -201,48 +299,9 @@ pub fn dataset_sha256(ds: &Dataset) -> Result<String> {
         h.update(it.rel.as_bytes());
         h.update([0]);
         h.update((it.class as u64).to_le_bytes());
-        h.update(crate::data::image::sha256_file(&it.path)?.as_bytes());
+        h.update(sha256_file(&it.path)?.as_bytes());
     }
-    Ok(format!("{:x}", h.finalize()))
-}
-
-/// One micro-batch: clean latents, noise, timesteps and prompt ids.
-pub struct Batch {
-    /// [b, c, h, w], already x scaling factor.
-    pub latents: Tensor,
-    pub noise: Tensor,
-    pub timesteps: Vec<usize>,
-    /// [b, tokens]
-    pub ids: Tensor,
-}
-
-/// The latent-diffusion training loss of `batch` (Rombach et al. 2022, eq. 2):
-/// `mean((unet(x_t, t, clip(ids; rows)) - target)^2)` with `x_t = sqrt(a_t) x0 + sqrt(1-a_t) noise`
-/// and target = noise (epsilon), `sqrt(a_t) noise - sqrt(1-a_t) x0` (v-prediction) or x0.
-pub fn noise_prediction_loss(
-    text_encoder: &ClipTextEncoder,
-    unet: &UNet,
-    alphas_cumprod: &[f32],
-    prediction: PredictionType,
-    batch: &Batch,
-    rows: &Tensor,
-) -> Result<Tensor> {
-    let b = batch.timesteps.len();
-    let dtype = batch.latents.dtype();
-    let dev = batch.latents.device();
-    let a: Vec<f32> = batch.timesteps.iter().map(|&t| alphas_cumprod[t]).collect();
-    let sa = Tensor::from_vec(a.iter().map(|a| a.sqrt()).collect::<Vec<_>>(), (b, 1, 1, 1), dev)?.to_dtype(dtype)?;
-    let sb = Tensor::from_vec(a.iter().map(|a| (1.0 - a).sqrt()).collect::<Vec<_>>(), (b, 1, 1, 1), dev)?.to_dtype(dtype)?;
-    let x_t = (batch.latents.broadcast_mul(&sa)? + batch.noise.broadcast_mul(&sb)?)?;
-    let target = match prediction {
-        PredictionType::Epsilon => batch.noise.clone(),
-        PredictionType::VPrediction => (batch.noise.broadcast_mul(&sa)? - batch.latents.broadcast_mul(&sb)?)?,
-        PredictionType::Sample => batch.latents.clone(),
-    };
-    let ctx = text_encoder.forward(&batch.ids, Some(rows))?;
-    let ts: Vec<f64> = batch.timesteps.iter().map(|&t| t as f64).collect();
-    let pred = unet.forward(&x_t, &ts, &ctx)?;
-    Ok((pred - target)?.sqr()?.mean_all()?)
+    Ok(crate::hash::hex(&h.finalize()))
 }
 
 /// Per-image training data: the VAE posterior (mean, std) of the image and of its mirror image,
@@ -299,12 +358,8 @@ impl<'a> Trainer<'a> {
 
     /// The randomness of micro-batch `micro` of step `step` of phase `phase`.
     fn rng(&self, phase: usize, step: usize, micro: usize) -> ChaCha8Rng {
-        let mut h = Sha256::new();
-        h.update(b"diffii-concepts\0");
-        for v in [self.settings.seed, phase as u64, step as u64, micro as u64] {
-            h.update(v.to_le_bytes());
-        }
-        ChaCha8Rng::from_seed(h.finalize().into())
+        let [a, b, c, d] = [self.settings.seed, phase as u64, step as u64, micro as u64].map(u64::to_le_bytes);
+        crate::rng::derive_rng(&[b"diffii-concepts\0", &a, &b, &c, &d])
     }
 
     /// Draws micro-batch `micro` of `step` in `phase`.
@@ -400,29 +455,28 @@ impl<'a> Trainer<'a> {
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
         check_config(out, &s, opts.resume)?;
         let mut summary = TrainSummary { steps_total: s.steps * s.phases(), ..Default::default() };
-        let mut log: Vec<String> = Vec::new();
+        let log_path = out.join(LOSS_FILE);
+        let mut log = LossLog::open(&log_path, &["phase", "class", "step", "loss"], None);
         // (phase, step) to start from, and optimiser state to restore.
         let mut start = (0usize, 0usize);
         let mut restored: Option<Checkpoint> = None;
         let ckpt_path = out.join(CHECKPOINT_FILE);
         if opts.resume && ckpt_path.is_file() {
-            let c = read_checkpoint(&ckpt_path, self.sd.unet_device(), &s, self.adapters.len())?;
-            self.rows = c.rows.to_dtype(self.rows.dtype())?;
-            for (a, (d, u)) in self.adapters.iter().zip(&c.lora) {
-                a.down.set(&d.to_dtype(a.down.dtype())?)?;
-                a.up.set(&u.to_dtype(a.up.dtype())?)?;
+            let c = Checkpoint::read(&ckpt_path, self.sd.unet_device(), &settings_sha256(&s))?;
+            self.rows = c.tensor("rows")?.to_dtype(self.rows.dtype())?;
+            for (i, a) in self.adapters.iter().enumerate() {
+                a.down.set(&c.tensor(&format!("lora.{i}.down"))?.to_dtype(a.down.dtype())?)?;
+                a.up.set(&c.tensor(&format!("lora.{i}.up"))?.to_dtype(a.up.dtype())?)?;
             }
-            start = (c.phase, c.step);
-            log = read_log(&out.join(LOSS_FILE), c.phase * s.steps + c.step)?;
-            summary.resumed_from = c.phase * s.steps + c.step;
+            start = (c.position("phase")?, c.position("step")?);
+            let done = start.0 * s.steps + start.1;
+            log = LossLog::open(&log_path, &["phase", "class", "step", "loss"], Some(done));
+            summary.resumed_from = done;
             restored = Some(c);
         } else if opts.resume && out.join(EMBEDS_FILE).is_file() && out.join(LOSS_FILE).is_file() {
             summary.finished = true;
             summary.notes.push(format!("{} already holds a finished run with these settings", out.display()));
             return Ok(summary);
-        }
-        if log.is_empty() {
-            log.push("phase,class,step,loss".into());
         }
         let pb = crate::progress::bar(summary.steps_total, "concepts", opts.progress);
         pb.set_position(summary.resumed_from as u64);
@@ -434,12 +488,14 @@ impl<'a> Trainer<'a> {
             let lora_vars: Vec<Var> = self.adapters.iter().flat_map(|a| [a.down.clone(), a.up.clone()]).collect();
             let mut opt_lora = AdamW::new(lora_vars, AdamWParams { weight_decay: s.weight_decay, ..AdamWParams::with_lr(s.lora_lr) })?;
             let first_step = if phase == start.0 { start.1 } else { 0 };
-            if let Some(c) = restored.take().filter(|c| c.phase == phase) {
-                if let Some((m, v, t)) = c.adam_rows {
-                    opt_rows.restore(m, v, t)?;
-                }
-                if let Some((m, v, t)) = c.adam_lora {
-                    opt_lora.restore(m, v, t)?;
+            if phase == start.0 {
+                if let Some(c) = restored.take() {
+                    if let Some((m, v, t)) = c.optimizer("rows", 1)? {
+                        opt_rows.restore(m, v, t)?;
+                    }
+                    if let Some((m, v, t)) = c.optimizer("lora", 2 * self.adapters.len())? {
+                        opt_lora.restore(m, v, t)?;
+                    }
                 }
             }
             for step in first_step..s.steps {
@@ -473,7 +529,7 @@ impl<'a> Trainer<'a> {
                     TrainMode::Joint => "all".to_string(),
                     TrainMode::PerClass => s.classes[phase].clone(),
                 };
-                log.push(format!("{phase},{},{},{loss_sum:.8}", csv_field(&class), step + 1));
+                log.push(&[&phase.to_string(), &class, &(step + 1).to_string(), &format!("{loss_sum:.8}")]);
                 losses_now.push(loss_sum);
                 done_total += 1;
                 summary.steps_done += 1;
@@ -491,7 +547,7 @@ impl<'a> Trainer<'a> {
                         keep_adam.then_some(&opt_rows),
                         (!self.adapters.is_empty()).then_some(&opt_lora),
                     )?;
-                    write_log(out, &log)?;
+                    log.write()?;
                 }
             }
             self.store_phase_var(phase, &var)?;
@@ -500,7 +556,7 @@ impl<'a> Trainer<'a> {
         summary.finished = done_total == summary.steps_total;
         if summary.finished {
             self.save_outputs(out)?;
-            write_log(out, &log)?;
+            log.write()?;
             let _ = std::fs::remove_file(&ckpt_path);
         }
         let n = losses_now.len();
@@ -530,22 +586,8 @@ impl<'a> Trainer<'a> {
             tensors.push((format!("lora.{i}.down"), a.down.as_tensor().clone()));
             tensors.push((format!("lora.{i}.up"), a.up.as_tensor().clone()));
         }
-        let mut meta = HashMap::from([
-            ("phase".to_string(), phase.to_string()),
-            ("step".to_string(), step.to_string()),
-            ("config_sha256".to_string(), config_sha256(&self.settings)),
-        ]);
-        for (name, opt) in [("rows", rows_opt), ("lora", lora_opt)] {
-            if let Some(o) = opt {
-                let (m, v) = o.moments();
-                for (i, (m, v)) in m.iter().zip(v).enumerate() {
-                    tensors.push((format!("adam.{name}.{i}.m"), m.clone()));
-                    tensors.push((format!("adam.{name}.{i}.v"), v.clone()));
-                }
-                meta.insert(format!("adam.{name}.t"), o.t.to_string());
-            }
-        }
-        crate::nn::weights::save_safetensors(path, &tensors, Some(meta))
+        let position = [("phase", phase), ("step", step)];
+        checkpoint::write(path, &settings_sha256(&self.settings), &position, tensors, &[("rows", rows_opt), ("lora", lora_opt)])
     }
 }
 
@@ -557,14 +599,6 @@ fn accumulate(acc: &mut Option<Tensor>, g: Option<&Tensor>) -> Result<()> {
         });
     }
     Ok(())
-}
-
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
 }
 
 fn validate(sd: &StableDiffusion, ds: &Dataset, s: &TrainSettings) -> Result<()> {
@@ -662,11 +696,6 @@ fn crop_rgb(rgb: &[u8], side: usize, x0: usize, y0: usize, size: usize, mirror: 
     out
 }
 
-/// SHA-256 of the settings as JSON: ties a checkpoint to its run.
-fn config_sha256(s: &TrainSettings) -> String {
-    sha256_bytes(&serde_json::to_vec(s).unwrap_or_default())
-}
-
 /// Refuses to mix runs in one folder; writes the config of a new run.
 fn check_config(out: &Path, s: &TrainSettings, resume: bool) -> Result<()> {
     let path = out.join(CONFIG_FILE);
@@ -680,55 +709,3 @@ fn check_config(out: &Path, s: &TrainSettings, resume: bool) -> Result<()> {
     Ok(())
 }
 
-struct Checkpoint {
-    phase: usize,
-    step: usize,
-    rows: Tensor,
-    lora: Vec<(Tensor, Tensor)>,
-    adam_rows: Option<(Vec<Tensor>, Vec<Tensor>, usize)>,
-    adam_lora: Option<(Vec<Tensor>, Vec<Tensor>, usize)>,
-}
-
-fn read_checkpoint(path: &Path, dev: &Device, s: &TrainSettings, n_adapters: usize) -> Result<Checkpoint> {
-    let bad = |m: String| Error::bad_file(path, m);
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a checkpoint: {e}")))?;
-    let meta = md.metadata().clone().unwrap_or_default();
-    let get = |k: &str| -> Result<usize> {
-        meta.get(k).and_then(|v| v.parse().ok()).ok_or_else(|| bad(format!("checkpoint metadata lacks `{k}`")))
-    };
-    if meta.get("config_sha256") != Some(&config_sha256(s)) {
-        return Err(bad("this checkpoint belongs to a run with other settings; delete it or use another --out".into()));
-    }
-    let t = candle_core::safetensors::load_buffer(&bytes, dev).map_err(|e| bad(format!("cannot read tensors: {e}")))?;
-    let take = |k: &str| t.get(k).cloned().ok_or_else(|| bad(format!("checkpoint lacks tensor `{k}`")));
-    let lora = (0..n_adapters).map(|i| Ok((take(&format!("lora.{i}.down"))?, take(&format!("lora.{i}.up"))?))).collect::<Result<Vec<_>>>()?;
-    let adam = |name: &str, n: usize| -> Result<Option<(Vec<Tensor>, Vec<Tensor>, usize)>> {
-        let key = format!("adam.{name}.t");
-        if !meta.contains_key(&key) {
-            return Ok(None);
-        }
-        let m = (0..n).map(|i| take(&format!("adam.{name}.{i}.m"))).collect::<Result<Vec<_>>>()?;
-        let v = (0..n).map(|i| take(&format!("adam.{name}.{i}.v"))).collect::<Result<Vec<_>>>()?;
-        Ok(Some((m, v, get(&key)?)))
-    };
-    Ok(Checkpoint {
-        phase: get("phase")?,
-        step: get("step")?,
-        rows: take("rows")?,
-        lora,
-        adam_rows: adam("rows", 1)?,
-        adam_lora: adam("lora", 2 * n_adapters)?,
-    })
-}
-
-/// Writes the loss log (header + one line per step) atomically.
-fn write_log(out: &Path, lines: &[String]) -> Result<()> {
-    write_atomic(out.join(LOSS_FILE), (lines.join("\n") + "\n").as_bytes())
-}
-
-/// The loss log up to global step `upto` (header kept), for a resumed run.
-fn read_log(path: &Path, upto: usize) -> Result<Vec<String>> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(Vec::new()) };
-    Ok(text.lines().take(upto + 1).map(str::to_string).collect())
-}

@@ -1,8 +1,12 @@
 //! Training: category concept learning (textual inversion per class, optionally with a LoRA on
-//! the UNet's attention projections) — step 1 of Diff-II.
+//! the UNet's attention projections) — step 1 of Diff-II — and the pieces any training run
+//! shares: the diffusion loss, checkpoints, the loss log and the optimiser.
 //!
 //! Everything here runs the models in [`Mode::Train`](crate::nn::Mode), whose ops all have
 //! a backward pass; the gradient tests in `tests/train.rs` and `tests/grad.rs` check them
 //! against finite differences.
+pub mod checkpoint;
 pub mod concepts;
+pub mod diffusion;
+pub mod log;
 pub mod optim;

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::schedule::ddim::seeded_randn;
+use crate::rng::seeded_randn;
 use crate::sd::config::UNetConfig;
 use crate::instrument::{flops, peak_rss_mib, reset_peak_rss};
 use crate::nn::{Mode, Precision};
@@ -77,7 +77,7 @@ pub fn ti_step(
     warmup: usize,
     reps: usize,
 ) -> Result<BenchResult> {
-    use crate::train::concepts::{noise_prediction_loss, Batch};
+    use crate::train::diffusion::{noise_prediction_loss, Batch};
     let dev = Device::Cpu;
     let dtype = unet.dtype();
     let c = &unet.config;
@@ -109,7 +109,7 @@ pub fn synthetic_sd15_vae(dtype: DType, precision: Precision, device: &Device) -
     crate::sd::vae::Vae::load(&Weights::synthetic(2, dtype, device).with_precision(precision), &crate::sd::config::VaeConfig::sd15(), Mode::Infer)
 }
 
-/// PyTorch timings of the same SD-1.5 shapes, from `reference/bench_sd15_cpu.py --json`:
+/// PyTorch timings of the same SD-1.5 shapes, from `scripts/reference/bench_sd15_cpu.py --json`:
 /// (case, batch, latent) -> median seconds. Cases: "unet", "text encoder", "vae encode",
 /// "vae decode".
 pub fn read_torch_json(path: &std::path::Path) -> Result<Vec<(String, usize, usize, f64)>> {
@@ -187,9 +187,9 @@ pub fn text_encoder_step(name: &str, clip: &crate::sd::clip::ClipTextEncoder, ba
 /// model load, text encoding, VAE encoding, both inversions, interpolation, two-stage guided
 /// sampling, decoding, plus the cheap comparisons), and fails if any tensor is off.
 pub fn flow(name: &str, model: &std::path::Path, reference: &std::path::Path, precision: Precision, reps: usize) -> Result<BenchResult> {
-    let opts = crate::parity::Options { skip_teacher_forced: true, precision };
+    let opts = crate::measure::parity::Options { skip_teacher_forced: true, precision };
     timed(name, 1, 0, 0, reps, || {
-        let report = crate::parity::run(model, reference, &opts, |_| {})?;
+        let report = crate::measure::parity::run(model, reference, &opts, |_| {})?;
         if !report.all_ok() {
             return Err(crate::error::Error::invalid("the benchmarked flow does not match its reference (run `diffii parity`)"));
         }

@@ -1,6 +1,6 @@
 //! Tensor-by-tensor comparison of our implementation with a diffusers reference run.
 //!
-//! A reference directory (made by `reference/ref_diffii.py`) holds `ref_diffii.json` (every
+//! A reference directory (made by `scripts/reference/ref_diffii.py`) holds `ref_diffii.json` (every
 //! setting: prompts, token ids, step counts, guidance, strength, interpolation) and
 //! `ref_diffii.safetensors` (every intermediate tensor). [`run`] recomputes each stage with our
 //! code from the same inputs and reports, per tensor, the max absolute error, the max error

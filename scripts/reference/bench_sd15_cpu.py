@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""CPU timing of FULL-SIZE SD-1.5 components with random weights (nothing is downloaded).
+
+Builds SD-1.5's UNet2DConditionModel, CLIP ViT-L/14 text encoder and AutoencoderKL from
+their configs (written out below), counts parameters, counts FLOPs with
+torch.utils.flop_counter.FlopCounterMode (matmul / conv / attention only; elementwise ops,
+norms and softmax are not counted) and times forwards in float32 under torch.inference_mode
+with torch.set_num_threads(--threads).  Each timing is repeated --reps times after --warmup
+untimed runs; the median (and min/max) are reported.
+
+Usage:
+    .venv-ref/bin/python scripts/reference/bench_sd15_cpu.py [--threads 2] [--reps 5] [--warmup 1]
+        [--only unet64,unet32,unet64b1,text,vae_enc,vae_dec] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    center_input_sample=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    only_cross_attention=False,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    use_linear_projection=False,
+    upcast_attention=False,
+)
+
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+
+SD15_CLIP_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    projection_dim=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+
+
+def nparams(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def count_flops(fn) -> tuple[int, dict]:
+    with FlopCounterMode(display=False) as fcm:
+        fn()
+    by_op = {str(k): int(v) for k, v in fcm.get_flop_counts().get("Global", {}).items()}
+    return int(fcm.get_total_flops()), by_op
+
+
+def bench(fn, reps: int, warmup: int) -> dict:
+    """Wall time (perf_counter) and process CPU time (user+sys of all threads) per run, plus the
+    1-minute load average before/after: on a shared machine wall time is inflated by other
+    processes, cpu_s / threads is then a (slightly optimistic) estimate of the uncontended wall."""
+    for _ in range(warmup):
+        fn()
+    ts, cs = [], []
+    load0 = os.getloadavg()[0]
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        ts.append(time.perf_counter() - t0)
+        cs.append(time.process_time() - c0)
+    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "runs_s": ts,
+            "median_cpu_s": statistics.median(cs), "runs_cpu_s": cs,
+            "loadavg_before": load0, "loadavg_after": os.getloadavg()[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--only", default="unet64,unet32,unet64b1,text,vae_enc,vae_dec")
+    ap.add_argument("--no-flops", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    which = set(args.only.split(","))
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    res: dict = {"threads": args.threads, "torch": torch.__version__,
+                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+    def report(name, d):
+        res[name] = d
+        print(name, json.dumps({k: v for k, v in d.items() if k != "flops_by_op"}), flush=True)
+
+    if which & {"unet64", "unet32", "unet64b1"}:
+        from diffusers import UNet2DConditionModel
+
+        t0 = time.perf_counter()
+        unet = UNet2DConditionModel(**SD15_UNET).eval()
+        report("unet_build", {"params": nparams(unet), "build_s": time.perf_counter() - t0})
+        for name, b, s in (("unet64", 2, 64), ("unet32", 2, 32), ("unet64b1", 1, 64)):
+            if name not in which:
+                continue
+            x = torch.randn(b, 4, s, s)
+            e = torch.randn(b, 77, 768)
+            t = torch.tensor([501])
+
+            def f(x=x, e=e, t=t):
+                with torch.inference_mode():
+                    return unet(x, t, encoder_hidden_states=e).sample
+
+            d = {"batch": b, "latent": s}
+            if not args.no_flops:
+                d["flops"], d["flops_by_op"] = count_flops(f)
+            d.update(bench(f, args.reps, args.warmup))
+            if "flops" in d:
+                d["achieved_gflops"] = d["flops"] / d["median_s"] / 1e9
+            report(name, d)
+        del unet
+
+    if "text" in which:
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        te = CLIPTextModel(CLIPTextConfig(**SD15_CLIP_TEXT)).eval()
+        ids = torch.randint(0, 49406, (2, 77))
+
+        def f():
+            with torch.inference_mode():
+                return te(ids)[0]
+
+        d = {"params": nparams(te), "batch": 2, "tokens": 77}
+        if not args.no_flops:
+            d["flops"], d["flops_by_op"] = count_flops(f)
+        d.update(bench(f, args.reps, args.warmup))
+        report("clip_text_b2", d)
+        del te
+
+    if which & {"vae_enc", "vae_dec"}:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL(**SD15_VAE).eval()
+        res["vae_params"] = nparams(vae)
+        if "vae_enc" in which:
+            x = torch.randn(1, 3, 512, 512).clamp(-1, 1)
+
+            def f():
+                with torch.inference_mode():
+                    return vae.encode(x).latent_dist.mean
+
+            d = {"params": nparams(vae), "image": 512}
+            if not args.no_flops:
+                d["flops"], d["flops_by_op"] = count_flops(f)
+            d.update(bench(f, max(1, args.reps // 2 + 1), args.warmup))
+            report("vae_encode_512", d)
+        if "vae_dec" in which:
+            z = torch.randn(1, 4, 64, 64)
+
+            def f():
+                with torch.inference_mode():
+                    return vae.decode(z).sample
+
+            d = {"latent": 64}
+            if not args.no_flops:
+                d["flops"], d["flops_by_op"] = count_flops(f)
+            d.update(bench(f, max(1, args.reps // 2 + 1), args.warmup))
+            report("vae_decode_512", d)
+        del vae
+
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+//! The kernels' access to tensors: contiguous f32 slices in, new tensors out, custom-op
+//! plumbing, and the checks that decide when a fused kernel may replace candle's ops.
+use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
+
+use crate::error::{Error, Result};
+
+/// True when the fast kernels may replace candle's ops: f32 on the CPU, and no tensor tracks
+/// gradients (the kernels record no backward op).
+pub fn fast_ok(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op())
+}
+
+/// Like [`fast_ok`] but ignores gradient tracking (for inference-mode call
+/// sites, where candle's fused kernels already cut the graph).
+pub fn fast_dtype_ok(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+}
+
+fn slice_of<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(CpuStorage::F32(v)) => match l.contiguous_offsets() {
+            Some((a, b)) => Ok(&v[a..b]),
+            None => Err(Error::invalid("kernels: non-contiguous input")),
+        },
+        _ => Err(Error::invalid("kernels: expected an f32 CPU tensor")),
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of `ts` (made contiguous first if needed).
+pub(crate) fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let owned: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(ts.len());
+    for (s, l) in &guards {
+        slices.push(slice_of(s, l)?);
+    }
+    Ok(f(&slices))
+}
+
+pub(crate) fn tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+}
+
+/// A custom op's `cpu_fwd` input as a tensor the kernels take (the data is copied: candle hands
+/// custom ops storage, not tensors).
+pub(crate) fn op_input(s: &CpuStorage, l: &Layout, op: &str) -> candle_core::Result<Tensor> {
+    let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
+        candle_core::bail!("{op}: expected contiguous f32 inputs")
+    };
+    Tensor::from_vec(v[a..b].to_vec(), l.shape(), &Device::Cpu)
+}
+
+/// A kernel's result as a custom op's `cpu_fwd` output.
+pub(crate) fn op_output(result: Result<Tensor>, op: &str) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+    let t = result.map_err(|e| candle_core::Error::Msg(format!("{op}: {e}")))?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cs) => Ok((candle_core::backend::BackendStorage::try_clone(cs, layout)?, layout.shape().clone())),
+        _ => candle_core::bail!("{op}: expected a CPU result"),
+    }
+}
+
+/// A `Vec<f32>` of length `n` whose contents the caller overwrites completely.
+#[allow(clippy::uninit_vec)]
+pub(crate) fn uninit(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: f32 has no invalid bit patterns; every caller writes all n elements before reading.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// A raw pointer that may cross threads; tasks write disjoint regions.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}

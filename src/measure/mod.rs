@@ -1,0 +1,5 @@
+//! Measuring instruments: [`parity`] compares our implementation tensor by tensor with a
+//! diffusers reference run; [`bench`] times and sizes the models and the whole flow (with
+//! PyTorch on the same shapes, through the reference scripts in `scripts/reference/`).
+pub mod bench;
+pub mod parity;
