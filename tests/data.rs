@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use diffii::data::atomic::{encode_png, save_png_atomic, write_atomic, write_json_atomic};
+use diffii::data::atomic::{encode_png, remove_stale_temps, save_png_atomic, write_atomic, write_json_atomic};
 use diffii::data::dataset::Dataset;
 use diffii::data::image::{
     load_for_model, load_rgb8, prepare, ResizePolicy,
@@ -785,4 +785,29 @@ fn atomic_write_replaces_and_cleans_up() {
     assert_eq!(got.len(), 4096);
     assert!(got.iter().all(|&b| b == got[0]));
     assert!(no_temp_files(t.path()));
+}
+
+#[test]
+fn temporaries_of_dead_writers_are_removed_and_others_kept() {
+    let t = common::empty_temp_dir("stale-temps");
+    let live = format!(".a.png.tmp-{}-0", std::process::id());
+    // No process has this id (Linux pids stay below 2^22).
+    let dead = ".b.json.tmp-4000000000-3";
+    for name in [live.as_str(), dead, "c.png", ".hidden", "d.tmp-1-2"] {
+        std::fs::write(t.join(name), b"x").unwrap();
+    }
+    let removed = remove_stale_temps(&t).unwrap();
+    let left: std::collections::BTreeSet<String> =
+        std::fs::read_dir(&t).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    if std::path::Path::new("/proc/self").exists() {
+        assert_eq!(removed, 1);
+        assert!(!left.contains(dead), "{left:?}");
+    } else {
+        eprintln!("no /proc: liveness cannot be checked, nothing is removed");
+        assert_eq!(removed, 0);
+    }
+    for kept in [live.as_str(), "c.png", ".hidden", "d.tmp-1-2"] {
+        assert!(left.contains(kept), "{kept} must be kept: {left:?}");
+    }
+    assert_eq!(remove_stale_temps(&t.join("missing")).unwrap(), 0);
 }

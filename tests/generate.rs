@@ -206,7 +206,13 @@ fn killed_run_resumes_to_the_same_files() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_diffii")).args(args(&killed)).spawn().unwrap();
     let records = killed.join(".records");
     let count = || -> usize {
-        ["sparrow", "gull"].iter().map(|c| std::fs::read_dir(records.join(c)).map(|d| d.count()).unwrap_or(0)).sum()
+        // Finished records only: a write in progress is a `.<name>.tmp-*` file.
+        let finished = |c: &str| {
+            std::fs::read_dir(records.join(c))
+                .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".json")).count())
+                .unwrap_or(0)
+        };
+        ["sparrow", "gull"].iter().map(|c| finished(c)).sum()
     };
     let t0 = std::time::Instant::now();
     while count() < 2 && t0.elapsed().as_secs() < 120 {

@@ -107,17 +107,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             results.push(bench::flow("diffii flow (reference run)", model, reference, prec, a.reps.max(3))?);
         }
         if a.ti {
-            let opts = diffii::sd::loader::LoadOptions { mode: Mode::Train, ..opts };
-            let sd = diffii::sd::loader::StableDiffusion::load(model, &opts)?;
-            for frozen in [true, false] {
-                let name = if frozen { "ti step (model)" } else { "ti step (model), no frozen" };
+            for frozen_ops in [true, false] {
+                let opts = diffii::sd::loader::LoadOptions { mode: Mode::Train, frozen_ops, ..opts.clone() };
+                let sd = diffii::sd::loader::StableDiffusion::load(model, &opts)?;
+                let name = if frozen_ops { "ti step (model)" } else { "ti step (model), no frozen" };
                 eprintln!("[bench] {name}");
-                results.push(bench::ti_step(name, &sd.text_encoder, &sd.unet, 1, s, frozen, a.warmup, a.reps.max(5))?);
+                results.push(bench::ti_step(name, &sd.text_encoder, &sd.unet, 1, s, a.warmup, a.reps.max(5))?);
             }
         }
     }
     if a.sd15 && a.text_vae {
-        let clip = bench::synthetic_sd15_text_encoder(DType::F32, prec, &dev, Mode::Infer)?;
+        let clip = bench::synthetic_sd15_text_encoder(DType::F32, prec, &dev, Mode::Infer, true)?;
         eprintln!("[bench] SD-1.5 text encoder");
         results.push(bench::text_encoder_step("text encoder sd15", &clip, 2, a.warmup, a.reps)?);
     }
@@ -128,13 +128,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         results.push(bench::vae_decode_step("vae decode sd15", &vae, 1, 64, a.warmup, a.reps)?);
     }
     if a.sd15 && a.ti {
-        eprintln!("[bench] building SD-1.5-shaped text encoder + UNet (training mode)");
-        let clip = bench::synthetic_sd15_text_encoder(DType::F32, prec, &dev, Mode::Train)?;
-        let unet = bench::synthetic_sd15_unet_mode(DType::F32, prec, &dev, Mode::Train)?;
-        for frozen in [true, false] {
-            let name = if frozen { "ti step sd15" } else { "ti step sd15, no frozen" };
+        for frozen_ops in [true, false] {
+            eprintln!("[bench] building SD-1.5-shaped text encoder + UNet (training mode)");
+            let clip = bench::synthetic_sd15_text_encoder(DType::F32, prec, &dev, Mode::Train, frozen_ops)?;
+            let unet = bench::synthetic_sd15_unet_mode(DType::F32, prec, &dev, Mode::Train, frozen_ops)?;
+            let name = if frozen_ops { "ti step sd15" } else { "ti step sd15, no frozen" };
             eprintln!("[bench] {name} latent {}", a.ti_latent);
-            results.push(bench::ti_step(name, &clip, &unet, 1, a.ti_latent, frozen, 0, a.reps)?);
+            results.push(bench::ti_step(name, &clip, &unet, 1, a.ti_latent, 0, a.reps)?);
         }
     }
     if a.sd15 {

@@ -26,6 +26,30 @@ fn temp_path(path: &Path) -> Result<PathBuf> {
     Ok(path.with_file_name(tmp))
 }
 
+/// Removes the temporaries that killed processes left in `dir` (not recursive): files named
+/// by [`write_atomic`] whose writer process no longer runs. Temporaries of live processes
+/// (e.g. another shard writing into the same folder) are kept. Where liveness cannot be checked
+/// (no `/proc`), nothing is removed. Returns how many were removed.
+pub fn remove_stale_temps(dir: &Path) -> Result<usize> {
+    let proc_fs = Path::new("/proc/self").exists();
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(0) };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some((_, tail)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-")) else { continue };
+        let Some(pid) = tail.split_once('-').and_then(|(p, n)| n.parse::<u64>().ok().and(p.parse::<u32>().ok())) else {
+            continue;
+        };
+        if proc_fs && !Path::new(&format!("/proc/{pid}")).exists() {
+            let p = e.path();
+            std::fs::remove_file(&p).map_err(|err| Error::io(&p, err))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Writes `bytes` to `path` atomically: readers see the old file or the complete new one, never
 /// a partial one. Creates missing parent folders; replaces an existing file.
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {

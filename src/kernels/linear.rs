@@ -46,9 +46,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
     if w_in != in_dim {
         return Err(Error::invalid(format!("linear: input dim {in_dim} vs weight {:?}", weight.dims())));
     }
-    let total_rows = x.elem_count() / in_dim.max(1);
-    let rows = if dims.len() >= 3 { total_rows / dims[0].max(1) } else { 1 };
-    let items = if rows == 0 { 0 } else { total_rows / rows };
+    let (rows, items) = row_blocks(&dims);
+    let total_rows = rows * items;
     let mut out_shape = dims.clone();
     *out_shape.last_mut().unwrap() = out_dim;
     let mut ts: Vec<&Tensor> = vec![x, weight];
@@ -75,7 +74,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
             return out;
         }
         let nt = threads();
-        if rows == 1 && items > 1 {
+        if rowwise(&dims) {
             // Single rows (e.g. the time embedding): rows are independent tasks.
             out.par_chunks_mut(out_dim).enumerate().for_each(|(i, dst)| {
                 let acc = preload_rows(dst, out_dim, bs, rs.map(|r| &r[i * out_dim..(i + 1) * out_dim]));
@@ -117,6 +116,23 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
         out
     })?;
     tensor(out, &out_shape)
+}
+
+/// (rows per item, items) of an input of shape `dims`: a rank-3+ input is a batch of items of
+/// `dims[1..-1]` rows each; a 2-D input is items of one row.
+fn row_blocks(dims: &[usize]) -> (usize, usize) {
+    let in_dim = dims.last().copied().unwrap_or(0);
+    let total_rows = dims.iter().product::<usize>() / in_dim.max(1);
+    let rows = if dims.len() >= 3 { total_rows / dims[0].max(1) } else { 1 };
+    let items = if rows == 0 { 0 } else { total_rows / rows };
+    (rows, items)
+}
+
+/// Whether [`linear`] computes an input of shape `dims` row by row in f32 (several items of one
+/// row each, e.g. the time embedding), ignoring any packed weight: callers need not make one.
+pub fn rowwise(dims: &[usize]) -> bool {
+    let (rows, items) = row_blocks(dims);
+    rows == 1 && items > 1
 }
 
 /// Token features from an NCHW map through a pointwise layer: `x` [b, c, h, w], `weight`

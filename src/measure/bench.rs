@@ -42,12 +42,13 @@ pub struct BenchResult {
 
 /// Builds an SD-1.5-shaped UNet with deterministic synthetic weights.
 pub fn synthetic_sd15_unet(dtype: DType, precision: Precision, device: &Device) -> Result<UNet> {
-    synthetic_sd15_unet_mode(dtype, precision, device, Mode::Infer)
+    synthetic_sd15_unet_mode(dtype, precision, device, Mode::Infer, true)
 }
 
 /// [`synthetic_sd15_unet`] in a given mode ([`Mode::Train`] for training benchmarks).
-pub fn synthetic_sd15_unet_mode(dtype: DType, precision: Precision, device: &Device, mode: Mode) -> Result<UNet> {
-    UNet::load(&Weights::synthetic(0, dtype, device).with_precision(precision), &UNetConfig::sd15(), mode)
+pub fn synthetic_sd15_unet_mode(dtype: DType, precision: Precision, device: &Device, mode: Mode, frozen_ops: bool) -> Result<UNet> {
+    let w = Weights::synthetic(0, dtype, device).with_precision(precision).with_frozen_ops(frozen_ops);
+    UNet::load(&w, &UNetConfig::sd15(), mode)
 }
 
 /// Times `reps` UNet calls (after `warmup` untimed ones) on a batch of `batch` latents of
@@ -73,7 +74,6 @@ pub fn ti_step(
     unet: &UNet,
     batch: usize,
     latent: usize,
-    frozen: bool,
     warmup: usize,
     reps: usize,
 ) -> Result<BenchResult> {
@@ -93,15 +93,11 @@ pub fn ti_step(
     let noise = seeded_randn(6, latents.dims(), &dev)?.to_dtype(dtype)?;
     let b = Batch { latents, noise, timesteps: vec![500; batch], ids };
     let alphas = crate::schedule::ddim::alphas_cumprod(&crate::schedule::ddim::DdimConfig::sd15())?;
-    let was = crate::nn::frozen::enabled();
-    crate::nn::frozen::set_enabled(frozen);
-    let r = timed(name, batch, latent, warmup, reps, || {
+    timed(name, batch, latent, warmup, reps, || {
         let loss = noise_prediction_loss(clip, unet, &alphas, crate::schedule::ddim::PredictionType::Epsilon, &b, rows.as_tensor())?;
         let grads = loss.backward()?;
         grads.get(rows.as_tensor()).cloned().ok_or_else(|| crate::error::Error::invalid("no gradient reached the concept row"))
-    });
-    crate::nn::frozen::set_enabled(was);
-    r
+    })
 }
 
 /// Builds an SD-1.5-shaped VAE with deterministic synthetic weights.
@@ -131,8 +127,15 @@ pub fn read_torch_json(path: &std::path::Path) -> Result<Vec<(String, usize, usi
 }
 
 /// Builds an SD-1.5-shaped CLIP text encoder with deterministic synthetic weights.
-pub fn synthetic_sd15_text_encoder(dtype: DType, precision: Precision, device: &Device, mode: Mode) -> Result<crate::sd::clip::ClipTextEncoder> {
-    crate::sd::clip::ClipTextEncoder::load(&Weights::synthetic(1, dtype, device).with_precision(precision), &crate::sd::config::ClipConfig::sd15(), mode)
+pub fn synthetic_sd15_text_encoder(
+    dtype: DType,
+    precision: Precision,
+    device: &Device,
+    mode: Mode,
+    frozen_ops: bool,
+) -> Result<crate::sd::clip::ClipTextEncoder> {
+    let w = Weights::synthetic(1, dtype, device).with_precision(precision).with_frozen_ops(frozen_ops);
+    crate::sd::clip::ClipTextEncoder::load(&w, &crate::sd::config::ClipConfig::sd15(), mode)
 }
 
 /// A fixed-width table of results.

@@ -25,6 +25,8 @@ pub struct Conv2d {
     pub stride: usize,
     pub padding: usize,
     pub precision: Precision,
+    /// Skip the frozen weight's gradient when training through this layer (see [`frozen`]).
+    pub frozen_ops: bool,
     packed: PackedWeight<PackedA>,
     /// The flipped, transposed kernel that propagates gradients to the input when the weight
     /// is frozen (made on first use, see [`frozen::conv2d_frozen`]).
@@ -35,12 +37,21 @@ impl Conv2d {
     pub fn load(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
         let weight = w.get(&[cout, cin, k, k], "weight")?;
         let bias = Some(w.get(&[cout], "bias")?);
-        Ok(Self::new(weight, bias, stride, padding).with_precision(w.precision()))
+        Ok(Conv2d { frozen_ops: w.frozen_ops(), ..Self::new(weight, bias, stride, padding).with_precision(w.precision()) })
     }
 
     /// A convolution from given tensors (weight [cout, cin, k, k]), products in f32.
     pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
-        Conv2d { weight, bias, stride, padding, precision: Precision::F32, packed: PackedWeight::default(), grad_kernel: Default::default() }
+        Conv2d {
+            weight,
+            bias,
+            stride,
+            padding,
+            precision: Precision::F32,
+            frozen_ops: true,
+            packed: PackedWeight::default(),
+            grad_kernel: Default::default(),
+        }
     }
 
     /// The same layer with its products at `precision`.
@@ -141,7 +152,7 @@ impl Conv2d {
     fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let (cout, cin, kh, kw) = self.weight.dims4()?;
         // A frozen weight's gradient is neither computed nor kept (see `nn::frozen`).
-        if frozen::use_frozen_conv(x, &self.weight, self.bias.as_ref(), self.stride, self.padding) {
+        if self.frozen_ops && frozen::use_frozen_conv(x, &self.weight, self.bias.as_ref(), self.stride, self.padding) {
             let parts = self.frozen_parts()?;
             let y = scope(Class::Conv, || frozen::conv2d_frozen(x, parts))?;
             let (b, _, ho, wo) = y.dims4()?;

@@ -12,10 +12,8 @@
 //! then neither computes nor stores it. The convolution runs our fused f32 kernel forward and
 //! computes only the input gradient backward — with the same kernel, as a stride-1 convolution
 //! of the (zero-dilated, padded) output gradient with the flipped, transposed weight — instead
-//! of candle's weight gradient plus its slow generic transposed convolution. [`set_enabled`] switches them off (benchmarks measure
-//! the difference; everything else leaves them on).
-use std::sync::atomic::{AtomicBool, Ordering};
-
+//! of candle's weight gradient plus its slow generic transposed convolution. Layers use them
+//! unless loaded with `Weights::with_frozen_ops(false)` (benchmarks measure the difference).
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, MetalStorage, Shape, Tensor};
 
@@ -24,21 +22,10 @@ use std::sync::{Arc, OnceLock};
 use crate::error::Result;
 use crate::kernels::{self, bf16::PackedA, ConvInput};
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Turns the frozen-operand ops on or off process-wide (on by default).
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
-}
-
-pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
-}
-
 /// Whether `lhs.matmul(rhs)` should go through [`matmul_frozen_rhs`]: only the left operand
 /// is part of a graph.
 pub fn use_frozen_rhs(lhs: &Tensor, rhs: &Tensor) -> bool {
-    enabled() && lhs.track_op() && !rhs.track_op()
+    lhs.track_op() && !rhs.track_op()
 }
 
 /// `lhs.matmul(rhs)` (same shapes rules, same kernel, same bits) whose backward only produces
@@ -117,8 +104,7 @@ pub struct ConvParts {
 /// express.
 pub fn use_frozen_conv(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> bool {
     let k = weight.dim(3).unwrap_or(0);
-    enabled()
-        && x.track_op()
+    x.track_op()
         && !weight.track_op()
         && bias.is_none_or(|b| !b.track_op())
         && kernels::fast_dtype_ok(&[x, weight])

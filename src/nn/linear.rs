@@ -21,6 +21,8 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     pub adapter: Option<Adapter>,
     pub precision: Precision,
+    /// Skip the frozen weight's gradient when training through this layer (see [`frozen`]).
+    pub frozen_ops: bool,
     packed: PackedWeight<PairPlanes>,
 }
 
@@ -41,12 +43,12 @@ impl Linear {
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.get(&[out_dim, in_dim], "weight")?;
         let bias = if bias { Some(w.get(&[out_dim], "bias")?) } else { None };
-        Ok(Linear::new(weight, bias, w.precision()))
+        Ok(Linear { frozen_ops: w.frozen_ops(), ..Linear::new(weight, bias, w.precision()) })
     }
 
     /// A layer from given tensors (weight [out, in]).
     pub fn new(weight: Tensor, bias: Option<Tensor>, precision: Precision) -> Self {
-        Linear { weight, bias, adapter: None, precision, packed: PackedWeight::default() }
+        Linear { weight, bias, adapter: None, precision, frozen_ops: true, packed: PackedWeight::default() }
     }
 
     /// The bf16-packed weight when this layer runs its products in bf16.
@@ -88,7 +90,7 @@ impl Linear {
         if self.fast_base(x) && residual.is_none_or(|r| kernels::fast_ok(&[r])) {
             let in_dim = x.dim(candle_core::D::Minus1)?;
             flops::add(x.elem_count() / in_dim.max(1) * in_dim * self.weight.dim(0)?);
-            let packed = self.packed()?;
+            let packed = if kernels::linear::rowwise(x.dims()) { None } else { self.packed()? };
             return scope(Class::Linear, || kernels::linear(x, &self.weight, self.bias.as_ref(), residual, packed.as_deref()));
         }
         let y = self.forward_composed(x)?;
@@ -106,7 +108,7 @@ impl Linear {
         let wt = self.weight.t()?;
         // A frozen weight's gradient is neither computed nor kept (see `nn::frozen`).
         let y = per_item_rows(x, out_dim, |a| {
-            if frozen::use_frozen_rhs(a, &wt) {
+            if self.frozen_ops && frozen::use_frozen_rhs(a, &wt) {
                 frozen::matmul_frozen_rhs(a, &wt)
             } else {
                 Ok(a.matmul(&wt)?)

@@ -43,6 +43,7 @@ pub struct Weights {
     shared: Arc<Shared>,
     prefix: String,
     precision: Precision,
+    frozen_ops: bool,
 }
 
 impl Weights {
@@ -71,7 +72,7 @@ impl Weights {
             trainable: Vec::new(),
             vars: Mutex::new(Vec::new()),
         };
-        Weights { shared: Arc::new(shared), prefix: String::new(), precision: Precision::F32 }
+        Weights { shared: Arc::new(shared), prefix: String::new(), precision: Precision::F32, frozen_ops: true }
     }
 
     fn shared_mut(&mut self) -> &mut Shared {
@@ -105,6 +106,18 @@ impl Weights {
         self.precision
     }
 
+    /// Whether the layers loaded from these weights skip their frozen weights' gradients
+    /// ([`crate::nn::frozen`]; default on). Off, they back-propagate as candle's own ops do,
+    /// which the benchmarks compare against.
+    pub fn with_frozen_ops(mut self, on: bool) -> Self {
+        self.frozen_ops = on;
+        self
+    }
+
+    pub fn frozen_ops(&self) -> bool {
+        self.frozen_ops
+    }
+
     pub fn dtype(&self) -> DType {
         self.shared.dtype
     }
@@ -125,7 +138,7 @@ impl Weights {
     pub fn pp(&self, name: impl ToString) -> Self {
         let name = name.to_string();
         let prefix = if self.prefix.is_empty() { name } else { format!("{}.{name}", self.prefix) };
-        Weights { shared: self.shared.clone(), prefix, precision: self.precision }
+        Weights { shared: self.shared.clone(), prefix, precision: self.precision, frozen_ops: self.frozen_ops }
     }
 
     /// The full checkpoint key of `name` under this prefix.

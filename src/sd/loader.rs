@@ -27,11 +27,14 @@ pub struct LoadOptions {
     pub precision: Precision,
     /// Also load `concepts/learned_embeds.safetensors` when the folder has one.
     pub concepts: bool,
+    /// Layers skip their frozen weights' gradients in training (see [`crate::nn::frozen`]);
+    /// off only to measure the difference.
+    pub frozen_ops: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: DType::F32, device: Device::Cpu, mode: Mode::Infer, precision: Precision::F32, concepts: true }
+        LoadOptions { dtype: DType::F32, device: Device::Cpu, mode: Mode::Infer, precision: Precision::F32, concepts: true, frozen_ops: true }
     }
 }
 
@@ -139,13 +142,13 @@ impl StableDiffusion {
         let (dt, dev, prec) = (opts.dtype, &opts.device, opts.precision);
         let mut tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
         let clip_cfg = ClipConfig::from_file(&dir.join("text_encoder/config.json"))?;
-        let tw = text_encoder_weights(&weights_file(&dir.join("text_encoder"))?, dt, dev)?.with_precision(prec);
+        let tw = text_encoder_weights(&weights_file(&dir.join("text_encoder"))?, dt, dev)?.with_precision(prec).with_frozen_ops(opts.frozen_ops);
         let text_encoder = ClipTextEncoder::load(&tw, &clip_cfg, opts.mode)?;
         let unet_cfg = UNetConfig::from_file(&dir.join("unet/config.json"))?;
-        let uw = Weights::from_file(&weights_file(&dir.join("unet"))?, dt, dev)?.with_precision(prec);
+        let uw = Weights::from_file(&weights_file(&dir.join("unet"))?, dt, dev)?.with_precision(prec).with_frozen_ops(opts.frozen_ops);
         let unet = UNet::load(&uw, &unet_cfg, opts.mode)?;
         let vae_cfg = VaeConfig::from_file(&dir.join("vae/config.json"))?;
-        let vw = vae_weights(&weights_file(&dir.join("vae"))?, dt, dev)?.with_precision(prec);
+        let vw = vae_weights(&weights_file(&dir.join("vae"))?, dt, dev)?.with_precision(prec).with_frozen_ops(opts.frozen_ops);
         let vae = Vae::load(&vw, &vae_cfg, opts.mode)?;
         let scheduler = DdimConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
         if tokenizer.vocab_size() != clip_cfg.vocab_size {

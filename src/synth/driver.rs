@@ -20,7 +20,7 @@ use candle_core::Tensor;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::data::atomic::{save_png_atomic, write_atomic, write_json_atomic, write_or_match_settings};
+use crate::data::atomic::{remove_stale_temps, save_png_atomic, write_atomic, write_json_atomic, write_or_match_settings};
 use crate::data::dataset::{Dataset, Item};
 use crate::data::image::{load_rgb8, prepare, ResizePolicy};
 use crate::data::pixels::{tensor_to_u8, Quantize};
@@ -106,6 +106,14 @@ pub fn run<M: Method>(m: &mut M, ds: &Dataset, opts: &RunOptions, mut summary: S
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     write_or_match_settings(opts.out.join("run_config.json"), m.settings(), "a run")?;
     let run_sha = settings_sha256(m.settings());
+    // A killed run may have left temporaries; they are never read, but should not pile up.
+    remove_stale_temps(&opts.out)?;
+    for class in &ds.classes {
+        let dir = sanitize(class);
+        remove_stale_temps(&opts.out.join(&dir))?;
+        remove_stale_temps(&opts.out.join(manifest::RECORDS_DIR).join(&dir))?;
+    }
+    remove_stale_temps(&opts.out.join("previews"))?;
 
     let mine: Vec<Sample> = m.samples().iter().filter(|x| opts.shard.contains(x)).cloned().collect();
     let mut pending = Vec::new();

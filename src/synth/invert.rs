@@ -93,6 +93,10 @@ pub fn invert_items(
     let dev = p.sd.unet_device().clone();
     let mut out = HashMap::new();
     let mut todo: Vec<(usize, InversionKey, Vec<u8>)> = Vec::new();
+    let dirs: BTreeSet<_> = wanted.iter().filter_map(|&i| cache::entry_path(&opts.cache, &ds.items[i].rel).parent().map(|d| d.to_path_buf())).collect();
+    for d in dirs {
+        crate::data::atomic::remove_stale_temps(&d)?;
+    }
     for &i in wanted {
         let item = &ds.items[i];
         let (pixels, image_sha256) = load_for_model(&item.path, inv.size, inv.resize)?;
