@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::bf16::{self, PackedA};
 use super::gemm::{sgemm, threads};
-use super::io::{tensor, uninit, with_slices};
+use super::io::{check_per_channel, tensor, uninit, with_slices};
 use crate::error::{Error, Result};
 
 /// How a convolution's input is prepared: nearest-upsampled to a size first, then padded.
@@ -40,6 +40,7 @@ pub fn conv2d(
     if wcin != cin || kh != kw || stride == 0 {
         return Err(Error::invalid(format!("conv2d: input {:?}, weight {:?}, stride {stride}", x.dims(), weight.dims())));
     }
+    check_per_channel("conv2d", "bias", bias, cout)?;
     let k = kh;
     let (h, w) = input.upsample.unwrap_or((h0, w0));
     let (pt, pl, pb, pr) = input.pad;
@@ -114,7 +115,7 @@ pub fn conv2d(
                     },
                 }
                 if inv_scale {
-                    scale_slice(dst, (1.0 / out_scale) as f32, out_scale as f32);
+                    divide_slice(dst, out_scale as f32);
                 }
             }
             return out;
@@ -262,7 +263,9 @@ pub(crate) fn preload_channels(dst: &mut [f32], plane: usize, bias: Option<&[f32
     }
 }
 
-fn scale_slice(x: &mut [f32], _inv: f32, div: f32) {
+/// Divides rather than multiplies by the inverse: diffusers divides by `output_scale_factor`,
+/// and the two differ in the last bit.
+fn divide_slice(x: &mut [f32], div: f32) {
     for v in x.iter_mut() {
         *v /= div;
     }

@@ -26,6 +26,18 @@ fn slice_of<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
+/// An error unless the per-channel parameter `t` (a bias, a norm's scale or shift) holds
+/// exactly `n` values: the kernels index it by channel and must not read past it or ignore
+/// part of it.
+pub(crate) fn check_per_channel(op: &str, what: &str, t: Option<&Tensor>, n: usize) -> Result<()> {
+    match t {
+        Some(t) if t.elem_count() != n => {
+            Err(Error::invalid(format!("{op}: {what} {:?} does not hold one value per channel ({n})", t.dims())))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Runs `f` on the contiguous f32 data of `ts` (made contiguous first if needed).
 pub(crate) fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
     let owned: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<candle_core::Result<_>>()?;

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use super::bf16::{self, PairPlanes};
 use super::conv::preload_channels;
 use super::gemm::{sgemm, threads};
-use super::io::{tensor, uninit, with_slices};
+use super::io::{check_per_channel, tensor, uninit, with_slices};
 use crate::error::{Error, Result};
 
 /// Fills `dst` (rows x cols, row-major) with `residual + bias` (either may be absent), returning
@@ -46,6 +46,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
     if w_in != in_dim {
         return Err(Error::invalid(format!("linear: input dim {in_dim} vs weight {:?}", weight.dims())));
     }
+    check_per_channel("linear", "bias", bias, out_dim)?;
     let (rows, items) = row_blocks(&dims);
     let total_rows = rows * items;
     let mut out_shape = dims.clone();
@@ -144,6 +145,7 @@ pub fn pointwise_to_tokens(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -
     if weight.elem_count() != cout * c {
         return Err(Error::invalid(format!("pointwise_to_tokens: input {:?}, weight {:?}", x.dims(), weight.dims())));
     }
+    check_per_channel("pointwise_to_tokens", "bias", bias, cout)?;
     let hw = h * w;
     let mut ts = vec![x, weight];
     ts.extend(bias);
@@ -174,6 +176,7 @@ pub fn pointwise_from_tokens(t: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
     if weight.elem_count() != cout * c || hw != h * w {
         return Err(Error::invalid(format!("pointwise_from_tokens: tokens {:?}, weight {:?}, {h}x{w}", t.dims(), weight.dims())));
     }
+    check_per_channel("pointwise_from_tokens", "bias", bias, cout)?;
     if let Some(r) = residual {
         if r.dims() != [b, cout, h, w] {
             return Err(Error::invalid(format!("pointwise_from_tokens: residual {:?}", r.dims())));

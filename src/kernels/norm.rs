@@ -3,7 +3,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::simd::{dispatch, map_into, silu_v, Vf, LANES, S1};
-use super::io::{tensor, uninit, with_slices};
+use super::io::{check_per_channel, tensor, uninit, with_slices};
 use crate::error::{Error, Result};
 
 /// Sum of a slice in a fixed order: 16 strided f32 lanes per 4096-element block, the lanes
@@ -77,6 +77,8 @@ pub fn group_norm(x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps:
         return Err(Error::invalid(format!("group_norm: input {dims:?}, {groups} groups")));
     }
     let (b, c) = (dims[0], dims[1]);
+    check_per_channel("group_norm", "gamma", Some(gamma), c)?;
+    check_per_channel("group_norm", "beta", Some(beta), c)?;
     let hw: usize = dims[2..].iter().product();
     let cpg = c / groups;
     let out = with_slices(&[x, gamma, beta], |s| {

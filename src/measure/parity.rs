@@ -181,7 +181,10 @@ pub fn run(model: &Path, reference: &Path, opts: &Options, mut progress: impl Fn
 
     // ---- tokens and concept rows --------------------------------------------------------
     progress("text");
-    for (tok, id) in &cfg.concept_token_ids {
+    // In id order, so the report lists them the same way every run.
+    let mut concept_ids: Vec<(&String, &u32)> = cfg.concept_token_ids.iter().collect();
+    concept_ids.sort_by_key(|(_, id)| **id);
+    for (tok, id) in concept_ids {
         let ours = sd.tokenizer.token_id(tok);
         if ours != Some(*id) {
             return Err(Error::invalid(format!(

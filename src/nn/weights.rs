@@ -224,15 +224,6 @@ impl Weights {
         Ok(t)
     }
 
-    /// Like [`get`](Self::get) but `None` when the tensor is absent (optional biases).
-    pub fn get_opt(&self, shape: &[usize], name: &str) -> Result<Option<Tensor>> {
-        if self.contains(name) {
-            self.get(shape, name).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
-
     /// Names, shapes and stored dtypes of all tensors in the file (empty for synthetic
     /// weights). A dtype candle cannot hold is an error naming the tensor.
     pub fn tensor_infos(&self) -> Result<Vec<(String, Vec<usize>, DType)>> {
