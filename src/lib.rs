@@ -16,11 +16,14 @@
 //!   runs under (resume, shards, records, manifest, previews) and the methods (Diff-II);
 //! - [`train`]: concept learning (textual inversion, LoRA) and what every training run shares
 //!   (diffusion loss, checkpoints, loss log, optimiser);
+//! - [`classify`]: image classifiers and the harness that measures whether synthetic images
+//!   help (ResNet, protocols, mixing real and synthetic images, validation-selected results);
 //! - [`measure`]: the measuring instruments (`bench`: speed and memory; `parity`:
 //!   tensor-by-tensor comparison with a diffusers reference run).
 //!
 //! `tests/layout.rs` checks on the source that the module graph has no cycles and that the low
 //! layers do not import the ones above them.
+pub mod classify;
 pub mod data;
 pub mod error;
 pub mod formats;

@@ -5,11 +5,13 @@ mod augment;
 mod bench;
 mod common;
 mod concepts;
+mod eval;
 mod generate;
 mod info;
 mod invert;
 mod merge;
 mod parity;
+mod train;
 
 /// Diff-II synthetic data augmentation with Stable Diffusion 1.x.
 #[derive(Parser, Debug)]
@@ -31,6 +33,10 @@ pub enum Command {
     Augment(augment::Args),
     /// Merge the shard manifests of a sharded `generate` run.
     Merge(merge::Args),
+    /// Train a classifier on real (+ synthetic) images per seed; report validation-selected test accuracy.
+    Train(train::Args),
+    /// Accuracy of a classifier trained by `diffii train` on a labelled image set.
+    Eval(eval::Args),
     /// Compare every stage of a Diff-II run with a diffusers reference directory.
     Parity(parity::Args),
     /// Describe a diffusers SD-1.x model folder: components, sizes, vocabulary, scheduler.
@@ -46,6 +52,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Augment(a) => augment::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Parity(a) => parity::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),

@@ -14,6 +14,7 @@
 pub mod activation;
 pub mod attention;
 pub mod attention_grad;
+pub mod batchnorm;
 pub mod conv;
 pub mod frozen;
 pub mod linear;
@@ -24,6 +25,7 @@ pub mod weights;
 
 pub use activation::{geglu, Activation};
 pub use attention::{attention, softmax_last_dim};
+pub use batchnorm::BatchNorm2d;
 pub use conv::{Conv2d, ConvInput};
 pub use linear::{Adapter, Linear};
 pub use mode::{fast_ok, Mode, Precision};

@@ -25,6 +25,8 @@ enum Source {
     File { path: PathBuf, st: MmapedSafetensors },
     /// Deterministic N(0, 1/fan_in) values, seeded per key: for benchmarks that only need shapes.
     Synthetic { seed: u64 },
+    /// Tensors made in memory (e.g. a freshly initialised model), under their full key names.
+    Memory { tensors: HashMap<String, Tensor> },
 }
 
 struct Shared {
@@ -56,6 +58,11 @@ impl Weights {
         let st = unsafe { MmapedSafetensors::new(path) }
             .map_err(|e| Error::bad_file(path, format!("not a readable safetensors file: {e}")))?;
         Ok(Self::new(Source::File { path: path.to_path_buf(), st }, dtype, device))
+    }
+
+    /// Weights held in memory, keyed by their full names.
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Self {
+        Self::new(Source::Memory { tensors }, dtype, device)
     }
 
     /// Synthetic weights: every requested tensor is made from `seed` and its key.
@@ -131,6 +138,7 @@ impl Weights {
         match &self.shared.source {
             Source::File { path, .. } => path.clone(),
             Source::Synthetic { .. } => PathBuf::from("<synthetic>"),
+            Source::Memory { .. } => PathBuf::from("<memory>"),
         }
     }
 
@@ -178,6 +186,7 @@ impl Weights {
                 self.candidates(&self.full_key(name)).iter().any(|k| st.get(k).is_ok())
             }
             Source::Synthetic { .. } => true,
+            Source::Memory { tensors } => tensors.contains_key(&self.full_key(name)),
         }
     }
 
@@ -214,6 +223,21 @@ impl Weights {
                 t.to_dtype(self.shared.dtype)?
             }
             Source::Synthetic { seed } => synthetic_tensor(*seed, &key, shape, self.shared.dtype, &self.shared.device)?,
+            Source::Memory { tensors } => {
+                let t = tensors.get(&key).ok_or_else(|| Error::Tensor {
+                    path: PathBuf::from("<memory>"),
+                    key: key.clone(),
+                    msg: "missing".into(),
+                })?;
+                if t.dims() != shape {
+                    return Err(Error::Tensor {
+                        path: PathBuf::from("<memory>"),
+                        key,
+                        msg: format!("has shape {:?}, expected {shape:?}", t.dims()),
+                    });
+                }
+                t.to_dtype(self.shared.dtype)?.to_device(&self.shared.device)?
+            }
         };
         if self.shared.trainable.iter().any(|k| *k == key) {
             let var = Var::from_tensor(&t)?;
@@ -242,6 +266,11 @@ impl Weights {
                 Ok(v)
             }
             Source::Synthetic { .. } => Ok(Vec::new()),
+            Source::Memory { tensors } => {
+                let mut v: Vec<_> = tensors.iter().map(|(k, t)| (k.clone(), t.dims().to_vec(), t.dtype())).collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                Ok(v)
+            }
         }
     }
 }

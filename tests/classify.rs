@@ -1,0 +1,213 @@
+//! The classifier harness: protocol splits (sizes, no overlap, reproducible per seed), the
+//! replacement draws (frequency and inverse-frequency classes, statistically), augmentation,
+//! the synthetic set read through a manifest, and a tiny end-to-end `diffii train` / `eval`
+//! that gives the same bytes for any thread count.
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use diffii::classify::data::{crop_box, resize_bilinear, synthetic_dataset, Augment};
+use diffii::classify::mix::{ClassDraw, Mixer, Pick};
+use diffii::classify::protocol::{split, SplitSpec};
+use diffii::data::dataset::Dataset;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// `n[c]` small distinct PNGs per class `c{c}` (pattern depends on class, so a classifier can
+/// learn it: class 0 bright on the left, class 1 on the right, class 2 at the top).
+fn image_folder(root: &Path, n: &[usize]) -> PathBuf {
+    for (c, &k) in n.iter().enumerate() {
+        let dir = root.join(format!("c{c}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..k {
+            let img = image::RgbImage::from_fn(12, 12, |x, y| {
+                let on = match c % 3 {
+                    0 => x < 6,
+                    1 => x >= 6,
+                    _ => y < 6,
+                };
+                let noise = ((x * 31 + y * 17 + i as u32 * 13 + c as u32 * 7) % 40) as u8;
+                let v = if on { 200 + noise / 2 } else { noise };
+                image::Rgb([v, v, v])
+            });
+            img.save(dir.join(format!("{i:03}.png"))).unwrap();
+        }
+    }
+    root.to_path_buf()
+}
+
+#[test]
+fn splits_have_the_promised_sizes_never_overlap_and_repeat_per_seed() {
+    let root = common::empty_temp_dir("cls-split");
+    let ds = Dataset::open(image_folder(&root, &[20, 15, 12]), None).unwrap();
+    let spec = SplitSpec { val_per_class: 3, shots: Some(5), imbalance: None };
+    let a = split(&ds, &spec, 0).unwrap();
+    assert_eq!(a, split(&ds, &spec, 0).unwrap(), "same seed, same split");
+    let b = split(&ds, &spec, 1).unwrap();
+    assert_ne!(a.train, b.train, "few-shot draws differ per seed");
+    for s in [&a, &b] {
+        assert_eq!((s.train.len(), s.val.len()), (15, 9));
+        let (t, v): (BTreeSet<_>, BTreeSet<_>) = (s.train.iter().collect(), s.val.iter().collect());
+        assert!(t.is_disjoint(&v), "an image is in both splits");
+        for c in 0..3 {
+            assert_eq!(s.train.iter().filter(|&&i| ds.items[i].class == c).count(), 5);
+            assert_eq!(s.val.iter().filter(|&&i| ds.items[i].class == c).count(), 3);
+        }
+    }
+    // Long tail: exponential profile from the smallest pool (12 - 3 = 9) down to 9 * 0.1.
+    let lt = split(&ds, &SplitSpec { val_per_class: 3, shots: None, imbalance: Some(0.1) }, 0).unwrap();
+    let per: Vec<usize> = (0..3).map(|c| lt.train.iter().filter(|&&i| ds.items[i].class == c).count()).collect();
+    assert_eq!(per, vec![9, 3, 1], "round(9 * 0.1^(c/2))");
+    // Not enough images for the protocol: an error naming the class.
+    let e = split(&ds, &SplitSpec { val_per_class: 10, shots: Some(5), imbalance: None }, 0).unwrap_err().to_string();
+    assert!(e.contains("`c2`") && e.contains("12 images"), "{e}");
+    assert!(split(&ds, &SplitSpec { val_per_class: 1, shots: Some(0), imbalance: None }, 0).is_err());
+    assert!(split(&ds, &SplitSpec { val_per_class: 1, shots: None, imbalance: Some(1.5) }, 0).is_err());
+}
+
+#[test]
+fn replacements_happen_with_probability_p_and_keep_the_class() {
+    let synthetic = vec![vec![0, 1, 2], vec![3, 4], vec![]];
+    let m = Mixer::new(0.3, ClassDraw::Same, &[5, 5, 5], synthetic).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let n = 20_000;
+    let mut replaced = 0;
+    for i in 0..n {
+        let class = i % 2; // classes with synthetic images
+        match m.pick(i, class, &mut rng) {
+            Pick::Real(r) => assert_eq!(r, i),
+            Pick::Synthetic(k, c) => {
+                replaced += 1;
+                assert_eq!(c, class, "same-class replacement changed the label");
+                assert!(if class == 0 { k <= 2 } else { (3..=4).contains(&k) });
+            }
+        }
+        // A class without synthetic images is never replaced.
+        assert_eq!(m.pick(i, 2, &mut rng), Pick::Real(i));
+    }
+    // Binomial(20000, 0.3): sd = 64.8; 5 sd.
+    let expect = 0.3 * n as f64;
+    assert!((replaced as f64 - expect).abs() < 5.0 * 64.8, "{replaced} replacements, expected about {expect}");
+    assert!(Mixer::new(1.5, ClassDraw::Same, &[1], vec![vec![]]).is_err());
+}
+
+#[test]
+fn long_tail_replacements_draw_classes_by_inverse_frequency() {
+    let counts = [99, 9, 0, 4];
+    let synthetic = vec![vec![0], vec![1], vec![2], vec![]]; // class 3 has none: never drawn
+    let m = Mixer::new(1.0, ClassDraw::InverseFrequency, &counts, synthetic).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let n = 60_000;
+    let mut hist = [0usize; 4];
+    for i in 0..n {
+        match m.pick(i, 0, &mut rng) {
+            Pick::Synthetic(k, c) => {
+                assert_eq!(k, c);
+                hist[c] += 1;
+            }
+            Pick::Real(_) => panic!("p = 1 always replaces"),
+        }
+    }
+    let w = [1.0 / 100.0, 1.0 / 10.0, 1.0, 0.0];
+    let total: f64 = w.iter().sum();
+    for c in 0..4 {
+        let p = w[c] / total;
+        let sd = (n as f64 * p * (1.0 - p)).sqrt().max(1.0);
+        assert!((hist[c] as f64 - n as f64 * p).abs() < 5.0 * sd, "class {c}: {} draws, expected {:.0}", hist[c], n as f64 * p);
+    }
+}
+
+#[test]
+fn crops_follow_torchvision_and_augmentation_is_reproducible() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for _ in 0..2000 {
+        let (y, x, h, w) = crop_box(28, 28, (0.35, 1.0), (0.75, 4.0 / 3.0), &mut rng);
+        assert!(h > 0 && w > 0 && y + h <= 28 && x + w <= 28);
+        let area = (h * w) as f64 / 784.0;
+        assert!((0.3..=1.0).contains(&area), "area fraction {area}");
+    }
+    // The whole image resized to its own size is the image; mirrored twice is the image.
+    let src: Vec<u8> = (0..5 * 5 * 3).map(|i| (i * 7 % 256) as u8).collect();
+    assert_eq!(resize_bilinear(&src, 5, (0, 0, 5, 5), 5, false), src);
+    let m = resize_bilinear(&src, 5, (0, 0, 5, 5), 5, true);
+    assert_eq!(&m[0..3], &src[4 * 3..5 * 3], "first pixel of the mirror = last of the row");
+    let aug = Augment { flip: true, ..Augment::default() };
+    let a = aug.apply(&src, 5, &mut ChaCha8Rng::seed_from_u64(9));
+    assert_eq!(a, aug.apply(&src, 5, &mut ChaCha8Rng::seed_from_u64(9)));
+    assert!(Augment { crop_scale: (0.0, 1.0), ..Augment::default() }.check().is_err());
+}
+
+#[test]
+fn a_generator_output_folder_is_read_through_its_manifest() {
+    let root = common::empty_temp_dir("cls-syn");
+    let out = root.join("syn");
+    std::fs::create_dir_all(out.join("c1")).unwrap();
+    std::fs::create_dir_all(out.join("previews")).unwrap();
+    image::RgbImage::new(4, 4).save(out.join("c1/c1_00000.png")).unwrap();
+    image::RgbImage::new(4, 4).save(out.join("previews/c1.png")).unwrap();
+    let rec = r#"{"id":"c1_00000","class":"c1","class_index":0,"index":0,"file":"c1/c1_00000.png","output_sha256":"","sources":["a","b"],"source_sha256":["",""],"interp":"circle","t":0.0,"frac":null,"alpha":null,"theta":0.0,"cos":1.0,"lerp":false,"prompt":"","stage1_prompt":"","suffix":"","strength":0.3,"stage1_steps":1,"steps":2,"inversion_steps":2,"guidance":7.5,"seed":1,"size":4,"model_sha256":"","concepts_sha256":"","lora_sha256":null,"run_sha256":""}"#;
+    std::fs::write(out.join("manifest.jsonl"), format!("{rec}\n")).unwrap();
+    let classes = vec!["c0".to_string(), "c1".to_string()];
+    let ds = synthetic_dataset(&out, &classes).unwrap();
+    assert_eq!(ds.items.len(), 1, "previews are not training images");
+    assert_eq!((ds.items[0].class, ds.items[0].rel.as_str()), (1, "c1/c1_00000.png"));
+    let e = synthetic_dataset(&out, &classes[..1]).unwrap_err().to_string();
+    assert!(e.contains("`c1` is not a training class"), "{e}");
+}
+
+fn diffii(args: &[&str], threads: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_diffii")).args(args).env("RAYON_NUM_THREADS", threads).output().unwrap()
+}
+
+#[test]
+fn train_then_eval_end_to_end_is_the_same_for_any_thread_count() {
+    let root = common::empty_temp_dir("cls-e2e");
+    let data = image_folder(&root.join("train"), &[8, 8, 8]);
+    let test = image_folder(&root.join("test"), &[4, 4, 4]);
+    let run = |out: &Path, threads: &str| {
+        let o = diffii(
+            &[
+                "train", "--data", data.to_str().unwrap(), "--test", test.to_str().unwrap(), "--out", out.to_str().unwrap(),
+                "--seeds", "0,1", "--epochs", "3", "--batch", "6", "--size", "12", "--val-per-class", "2", "--shots", "5",
+                "--lr", "0.05", "--quiet",
+            ],
+            threads,
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let (a, b) = (root.join("a"), root.join("b"));
+    let stdout = run(&a, "1");
+    run(&b, "2");
+    assert!(stdout.contains("validation-selected epoch"), "{stdout}");
+    for seed in ["seed-0", "seed-1"] {
+        for f in ["model.safetensors", "history.csv"] {
+            assert_eq!(std::fs::read(a.join(seed).join(f)).unwrap(), std::fs::read(b.join(seed).join(f)).unwrap(), "{seed}/{f}");
+        }
+    }
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("results.json")).unwrap()).unwrap();
+    let seeds = results["seeds"].as_array().unwrap();
+    assert_eq!(seeds.len(), 2);
+    for s in seeds {
+        assert_eq!((s["train_images"].as_u64(), s["val_images"].as_u64()), (Some(15), Some(6)));
+        assert_eq!(s["history"].as_array().unwrap().len(), 3);
+        let sel = s["selected_epoch"].as_u64().unwrap() as usize;
+        let hist = s["history"].as_array().unwrap();
+        let best = hist.iter().map(|e| e["val_acc"].as_f64().unwrap()).fold(f64::MIN, f64::max);
+        assert_eq!(hist[sel - 1]["val_acc"].as_f64().unwrap(), best, "the selected epoch has the best validation accuracy");
+        assert_eq!(s["test_acc_selected"], hist[sel - 1]["test_acc"], "test accuracy is reported at the selected epoch");
+    }
+    // Rerunning keeps finished seeds; other settings in the same folder are refused.
+    let again = run(&a, "2");
+    assert!(again.contains("seed 0:"), "{again}");
+    let o = diffii(&["train", "--data", data.to_str().unwrap(), "--out", a.to_str().unwrap(), "--epochs", "4", "--quiet"], "2");
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("different settings"), "{}", String::from_utf8_lossy(&o.stderr));
+    // eval reproduces the recorded last-epoch test accuracy.
+    let o = diffii(&["eval", "--model", a.join("seed-0").to_str().unwrap(), "--data", test.to_str().unwrap()], "2");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line = String::from_utf8_lossy(&o.stdout).lines().next().unwrap().to_string();
+    let last = seeds[0]["test_acc_last"].as_f64().unwrap();
+    assert!(line.starts_with(&format!("accuracy {:.2} %", 100.0 * last)), "{line} vs last-epoch test accuracy {last}");
+}
