@@ -73,6 +73,17 @@ pub enum Preset {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MethodArg {
+    /// Diff-II: interpolated inversions, two-stage guided sampling.
+    Diffii,
+    /// DA-Fusion: a real image noised to a drawn strength, denoised toward the concept prompt
+    /// (with --lora: Diff-AUG).
+    DaFusion,
+    /// Text-to-image from the concept prompt (Real-Guidance style).
+    Txt2img,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InterpArg {
     Slerp,
     Circle,
@@ -127,6 +138,12 @@ pub struct InvertArgs {
 pub struct GenArgs {
     #[command(flatten)]
     pub invert: InvertArgs,
+    /// The synthesis method: Diff-II, or a baseline on the same model and concepts.
+    #[arg(long, value_enum, default_value = "diffii")]
+    pub method: MethodArg,
+    /// da-fusion: the strengths one is drawn from per image (default 0.25,0.5,0.75,1).
+    #[arg(long, value_delimiter = ',')]
+    pub strengths: Option<Vec<f64>>,
     /// Scene suffixes for stage 1, one per line (default: a built-in list of generic scenes).
     #[arg(long)]
     pub suffixes: Option<PathBuf>,
@@ -287,12 +304,25 @@ pub struct GenerateArgs {
     pub run: RunArgs,
 }
 
+/// Resolved settings of the chosen method.
+pub enum MethodSettings {
+    Diffii(Settings),
+    Baseline(diffii::synth::img2img::Settings),
+}
+
 impl GenerateArgs {
     /// Loads the dataset and model and resolves the settings.
-    pub fn prepare(&self) -> anyhow::Result<(Dataset, Pipeline, Settings, RunOptions)> {
+    pub fn prepare(&self) -> anyhow::Result<(Dataset, Pipeline, MethodSettings, RunOptions)> {
+        use diffii::synth::img2img::{Mode, Settings as BaselineSettings};
         let ds = load_dataset(&self.data)?;
         let p = load_pipeline(&self.model)?;
-        let s = Settings::resolve(&self.gen.request()?, &p)?;
+        let r = self.gen.request()?;
+        let s = match self.gen.method {
+            MethodArg::Diffii if self.gen.strengths.is_some() => anyhow::bail!("--strengths is a da-fusion setting; Diff-II uses --strength"),
+            MethodArg::Diffii => MethodSettings::Diffii(Settings::resolve(&r, &p)?),
+            MethodArg::DaFusion => MethodSettings::Baseline(BaselineSettings::resolve(&r, Mode::Img2Img, self.gen.strengths.clone(), &p)?),
+            MethodArg::Txt2img => MethodSettings::Baseline(BaselineSettings::resolve(&r, Mode::Txt2Img, self.gen.strengths.clone(), &p)?),
+        };
         Ok((ds, p, s, self.run.options()))
     }
 }

@@ -1,13 +1,16 @@
-//! `diffii generate`: Diff-II synthesis over a dataset (inverting what the cache lacks).
-use super::common::{print_summary, GenerateArgs};
-use diffii::synth::diffii::generate;
+//! `diffii generate`: synthesis over a dataset with Diff-II (inverting what the cache lacks) or
+//! a baseline method.
+use super::common::{print_summary, GenerateArgs, MethodSettings};
 use diffii::synth::driver::manifest_name;
 
 pub type Args = GenerateArgs;
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let (ds, p, s, opts) = a.prepare()?;
-    let summary = generate(&p, &ds, &s, &opts)?;
+    let summary = match &s {
+        MethodSettings::Diffii(s) => diffii::synth::diffii::generate(&p, &ds, s, &opts)?,
+        MethodSettings::Baseline(s) => diffii::synth::img2img::generate(&p, &ds, s, &opts)?,
+    };
     print_summary(&summary);
     println!("images in {} ({})", opts.out.display(), manifest_name(opts.shard));
     Ok(())

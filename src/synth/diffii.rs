@@ -279,7 +279,10 @@ impl<'a> DiffIi<'a> {
 
 impl Method for DiffIi<'_> {
     type Settings = Settings;
-    const NAME: &'static str = "diffii";
+
+    fn name(&self) -> &'static str {
+        "diffii"
+    }
 
     fn settings(&self) -> &Settings {
         self.s

@@ -73,7 +73,7 @@ pub trait Method {
     /// Every setting that decides the pixels; hashed into `run_sha256`.
     type Settings: Serialize + DeserializeOwned + PartialEq;
     /// The tag in every record's `method` field.
-    const NAME: &'static str;
+    fn name(&self) -> &'static str;
 
     fn settings(&self) -> &Self::Settings;
     /// Every sample of the run (all shards), in manifest order.
@@ -134,7 +134,7 @@ pub fn run<M: Method>(m: &mut M, ds: &Dataset, opts: &RunOptions, mut summary: S
     for chunk in pending.chunks(opts.batch.max(1)) {
         let (decoded, records) = m.make(chunk)?;
         if records.len() != chunk.len() {
-            return Err(Error::invalid(format!("{}: {} records for {} samples", M::NAME, records.len(), chunk.len())));
+            return Err(Error::invalid(format!("{}: {} records for {} samples", m.name(), records.len(), chunk.len())));
         }
         for (j, (x, mut rec)) in chunk.iter().zip(records).enumerate() {
             let (px, h, w) = tensor_to_u8(&decoded.narrow(0, j, 1)?, m.quantize())?;
@@ -143,7 +143,7 @@ pub fn run<M: Method>(m: &mut M, ds: &Dataset, opts: &RunOptions, mut summary: S
             rec.file = format!("{}/{id}.png", sanitize(class));
             rec.output_sha256 = save_png_atomic(opts.out.join(&rec.file), &px, w, h)?;
             rec.id = id;
-            rec.method = M::NAME.to_string();
+            rec.method = m.name().to_string();
             rec.class = class.clone();
             rec.class_index = x.class;
             rec.index = x.index;
@@ -185,7 +185,12 @@ pub fn write_previews(out: &Path, ds: &Dataset, records: &[Record], size: usize,
         let mut sheet = image::RgbImage::new(3 * tile as u32, (rows.len() * tile) as u32);
         for (r, rec) in rows.iter().enumerate() {
             let mut tiles = Vec::new();
+            // Methods without a second source (img2img) or any (txt2img) leave those tiles black.
             for src in &rec.sources {
+                if src.is_empty() {
+                    tiles.push(image::RgbImage::new(tile as u32, tile as u32));
+                    continue;
+                }
                 let item = by_rel.get(src.as_str()).ok_or_else(|| Error::invalid(format!("preview: {src} is not in the dataset")))?;
                 tiles.push(prepare(&load_rgb8(&item.path)?, tile, resize));
             }

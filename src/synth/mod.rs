@@ -8,11 +8,13 @@
 //! - [`guidance`]: classifier-free-guided noise prediction;
 //! - [`invert`] with [`cache`]: DDIM inversion of dataset images, cached per image;
 //! - [`interpolate`]: slerp and the official full-circle draw;
-//! - [`diffii`]: the Diff-II method (two-stage sampling from interpolated inversions).
+//! - [`diffii`]: the Diff-II method (two-stage sampling from interpolated inversions);
+//! - [`img2img`]: the baselines DA-Fusion / Diff-AUG (image-to-image) and text-to-image.
 pub mod cache;
 pub mod diffii;
 pub mod driver;
 pub mod guidance;
+pub mod img2img;
 pub mod interpolate;
 pub mod invert;
 pub mod manifest;

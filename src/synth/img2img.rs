@@ -1,0 +1,260 @@
+//! Image-to-image and text-to-image baselines as [`Method`]s of the synthesis driver, on the
+//! same model, concepts and output format as Diff-II:
+//!
+//! - **DA-Fusion** (Trabucco et al., "Effective Data Augmentation With Diffusion Models",
+//!   ICLR 2024): a real image of the class, noised to the timestep of a strength drawn from a
+//!   set ({0.25, 0.5, 0.75, 1.0} by default), denoised with classifier-free guidance toward the
+//!   class's concept prompt — diffusers' img2img schedule (the last int(steps * strength) steps).
+//!   With the concept tokens plus a LoRA (`--lora`), this is Diff-AUG's recipe.
+//! - **Text-to-image** (Real-Guidance style, He et al., "Is synthetic data from generative
+//!   models ready for image recognition?", ICLR 2023): pure noise denoised toward the concept
+//!   prompt; no real image is used.
+//!
+//! Every draw (source image, strength, noise) comes from the sample's own seed, so outputs do
+//! not depend on batch size, threads or shards.
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::data::dataset::Dataset;
+use crate::data::image::{load_for_model, ResizePolicy};
+use crate::data::pixels::{u8_to_tensor, Quantize};
+use crate::error::{Error, Result};
+use crate::rng::seeded_randn;
+use crate::schedule::sampling::{ddim_sample_from, img2img_start};
+use crate::synth::driver::{self, Method, RunOptions, Summary};
+use crate::synth::guidance::guided_eps;
+use crate::synth::invert::concept_prompt;
+use crate::synth::manifest::Record;
+use crate::synth::pipeline::Pipeline;
+use crate::synth::plan::{self, Count, Interp, Sample};
+
+/// DA-Fusion's strengths.
+pub const DEFAULT_STRENGTHS: [f64; 4] = [0.25, 0.5, 0.75, 1.0];
+
+/// Which baseline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// From a real image of the class (DA-Fusion; Diff-AUG with a LoRA).
+    Img2Img,
+    /// From noise (Real-Guidance).
+    Txt2Img,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Img2Img => "da-fusion",
+            Mode::Txt2Img => "txt2img",
+        }
+    }
+}
+
+/// Every setting that affects the pixels (hashed into each record).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub mode: Mode,
+    /// With `{concept}` and `{superclass}` placeholders.
+    pub prompt_template: String,
+    pub superclass: String,
+    pub size: usize,
+    pub resize: ResizePolicy,
+    pub steps: usize,
+    pub guidance: f64,
+    /// Img2img: one is drawn per sample.
+    pub strengths: Vec<f64>,
+    pub count: Count,
+    pub seed: u64,
+    pub quantize: Quantize,
+    pub model_sha256: String,
+    pub concepts_sha256: String,
+    pub lora_sha256: Option<String>,
+    pub precision: String,
+}
+
+impl Settings {
+    /// The concept prompt of a class token.
+    pub fn prompt(&self, token: &str) -> String {
+        concept_prompt(&self.prompt_template, token, &self.superclass)
+    }
+
+    fn check(&self, p: &Pipeline) -> Result<()> {
+        if self.size % p.sd.vae.config.spatial_factor() != 0 {
+            return Err(Error::invalid(format!("image size {} is not a multiple of the VAE factor {}", self.size, p.sd.vae.config.spatial_factor())));
+        }
+        if self.steps == 0 || !self.guidance.is_finite() {
+            return Err(Error::invalid("--steps must be at least 1 and --guidance finite"));
+        }
+        if self.mode == Mode::Img2Img {
+            if self.strengths.is_empty() {
+                return Err(Error::invalid("--strengths needs at least one value"));
+            }
+            for &s in &self.strengths {
+                img2img_start(&p.sched, self.steps, s)?;
+            }
+        }
+        if !self.prompt_template.contains("{concept}") {
+            return Err(Error::invalid(format!("--prompt-template {:?} has no {{concept}}: the classes would not differ", self.prompt_template)));
+        }
+        Ok(())
+    }
+}
+
+/// A baseline over a dataset, ready for [`driver::run`].
+pub struct Baseline<'a> {
+    p: &'a Pipeline,
+    ds: &'a Dataset,
+    s: &'a Settings,
+    tokens: Vec<String>,
+    members: Vec<Vec<usize>>,
+    samples: Vec<Sample>,
+    uncond: Option<Tensor>,
+}
+
+impl<'a> Baseline<'a> {
+    pub fn new(p: &'a Pipeline, ds: &'a Dataset, s: &'a Settings) -> Result<(Self, Summary)> {
+        s.check(p)?;
+        let tokens = p.class_tokens(ds)?;
+        let members = ds.class_members();
+        let counts: Vec<usize> = members.iter().map(|m| m.len()).collect();
+        // `pair.0` is the source image; `draw` ~ U(0, 1) picks the strength.
+        let samples = plan::plan(&ds.classes, &counts, s.count, Interp::Circle, 0, s.seed)?;
+        Ok((Baseline { p, ds, s, tokens, members, samples, uncond: None }, Summary::default()))
+    }
+
+    fn strength(&self, x: &Sample) -> f64 {
+        match self.s.mode {
+            Mode::Img2Img => self.s.strengths[((x.draw * self.s.strengths.len() as f64) as usize).min(self.s.strengths.len() - 1)],
+            Mode::Txt2Img => 1.0,
+        }
+    }
+}
+
+impl Method for Baseline<'_> {
+    type Settings = Settings;
+
+    fn name(&self) -> &'static str {
+        self.s.mode.name()
+    }
+
+    fn settings(&self) -> &Settings {
+        self.s
+    }
+
+    fn samples(&self) -> &[Sample] {
+        &self.samples
+    }
+
+    fn prepare(&mut self, _pending: &[&Sample], _opts: &RunOptions, _summary: &mut Summary) -> Result<()> {
+        self.uncond = Some(self.p.sd.encode_prompt("")?);
+        Ok(())
+    }
+
+    fn make(&mut self, batch: &[&Sample]) -> Result<(Tensor, Vec<Record>)> {
+        let (p, s) = (self.p, self.s);
+        let dev = p.sd.unet_device().clone();
+        let dtype = p.sd.unet.dtype();
+        let uncond = self.uncond.as_ref().ok_or_else(|| Error::invalid("baseline: make() before prepare()"))?;
+        let mut outs = Vec::new();
+        let mut records = Vec::new();
+        // Samples with different strengths start at different steps: one UNet batch per sample.
+        for x in batch {
+            let prompt = s.prompt(&self.tokens[x.class]);
+            let cond = p.encode(std::slice::from_ref(&prompt))?;
+            let strength = self.strength(x);
+            let f = p.sd.vae.config.spatial_factor();
+            let shape = [1, p.sd.unet.config.in_channels, s.size / f, s.size / f];
+            let noise = seeded_randn(x.seed, &shape, &dev)?.to_dtype(dtype)?;
+            let eps = |z: &Tensor, _: usize, t: usize| guided_eps(&p.sd.unet, z, t, uncond, &cond, s.guidance);
+            let (z, sources, source_sha256) = match s.mode {
+                Mode::Img2Img => {
+                    let item = &self.ds.items[self.members[x.class][x.pair.0]];
+                    let (px, image_sha256) = load_for_model(&item.path, s.size, s.resize)?;
+                    let z0 = p.sd.vae.encode_latent(&u8_to_tensor(&px, s.size, s.size, &dev)?.to_dtype(dtype)?)?;
+                    let (start, t0) = img2img_start(&p.sched, s.steps, strength)?;
+                    let z = ddim_sample_from(&p.sched, &p.sched.add_noise(&z0, &noise, t0)?, s.steps, start, eps, |_| {})?;
+                    (z, [item.rel.clone(), String::new()], [image_sha256, String::new()])
+                }
+                Mode::Txt2Img => {
+                    let z = ddim_sample_from(&p.sched, &noise, s.steps, 0, eps, |_| {})?;
+                    (z, [String::new(), String::new()], [String::new(), String::new()])
+                }
+            };
+            outs.push(z);
+            records.push(Record {
+                sources,
+                source_sha256,
+                interp: s.mode.name().to_string(),
+                t: strength,
+                prompt,
+                strength,
+                steps: s.steps,
+                guidance: s.guidance,
+                size: s.size,
+                model_sha256: p.model_sha256.clone(),
+                concepts_sha256: p.concepts_sha256.clone(),
+                lora_sha256: p.lora_sha256.clone(),
+                ..Record::default()
+            });
+        }
+        let z = Tensor::cat(&outs, 0)?;
+        Ok((p.sd.vae.decode_latent(&z)?, records))
+    }
+
+    fn quantize(&self) -> Quantize {
+        self.s.quantize
+    }
+
+    fn source_geometry(&self) -> (usize, ResizePolicy) {
+        (self.s.size, self.s.resize)
+    }
+}
+
+/// Generates the baseline's samples of `opts.shard` that are not done yet.
+pub fn generate(p: &Pipeline, ds: &Dataset, s: &Settings, opts: &RunOptions) -> Result<Summary> {
+    let (mut m, notes) = Baseline::new(p, ds, s)?;
+    driver::run(&mut m, ds, opts, notes)
+}
+
+impl Settings {
+    /// The baseline's settings from the same request as Diff-II's (prompt, size, steps,
+    /// guidance, count, seed, quantisation and their defaults), plus its own strengths
+    /// (default [`DEFAULT_STRENGTHS`]). Diff-II's own fields (suffixes, two-stage strength,
+    /// interpolation) must not be set: they would be silently unused.
+    pub fn resolve(r: &crate::synth::diffii::SettingsRequest, mode: Mode, strengths: Option<Vec<f64>>, p: &Pipeline) -> Result<Self> {
+        let unused = [
+            ("--suffixes", r.suffixes.is_some()),
+            ("--strength", r.strength.is_some()),
+            ("--stage1-steps", r.stage1_steps.is_some()),
+            ("--interp", r.interp.is_some()),
+            ("--inversion-steps", r.inversion.steps.is_some()),
+        ];
+        if let Some((flag, _)) = unused.iter().find(|(_, set)| *set) {
+            return Err(Error::invalid(format!("{flag} is a Diff-II setting; the {} baseline does not use it", mode.name())));
+        }
+        if mode == Mode::Txt2Img && strengths.is_some() {
+            return Err(Error::invalid("--strengths is an img2img setting; txt2img starts from noise"));
+        }
+        let d = crate::synth::diffii::Settings::resolve(r, p)?;
+        Ok(Settings {
+            mode,
+            prompt_template: d.prompt_template,
+            superclass: d.superclass,
+            size: d.size,
+            resize: d.resize,
+            steps: d.steps,
+            guidance: d.guidance,
+            strengths: match mode {
+                Mode::Img2Img => strengths.unwrap_or_else(|| DEFAULT_STRENGTHS.to_vec()),
+                Mode::Txt2Img => Vec::new(),
+            },
+            count: d.count,
+            seed: d.seed,
+            quantize: d.quantize,
+            model_sha256: d.model_sha256,
+            concepts_sha256: d.concepts_sha256,
+            lora_sha256: d.lora_sha256,
+            precision: d.precision,
+        })
+    }
+}
