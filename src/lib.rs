@@ -18,6 +18,8 @@
 //!   (diffusion loss, checkpoints, loss log, optimiser);
 //! - [`classify`]: image classifiers and the harness that measures whether synthetic images
 //!   help (ResNet, protocols, mixing real and synthetic images, validation-selected results);
+//! - [`experiment`]: experiments across methods (`compare`: methods x seeds under one
+//!   protocol, with a results table);
 //! - [`measure`]: the measuring instruments (`bench`: speed and memory; `parity`:
 //!   tensor-by-tensor comparison with a diffusers reference run).
 //!
@@ -26,6 +28,7 @@
 pub mod classify;
 pub mod data;
 pub mod error;
+pub mod experiment;
 pub mod formats;
 pub mod hash;
 pub mod instrument;

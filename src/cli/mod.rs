@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 mod augment;
 mod bench;
 mod common;
+mod compare;
 mod concepts;
 mod eval;
 mod generate;
@@ -37,6 +38,8 @@ pub enum Command {
     Train(train::Args),
     /// Accuracy of a classifier trained by `diffii train` on a labelled image set.
     Eval(eval::Args),
+    /// Compare synthesis methods by the test accuracy of classifiers trained with their images.
+    Compare(compare::Args),
     /// Compare every stage of a Diff-II run with a diffusers reference directory.
     Parity(parity::Args),
     /// Describe a diffusers SD-1.x model folder: components, sizes, vocabulary, scheduler.
@@ -54,6 +57,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(a) => merge::run(a),
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Compare(a) => compare::run(a),
         Command::Parity(a) => parity::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),

@@ -37,6 +37,16 @@ pub struct Args {
     /// Seeds, comma-separated: one run each; results give mean +- std over them.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub seeds: Vec<u64>,
+    #[command(flatten)]
+    pub classifier: ClassifierArgs,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The classifier's settings (shared by `train` and `compare`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClassifierArgs {
     #[arg(long, default_value_t = 30)]
     pub epochs: usize,
     #[arg(long, default_value_t = 64)]
@@ -86,13 +96,10 @@ pub struct Args {
     /// The class of a replacement.
     #[arg(long, value_enum, default_value = "same")]
     pub class_draw: ClassDrawArg,
-    /// Hide progress bars.
-    #[arg(long)]
-    pub quiet: bool,
 }
 
-impl Args {
-    fn settings(&self) -> ClassifierSettings {
+impl ClassifierArgs {
+    pub fn settings(&self) -> ClassifierSettings {
         ClassifierSettings {
             depth: self.depth,
             size: self.size,
@@ -117,7 +124,7 @@ impl Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let s = a.settings();
+    let s = a.classifier.settings();
     s.check()?;
     if a.seeds.is_empty() {
         anyhow::bail!("--seeds needs at least one seed");

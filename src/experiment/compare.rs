@@ -1,0 +1,201 @@
+//! `diffii compare`: every chosen method under one protocol and seed list.
+//!
+//! For each seed the protocol's split is drawn first; a generating method then makes its
+//! synthetic images from that seed's training images only (validation and test images never
+//! reach the generator), and a classifier is trained on the real training images with those
+//! synthetic images mixed in. `none` trains on the real images alone. Every cell (method, seed)
+//! keeps its outputs under `out/<method>/seed-<s>/`, so a rerun resumes: generation through the
+//! synthesis driver's records, training through the seed's `result.json`. Seeds and methods can
+//! be added to an existing comparison; changing a method's or the classifier's settings in the
+//! same folder is refused.
+//!
+//! Results: `results.json` and `results.md` — per method, test accuracy at the
+//! validation-selected and at the last epoch (mean +- std over seeds, and per seed), images
+//! generated, generation and training time.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::classify::data::synthetic_dataset;
+use crate::classify::protocol::split;
+use crate::classify::train::{mean_std, train_seed, ClassifierSettings, RunData, SeedResult};
+use crate::data::atomic::{write_atomic, write_json_atomic, write_or_match_settings};
+use crate::data::dataset::Dataset;
+use crate::error::{read_json, Error, Result};
+use crate::synth::driver::RunOptions;
+use crate::synth::pipeline::Pipeline;
+use crate::synth::plan::Shard;
+
+/// A method to compare, with its resolved settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "kebab-case")]
+pub enum MethodSpec {
+    /// Real images only.
+    None,
+    Diffii(crate::synth::diffii::Settings),
+    Baseline(crate::synth::img2img::Settings),
+}
+
+impl MethodSpec {
+    pub fn name(&self) -> &'static str {
+        match self {
+            MethodSpec::None => "none",
+            MethodSpec::Diffii(_) => "diffii",
+            MethodSpec::Baseline(s) => s.mode.name(),
+        }
+    }
+}
+
+/// One method's row.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MethodResult {
+    pub method: String,
+    pub seeds: Vec<SeedResult>,
+    pub synthetic_images: usize,
+    pub seconds_generation: f64,
+    pub seconds_training: f64,
+    pub test_acc_selected: (f64, f64),
+    pub test_acc_last: (f64, f64),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CompareResults {
+    pub classifier: ClassifierSettings,
+    pub seeds: Vec<u64>,
+    pub methods: Vec<MethodResult>,
+}
+
+/// What a generation cell did, kept so a resumed compare reports the original time.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct GenerationCell {
+    images: usize,
+    seconds: f64,
+}
+
+/// Runs (or resumes) every (method, seed) cell. `p` is needed when a method generates.
+pub fn run(
+    p: Option<&Pipeline>,
+    train: &Dataset,
+    test: &Dataset,
+    methods: &[MethodSpec],
+    seeds: &[u64],
+    classifier: &ClassifierSettings,
+    gen_batch: usize,
+    out: &Path,
+    progress: bool,
+) -> Result<CompareResults> {
+    classifier.check()?;
+    if methods.is_empty() || seeds.is_empty() {
+        return Err(Error::invalid("compare needs at least one method and one seed"));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    // Seeds and methods may be added to a comparison later; what a cell's numbers depend on may
+    // not change under it.
+    write_or_match_settings(out.join("classifier_config.json"), classifier, "a comparison")?;
+    for m in methods {
+        write_or_match_settings(out.join(m.name()).join("method.json"), m, "this method")?;
+    }
+    let mut rows = Vec::new();
+    for m in methods {
+        let name = m.name();
+        let (mut seed_results, mut images, mut gen_s, mut train_s) = (Vec::new(), 0, 0.0, 0.0);
+        for &seed in seeds {
+            let cell = out.join(name).join(format!("seed-{seed}"));
+            let synthetic_dir = cell.join("synthetic");
+            if !matches!(m, MethodSpec::None) {
+                let p = p.ok_or_else(|| Error::invalid(format!("{name} generates images: a model is needed")))?;
+                let g = generate_cell(p, train, classifier, m, seed, gen_batch, &synthetic_dir, progress)?;
+                images += g.images;
+                gen_s += g.seconds;
+            }
+            let syn = match m {
+                MethodSpec::None => None,
+                _ => Some(synthetic_dataset(&synthetic_dir, &train.classes)?),
+            };
+            let done = cell.join("result.json");
+            let r: SeedResult = if done.is_file() {
+                read_json(&done)?
+            } else {
+                let data = RunData { train, synthetic: syn.as_ref(), test: Some(test) };
+                let r = train_seed(&data, classifier, seed, &cell.join("classifier"), progress)?;
+                write_json_atomic(&done, &r)?;
+                r
+            };
+            train_s += r.seconds;
+            seed_results.push(r);
+        }
+        let sel: Vec<f64> = seed_results.iter().filter_map(|r| r.test_acc_selected).collect();
+        let last: Vec<f64> = seed_results.iter().filter_map(|r| r.test_acc_last).collect();
+        rows.push(MethodResult {
+            method: name.to_string(),
+            synthetic_images: images,
+            seconds_generation: gen_s,
+            seconds_training: train_s,
+            test_acc_selected: mean_std(&sel),
+            test_acc_last: mean_std(&last),
+            seeds: seed_results,
+        });
+    }
+    let results = CompareResults { classifier: classifier.clone(), seeds: seeds.to_vec(), methods: rows };
+    write_json_atomic(out.join("results.json"), &results)?;
+    write_atomic(out.join("results.md"), markdown(&results).as_bytes())?;
+    Ok(results)
+}
+
+/// Generates one cell's synthetic set from the seed's training split only.
+#[allow(clippy::too_many_arguments)]
+fn generate_cell(
+    p: &Pipeline,
+    train: &Dataset,
+    classifier: &ClassifierSettings,
+    m: &MethodSpec,
+    seed: u64,
+    batch: usize,
+    dir: &Path,
+    progress: bool,
+) -> Result<GenerationCell> {
+    let record = dir.join("generation.json");
+    if let Ok(g) = read_json::<GenerationCell>(&record) {
+        return Ok(g);
+    }
+    let sp = split(train, &classifier.split, seed)?;
+    let subset = Dataset { root: train.root.clone(), classes: train.classes.clone(), items: sp.train.iter().map(|&i| train.items[i].clone()).collect() };
+    let opts = RunOptions::new(PathBuf::from(dir), None, batch, Shard::ALL, progress);
+    let t0 = Instant::now();
+    let summary = match m {
+        MethodSpec::None => return Ok(GenerationCell::default()),
+        MethodSpec::Diffii(s) => crate::synth::diffii::generate(p, &subset, &with_seed(s, seed), &opts)?,
+        MethodSpec::Baseline(s) => crate::synth::img2img::generate(p, &subset, &crate::synth::img2img::Settings { seed: s.seed ^ seed, ..s.clone() }, &opts)?,
+    };
+    let g = GenerationCell { images: summary.planned, seconds: t0.elapsed().as_secs_f64() };
+    write_json_atomic(&record, &g)?;
+    Ok(g)
+}
+
+/// Each cell draws its own samples: the generation seed is mixed with the protocol seed.
+fn with_seed(s: &crate::synth::diffii::Settings, seed: u64) -> crate::synth::diffii::Settings {
+    crate::synth::diffii::Settings { seed: s.seed ^ seed, ..s.clone() }
+}
+
+/// The results as a markdown table (accuracy in %, mean +- std over seeds; per-seed values).
+pub fn markdown(r: &CompareResults) -> String {
+    let pct = |(m, s): (f64, f64)| format!("{:.2} +- {:.2}", 100.0 * m, 100.0 * s);
+    let mut out = String::from(
+        "| method | test acc, val-selected epoch (%) | test acc, last epoch (%) | per seed (val-selected) | synthetic images | generation s | training s |\n|---|---|---|---|---|---|---|\n",
+    );
+    for m in &r.methods {
+        let per: Vec<String> = m.seeds.iter().map(|s| s.test_acc_selected.map_or("-".into(), |v| format!("{:.1}", 100.0 * v))).collect();
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.1} | {:.1} |\n",
+            m.method,
+            pct(m.test_acc_selected),
+            pct(m.test_acc_last),
+            per.join(" / "),
+            m.synthetic_images,
+            m.seconds_generation,
+            m.seconds_training
+        ));
+    }
+    out
+}
