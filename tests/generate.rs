@@ -287,6 +287,30 @@ fn bad_input_gives_clear_errors() {
     let e = err(&gen(&["--concepts", "/nonexistent/learned_embeds.safetensors"]));
     assert!(e.contains("/nonexistent/learned_embeds.safetensors"), "{e}");
 
+    // Numbers that would silently give blank images or an ignored setting are refused.
+    for (args, expect) in [
+        (vec!["--guidance", "NaN"], "--guidance NaN must be a finite number"),
+        (vec!["--guidance", "inf"], "--guidance inf must be a finite number"),
+        (vec!["--steps", "0"], "--steps must be at least 1"),
+        (vec!["--per-class", "0"], "must be at least 1"),
+        (vec!["--strength", "NaN"], "--strength NaN"),
+        (vec!["--lora-scale", "NaN"], "--lora-scale NaN"),
+        (vec!["--prompt-template", "a photo"], "has no {concept}"),
+        (vec!["--interp", "slerp", "--t-min", "0.8", "--t-max", "0.2"], "t-min <= t-max"),
+        (vec!["--t-min", "0.2"], "pass --interp slerp"),
+        (vec!["--interp", "circle", "--t-max", "0.5"], "pass --interp slerp"),
+    ] {
+        let e = err(&gen(&args));
+        assert!(e.contains(expect), "{args:?}: {e}");
+        assert!(!out.join("manifest.jsonl").exists(), "{args:?} wrote a manifest");
+    }
+    let e = err(&diffii(
+        &["concepts", "--model", common::tiny_sd().to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", root.join("c").to_str().unwrap(), "--superclass", "bird", "--lr", "NaN"]
+            .map(String::from),
+        &[],
+    ));
+    assert!(e.contains("--lr NaN must be a finite number"), "{e}");
+
     // A class without a concept token is named, not silently given a wrong prompt.
     let extra = root.join("data3");
     std::fs::create_dir_all(extra.join("owl")).unwrap();

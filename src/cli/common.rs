@@ -162,11 +162,12 @@ pub struct GenArgs {
     /// Interpolation: the official full great circle, or slerp on the short arc (default circle).
     #[arg(long, value_enum)]
     pub interp: Option<InterpArg>,
-    /// Slerp t is drawn uniformly from [t-min, t-max].
-    #[arg(long, default_value_t = 0.0)]
-    pub t_min: f64,
-    #[arg(long, default_value_t = 1.0)]
-    pub t_max: f64,
+    /// Slerp t is drawn uniformly from [t-min, t-max] (default 0).
+    #[arg(long)]
+    pub t_min: Option<f64>,
+    /// (default 1)
+    #[arg(long)]
+    pub t_max: Option<f64>,
     /// Synthetic images per real image of each class (default 5).
     #[arg(long, conflicts_with = "per_class")]
     pub expansion: Option<usize>,
@@ -262,10 +263,12 @@ impl GenArgs {
             guidance: self.guidance,
             strength: self.strength,
             stage1_steps: self.stage1_steps,
-            interp: self.interp.map(|i| match i {
-                InterpArg::Circle => Interp::Circle,
-                InterpArg::Slerp => Interp::Slerp { t_min: self.t_min, t_max: self.t_max },
-            }),
+            interp: match (self.interp, self.t_min.is_some() || self.t_max.is_some()) {
+                (Some(InterpArg::Slerp), _) => Some(Interp::Slerp { t_min: self.t_min.unwrap_or(0.0), t_max: self.t_max.unwrap_or(1.0) }),
+                (_, true) => anyhow::bail!("--t-min / --t-max set the slerp range: pass --interp slerp (the circle draw has no range)"),
+                (Some(InterpArg::Circle), false) => Some(Interp::Circle),
+                (None, false) => None,
+            },
             count: match (self.per_class, self.expansion) {
                 (Some(n), _) => Some(Count::PerClass(n)),
                 (None, Some(k)) => Some(Count::Expansion(k)),

@@ -112,6 +112,22 @@ impl Settings {
         if !(0.0..=1.0).contains(&strength) {
             return Err(Error::invalid(format!("--strength {strength} must lie in [0, 1]")));
         }
+        let guidance = r.guidance.unwrap_or(DEFAULT_GUIDANCE);
+        if !guidance.is_finite() {
+            return Err(Error::invalid(format!("--guidance {guidance} must be a finite number (7.5 is SD's usual scale)")));
+        }
+        let steps = r.steps.unwrap_or(DEFAULT_STEPS);
+        if steps == 0 {
+            return Err(Error::invalid("--steps must be at least 1"));
+        }
+        if let Some(Interp::Slerp { t_min, t_max }) = r.interp {
+            if !(t_min.is_finite() && t_max.is_finite() && t_min <= t_max) {
+                return Err(Error::invalid(format!("--t-min {t_min} / --t-max {t_max}: need finite values with t-min <= t-max")));
+            }
+        }
+        if matches!(r.count, Some(Count::Expansion(0)) | Some(Count::PerClass(0))) {
+            return Err(Error::invalid("--expansion / --per-class must be at least 1"));
+        }
         Ok(Settings {
             prompt_template: inv.prompt_template,
             superclass: inv.superclass,
@@ -119,8 +135,8 @@ impl Settings {
             size: inv.size,
             resize: inv.resize,
             inversion_steps: inv.steps,
-            steps: r.steps.unwrap_or(DEFAULT_STEPS),
-            guidance: r.guidance.unwrap_or(DEFAULT_GUIDANCE),
+            steps,
+            guidance,
             strength,
             stage1_steps: r.stage1_steps,
             interp: r.interp.unwrap_or(Interp::Circle),

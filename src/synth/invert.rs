@@ -56,8 +56,14 @@ impl Inversion {
         if steps == 0 {
             return Err(Error::invalid("--inversion-steps must be at least 1"));
         }
+        let template = r.prompt_template.clone().unwrap_or_else(|| DEFAULT_PROMPT_TEMPLATE.into());
+        if !template.contains("{concept}") {
+            return Err(Error::invalid(format!(
+                "--prompt-template {template:?} has no {{concept}}: every class would get the same prompt"
+            )));
+        }
         Ok(Inversion {
-            prompt_template: r.prompt_template.clone().unwrap_or_else(|| DEFAULT_PROMPT_TEMPLATE.into()),
+            prompt_template: template,
             superclass: r.superclass.clone().unwrap_or_default(),
             size: r.size.unwrap_or(if r.official { 512 } else { p.native_size() }),
             resize: r.resize.unwrap_or(ResizePolicy::Squash),

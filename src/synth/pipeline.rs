@@ -44,6 +44,9 @@ pub struct Pipeline {
 impl Pipeline {
     /// Loads the model with its concepts (and LoRA) and computes the identifying hashes.
     pub fn load(spec: &PipelineSpec) -> Result<Self> {
+        if !spec.lora_scale.is_finite() {
+            return Err(Error::invalid(format!("--lora-scale {} must be a finite number", spec.lora_scale)));
+        }
         let device = parse_device(&spec.device)?;
         let opts = LoadOptions { concepts: spec.concepts.is_empty(), device, precision: spec.precision, ..LoadOptions::default() };
         let mut sd = StableDiffusion::load(&spec.model, &opts)?;

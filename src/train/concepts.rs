@@ -208,6 +208,11 @@ impl TrainSettings {
             None if !r.superclass.trim().is_empty() => r.superclass.clone(),
             None => return Err(Error::invalid("pass --superclass (e.g. `bird`) or --init-word to initialise the tokens")),
         };
+        for (flag, v) in [("--lr", r.lr), ("--lora-lr", r.lora_lr), ("--lora-alpha", r.lora_alpha), ("--weight-decay", Some(r.weight_decay))] {
+            if let Some(v) = v.filter(|v| !v.is_finite() || *v < 0.0) {
+                return Err(Error::invalid(format!("{flag} {v} must be a finite number >= 0")));
+            }
+        }
         let native = sd.unet.config.sample_size * sd.vae.config.spatial_factor();
         let lora_rank = r.lora_rank.unwrap_or(if official { 10 } else { 0 });
         Ok(TrainSettings {
