@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use diffii::classify::data::{crop_box, resize_bilinear, synthetic_dataset, Augment};
+use diffii::classify::data::{color_jitter, crop_box, resize_bilinear, rotate_bilinear, synthetic_dataset, Augment};
 use diffii::classify::mix::{ClassDraw, Mixer, Pick};
 use diffii::classify::protocol::{split, SplitSpec};
 use diffii::data::dataset::Dataset;
@@ -137,6 +137,21 @@ fn crops_follow_torchvision_and_augmentation_is_reproducible() {
     let a = aug.apply(&src, 5, &mut ChaCha8Rng::seed_from_u64(9));
     assert_eq!(a, aug.apply(&src, 5, &mut ChaCha8Rng::seed_from_u64(9)));
     assert!(Augment { crop_scale: (0.0, 1.0), ..Augment::default() }.check().is_err());
+    // Classic augmentation: identity at angle 0 and factors 1; a quarter turn moves pixels
+    // exactly; jitter factors act as torchvision's (brightness 0 = black, saturation 0 = grey).
+    assert_eq!(rotate_bilinear(&src, 5, 0.0), src);
+    assert_eq!(color_jitter(&src, [1.0, 1.0, 1.0]), src);
+    let q = rotate_bilinear(&src, 5, std::f64::consts::FRAC_PI_2);
+    for (y, x) in [(0usize, 0usize), (1, 3), (4, 2)] {
+        let (sy, sx) = (4 - x, y); // source of output (y, x) under the quarter turn used
+        assert_eq!(&q[(y * 5 + x) * 3..(y * 5 + x) * 3 + 3], &src[(sy * 5 + sx) * 3..(sy * 5 + sx) * 3 + 3], "({y}, {x})");
+    }
+    assert!(color_jitter(&src, [0.0, 1.0, 1.0]).iter().all(|&v| v == 0));
+    for p in color_jitter(&src, [1.0, 1.0, 0.0]).chunks(3) {
+        assert!(p[0].abs_diff(p[1]) <= 1 && p[1].abs_diff(p[2]) <= 1, "saturation 0 is grey: {p:?}");
+    }
+    let classic = Augment { classic: true, ..Augment::default() };
+    assert_eq!(classic.apply(&src, 5, &mut ChaCha8Rng::seed_from_u64(2)), classic.apply(&src, 5, &mut ChaCha8Rng::seed_from_u64(2)));
 }
 
 #[test]

@@ -42,17 +42,17 @@ fn compare_runs_every_method_from_the_training_split_and_resumes() {
     let root = common::empty_temp_dir("compare");
     image_folder(&root.join("train"), 4);
     image_folder(&root.join("test"), 3);
-    let o = compare(&root, &["--methods", "none,diffii,da-fusion,txt2img", "--seeds", "0"]);
+    let o = compare(&root, &["--methods", "none,classic,diffii,da-fusion,txt2img", "--seeds", "0"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let table = std::fs::read_to_string(root.join("out/results.md")).unwrap();
-    for m in ["| none |", "| diffii |", "| da-fusion |", "| txt2img |"] {
+    for m in ["| none |", "| classic |", "| diffii |", "| da-fusion |", "| txt2img |"] {
         assert!(table.contains(m), "{table}");
     }
     let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("out/results.json")).unwrap()).unwrap();
     let methods = results["methods"].as_array().unwrap();
-    assert_eq!(methods.len(), 4);
-    assert_eq!(methods[0]["synthetic_images"], 0);
-    for m in &methods[1..] {
+    assert_eq!(methods.len(), 5);
+    assert_eq!((&methods[0]["synthetic_images"], &methods[1]["synthetic_images"]), (&0.into(), &0.into()));
+    for m in &methods[2..] {
         assert_eq!(m["synthetic_images"], 4, "2 per class for every generator: {m}");
     }
     // Sources come from seed 0's training split only.

@@ -67,11 +67,16 @@ pub struct Augment {
     pub crop_ratio: (f64, f64),
     /// Random horizontal flips: only where mirroring preserves the label.
     pub flip: bool,
+    /// The "classic augmentation" baseline on top: a random rotation of up to 15 degrees and
+    /// torchvision-style colour jitter (brightness, contrast and saturation factors in
+    /// [0.6, 1.4]), no generator involved.
+    #[serde(default)]
+    pub classic: bool,
 }
 
 impl Default for Augment {
     fn default() -> Self {
-        Augment { crop_scale: (0.35, 1.0), crop_ratio: (3.0 / 4.0, 4.0 / 3.0), flip: false }
+        Augment { crop_scale: (0.35, 1.0), crop_ratio: (3.0 / 4.0, 4.0 / 3.0), flip: false, classic: false }
     }
 }
 
@@ -89,8 +94,64 @@ impl Augment {
     pub fn apply(&self, src: &[u8], side: usize, rng: &mut impl Rng) -> Vec<u8> {
         let (y0, x0, h, w) = crop_box(side, side, self.crop_scale, self.crop_ratio, rng);
         let flip = self.flip && rng.random_bool(0.5);
-        resize_bilinear(src, side, (y0, x0, h, w), side, flip)
+        let out = resize_bilinear(src, side, (y0, x0, h, w), side, flip);
+        if !self.classic {
+            return out;
+        }
+        let angle = rng.random_range(-15.0f64..=15.0).to_radians();
+        let factors = [0; 3].map(|_| rng.random_range(0.6..=1.4));
+        color_jitter(&rotate_bilinear(&out, side, angle), factors)
     }
+}
+
+/// Rotation of a `side`-square RGB8 image about its centre by `angle` radians (bilinear,
+/// black outside the source, as torchvision's `RandomRotation` fills with 0).
+pub fn rotate_bilinear(src: &[u8], side: usize, angle: f64) -> Vec<u8> {
+    let (s, c) = angle.sin_cos();
+    let mid = (side as f64 - 1.0) / 2.0;
+    let mut dst = vec![0u8; src.len()];
+    let px = |y: isize, x: isize, ch: usize| -> f64 {
+        if y < 0 || x < 0 || y >= side as isize || x >= side as isize {
+            0.0
+        } else {
+            src[(y as usize * side + x as usize) * 3 + ch] as f64
+        }
+    };
+    for oy in 0..side {
+        for ox in 0..side {
+            // Inverse map: where in the source this output pixel comes from.
+            let (dy, dx) = (oy as f64 - mid, ox as f64 - mid);
+            let (sy, sx) = (c * dy - s * dx + mid, s * dy + c * dx + mid);
+            let (y0, x0) = (sy.floor(), sx.floor());
+            let (ty, tx) = (sy - y0, sx - x0);
+            let (y0, x0) = (y0 as isize, x0 as isize);
+            for ch in 0..3 {
+                let v = (px(y0, x0, ch) * (1.0 - tx) + px(y0, x0 + 1, ch) * tx) * (1.0 - ty)
+                    + (px(y0 + 1, x0, ch) * (1.0 - tx) + px(y0 + 1, x0 + 1, ch) * tx) * ty;
+                dst[(oy * side + ox) * 3 + ch] = v.round().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    dst
+}
+
+/// Colour jitter with fixed factors [brightness, contrast, saturation], applied in that order
+/// as torchvision's `adjust_*` functions do: brightness scales, contrast blends with the mean
+/// grey level, saturation blends with each pixel's grey value (ITU-R 601 luma).
+pub fn color_jitter(src: &[u8], [b, c, s]: [f64; 3]) -> Vec<u8> {
+    let luma = |p: &[f64]| 0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2];
+    let mut px: Vec<f64> = src.iter().map(|&v| (v as f64 * b).clamp(0.0, 255.0)).collect();
+    let mean = px.chunks_exact(3).map(luma).sum::<f64>() / (px.len() / 3).max(1) as f64;
+    for v in px.iter_mut() {
+        *v = (mean + c * (*v - mean)).clamp(0.0, 255.0);
+    }
+    for p in px.chunks_exact_mut(3) {
+        let g = luma(p);
+        for v in p.iter_mut() {
+            *v = (g + s * (*v - g)).clamp(0.0, 255.0);
+        }
+    }
+    px.iter().map(|v| v.round() as u8).collect()
 }
 
 /// torchvision's `RandomResizedCrop.get_params`: up to 10 draws of an area fraction and a

@@ -17,6 +17,8 @@ use super::train::ClassifierArgs;
 pub enum CompareMethod {
     /// Real images only.
     None,
+    /// Real images with classic augmentation (rotation, colour jitter), no generator.
+    Classic,
     Diffii,
     DaFusion,
     Txt2img,
@@ -99,7 +101,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     classifier.check()?;
     let train = Dataset::open(&a.data.data, a.data.class_names.as_deref())?;
     let test = Dataset::open(&a.test, a.data.class_names.as_deref())?;
-    let generating = a.methods.iter().any(|m| *m != CompareMethod::None);
+    let generating = a.methods.iter().any(|m| !matches!(m, CompareMethod::None | CompareMethod::Classic));
     let p = if generating { Some(load_pipeline(&a.model)?) } else { None };
     let g = &a.gen;
     let request = |diffii_only: bool| -> anyhow::Result<SettingsRequest> {
@@ -132,8 +134,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let mut methods = Vec::new();
     for m in &a.methods {
-        if *m == CompareMethod::None {
-            methods.push(MethodSpec::None);
+        if matches!(m, CompareMethod::None | CompareMethod::Classic) {
+            methods.push(if *m == CompareMethod::None { MethodSpec::None } else { MethodSpec::Classic });
             continue;
         }
         let p = p.as_ref().ok_or_else(|| anyhow::anyhow!("generating methods need --model"))?;

@@ -78,6 +78,9 @@ pub struct ClassifierArgs {
     /// Random horizontal flips (only if mirroring preserves the label).
     #[arg(long)]
     pub flip: bool,
+    /// Add the classic augmentation: random rotation (up to 15 degrees) and colour jitter.
+    #[arg(long)]
+    pub classic: bool,
     /// Smallest area fraction of the random resized crop (1 = no cropping).
     #[arg(long, default_value_t = 0.35)]
     pub crop_scale: f64,
@@ -112,7 +115,7 @@ impl ClassifierArgs {
             weight_decay: self.weight_decay,
             label_smoothing: self.label_smoothing,
             warmup_epochs: self.warmup_epochs,
-            augment: Augment { crop_scale: (self.crop_scale, 1.0), flip: self.flip, ..Augment::default() },
+            augment: Augment { crop_scale: (self.crop_scale, 1.0), flip: self.flip, classic: self.classic, ..Augment::default() },
             split: SplitSpec { val_per_class: self.val_per_class, shots: self.shots, imbalance: self.imbalance },
             syn_p: self.syn_p,
             class_draw: match self.class_draw {

@@ -33,6 +33,8 @@ use crate::synth::plan::Shard;
 pub enum MethodSpec {
     /// Real images only.
     None,
+    /// Real images only, with the classic augmentation (rotation, colour jitter) on top.
+    Classic,
     Diffii(crate::synth::diffii::Settings),
     Baseline(crate::synth::img2img::Settings),
 }
@@ -41,6 +43,7 @@ impl MethodSpec {
     pub fn name(&self) -> &'static str {
         match self {
             MethodSpec::None => "none",
+            MethodSpec::Classic => "classic",
             MethodSpec::Diffii(_) => "diffii",
             MethodSpec::Baseline(s) => s.mode.name(),
         }
@@ -103,14 +106,14 @@ pub fn run(
         for &seed in seeds {
             let cell = out.join(name).join(format!("seed-{seed}"));
             let synthetic_dir = cell.join("synthetic");
-            if !matches!(m, MethodSpec::None) {
+            if !matches!(m, MethodSpec::None | MethodSpec::Classic) {
                 let p = p.ok_or_else(|| Error::invalid(format!("{name} generates images: a model is needed")))?;
                 let g = generate_cell(p, train, classifier, m, seed, gen_batch, &synthetic_dir, progress)?;
                 images += g.images;
                 gen_s += g.seconds;
             }
             let syn = match m {
-                MethodSpec::None => None,
+                MethodSpec::None | MethodSpec::Classic => None,
                 _ => Some(synthetic_dataset(&synthetic_dir, &train.classes)?),
             };
             let done = cell.join("result.json");
@@ -118,7 +121,9 @@ pub fn run(
                 read_json(&done)?
             } else {
                 let data = RunData { train, synthetic: syn.as_ref(), test: Some(test) };
-                let r = train_seed(&data, classifier, seed, &cell.join("classifier"), progress)?;
+                let mut settings = classifier.clone();
+                settings.augment.classic |= matches!(m, MethodSpec::Classic);
+                let r = train_seed(&data, &settings, seed, &cell.join("classifier"), progress)?;
                 write_json_atomic(&done, &r)?;
                 r
             };
@@ -164,7 +169,7 @@ fn generate_cell(
     let opts = RunOptions::new(PathBuf::from(dir), None, batch, Shard::ALL, progress);
     let t0 = Instant::now();
     let summary = match m {
-        MethodSpec::None => return Ok(GenerationCell::default()),
+        MethodSpec::None | MethodSpec::Classic => return Ok(GenerationCell::default()),
         MethodSpec::Diffii(s) => crate::synth::diffii::generate(p, &subset, &with_seed(s, seed), &opts)?,
         MethodSpec::Baseline(s) => crate::synth::img2img::generate(p, &subset, &crate::synth::img2img::Settings { seed: s.seed ^ seed, ..s.clone() }, &opts)?,
     };
