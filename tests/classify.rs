@@ -226,3 +226,23 @@ fn train_then_eval_end_to_end_is_the_same_for_any_thread_count() {
     let last = seeds[0]["test_acc_last"].as_f64().unwrap();
     assert!(line.starts_with(&format!("accuracy {:.2} %", 100.0 * last)), "{line} vs last-epoch test accuracy {last}");
 }
+
+#[test]
+fn synthetic_copies_of_the_training_images_have_no_novelty_and_full_diversity() {
+    use diffii::classify::data::ImageSet;
+    use diffii::classify::resnet::{init_weights, trainable, ResNetConfig};
+    let root = common::empty_temp_dir("cls-quality");
+    let ds = Dataset::open(image_folder(&root, &[4, 4, 4]), None).unwrap();
+    let all: Vec<usize> = (0..ds.items.len()).collect();
+    let real = ImageSet::load(&ds, &all, 12, diffii::data::image::ResizePolicy::Squash).unwrap();
+    let config = ResNetConfig::small(3, 1);
+    let (model, _) = trainable(init_weights(&config, 0).unwrap(), &config).unwrap();
+    let q = diffii::experiment::quality::measure(&model, &real, &real, 3).unwrap();
+    assert_eq!(q.novelty, 0.0, "copies are not novel");
+    assert!((q.diversity - 1.0).abs() < 1e-12, "the same set is exactly as diverse: {}", q.diversity);
+    assert_eq!(q.faithfulness, diffii::classify::train::evaluate(&model, &real).unwrap());
+    // One image repeated: no diversity at all.
+    let same = ImageSet { labels: vec![0; 4], pixels: vec![real.pixels[0].clone(); 4], ..real.clone() };
+    let q = diffii::experiment::quality::measure(&model, &real, &same, 3).unwrap();
+    assert_eq!(q.diversity, 0.0);
+}

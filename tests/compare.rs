@@ -55,6 +55,15 @@ fn compare_runs_every_method_from_the_training_split_and_resumes() {
     for m in &methods[2..] {
         assert_eq!(m["synthetic_images"], 4, "2 per class for every generator: {m}");
     }
+    // Quality by the `none` classifier, for generating methods only.
+    assert!(methods[0]["quality"].is_null() && methods[1]["quality"].is_null());
+    for m in &methods[2..] {
+        let q = &m["quality"];
+        let f = q["faithfulness"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&f), "{m}");
+        assert!(q["diversity"].as_f64().unwrap() >= 0.0 && q["novelty"].as_f64().unwrap() >= 0.0, "{m}");
+    }
+    assert!(root.join("out/diffii/seed-0/quality.json").is_file());
     // Sources come from seed 0's training split only.
     let ds = Dataset::open(root.join("train"), None).unwrap();
     let sp = split(&ds, &SplitSpec { val_per_class: 1, shots: Some(2), imbalance: None }, 0).unwrap();

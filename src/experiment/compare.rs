@@ -11,15 +11,17 @@
 //!
 //! Results: `results.json` and `results.md` — per method, test accuracy at the
 //! validation-selected and at the last epoch (mean +- std over seeds, and per seed), images
-//! generated, generation and training time.
+//! generated, the synthetic set's quality judged by the same seed's `none` classifier
+//! ([`crate::experiment::quality`]), generation and training time.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::classify::data::synthetic_dataset;
+use crate::classify::data::{synthetic_dataset, ImageSet};
 use crate::classify::protocol::split;
-use crate::classify::train::{mean_std, train_seed, ClassifierSettings, RunData, SeedResult};
+use crate::classify::train::{load_model, mean_std, train_seed, ClassifierSettings, RunData, SeedResult};
+use crate::experiment::quality::{measure, Quality};
 use crate::data::atomic::{write_atomic, write_json_atomic, write_or_match_settings};
 use crate::data::dataset::Dataset;
 use crate::error::{read_json, Error, Result};
@@ -60,6 +62,9 @@ pub struct MethodResult {
     pub seconds_training: f64,
     pub test_acc_selected: (f64, f64),
     pub test_acc_last: (f64, f64),
+    /// Synthetic-set quality (mean over seeds) by the `none` cell's classifier of each seed;
+    /// absent for methods that generate nothing or when `none` is not compared.
+    pub quality: Option<Quality>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -140,12 +145,55 @@ pub fn run(
             test_acc_selected: mean_std(&sel),
             test_acc_last: mean_std(&last),
             seeds: seed_results,
+            quality: None,
         });
+    }
+    // Quality needs the real-data classifiers, which exist once every cell has run.
+    for (m, row) in methods.iter().zip(rows.iter_mut()) {
+        if matches!(m, MethodSpec::None | MethodSpec::Classic) {
+            continue;
+        }
+        let mut per_seed = Vec::new();
+        for &seed in seeds {
+            if let Some(q) = quality_cell(train, classifier, m.name(), seed, out)? {
+                per_seed.push(q);
+            }
+        }
+        if !per_seed.is_empty() {
+            let n = per_seed.len() as f64;
+            row.quality = Some(Quality {
+                faithfulness: per_seed.iter().map(|q| q.faithfulness).sum::<f64>() / n,
+                diversity: per_seed.iter().map(|q| q.diversity).sum::<f64>() / n,
+                novelty: per_seed.iter().map(|q| q.novelty).sum::<f64>() / n,
+            });
+        }
     }
     let results = CompareResults { classifier: classifier.clone(), seeds: seeds.to_vec(), methods: rows };
     write_json_atomic(out.join("results.json"), &results)?;
     write_atomic(out.join("results.md"), markdown(&results).as_bytes())?;
     Ok(results)
+}
+
+/// The quality of one cell's synthetic set, by the same seed's `none` classifier (cached in
+/// the cell's `quality.json`); `None` when that classifier does not exist.
+fn quality_cell(train: &Dataset, classifier: &ClassifierSettings, method: &str, seed: u64, out: &Path) -> Result<Option<Quality>> {
+    let cell = out.join(method).join(format!("seed-{seed}"));
+    let cached = cell.join("quality.json");
+    if cached.is_file() {
+        return Ok(Some(read_json(&cached)?));
+    }
+    let judge = out.join("none").join(format!("seed-{seed}")).join("classifier");
+    if !judge.join("model.safetensors").is_file() {
+        return Ok(None);
+    }
+    let (model, info) = load_model(&judge)?;
+    let sp = split(train, &classifier.split, seed)?;
+    let real = ImageSet::load(train, &sp.train, info.size, info.resize)?;
+    let syn_ds = synthetic_dataset(&cell.join("synthetic"), &train.classes)?;
+    let syn = ImageSet::load(&syn_ds, &(0..syn_ds.items.len()).collect::<Vec<_>>(), info.size, info.resize)?;
+    let q = measure(&model, &real, &syn, train.classes.len())?;
+    write_json_atomic(&cached, &q)?;
+    Ok(Some(q))
 }
 
 /// Generates one cell's synthetic set from the seed's training split only.
@@ -187,17 +235,20 @@ fn with_seed(s: &crate::synth::diffii::Settings, seed: u64) -> crate::synth::dif
 pub fn markdown(r: &CompareResults) -> String {
     let pct = |(m, s): (f64, f64)| format!("{:.2} +- {:.2}", 100.0 * m, 100.0 * s);
     let mut out = String::from(
-        "| method | test acc, val-selected epoch (%) | test acc, last epoch (%) | per seed (val-selected) | synthetic images | generation s | training s |\n|---|---|---|---|---|---|---|\n",
+        "| method | test acc, val-selected epoch (%) | test acc, last epoch (%) | per seed (val-selected) | synthetic images | faithfulness (%) | diversity | novelty | generation s | training s |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for m in &r.methods {
         let per: Vec<String> = m.seeds.iter().map(|s| s.test_acc_selected.map_or("-".into(), |v| format!("{:.1}", 100.0 * v))).collect();
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.1} | {:.1} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} |\n",
             m.method,
             pct(m.test_acc_selected),
             pct(m.test_acc_last),
             per.join(" / "),
             m.synthetic_images,
+            m.quality.map_or("-".into(), |q| format!("{:.1}", 100.0 * q.faithfulness)),
+            m.quality.map_or("-".into(), |q| format!("{:.2}", q.diversity)),
+            m.quality.map_or("-".into(), |q| format!("{:.2}", q.novelty)),
             m.seconds_generation,
             m.seconds_training
         ));
