@@ -85,3 +85,27 @@ fn frozen_conv_input_gradient_matches_candle_conv() {
         assert!(e < 1e-5, "k{k} s{s} p{p}: dx {e}");
     }
 }
+
+#[test]
+fn trainable_conv_matches_candle_conv_values_and_both_gradients() {
+    for (i, &(b, cin, cout, h, w, k, stride, pad)) in
+        [(2, 3, 5, 7, 9, 3, 1, 1), (1, 4, 3, 8, 8, 3, 2, 1), (3, 2, 4, 5, 6, 1, 1, 0), (2, 3, 2, 9, 7, 3, 2, 0), (1, 5, 6, 6, 6, 1, 2, 0)]
+            .iter()
+            .enumerate()
+    {
+        let x = Var::from_tensor(&randn(40 + i as u64, &[b, cin, h, w])).unwrap();
+        let wt = Var::from_tensor(&(randn(50 + i as u64, &[cout, cin, k, k]) * 0.3).unwrap()).unwrap();
+        assert!(frozen::use_trainable_conv(x.as_tensor(), wt.as_tensor(), stride, pad));
+        let ours = frozen::conv2d_trainable(x.as_tensor(), wt.as_tensor(), stride, pad).unwrap();
+        let theirs = x.as_tensor().conv2d(wt.as_tensor(), pad, stride, 1, 1).unwrap();
+        assert!(rel(&ours, &theirs) < 1e-5, "case {i}: forward {}", rel(&ours, &theirs));
+        // A loss that weights every output differently, so every gradient entry is tested.
+        let weights = randn(60 + i as u64, ours.dims());
+        let g_ours = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_theirs = (&theirs * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        for (what, v) in [("input", &x), ("weight", &wt)] {
+            let (a, e) = (g_ours.get(v.as_tensor()).unwrap(), g_theirs.get(v.as_tensor()).unwrap());
+            assert!(rel(a, e) < 1e-4, "case {i}: {what} gradient {}", rel(a, e));
+        }
+    }
+}

@@ -12,8 +12,10 @@
 //! then neither computes nor stores it. The convolution runs our fused f32 kernel forward and
 //! computes only the input gradient backward — with the same kernel, as a stride-1 convolution
 //! of the (zero-dilated, padded) output gradient with the flipped, transposed weight — instead
-//! of candle's weight gradient plus its slow generic transposed convolution. Layers use them
-//! unless loaded with `Weights::with_frozen_ops(false)` (benchmarks measure the difference).
+//! of candle's weight gradient plus its slow generic transposed convolution. A convolution whose
+//! weight IS trained ([`conv2d_trainable`], e.g. a classifier's) reuses that input gradient and
+//! computes the weight's with one product per batch element. Layers use these ops unless loaded
+//! with `Weights::with_frozen_ops(false)` (benchmarks measure the difference).
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, MetalStorage, Shape, Tensor};
 
@@ -129,10 +131,7 @@ impl FrozenConv {
         if let Some(k) = self.conv.grad_kernel.get() {
             return Ok(k.clone());
         }
-        let w = &self.conv.weight;
-        let k = w.dim(3)?;
-        let rev = Tensor::new((0..k as u32).rev().collect::<Vec<_>>(), w.device())?;
-        let flipped = w.transpose(0, 1)?.contiguous()?.index_select(&rev, 2)?.contiguous()?.index_select(&rev, 3)?.contiguous()?;
+        let flipped = flip_kernel(&self.conv.weight)?;
         Ok(self.conv.grad_kernel.get_or_init(|| flipped).clone())
     }
 }
@@ -156,36 +155,117 @@ impl CustomOp1 for FrozenConv {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (_, _, h, w) = x.dims4()?;
-        let (b, cout, ho, wo) = grad.dims4()?;
-        let k = self.conv.weight.dim(3)?;
-        let (s, p) = (self.conv.stride, self.conv.padding);
-        // Transposed convolution = stride-1 convolution of the output gradient with s-1 zeros
-        // between its entries, padded by k-1-p (plus the rows / columns the forward's floor
-        // division dropped), with the flipped kernel.
-        let g = if s == 1 {
-            grad.contiguous()?
-        } else {
-            let (hd, wd) = ((ho - 1) * s + 1, (wo - 1) * s + 1);
-            let src = grad.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut dst = vec![0f32; b * cout * hd * wd];
-            for (plane, chunk) in src.chunks(ho * wo).enumerate() {
-                for (i, row) in chunk.chunks(wo).enumerate() {
-                    let base = plane * hd * wd + i * s * wd;
-                    for (j, v) in row.iter().enumerate() {
-                        dst[base + j * s] = *v;
+        let c = &self.conv;
+        Ok(Some(input_grad(x.dims4()?, grad, &self.grad_kernel()?, c.stride, c.padding)?))
+    }
+}
+
+/// The flipped, transposed kernel [cin, cout, k, k] of a weight [cout, cin, k, k].
+fn flip_kernel(w: &Tensor) -> candle_core::Result<Tensor> {
+    let k = w.dim(3)?;
+    let rev = Tensor::new((0..k as u32).rev().collect::<Vec<_>>(), w.device())?;
+    w.transpose(0, 1)?.contiguous()?.index_select(&rev, 2)?.contiguous()?.index_select(&rev, 3)?.contiguous()
+}
+
+/// The gradient of a convolution's input of shape `x_dims` from the output gradient `grad`:
+/// a transposed convolution, computed as the stride-1 convolution of the output gradient with
+/// s-1 zeros between its entries, padded by k-1-p (plus the rows / columns the forward's floor
+/// division dropped), with the flipped kernel `flipped` (see [`flip_kernel`]). Always f32.
+fn input_grad(x_dims: (usize, usize, usize, usize), grad: &Tensor, flipped: &Tensor, s: usize, p: usize) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = x_dims;
+    let (b, cout, ho, wo) = grad.dims4()?;
+    let k = flipped.dim(3)?;
+    let g = if s == 1 {
+        grad.contiguous()?
+    } else {
+        let (hd, wd) = ((ho - 1) * s + 1, (wo - 1) * s + 1);
+        let src = grad.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dst = vec![0f32; b * cout * hd * wd];
+        for (plane, chunk) in src.chunks(ho * wo).enumerate() {
+            for (i, row) in chunk.chunks(wo).enumerate() {
+                let base = plane * hd * wd + i * s * wd;
+                for (j, v) in row.iter().enumerate() {
+                    dst[base + j * s] = *v;
+                }
+            }
+        }
+        Tensor::from_vec(dst, (b, cout, hd, wd), grad.device())?
+    };
+    let (_, _, gh, gw) = g.dims4()?;
+    let q = k - 1 - p;
+    // Output size of the padded convolution: gh + 2q + extra - k + 1 must equal h.
+    let (eh, ew) = ((h + k - 1) - (gh + 2 * q), (w + k - 1) - (gw + 2 * q));
+    kernels::conv2d(&g, flipped, None, None, 1, ConvInput { upsample: None, pad: (q, q, q + eh, q + ew) }, None, 1.0, None).map_err(to_msg)
+}
+
+/// Whether [`conv2d_trainable`] applies: a trainable f32 CPU weight (square kernel, padding the
+/// gradient convolution can express).
+pub fn use_trainable_conv(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> bool {
+    let k = weight.dim(3).unwrap_or(0);
+    weight.track_op() && kernels::fast_dtype_ok(&[x, weight]) && weight.dim(2).ok() == Some(k) && padding < k && stride >= 1
+}
+
+/// `conv(x, weight)` (no bias) whose backward computes both gradients with the fused kernels:
+/// the input's as in [`conv2d_frozen`], the weight's as one product per batch element of the
+/// output gradient [cout, ho*wo] with the unfolded input [ho*wo, cin*k*k]. candle's own
+/// backward uses a slow generic transposed convolution for the input.
+pub fn conv2d_trainable(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, TrainableConv { stride, padding })?)
+}
+
+struct TrainableConv {
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp2 for TrainableConv {
+    fn name(&self) -> &'static str {
+        "conv2d-trainable"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        const OP: &str = "trainable conv";
+        let (x, w) = (kernels::io::op_input(s1, l1, OP)?, kernels::io::op_input(s2, l2, OP)?);
+        let p = self.padding;
+        let input = ConvInput { upsample: None, pad: (p, p, p, p) };
+        kernels::io::op_output(kernels::conv2d(&x, &w, None, None, self.stride, input, None, 1.0, None), OP)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, cin, h, wd) = x.dims4()?;
+        let (cout, _, k, _) = w.dims4()?;
+        let (_, _, ho, wo) = grad.dims4()?;
+        let (s, p) = (self.stride, self.padding);
+        let dx = input_grad((b, cin, h, wd), grad, &flip_kernel(w)?, s, p)?;
+        // Unfold the input: col[b, ho*wo, cin*k*k], zero outside the padded border.
+        let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let cols = cin * k * k;
+        let mut col = vec![0f32; b * ho * wo * cols];
+        for n in 0..b {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let row = &mut col[((n * ho + oy) * wo + ox) * cols..][..cols];
+                    for c in 0..cin {
+                        for ky in 0..k {
+                            let iy = (oy * s + ky) as isize - p as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            for kx in 0..k {
+                                let ix = (ox * s + kx) as isize - p as isize;
+                                if ix >= 0 && ix < wd as isize {
+                                    row[(c * k + ky) * k + kx] = xs[((n * cin + c) * h + iy as usize) * wd + ix as usize];
+                                }
+                            }
+                        }
                     }
                 }
             }
-            Tensor::from_vec(dst, (b, cout, hd, wd), grad.device())?
-        };
-        let (_, _, gh, gw) = g.dims4()?;
-        let q = k - 1 - p;
-        // Output size of the padded convolution: gh + 2q + extra - k + 1 must equal h.
-        let (eh, ew) = ((h + k - 1) - (gh + 2 * q), (w + k - 1) - (gw + 2 * q));
-        // The input gradient is computed in f32 whatever the layer's precision.
-        let dx = kernels::conv2d(&g, &self.grad_kernel()?, None, None, 1, ConvInput { upsample: None, pad: (q, q, q + eh, q + ew) }, None, 1.0, None)
-            .map_err(to_msg)?;
-        Ok(Some(dx))
+        }
+        let col = Tensor::from_vec(col, (b, ho * wo, cols), x.device())?;
+        let g = grad.contiguous()?.reshape((b, cout, ho * wo))?;
+        // Summed over the batch in a fixed order, so the result does not depend on threads.
+        let dw = g.matmul(&col)?.sum(0)?.reshape((cout, cin, k, k))?;
+        Ok((Some(dx), Some(dw)))
     }
 }
