@@ -109,3 +109,32 @@ fn trainable_conv_matches_candle_conv_values_and_both_gradients() {
         }
     }
 }
+
+#[test]
+fn fused_batch_norm_training_matches_the_composed_path() {
+    use diffii::nn::BatchNorm2d;
+    let (n, c, h, w) = (3, 5, 4, 3);
+    let x32 = randn(70, &[n, c, h, w]).affine(2.0, 0.5).unwrap();
+    let gamma32 = randn(71, &[c]).affine(0.5, 1.0).unwrap();
+    let beta32 = randn(72, &[c]);
+    let make = |dt: DType| {
+        let (x, g, b) = (Var::from_tensor(&x32.to_dtype(dt).unwrap()).unwrap(), Var::from_tensor(&gamma32.to_dtype(dt).unwrap()).unwrap(), Var::from_tensor(&beta32.to_dtype(dt).unwrap()).unwrap());
+        let bn = BatchNorm2d::new(g.as_tensor().clone(), b.as_tensor().clone(), Tensor::zeros(c, dt, &Device::Cpu).unwrap(), Tensor::ones(c, dt, &Device::Cpu).unwrap()).unwrap();
+        (x, g, b, bn)
+    };
+    // f32 takes the fused op; f64 the composed candle ops (the reference).
+    let (x, g, b, bn) = make(DType::F32);
+    let (xr, gr, br, bnr) = make(DType::F64);
+    let weights = randn(73, &[n, c, h, w]);
+    let y = bn.forward(x.as_tensor(), true).unwrap();
+    let yr = bnr.forward(xr.as_tensor(), true).unwrap();
+    assert!(rel(&y, &yr.to_dtype(DType::F32).unwrap()) < 1e-5, "forward {}", rel(&y, &yr.to_dtype(DType::F32).unwrap()));
+    let grads = (&y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads_r = (&yr * &weights.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    for (what, v, vr) in [("input", &x, &xr), ("gamma", &g, &gr), ("beta", &b, &br)] {
+        let (a, e) = (grads.get(v.as_tensor()).unwrap(), grads_r.get(vr.as_tensor()).unwrap().to_dtype(DType::F32).unwrap());
+        assert!(rel(a, &e) < 1e-5, "{what} gradient {}", rel(a, &e));
+    }
+    let ((m, v), (mr, vr)) = (bn.running_stats().unwrap(), bnr.running_stats().unwrap());
+    assert!(rel(&m, &mr.to_dtype(DType::F32).unwrap()) < 1e-6 && rel(&v, &vr.to_dtype(DType::F32).unwrap()) < 1e-6, "running statistics");
+}

@@ -145,7 +145,42 @@ impl BatchNorm2d {
                 x.dims()
             )));
         }
+        if crate::kernels::fast_dtype_ok(&[x, &self.weight, &self.bias]) {
+            return scope(Class::Elementwise, || self.forward_train_fused(x));
+        }
         scope(Class::Elementwise, || self.forward_train(x, count))
+    }
+
+    /// The training forward for f32 CPU tensors as one custom op: statistics in one pass with
+    /// f64 sums, and a backward written out (the composed path's strided reductions and
+    /// broadcasts dominate a small network's step). Same maths as [`Self::forward_train`].
+    fn forward_train_fused(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let hw = h * w;
+        let count = (n * hw) as f64;
+        let xs = x.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (mut mean, mut var) = (vec![0f64; c], vec![0f64; c]);
+        for (ch, m) in mean.iter_mut().enumerate() {
+            let sum: f64 = (0..n).map(|b| xs[(b * c + ch) * hw..][..hw].iter().map(|&v| v as f64).sum::<f64>()).sum();
+            *m = sum / count;
+        }
+        for (ch, v) in var.iter_mut().enumerate() {
+            let m = mean[ch];
+            let ss: f64 = (0..n).map(|b| xs[(b * c + ch) * hw..][..hw].iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>()).sum();
+            *v = ss / count;
+        }
+        let rstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let op = FusedTrain { mean: mean.clone(), rstd };
+        let y = x.contiguous()?.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, op)?;
+        let m = self.momentum;
+        let dev = self.weight.device();
+        let batch_mean = Tensor::from_vec(mean.iter().map(|&v| v as f32).collect::<Vec<_>>(), c, dev)?;
+        let unbiased = Tensor::from_vec(var.iter().map(|&v| (v * count / (count - 1.0)) as f32).collect::<Vec<_>>(), c, dev)?;
+        let mut g = self.lock();
+        let new_mean = ((&g.0 * (1.0 - m))? + (batch_mean * m)?)?;
+        let new_var = ((&g.1 * (1.0 - m))? + (unbiased * m)?)?;
+        *g = (new_mean, new_var);
+        Ok(y)
     }
 
     fn channel_shape(&self) -> (usize, usize, usize, usize) {
@@ -185,5 +220,83 @@ impl BatchNorm2d {
         let scale = (&self.weight / (var + self.eps)?.sqrt()?)?;
         let shift = (&self.bias - (mean * &scale)?)?;
         Ok(x.broadcast_mul(&scale.to_dtype(dtype)?.reshape(cs)?)?.broadcast_add(&shift.to_dtype(dtype)?.reshape(cs)?)?)
+    }
+}
+
+/// `y = (x - mean) rstd gamma + beta` per channel with the batch statistics given; its backward
+/// is batch norm's, including the statistics' dependence on x:
+/// dx = gamma rstd / n (n dy - sum(dy) - xhat sum(dy xhat)), dgamma = sum(dy xhat),
+/// dbeta = sum(dy) (sums over N, H, W; accumulated in f64).
+struct FusedTrain {
+    mean: Vec<f64>,
+    rstd: Vec<f64>,
+}
+
+impl candle_core::CustomOp3 for FusedTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        const OP: &str = "batch norm";
+        let x = crate::kernels::io::op_input(s1, l1, OP)?;
+        let (gamma, beta) = (crate::kernels::io::op_input(s2, l2, OP)?.to_vec1::<f32>()?, crate::kernels::io::op_input(s3, l3, OP)?.to_vec1::<f32>()?);
+        let (n, c, h, w) = x.dims4()?;
+        let hw = h * w;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; xs.len()];
+        for b in 0..n {
+            for ch in 0..c {
+                let (a, sh) = (self.rstd[ch] * gamma[ch] as f64, beta[ch] as f64);
+                let m = self.mean[ch];
+                let base = (b * c + ch) * hw;
+                for i in base..base + hw {
+                    out[i] = ((xs[i] as f64 - m) * a + sh) as f32;
+                }
+            }
+        }
+        Ok((candle_core::CpuStorage::F32(out), x.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, gamma: &Tensor, _beta: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c, h, w) = x.dims4()?;
+        let hw = h * w;
+        let count = (n * hw) as f64;
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let dy = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = gamma.to_vec1::<f32>()?;
+        let (mut dgamma, mut dbeta) = (vec![0f64; c], vec![0f64; c]);
+        for b in 0..n {
+            for ch in 0..c {
+                let base = (b * c + ch) * hw;
+                for i in base..base + hw {
+                    let xhat = (xs[i] as f64 - self.mean[ch]) * self.rstd[ch];
+                    dbeta[ch] += dy[i] as f64;
+                    dgamma[ch] += dy[i] as f64 * xhat;
+                }
+            }
+        }
+        let mut dx = vec![0f32; xs.len()];
+        for b in 0..n {
+            for ch in 0..c {
+                let k = g[ch] as f64 * self.rstd[ch] / count;
+                let base = (b * c + ch) * hw;
+                for i in base..base + hw {
+                    let xhat = (xs[i] as f64 - self.mean[ch]) * self.rstd[ch];
+                    dx[i] = (k * (count * dy[i] as f64 - dbeta[ch] - xhat * dgamma[ch])) as f32;
+                }
+            }
+        }
+        let dev = x.device();
+        let to = |v: Vec<f64>| Tensor::from_vec(v.into_iter().map(|x| x as f32).collect::<Vec<_>>(), c, dev);
+        Ok((Some(Tensor::from_vec(dx, (n, c, h, w), dev)?), Some(to(dgamma)?), Some(to(dbeta)?)))
     }
 }
