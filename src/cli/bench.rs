@@ -41,6 +41,17 @@ pub struct Args {
     /// Latent size of the SD-1.5 textual-inversion step (32 = 256 px).
     #[arg(long, default_value_t = 32)]
     pub ti_latent: usize,
+    /// Also time a training step and an evaluation forward of the classifier (small ResNet,
+    /// 10 classes) at --classifier-batch images of --classifier-size px.
+    #[arg(long)]
+    pub classifier: bool,
+    #[arg(long, default_value_t = 64)]
+    pub classifier_batch: usize,
+    #[arg(long, default_value_t = 32)]
+    pub classifier_size: usize,
+    /// Basic blocks per stage of the benchmarked classifier.
+    #[arg(long, default_value_t = 1)]
+    pub classifier_depth: usize,
     /// Also time the text encoder (batch 2) and the VAE encoder (batch 1) of the model, and with
     /// --sd15 an SD-1.5-shaped text encoder.
     #[arg(long)]
@@ -136,6 +147,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             eprintln!("[bench] {name} latent {}", a.ti_latent);
             results.push(bench::ti_step(name, &clip, &unet, 1, a.ti_latent, 0, a.reps)?);
         }
+    }
+    if a.classifier {
+        eprintln!("[bench] classifier step, batch {} at {} px", a.classifier_batch, a.classifier_size);
+        results.extend(bench::classifier_steps(a.classifier_depth, 10, a.classifier_batch, a.classifier_size, a.warmup, a.reps.max(3))?);
     }
     if a.sd15 {
         eprintln!("[bench] building SD-1.5-shaped UNet with synthetic weights");

@@ -297,3 +297,28 @@ pub fn profile_table(profiles: &[Profile]) -> String {
     }
     s
 }
+
+/// Times one training step of the small ResNet (forward in training mode, label-smoothed
+/// cross-entropy, backward, SGD update) and one evaluation forward, at `batch` images of
+/// `size` px, with fresh weights and fixed synthetic images.
+pub fn classifier_steps(depth: usize, classes: usize, batch: usize, size: usize, warmup: usize, reps: usize) -> Result<Vec<BenchResult>> {
+    use crate::classify::loss::{cross_entropy, one_hot};
+    use crate::classify::resnet::{init_weights, trainable, ResNetConfig};
+    use crate::train::sgd::{Sgd, SgdParams};
+    let dev = Device::Cpu;
+    let config = ResNetConfig::small(classes, depth);
+    let (model, weights) = trainable(init_weights(&config, 0)?, &config)?;
+    let vars: Vec<_> = weights.vars().into_iter().map(|(_, v)| v).collect();
+    let mut opt = Sgd::new(vars.clone(), SgdParams { lr: 0.01, momentum: 0.9, dampening: 0.0, weight_decay: 5e-4, nesterov: true })?;
+    let x = seeded_randn(7, &[batch, 3, size, size], &dev)?;
+    let labels: Vec<usize> = (0..batch).map(|i| i % classes).collect();
+    let target = one_hot(&labels, classes, &dev)?;
+    let train = timed(&format!("classifier train step (depth {depth})"), batch, size, warmup, reps, || {
+        let loss = cross_entropy(&model.forward(&x, true)?, &target, 0.1)?;
+        let grads = loss.backward()?;
+        opt.step(&vars.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect::<Vec<_>>())?;
+        Ok(loss)
+    })?;
+    let eval = timed(&format!("classifier eval (depth {depth})"), batch, size, warmup, reps, || model.forward(&x, false))?;
+    Ok(vec![train, eval])
+}
