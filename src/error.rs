@@ -39,6 +39,16 @@ impl Error {
     }
 }
 
+/// An error naming `what` (the stage, step and sample) unless every value of `t` is finite: a
+/// NaN or infinity must stop a run, never become an image, a record or a cached tensor.
+pub fn ensure_finite(t: &candle_core::Tensor, what: impl FnOnce() -> String) -> Result<()> {
+    let bad = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        return Err(Error::invalid(format!("{}: {bad} of {} values are NaN or infinite", what(), t.elem_count())));
+    }
+    Ok(())
+}
+
 /// Reads a JSON file into `T`, with errors that name the file.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

@@ -206,6 +206,19 @@ fn multi_vector_rows_are_refused() {
 }
 
 #[test]
+fn rows_with_nan_or_infinity_are_refused() {
+    for bad in [f32::NAN, f32::INFINITY] {
+        let dir = fresh_dir("nonfinite");
+        let f = dir.join("learned_embeds.safetensors");
+        let mut row = vec![0.1f32; 32];
+        row[7] = bad;
+        save_st(&f, &[("<cls0>", Tensor::from_vec(row, 32, &Device::Cpu).unwrap())]);
+        let msg = err_of(Concepts::from_files(&[f.clone()], None, 32, &Device::Cpu));
+        assert_mentions(&msg, &[&f.display().to_string(), "<cls0>", "1 of 32 values are NaN or infinite"]);
+    }
+}
+
+#[test]
 fn rows_of_another_width_are_refused() {
     let msg = err_of(Concepts::from_files(&[official_bin()], None, 768, &Device::Cpu));
     assert_mentions(&msg, &[&official_bin().display().to_string(), "[32]", "768"]);

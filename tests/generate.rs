@@ -335,3 +335,44 @@ fn bad_input_gives_clear_errors() {
     assert!(e.contains("run_config.json") && e.contains("guidance"), "{e}");
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// A copy of the tiny model whose UNet output bias is NaN.
+fn nan_model(root: &Path) -> PathBuf {
+    fn copy(src: &Path, dst: &Path) {
+        std::fs::create_dir_all(dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap() {
+            let p = e.unwrap().path();
+            let d = dst.join(p.file_name().unwrap());
+            if p.is_dir() {
+                copy(&p, &d);
+            } else {
+                std::fs::copy(&p, &d).unwrap();
+            }
+        }
+    }
+    let model = root.join("nan-model");
+    copy(&common::tiny_sd(), &model);
+    let st = model.join("unet/diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&st, &candle_core::Device::Cpu).unwrap();
+    let bias = tensors.get("conv_out.bias").unwrap();
+    let nan = (bias.ones_like().unwrap() * f64::NAN).unwrap();
+    tensors.insert("conv_out.bias".into(), nan);
+    candle_core::safetensors::save(&tensors, &st).unwrap();
+    model
+}
+
+#[test]
+fn nan_in_the_model_stops_the_run_before_anything_is_written() {
+    let root = tmp("nan");
+    let data = dataset(&root);
+    let model = nan_model(&root);
+    let out = root.join("out");
+    let mut args = base("generate", &data, &out, &[]);
+    let i = args.iter().position(|a| a == "--model").unwrap();
+    args[i + 1] = model.display().to_string();
+    let e = err(&diffii(&args, &[]));
+    assert!(e.contains("NaN or infinite") && e.contains("inversion of"), "{e}");
+    let written: Vec<_> = walk(&out).into_iter().filter(|p| p.extension().is_some_and(|x| x == "png" || x == "jsonl" || x == "safetensors")).collect();
+    assert!(written.is_empty(), "{written:?}");
+    std::fs::remove_dir_all(&root).ok();
+}

@@ -289,7 +289,11 @@ fn shorten<'a>(names: impl Iterator<Item = &'a str>) -> String {
 fn check_row(path: &Path, tok: &str, t: &Tensor, hidden: usize) -> Result<Tensor> {
     let err = |msg: String| Error::Tensor { path: path.to_path_buf(), key: tok.to_string(), msg };
     match t.dims() {
-        [h] | [1, h] if *h == hidden => Ok(t.to_dtype(DType::F32)?.reshape(hidden)?),
+        [h] | [1, h] if *h == hidden => {
+            let row = t.to_dtype(DType::F32)?.reshape(hidden)?;
+            crate::error::ensure_finite(&row, || format!("{}: concept token `{tok}`", path.display()))?;
+            Ok(row)
+        }
         [k, h] if *h == hidden && *k > 1 => Err(err(format!(
             "has {k} vectors of {hidden} (multi-vector textual inversion), which is not supported: \
              the text encoder needs one row per token"

@@ -374,7 +374,21 @@ impl Method for DiffIi<'_> {
         let (e1, e2) = (self.p.encode(&p1)?, self.p.encode(&p2)?);
         let uncond = self.uncond.as_ref().ok_or_else(|| Error::invalid("diffii: make() before prepare()"))?;
         let cond = TwoStage { uncond, stage1: &e1, stage2: &e2, stage1_steps: self.stage1_steps, guidance: s.guidance };
-        let out = sample_two_stage(&self.p.sd.unet, &self.p.sched, &z, &cond, s.steps, |_| {})?;
+        let mut bad = None;
+        let out = sample_two_stage(&self.p.sd.unet, &self.p.sched, &z, &cond, s.steps, |v| {
+            if bad.is_none() && crate::error::ensure_finite(v.latent, String::new).is_err() {
+                bad = Some((v.index, v.t));
+            }
+        })?;
+        if let Some((index, t)) = bad {
+            let ids: Vec<String> = batch.iter().map(|x| x.id(&self.ds.classes[x.class])).collect();
+            return Err(Error::invalid(format!(
+                "diffii: sampling step {} of {} (t = {t}) gave NaN or infinite latents for sample(s) {}",
+                index + 1,
+                s.steps,
+                ids.join(", ")
+            )));
+        }
         Ok((self.p.sd.vae.decode_latent(&out)?, records))
     }
 

@@ -137,9 +137,11 @@ pub fn run<M: Method>(m: &mut M, ds: &Dataset, opts: &RunOptions, mut summary: S
             return Err(Error::invalid(format!("{}: {} records for {} samples", m.name(), records.len(), chunk.len())));
         }
         for (j, (x, mut rec)) in chunk.iter().zip(records).enumerate() {
-            let (px, h, w) = tensor_to_u8(&decoded.narrow(0, j, 1)?, m.quantize())?;
             let class = &ds.classes[x.class];
             let id = x.id(class);
+            let image = decoded.narrow(0, j, 1)?;
+            crate::error::ensure_finite(&image, || format!("{}: decoded image of sample {id}", m.name()))?;
+            let (px, h, w) = tensor_to_u8(&image, m.quantize())?;
             rec.file = format!("{}/{id}.png", sanitize(class));
             rec.output_sha256 = save_png_atomic(opts.out.join(&rec.file), &px, w, h)?;
             rec.id = id;

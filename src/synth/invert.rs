@@ -140,6 +140,7 @@ pub fn invert_items(
         let z_t = ddim_invert(&p.sched, &z0, inv.steps, |x, _, t| p.sd.unet.forward_t(x, t, &ctx), |_| {})?;
         for (j, (i, key, _)) in chunk.iter().enumerate() {
             let lat = z_t.narrow(0, j, 1)?;
+            crate::error::ensure_finite(&lat, || format!("inversion of {} ({} steps)", ds.items[*i].rel, inv.steps))?;
             cache::store(&cache::entry_path(&opts.cache, &ds.items[*i].rel), key, &lat)?;
             out.insert(*i, lat);
             summary.inverted += 1;
