@@ -145,7 +145,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             _ => MethodSpec::Baseline(BaselineSettings::resolve(&request(false)?, Mode::Txt2Img, None, p)?),
         });
     }
-    let results = compare::run(p.as_ref(), &train, &test, &methods, &a.seeds, &classifier, g.gen_batch, &a.out, !a.quiet)?;
+    let plan = compare::Plan { methods: &methods, seeds: &a.seeds, classifier: &classifier, gen_batch: g.gen_batch, progress: !a.quiet };
+    let results = compare::run(p.as_ref(), &train, &test, &plan, &a.out)?;
     print!("{}", compare::markdown(&results));
     println!("results in {} (results.json, results.md)", a.out.display());
     Ok(())

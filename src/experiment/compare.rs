@@ -81,18 +81,20 @@ struct GenerationCell {
     seconds: f64,
 }
 
-/// Runs (or resumes) every (method, seed) cell. `p` is needed when a method generates.
-pub fn run(
-    p: Option<&Pipeline>,
-    train: &Dataset,
-    test: &Dataset,
-    methods: &[MethodSpec],
-    seeds: &[u64],
-    classifier: &ClassifierSettings,
-    gen_batch: usize,
-    out: &Path,
-    progress: bool,
-) -> Result<CompareResults> {
+/// What to compare and how.
+pub struct Plan<'a> {
+    pub methods: &'a [MethodSpec],
+    pub seeds: &'a [u64],
+    pub classifier: &'a ClassifierSettings,
+    /// Samples per UNet call while generating.
+    pub gen_batch: usize,
+    pub progress: bool,
+}
+
+/// Runs (or resumes) every (method, seed) cell into `out`. `p` is needed when a method
+/// generates.
+pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_>, out: &Path) -> Result<CompareResults> {
+    let Plan { methods, seeds, classifier, gen_batch, progress } = *plan;
     classifier.check()?;
     if methods.is_empty() || seeds.is_empty() {
         return Err(Error::invalid("compare needs at least one method and one seed"));
