@@ -18,8 +18,6 @@ pub struct ImageSet {
     pub side: usize,
     pub pixels: Vec<Vec<u8>>,
     pub labels: Vec<usize>,
-    /// Dataset-relative paths, for reports.
-    pub names: Vec<String>,
 }
 
 impl ImageSet {
@@ -33,7 +31,6 @@ impl ImageSet {
             side,
             pixels,
             labels: indices.iter().map(|&i| ds.items[i].class).collect(),
-            names: indices.iter().map(|&i| ds.items[i].rel.clone()).collect(),
         })
     }
 

@@ -141,13 +141,18 @@ pub fn evaluate(model: &ResNet, set: &ImageSet) -> Result<f64> {
     if set.is_empty() {
         return Err(Error::invalid("no images to evaluate"));
     }
+    Ok(count_correct(model, &set.pixels, &set.labels, set.side)? as f64 / set.len() as f64)
+}
+
+/// How many of `images` (RGB8, `side` px) `model` labels as `labels` say (eval mode).
+pub fn count_correct(model: &ResNet, images: &[Vec<u8>], labels: &[usize], side: usize) -> Result<usize> {
     let mut correct = 0;
-    for (imgs, labels) in set.pixels.chunks(256).zip(set.labels.chunks(256)) {
+    for (imgs, labels) in images.chunks(256).zip(labels.chunks(256)) {
         let refs: Vec<&[u8]> = imgs.iter().map(|p| p.as_slice()).collect();
-        let logits = model.forward(&batch_tensor(&refs, set.side, &Device::Cpu)?, false)?;
+        let logits = model.forward(&batch_tensor(&refs, side, &Device::Cpu)?, false)?;
         correct += accuracy(&logits, labels)?;
     }
-    Ok(correct as f64 / set.len() as f64)
+    Ok(correct)
 }
 
 /// Trains one seed; writes `model.safetensors`, `model.json` and `history.csv` into `out`.

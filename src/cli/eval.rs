@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use diffii::classify::data::ImageSet;
-use diffii::classify::train::{evaluate, load_model};
+use diffii::classify::train::{count_correct, load_model};
 use diffii::data::dataset::Dataset;
 
 #[derive(clap::Args, Debug)]
@@ -22,20 +22,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if ds.classes != info.classes {
         anyhow::bail!("{}: classes {:?} differ from the model's {:?}", a.data.display(), ds.classes, info.classes);
     }
-    let all: Vec<usize> = (0..ds.items.len()).collect();
-    let set = ImageSet::load(&ds, &all, info.size, info.resize)?;
-    println!("accuracy {:.2} % on {} images", 100.0 * evaluate(&model, &set)?, set.len());
-    for (c, idx) in set.by_class(ds.classes.len()).iter().enumerate() {
-        if idx.is_empty() {
+    // One pass per class (items are sorted by class); the overall figure is their sum.
+    let mut per_class = Vec::new();
+    for (c, items) in ds.class_members().iter().enumerate() {
+        if items.is_empty() {
             continue;
         }
-        let sub = ImageSet {
-            side: set.side,
-            pixels: idx.iter().map(|&i| set.pixels[i].clone()).collect(),
-            labels: idx.iter().map(|&i| set.labels[i]).collect(),
-            names: Vec::new(),
-        };
-        println!("  {:<24} {:6.2} % ({} images)", ds.classes[c], 100.0 * evaluate(&model, &sub)?, sub.len());
+        let set = ImageSet::load(&ds, items, info.size, info.resize)?;
+        per_class.push((c, count_correct(&model, &set.pixels, &set.labels, set.side)?, set.len()));
+    }
+    let (correct, total) = per_class.iter().fold((0, 0), |(a, b), &(_, c, n)| (a + c, b + n));
+    if total == 0 {
+        anyhow::bail!("{}: no images to evaluate", a.data.display());
+    }
+    println!("accuracy {:.2} % on {total} images", 100.0 * correct as f64 / total as f64);
+    for (c, k, n) in per_class {
+        println!("  {:<24} {:6.2} % ({n} images)", ds.classes[c], 100.0 * k as f64 / n as f64);
     }
     Ok(())
 }

@@ -220,17 +220,13 @@ fn generate_cell(
     let t0 = Instant::now();
     let summary = match m {
         MethodSpec::None | MethodSpec::Classic => return Ok(GenerationCell::default()),
-        MethodSpec::Diffii(s) => crate::synth::diffii::generate(p, &subset, &with_seed(s, seed), &opts)?,
+        // Each cell draws its own samples: the generation seed is mixed with the protocol seed.
+        MethodSpec::Diffii(s) => crate::synth::diffii::generate(p, &subset, &crate::synth::diffii::Settings { seed: s.seed ^ seed, ..s.clone() }, &opts)?,
         MethodSpec::Baseline(s) => crate::synth::img2img::generate(p, &subset, &crate::synth::img2img::Settings { seed: s.seed ^ seed, ..s.clone() }, &opts)?,
     };
     let g = GenerationCell { images: summary.planned, seconds: t0.elapsed().as_secs_f64() };
     write_json_atomic(&record, &g)?;
     Ok(g)
-}
-
-/// Each cell draws its own samples: the generation seed is mixed with the protocol seed.
-fn with_seed(s: &crate::synth::diffii::Settings, seed: u64) -> crate::synth::diffii::Settings {
-    crate::synth::diffii::Settings { seed: s.seed ^ seed, ..s.clone() }
 }
 
 /// The results as a markdown table (accuracy in %, mean +- std over seeds; per-seed values).

@@ -56,10 +56,15 @@ pub(crate) fn tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
 /// A custom op's `cpu_fwd` input as a tensor the kernels take (the data is copied: candle hands
 /// custom ops storage, not tensors).
 pub(crate) fn op_input(s: &CpuStorage, l: &Layout, op: &str) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(op_slice(s, l, op)?.to_vec(), l.shape(), &Device::Cpu)
+}
+
+/// A custom op's contiguous f32 input as a slice, without copying it.
+pub(crate) fn op_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
     let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
         candle_core::bail!("{op}: expected contiguous f32 inputs")
     };
-    Tensor::from_vec(v[a..b].to_vec(), l.shape(), &Device::Cpu)
+    Ok(&v[a..b])
 }
 
 /// A kernel's result as a custom op's `cpu_fwd` output.

@@ -249,11 +249,10 @@ impl candle_core::CustomOp3 for FusedTrain {
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         const OP: &str = "batch norm";
-        let x = crate::kernels::io::op_input(s1, l1, OP)?;
-        let (gamma, beta) = (crate::kernels::io::op_input(s2, l2, OP)?.to_vec1::<f32>()?, crate::kernels::io::op_input(s3, l3, OP)?.to_vec1::<f32>()?);
-        let (n, c, h, w) = x.dims4()?;
+        use crate::kernels::io::op_slice;
+        let (xs, gamma, beta) = (op_slice(s1, l1, OP)?, op_slice(s2, l2, OP)?, op_slice(s3, l3, OP)?);
+        let (n, c, h, w) = l1.shape().dims4()?;
         let hw = h * w;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; xs.len()];
         for b in 0..n {
             for ch in 0..c {
@@ -265,7 +264,7 @@ impl candle_core::CustomOp3 for FusedTrain {
                 }
             }
         }
-        Ok((candle_core::CpuStorage::F32(out), x.shape().clone()))
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, gamma: &Tensor, _beta: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {

@@ -23,7 +23,7 @@ use crate::rng::seeded_randn;
 use crate::schedule::sampling::{ddim_sample_from, img2img_start};
 use crate::synth::driver::{self, Method, RunOptions, Summary};
 use crate::synth::guidance::guided_eps;
-use crate::synth::invert::concept_prompt;
+use crate::synth::invert::{check_prompt_template, concept_prompt};
 use crate::synth::manifest::Record;
 use crate::synth::pipeline::Pipeline;
 use crate::synth::plan::{self, Count, Interp, Sample};
@@ -93,10 +93,7 @@ impl Settings {
                 img2img_start(&p.sched, self.steps, s)?;
             }
         }
-        if !self.prompt_template.contains("{concept}") {
-            return Err(Error::invalid(format!("--prompt-template {:?} has no {{concept}}: the classes would not differ", self.prompt_template)));
-        }
-        Ok(())
+        check_prompt_template(&self.prompt_template)
     }
 }
 

@@ -57,11 +57,7 @@ impl Inversion {
             return Err(Error::invalid("--inversion-steps must be at least 1"));
         }
         let template = r.prompt_template.clone().unwrap_or_else(|| DEFAULT_PROMPT_TEMPLATE.into());
-        if !template.contains("{concept}") {
-            return Err(Error::invalid(format!(
-                "--prompt-template {template:?} has no {{concept}}: every class would get the same prompt"
-            )));
-        }
+        check_prompt_template(&template)?;
         Ok(Inversion {
             prompt_template: template,
             superclass: r.superclass.clone().unwrap_or_default(),
@@ -76,6 +72,15 @@ impl Inversion {
     pub fn prompt(&self, token: &str) -> String {
         concept_prompt(&self.prompt_template, token, &self.superclass)
     }
+}
+
+/// An error unless `template` has a `{concept}` placeholder: without one every class would get
+/// the same prompt.
+pub fn check_prompt_template(template: &str) -> Result<()> {
+    if !template.contains("{concept}") {
+        return Err(Error::invalid(format!("--prompt-template {template:?} has no {{concept}}: every class would get the same prompt")));
+    }
+    Ok(())
 }
 
 /// A prompt template filled with a concept token and the superclass word, whitespace collapsed.
