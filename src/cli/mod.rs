@@ -12,6 +12,7 @@ mod info;
 mod invert;
 mod merge;
 mod parity;
+mod pretrain;
 mod train;
 
 /// Diff-II synthetic data augmentation with Stable Diffusion 1.x.
@@ -40,6 +41,8 @@ pub enum Command {
     Eval(eval::Args),
     /// Compare synthesis methods by the test accuracy of classifiers trained with their images.
     Compare(compare::Args),
+    /// Train a small SD-1.x model from scratch on an image folder (captions from pixels).
+    Pretrain(pretrain::Args),
     /// Compare every stage of a Diff-II run with a diffusers reference directory.
     Parity(parity::Args),
     /// Describe a diffusers SD-1.x model folder: components, sizes, vocabulary, scheduler.
@@ -58,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Pretrain(a) => pretrain::run(a),
         Command::Parity(a) => parity::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),

@@ -94,7 +94,7 @@ pub fn ti_step(
     let b = Batch { latents, noise, timesteps: vec![500; batch], ids };
     let alphas = crate::schedule::ddim::alphas_cumprod(&crate::schedule::ddim::DdimConfig::sd15())?;
     timed(name, batch, latent, warmup, reps, || {
-        let loss = noise_prediction_loss(clip, unet, &alphas, crate::schedule::ddim::PredictionType::Epsilon, &b, rows.as_tensor())?;
+        let loss = noise_prediction_loss(clip, unet, &alphas, crate::schedule::ddim::PredictionType::Epsilon, &b, Some(rows.as_tensor()))?;
         let grads = loss.backward()?;
         grads.get(rows.as_tensor()).cloned().ok_or_else(|| crate::error::Error::invalid("no gradient reached the concept row"))
     })

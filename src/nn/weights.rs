@@ -37,6 +37,8 @@ struct Shared {
     aliases: Vec<(String, String)>,
     /// Keys (full names) to hand out as trainable variables.
     trainable: Vec<String>,
+    /// Every tensor is handed out as a trainable variable (training from scratch).
+    all_trainable: bool,
     vars: Mutex<Vec<(String, Var)>>,
 }
 
@@ -77,6 +79,7 @@ impl Weights {
             device: device.clone(),
             aliases: Vec::new(),
             trainable: Vec::new(),
+            all_trainable: false,
             vars: Mutex::new(Vec::new()),
         };
         Weights { shared: Arc::new(shared), prefix: String::new(), precision: Precision::F32, frozen_ops: true }
@@ -95,6 +98,12 @@ impl Weights {
     /// Marks full keys whose tensors are returned as trainable variables.
     pub fn with_trainable(mut self, keys: &[&str]) -> Self {
         self.shared_mut().trainable.extend(keys.iter().map(|k| k.to_string()));
+        self
+    }
+
+    /// Hands out every tensor as a trainable variable.
+    pub fn with_all_trainable(mut self) -> Self {
+        self.shared_mut().all_trainable = true;
         self
     }
 
@@ -239,7 +248,7 @@ impl Weights {
                 t.to_dtype(self.shared.dtype)?.to_device(&self.shared.device)?
             }
         };
-        if self.shared.trainable.iter().any(|k| *k == key) {
+        if self.shared.all_trainable || self.shared.trainable.iter().any(|k| *k == key) {
             let var = Var::from_tensor(&t)?;
             let out = var.as_tensor().clone();
             self.shared.vars.lock().unwrap().push((key, var));
@@ -357,7 +366,10 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Opt
     if canon.len() > n {
         return Err(Error::bad_file(path, "cannot serialise: header grew when sorted"));
     }
-    bytes[8..8 + n].copy_from_slice(format!("{canon:<n$}").as_bytes());
+    // Padded by hand: format! widths stop at 65 535, and big checkpoints' headers are longer.
+    let header = &mut bytes[8..8 + n];
+    header[..canon.len()].copy_from_slice(canon.as_bytes());
+    header[canon.len()..].fill(b' ');
     crate::data::atomic::write_atomic(path, &bytes)
 }
 

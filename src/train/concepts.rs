@@ -411,7 +411,7 @@ impl<'a> Trainer<'a> {
     /// The noise-prediction loss of `batch` with concept rows `rows` [k, hidden] (a tensor that
     /// may be, or contain, a variable).
     pub fn loss(&self, batch: &Batch, rows: &Tensor) -> Result<Tensor> {
-        noise_prediction_loss(&self.sd.text_encoder, &self.sd.unet, &self.alphas, self.prediction, batch, rows)
+        noise_prediction_loss(&self.sd.text_encoder, &self.sd.unet, &self.alphas, self.prediction, batch, Some(rows))
     }
 
     /// The rows the text encoder sees in `phase` when `var` holds the trained part.

@@ -19,7 +19,7 @@ pub struct Batch {
 }
 
 /// The latent-diffusion training loss of `batch` (Rombach et al. 2022, eq. 2):
-/// `mean((unet(x_t, t, clip(ids; rows)) - target)^2)` with `x_t = sqrt(a_t) x0 + sqrt(1-a_t) noise`
+/// `mean((unet(x_t, t, clip(ids; rows)) - target)^2)` (`rows`: extra token rows, e.g. concepts) with `x_t = sqrt(a_t) x0 + sqrt(1-a_t) noise`
 /// and target = noise (epsilon), `sqrt(a_t) noise - sqrt(1-a_t) x0` (v-prediction) or x0.
 pub fn noise_prediction_loss(
     text_encoder: &ClipTextEncoder,
@@ -27,7 +27,7 @@ pub fn noise_prediction_loss(
     alphas_cumprod: &[f32],
     prediction: PredictionType,
     batch: &Batch,
-    rows: &Tensor,
+    rows: Option<&Tensor>,
 ) -> Result<Tensor> {
     let b = batch.timesteps.len();
     let dtype = batch.latents.dtype();
@@ -41,7 +41,7 @@ pub fn noise_prediction_loss(
         PredictionType::VPrediction => (batch.noise.broadcast_mul(&sa)? - batch.latents.broadcast_mul(&sb)?)?,
         PredictionType::Sample => batch.latents.clone(),
     };
-    let ctx = text_encoder.forward(&batch.ids, Some(rows))?;
+    let ctx = text_encoder.forward(&batch.ids, rows)?;
     let ts: Vec<f64> = batch.timesteps.iter().map(|&t| t as f64).collect();
     let pred = unet.forward(&x_t, &ts, &ctx)?;
     Ok((pred - target)?.sqr()?.mean_all()?)

@@ -1,4 +1,4 @@
-//! Training: category concept learning (textual inversion per class, optionally with a LoRA on
+//! Training: pretraining a small SD-1.x model from scratch ([`pretrain`]), category concept learning (textual inversion per class, optionally with a LoRA on
 //! the UNet's attention projections) — step 1 of Diff-II — and the pieces any training run
 //! shares: the diffusion loss, checkpoints, the loss log and the optimisers ([`optim`]: AdamW;
 //! [`sgd`]: SGD with momentum, as the classifiers use), and the learning-rate schedule
@@ -13,4 +13,5 @@ pub mod diffusion;
 pub mod log;
 pub mod lr;
 pub mod optim;
+pub mod pretrain;
 pub mod sgd;
