@@ -1,6 +1,8 @@
 //! Data in and out: datasets (ImageFolder / list files), image decoding and resizing, pixel
-//! conversions between images and model tensors, and atomic output files.
+//! conversions between images and model tensors, atomic output files, and the real dataset
+//! shipped in the repository (`bundle`: a Fashion-MNIST subset, materialised as ImageFolders).
 pub mod atomic;
+pub mod bundle;
 pub mod dataset;
 pub mod image;
 pub mod pixels;
