@@ -229,27 +229,79 @@ fn generate_cell(
     Ok(g)
 }
 
+/// The results table's column headings, in the order of [`RowText::cells`].
+pub const COLUMNS: [&str; 10] = [
+    "method",
+    "test acc, val-selected epoch (%)",
+    "test acc, last epoch (%)",
+    "per seed (val-selected)",
+    "synthetic images",
+    "faithfulness (%)",
+    "diversity",
+    "novelty",
+    "generation s",
+    "training s",
+];
+
+/// One method's numbers formatted as every results table shows them (`results.md`, the HTML
+/// report), so the tables can never disagree: accuracies in % with two decimals (per-seed
+/// values with one), `-` for what was not measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowText {
+    pub method: String,
+    /// (mean, std) over seeds, test accuracy at the validation-selected epoch.
+    pub acc_selected: (String, String),
+    /// (mean, std) over seeds, test accuracy at the last epoch.
+    pub acc_last: (String, String),
+    pub per_seed: Vec<String>,
+    pub synthetic_images: String,
+    pub faithfulness: String,
+    pub diversity: String,
+    pub novelty: String,
+    pub seconds_generation: String,
+    pub seconds_training: String,
+}
+
+impl RowText {
+    pub fn new(m: &MethodResult) -> Self {
+        let pct = |(mean, std): (f64, f64)| (format!("{:.2}", 100.0 * mean), format!("{:.2}", 100.0 * std));
+        RowText {
+            method: m.method.clone(),
+            acc_selected: pct(m.test_acc_selected),
+            acc_last: pct(m.test_acc_last),
+            per_seed: m.seeds.iter().map(|s| s.test_acc_selected.map_or("-".into(), |v| format!("{:.1}", 100.0 * v))).collect(),
+            synthetic_images: m.synthetic_images.to_string(),
+            faithfulness: m.quality.map_or("-".into(), |q| format!("{:.1}", 100.0 * q.faithfulness)),
+            diversity: m.quality.map_or("-".into(), |q| format!("{:.2}", q.diversity)),
+            novelty: m.quality.map_or("-".into(), |q| format!("{:.2}", q.novelty)),
+            seconds_generation: format!("{:.1}", m.seconds_generation),
+            seconds_training: format!("{:.1}", m.seconds_training),
+        }
+    }
+
+    /// The cells under [`COLUMNS`], mean and std joined by `plus_minus` (plain text: no escaping).
+    pub fn cells(&self, plus_minus: &str) -> [String; 10] {
+        let pm = |(m, s): &(String, String)| format!("{m} {plus_minus} {s}");
+        [
+            self.method.clone(),
+            pm(&self.acc_selected),
+            pm(&self.acc_last),
+            self.per_seed.join(" / "),
+            self.synthetic_images.clone(),
+            self.faithfulness.clone(),
+            self.diversity.clone(),
+            self.novelty.clone(),
+            self.seconds_generation.clone(),
+            self.seconds_training.clone(),
+        ]
+    }
+}
+
 /// The results as a markdown table (accuracy in %, mean +- std over seeds; per-seed values).
 pub fn markdown(r: &CompareResults) -> String {
-    let pct = |(m, s): (f64, f64)| format!("{:.2} +- {:.2}", 100.0 * m, 100.0 * s);
-    let mut out = String::from(
-        "| method | test acc, val-selected epoch (%) | test acc, last epoch (%) | per seed (val-selected) | synthetic images | faithfulness (%) | diversity | novelty | generation s | training s |\n|---|---|---|---|---|---|---|---|---|---|\n",
-    );
+    let mut out = format!("| {} |\n|{}\n", COLUMNS.join(" | "), "---|".repeat(COLUMNS.len()));
     for m in &r.methods {
-        let per: Vec<String> = m.seeds.iter().map(|s| s.test_acc_selected.map_or("-".into(), |v| format!("{:.1}", 100.0 * v))).collect();
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} |\n",
-            m.method,
-            pct(m.test_acc_selected),
-            pct(m.test_acc_last),
-            per.join(" / "),
-            m.synthetic_images,
-            m.quality.map_or("-".into(), |q| format!("{:.1}", 100.0 * q.faithfulness)),
-            m.quality.map_or("-".into(), |q| format!("{:.2}", q.diversity)),
-            m.quality.map_or("-".into(), |q| format!("{:.2}", q.novelty)),
-            m.seconds_generation,
-            m.seconds_training
-        ));
+        out.push_str(&format!("| {} |\n", RowText::new(m).cells("+-").join(" | ")));
     }
     out
 }
