@@ -5,7 +5,8 @@
 //!   (SHA-256 of bytes, files and settings), [`rng`] (seed derivation and seeded noise);
 //! - [`kernels`]: CPU compute kernels by operation (linear, conv, attention, norm, activation,
 //!   SIMD helpers, bf16 microkernel); know nothing of models;
-//! - [`data`]: datasets, image decoding, pixel conversions, atomic output files;
+//! - [`data`]: datasets, image decoding, pixel conversions, atomic output files, the shipped
+//!   Fashion-MNIST subset;
 //! - [`nn`]: layers and autograd pieces (Linear, Conv2d, norms, attention, frozen-weight ops,
 //!   the checkpoint reader); any network (the SD models, a classifier) is built from these;
 //! - [`formats`]: foreign file formats (PyTorch pickles, read without executing them);
@@ -14,12 +15,14 @@
 //! - [`sd`]: the Stable Diffusion 1.x models and their file formats;
 //! - [`synth`]: synthetic images from a dataset: the generator pipeline, the driver every method
 //!   runs under (resume, shards, records, manifest, previews) and the methods (Diff-II);
-//! - [`train`]: concept learning (textual inversion, LoRA) and what every training run shares
-//!   (diffusion loss, checkpoints, loss log, optimiser);
+//! - [`train`]: pretraining a small SD-1.x model from scratch, concept learning (textual
+//!   inversion, LoRA) and what every training run shares (diffusion loss, checkpoints, loss
+//!   log, optimisers);
 //! - [`classify`]: image classifiers and the harness that measures whether synthetic images
 //!   help (ResNet, protocols, mixing real and synthetic images, validation-selected results);
 //! - [`experiment`]: experiments across methods (`compare`: methods x seeds under one
-//!   protocol, with a results table);
+//!   protocol, with a results table; `report`: the HTML page; `demo`: the whole method on the
+//!   shipped data and model);
 //! - [`measure`]: the measuring instruments (`bench`: speed and memory; `parity`:
 //!   tensor-by-tensor comparison with a diffusers reference run).
 //!

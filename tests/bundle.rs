@@ -1,36 +1,17 @@
 //! The shipped Fashion-MNIST subset: its content, its materialisation as ImageFolders (class
 //! order, pixels, no rewrite of a finished folder) and the errors for damaged files.
+mod common;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use diffii::data::bundle::{load, materialize, Bundle, FASHION_MNIST_SUBSET, SIDE};
 use diffii::data::dataset::Dataset;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
-/// A fresh temporary folder, removed when dropped.
-struct TempDir(PathBuf);
+use common::TempDir;
 
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "diffii-bundle-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 const CLASSES: [&str; 10] =
     ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"];

@@ -93,6 +93,7 @@ pub struct Epoch {
     pub epoch: usize,
     pub loss: f64,
     pub val_acc: Option<f64>,
+    /// Test accuracy, measured at each new best validation accuracy and at the last epoch.
     pub test_acc: Option<f64>,
 }
 
@@ -224,9 +225,13 @@ pub fn train_seed(data: &RunData<'_>, s: &ClassifierSettings, seed: u64, out: &P
             pb.set_message(format!("loss {l:.3}"));
         }
         let val_acc = if val.is_empty() { None } else { Some(evaluate(&model, &val)?) };
+        // The test set is only needed where an epoch can be reported: each new best validation
+        // accuracy (the selected epoch is the first best) and the last epoch. Skipping the
+        // others keeps a long run with a large test set from spending most of its time there.
+        let improved = val_acc.is_some() && history.iter().all(|e: &Epoch| e.val_acc < val_acc);
         let test_acc = match &test {
-            Some(t) => Some(evaluate(&model, t)?),
-            None => None,
+            Some(t) if improved || epoch + 1 == s.epochs => Some(evaluate(&model, t)?),
+            _ => None,
         };
         history.push(Epoch { epoch: epoch + 1, loss: loss_sum / real.len() as f64, val_acc, test_acc });
     }

@@ -6,6 +6,7 @@ mod bench;
 mod common;
 mod compare;
 mod concepts;
+mod demo;
 mod eval;
 mod generate;
 mod info;
@@ -25,6 +26,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// The whole method on the shipped real images and mini SD model: concepts, inversion, Diff-II
+    /// and baselines, classifiers, a report (demo-out/report.html). No arguments needed.
+    Demo(demo::Args),
     /// Learn one concept token per class (textual inversion; optional LoRA) from an image folder.
     Concepts(concepts::Args),
     /// DDIM-invert every image of a dataset into the inversion cache.
@@ -53,6 +57,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo(a) => demo::run_demo(a),
         Command::Concepts(a) => concepts::run(a),
         Command::Invert(a) => invert::run(a),
         Command::Generate(a) => generate::run(a),

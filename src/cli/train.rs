@@ -47,8 +47,9 @@ pub struct Args {
 /// The classifier's settings (shared by `train` and `compare`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClassifierArgs {
-    #[arg(long, default_value_t = 30)]
-    pub epochs: usize,
+    /// Passes over the real training images (default 30; `demo`: 60).
+    #[arg(long)]
+    pub epochs: Option<usize>,
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Image side in pixels.
@@ -107,7 +108,7 @@ impl ClassifierArgs {
             depth: self.depth,
             size: self.size,
             resize: self.resize.into(),
-            epochs: self.epochs,
+            epochs: self.epochs.unwrap_or(30),
             batch: self.batch,
             lr: self.lr,
             momentum: self.momentum,

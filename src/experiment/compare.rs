@@ -137,18 +137,7 @@ pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_
             train_s += r.seconds;
             seed_results.push(r);
         }
-        let sel: Vec<f64> = seed_results.iter().filter_map(|r| r.test_acc_selected).collect();
-        let last: Vec<f64> = seed_results.iter().filter_map(|r| r.test_acc_last).collect();
-        rows.push(MethodResult {
-            method: name.to_string(),
-            synthetic_images: images,
-            seconds_generation: gen_s,
-            seconds_training: train_s,
-            test_acc_selected: mean_std(&sel),
-            test_acc_last: mean_std(&last),
-            seeds: seed_results,
-            quality: None,
-        });
+        rows.push(MethodResult::new(name.to_string(), seed_results, images, gen_s, train_s, None));
     }
     // Quality needs the real-data classifiers, which exist once every cell has run.
     for (m, row) in methods.iter().zip(rows.iter_mut()) {
@@ -161,19 +150,68 @@ pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_
                 per_seed.push(q);
             }
         }
-        if !per_seed.is_empty() {
-            let n = per_seed.len() as f64;
-            row.quality = Some(Quality {
-                faithfulness: per_seed.iter().map(|q| q.faithfulness).sum::<f64>() / n,
-                diversity: per_seed.iter().map(|q| q.diversity).sum::<f64>() / n,
-                novelty: per_seed.iter().map(|q| q.novelty).sum::<f64>() / n,
-            });
-        }
+        row.quality = mean_quality(&per_seed);
     }
     let results = CompareResults { classifier: classifier.clone(), seeds: seeds.to_vec(), methods: rows };
     write_json_atomic(out.join("results.json"), &results)?;
     write_atomic(out.join("results.md"), markdown(&results).as_bytes())?;
     Ok(results)
+}
+
+impl MethodResult {
+    /// A row from its seeds' results (accuracies summarised as mean +- std over seeds).
+    pub fn new(method: String, seeds: Vec<SeedResult>, synthetic_images: usize, seconds_generation: f64, seconds_training: f64, quality: Option<Quality>) -> Self {
+        let sel: Vec<f64> = seeds.iter().filter_map(|r| r.test_acc_selected).collect();
+        let last: Vec<f64> = seeds.iter().filter_map(|r| r.test_acc_last).collect();
+        MethodResult {
+            method,
+            synthetic_images,
+            seconds_generation,
+            seconds_training,
+            test_acc_selected: mean_std(&sel),
+            test_acc_last: mean_std(&last),
+            seeds,
+            quality,
+        }
+    }
+}
+
+/// The mean quality over seeds; `None` when no seed has one.
+fn mean_quality(qs: &[Quality]) -> Option<Quality> {
+    if qs.is_empty() {
+        return None;
+    }
+    let n = qs.len() as f64;
+    Some(Quality {
+        faithfulness: qs.iter().map(|q| q.faithfulness).sum::<f64>() / n,
+        diversity: qs.iter().map(|q| q.diversity).sum::<f64>() / n,
+        novelty: qs.iter().map(|q| q.novelty).sum::<f64>() / n,
+    })
+}
+
+/// One table from comparisons of the same methods and classifier over different seeds (e.g.
+/// one per seed, each with that seed's concepts). Quality is averaged over the parts that
+/// measured it.
+pub fn merge(parts: &[CompareResults]) -> Result<CompareResults> {
+    let first = parts.first().ok_or_else(|| Error::invalid("nothing to merge"))?;
+    let mut rows = Vec::new();
+    for m in &first.methods {
+        let (mut seeds, mut images, mut gen_s, mut train_s, mut qs) = (Vec::new(), 0, 0.0, 0.0, Vec::new());
+        for p in parts {
+            if p.classifier != first.classifier {
+                return Err(Error::invalid("cannot merge comparisons made with different classifier settings"));
+            }
+            let row = p.methods.iter().find(|r| r.method == m.method).ok_or_else(|| Error::invalid(format!("method {} is missing from a comparison to merge", m.method)))?;
+            seeds.extend(row.seeds.iter().cloned());
+            images += row.synthetic_images;
+            gen_s += row.seconds_generation;
+            train_s += row.seconds_training;
+            qs.extend(row.quality);
+        }
+        rows.push(MethodResult::new(m.method.clone(), seeds, images, gen_s, train_s, mean_quality(&qs)));
+    }
+    let seeds = parts.iter().flat_map(|p| p.seeds.iter().copied()).collect();
+    Ok(CompareResults { classifier: first.classifier.clone(), seeds, methods: rows })
 }
 
 /// The quality of one cell's synthetic set, by the same seed's `none` classifier (cached in

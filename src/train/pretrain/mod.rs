@@ -448,17 +448,26 @@ fn step_seed(s: &PretrainSettings, phase: &str, step: usize, what: &str) -> u64 
     derive_u64(&[b"diffii-pretrain\0", &s.seed.to_le_bytes(), phase.as_bytes(), &(step as u64).to_le_bytes(), what.as_bytes()])
 }
 
-/// Initial weights: a checkpoint's tensors, or fresh ones (N(0, 1/fan_in); norms 1, biases 0).
-fn init_weights(ckpt: Option<&checkpoint::Checkpoint>, prefix: &str, names: &[String], seed: u64) -> Result<Weights> {
+/// A phase's checkpoint, when one was written.
+fn read_checkpoint(path: &Path, sha: &str) -> Result<Option<checkpoint::Checkpoint>> {
+    Ok(if path.is_file() { Some(checkpoint::Checkpoint::read(path, &Device::Cpu, sha)?) } else { None })
+}
+
+/// Initial weights of a phase, all trainable: the checkpoint's (`p.<name>`), or fresh ones
+/// (N(0, 1/fan_in); norms 1, biases 0) seeded by the run seed and the phase.
+fn init_weights(ckpt: Option<&checkpoint::Checkpoint>, names: &[String], seed: u64, phase: &str) -> Result<Weights> {
     match ckpt {
         Some(c) => {
             let mut map = HashMap::new();
             for n in names {
-                map.insert(n.clone(), c.tensor(&format!("{prefix}{n}"))?);
+                map.insert(n.clone(), c.tensor(&format!("p.{n}"))?);
             }
             Ok(Weights::from_tensors(map, DType::F32, &Device::Cpu).with_all_trainable())
         }
-        None => Ok(Weights::synthetic(seed, DType::F32, &Device::Cpu).with_all_trainable()),
+        None => {
+            let seed = derive_u64(&[format!("diffii-pretrain-init-{phase}\0").as_bytes(), &seed.to_le_bytes()]);
+            Ok(Weights::synthetic(seed, DType::F32, &Device::Cpu).with_all_trainable())
+        }
     }
 }
 
@@ -496,7 +505,22 @@ struct Loop<'a> {
     clip: f64,
 }
 
-impl Loop<'_> {
+impl<'a> Loop<'a> {
+    /// The optimiser over every variable of `w` (restored from the checkpoint) and the step to
+    /// continue from.
+    fn new(w: &Weights, ckpt: Option<&checkpoint::Checkpoint>, name: &str, phase: &'a Phase, s: &PretrainSettings) -> Result<(Self, usize)> {
+        let vars: Vec<Var> = w.vars().into_iter().map(|(_, v)| v).collect();
+        let mut opt = AdamW::new(vars.clone(), AdamWParams { weight_decay: s.weight_decay, ..AdamWParams::with_lr(phase.lr) })?;
+        let mut start = 0;
+        if let Some(c) = ckpt {
+            start = c.position("step")?;
+            if let Some((m, v, t)) = c.optimizer(name, vars.len())? {
+                opt.restore(m, v, t)?;
+            }
+        }
+        Ok((Loop { vars, opt, phase, clip: s.grad_clip }, start))
+    }
+
     fn step(&mut self, step: usize, loss: &Tensor) -> Result<f64> {
         let value = loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
@@ -521,19 +545,10 @@ fn train_vae(images: &[Vec<u8>], s: &PretrainSettings, cadence: &Cadence, paths:
     write_json_atomic(&config_path, &a.vae_config(1.0))?;
     let config = VaeConfig::from_file(&config_path)?;
     let names = parameter_names(|w| Vae::load(w, &config, Mode::Train).map(|_| ()))?;
-    let ckpt = if paths.vae_ckpt().is_file() { Some(checkpoint::Checkpoint::read(&paths.vae_ckpt(), &Device::Cpu, sha)?) } else { None };
-    let w = init_weights(ckpt.as_ref(), "p.", &names, derive_u64(&[b"diffii-pretrain-init-vae\0", &s.seed.to_le_bytes()]))?;
+    let ckpt = read_checkpoint(&paths.vae_ckpt(), sha)?;
+    let w = init_weights(ckpt.as_ref(), &names, s.seed, "vae")?;
     let vae = Vae::load(&w, &config, Mode::Train)?;
-    let vars: Vec<Var> = w.vars().into_iter().map(|(_, v)| v).collect();
-    let mut opt = AdamW::new(vars.clone(), AdamWParams { weight_decay: s.weight_decay, ..AdamWParams::with_lr(s.vae.lr) })?;
-    let mut start = 0;
-    if let Some(c) = &ckpt {
-        start = c.position("step")?;
-        if let Some((m, v, t)) = c.optimizer("vae", vars.len())? {
-            opt.restore(m, v, t)?;
-        }
-    }
-    let mut lp = Loop { vars, opt, phase: &s.vae, clip: s.grad_clip };
+    let (mut lp, start) = Loop::new(&w, ckpt.as_ref(), "vae", &s.vae, s)?;
     let mut log = LossLog::open(&paths.out.join("loss-vae.csv"), &["step", "loss", "lr", "seconds"], Some(start));
     let bar = crate::progress::bar(s.vae.steps, "vae", cadence.progress);
     bar.set_position(start as u64);
@@ -652,23 +667,14 @@ fn train_unet(
     }
 
     let names = parameter_names(|w| load_denoiser(w, &clip_config, &unet_cfg, Mode::Train).map(|_| ()))?;
-    let ckpt = if paths.unet_ckpt().is_file() { Some(checkpoint::Checkpoint::read(&paths.unet_ckpt(), &Device::Cpu, sha)?) } else { None };
-    let w = init_weights(ckpt.as_ref(), "p.", &names, derive_u64(&[b"diffii-pretrain-init-unet\0", &s.seed.to_le_bytes()]))?;
+    let ckpt = read_checkpoint(&paths.unet_ckpt(), sha)?;
+    let w = init_weights(ckpt.as_ref(), &names, s.seed, "unet")?;
     let (te, unet) = load_denoiser(&w, &clip_config, &unet_cfg, Mode::Train)?;
-    let vars: Vec<Var> = w.vars().into_iter().map(|(_, v)| v).collect();
+    let (mut lp, start) = Loop::new(&w, ckpt.as_ref(), "unet", &s.unet, s)?;
     let mut ema: Vec<Tensor> = match &ckpt {
         Some(c) => names.iter().map(|n| c.tensor(&format!("ema.{n}"))).collect::<Result<_>>()?,
-        None => vars.iter().map(|v| v.as_tensor().detach()).collect(),
+        None => lp.vars.iter().map(|v| v.as_tensor().detach()).collect(),
     };
-    let mut opt = AdamW::new(vars.clone(), AdamWParams { weight_decay: s.weight_decay, ..AdamWParams::with_lr(s.unet.lr) })?;
-    let mut start = 0;
-    if let Some(c) = &ckpt {
-        start = c.position("step")?;
-        if let Some((m, v, t)) = c.optimizer("unet", vars.len())? {
-            opt.restore(m, v, t)?;
-        }
-    }
-    let mut lp = Loop { vars, opt, phase: &s.unet, clip: s.grad_clip };
     let mut log = LossLog::open(&paths.out.join("loss-unet.csv"), &["step", "loss", "lr", "seconds"], Some(start));
     let bar = crate::progress::bar(s.unet.steps, "unet", cadence.progress);
     bar.set_position(start as u64);
