@@ -81,6 +81,17 @@ fn compare_runs_every_method_from_the_training_split_and_resumes() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(before, std::fs::read_to_string(root.join("out/diffii/seed-0/result.json")).unwrap());
     assert!(root.join("out/diffii/seed-1/result.json").is_file());
+    // `+classic` variants train on their generator's own images, generating nothing new.
+    let record = root.join("out/diffii/seed-0/synthetic/generation.json");
+    let stamp = std::fs::metadata(&record).unwrap().modified().unwrap();
+    let o = compare(&root, &["--methods", "diffii", "--seeds", "0", "--with-classic"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("out/results.json")).unwrap()).unwrap();
+    let row = results["methods"].as_array().unwrap().iter().find(|m| m["method"] == "diffii+classic").expect("diffii+classic row").clone();
+    assert_eq!(row["synthetic_images"], 4);
+    assert!(!row["quality"].is_null(), "the generator's quality is reported");
+    assert_eq!(std::fs::metadata(&record).unwrap().modified().unwrap(), stamp, "no new generation");
+    assert!(root.join("out/diffii+classic/seed-0/result.json").is_file() && !root.join("out/diffii+classic/seed-0/synthetic").exists());
     // Changed settings for a method already in the folder are refused.
     let o = compare(&root, &["--methods", "diffii", "--seeds", "0", "--guidance", "3"]);
     let err = String::from_utf8_lossy(&o.stderr);

@@ -87,6 +87,10 @@ pub struct Args {
     /// Protocol seeds (split, classifier; mixed into generation).
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     pub seeds: Vec<u64>,
+    /// Also run every generating method with the classic augmentation on top
+    /// (`<method>+classic`, trained on the same synthetic images).
+    #[arg(long)]
+    pub with_classic: bool,
     #[command(flatten)]
     pub gen: CompareGenArgs,
     #[command(flatten)]
@@ -144,6 +148,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             CompareMethod::DaFusion => MethodSpec::Baseline(BaselineSettings::resolve(&request(false)?, Mode::Img2Img, g.strengths.clone(), p)?),
             _ => MethodSpec::Baseline(BaselineSettings::resolve(&request(false)?, Mode::Txt2Img, None, p)?),
         });
+    }
+    if a.with_classic {
+        let extra: Vec<MethodSpec> = methods.iter().filter(|m| m.generator().is_some()).cloned().collect();
+        for m in extra {
+            methods.push(m.with_classic()?);
+        }
     }
     let plan = compare::Plan { methods: &methods, seeds: &a.seeds, classifier: &classifier, gen_batch: g.gen_batch, progress: !a.quiet };
     let results = compare::run(p.as_ref(), &train, &test, &plan, &a.out)?;

@@ -65,6 +65,9 @@ pub struct Args {
     /// Samples per UNet call.
     #[arg(long, default_value_t = 16)]
     pub gen_batch: usize,
+    /// Every method, each also with the classic augmentation on top (`<method>+classic`).
+    #[arg(long, conflicts_with = "quick")]
+    pub full: bool,
     /// Smoke test: one seed, 10 concept steps per class, 10 DDIM steps, 2 synthetic images per
     /// real one, 20 epochs, none + Diff-II only.
     #[arg(long)]
@@ -145,8 +148,9 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
         seed: 0,
         quantize: None,
     };
+    let full = a.full;
     let resolve = |p: &diffii::synth::pipeline::Pipeline| -> diffii::error::Result<Vec<MethodSpec>> {
-        methods
+        let mut specs = methods
             .iter()
             .map(|m| {
                 Ok(match m {
@@ -157,7 +161,14 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
                     CompareMethod::Txt2img => MethodSpec::Baseline(BaselineSettings::resolve(&request(false), Mode::Txt2Img, None, p)?),
                 })
             })
-            .collect()
+            .collect::<diffii::error::Result<Vec<_>>>()?;
+        if full {
+            let extra: Vec<MethodSpec> = specs.iter().filter(|m| m.generator().is_some()).cloned().collect();
+            for m in extra {
+                specs.push(m.with_classic()?);
+            }
+        }
+        Ok(specs)
     };
     let protocol = match a.protocol {
         Protocol::FewShot => format!("{} real training images per class", classifier.split.shots.unwrap_or(0)),

@@ -39,16 +39,44 @@ pub enum MethodSpec {
     Classic,
     Diffii(crate::synth::diffii::Settings),
     Baseline(crate::synth::img2img::Settings),
+    /// A generating method's images (the very set the method alone trains with) with the
+    /// classic augmentation on top, named `<method>+classic`.
+    WithClassic { base: Box<MethodSpec> },
 }
 
 impl MethodSpec {
-    pub fn name(&self) -> &'static str {
+    pub fn name(&self) -> String {
         match self {
-            MethodSpec::None => "none",
-            MethodSpec::Classic => "classic",
-            MethodSpec::Diffii(_) => "diffii",
-            MethodSpec::Baseline(s) => s.mode.name(),
+            MethodSpec::None => "none".into(),
+            MethodSpec::Classic => "classic".into(),
+            MethodSpec::Diffii(_) => "diffii".into(),
+            MethodSpec::Baseline(s) => s.mode.name().into(),
+            MethodSpec::WithClassic { base } => format!("{}+classic", base.name()),
         }
+    }
+
+    /// This method with the classic augmentation added (`none` becomes `classic`); an error
+    /// for a method that already has it.
+    pub fn with_classic(self) -> Result<Self> {
+        match self {
+            MethodSpec::None => Ok(MethodSpec::Classic),
+            MethodSpec::Classic | MethodSpec::WithClassic { .. } => Err(Error::invalid(format!("{} already uses the classic augmentation", self.name()))),
+            m => Ok(MethodSpec::WithClassic { base: Box::new(m) }),
+        }
+    }
+
+    /// The method that makes the synthetic images this one trains with, if any.
+    pub fn generator(&self) -> Option<&MethodSpec> {
+        match self {
+            MethodSpec::None | MethodSpec::Classic => None,
+            MethodSpec::WithClassic { base } => base.generator(),
+            m => Some(m),
+        }
+    }
+
+    /// Whether the classifier adds the classic augmentation.
+    pub fn classic(&self) -> bool {
+        matches!(self, MethodSpec::Classic | MethodSpec::WithClassic { .. })
     }
 }
 
@@ -105,31 +133,33 @@ pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_
     write_or_match_settings(out.join("classifier_config.json"), classifier, "a comparison")?;
     for m in methods {
         write_or_match_settings(out.join(m.name()).join("method.json"), m, "this method")?;
+        if let Some(g) = m.generator() {
+            write_or_match_settings(out.join(g.name()).join("method.json"), g, "this method")?;
+        }
     }
     let mut rows = Vec::new();
     for m in methods {
         let name = m.name();
         let (mut seed_results, mut images, mut gen_s, mut train_s) = (Vec::new(), 0, 0.0, 0.0);
         for &seed in seeds {
-            let cell = out.join(name).join(format!("seed-{seed}"));
-            let synthetic_dir = cell.join("synthetic");
-            if !matches!(m, MethodSpec::None | MethodSpec::Classic) {
+            let cell = out.join(&name).join(format!("seed-{seed}"));
+            let mut syn = None;
+            if let Some(gen) = m.generator() {
+                // A `+classic` variant trains with its generator's own cell's images.
+                let synthetic_dir = out.join(gen.name()).join(format!("seed-{seed}")).join("synthetic");
                 let p = p.ok_or_else(|| Error::invalid(format!("{name} generates images: a model is needed")))?;
-                let g = generate_cell(p, train, classifier, m, seed, gen_batch, &synthetic_dir, progress)?;
+                let g = generate_cell(p, train, classifier, gen, seed, gen_batch, &synthetic_dir, progress)?;
                 images += g.images;
                 gen_s += g.seconds;
+                syn = Some(synthetic_dataset(&synthetic_dir, &train.classes)?);
             }
-            let syn = match m {
-                MethodSpec::None | MethodSpec::Classic => None,
-                _ => Some(synthetic_dataset(&synthetic_dir, &train.classes)?),
-            };
             let done = cell.join("result.json");
             let r: SeedResult = if done.is_file() {
                 read_json(&done)?
             } else {
                 let data = RunData { train, synthetic: syn.as_ref(), test: Some(test) };
                 let mut settings = classifier.clone();
-                settings.augment.classic |= matches!(m, MethodSpec::Classic);
+                settings.augment.classic |= m.classic();
                 let r = train_seed(&data, &settings, seed, &cell.join("classifier"), progress)?;
                 write_json_atomic(&done, &r)?;
                 r
@@ -137,16 +167,14 @@ pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_
             train_s += r.seconds;
             seed_results.push(r);
         }
-        rows.push(MethodResult::new(name.to_string(), seed_results, images, gen_s, train_s, None));
+        rows.push(MethodResult::new(name, seed_results, images, gen_s, train_s, None));
     }
     // Quality needs the real-data classifiers, which exist once every cell has run.
     for (m, row) in methods.iter().zip(rows.iter_mut()) {
-        if matches!(m, MethodSpec::None | MethodSpec::Classic) {
-            continue;
-        }
+        let Some(gen) = m.generator() else { continue };
         let mut per_seed = Vec::new();
         for &seed in seeds {
-            if let Some(q) = quality_cell(train, classifier, m.name(), seed, out)? {
+            if let Some(q) = quality_cell(train, classifier, &gen.name(), seed, out)? {
                 per_seed.push(q);
             }
         }
@@ -257,7 +285,7 @@ fn generate_cell(
     let opts = RunOptions::new(PathBuf::from(dir), None, batch, Shard::ALL, progress);
     let t0 = Instant::now();
     let summary = match m {
-        MethodSpec::None | MethodSpec::Classic => return Ok(GenerationCell::default()),
+        MethodSpec::None | MethodSpec::Classic | MethodSpec::WithClassic { .. } => return Ok(GenerationCell::default()),
         // Each cell draws its own samples: the generation seed is mixed with the protocol seed.
         MethodSpec::Diffii(s) => crate::synth::diffii::generate(p, &subset, &crate::synth::diffii::Settings { seed: s.seed ^ seed, ..s.clone() }, &opts)?,
         MethodSpec::Baseline(s) => crate::synth::img2img::generate(p, &subset, &crate::synth::img2img::Settings { seed: s.seed ^ seed, ..s.clone() }, &opts)?,
