@@ -150,10 +150,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         });
     }
     if a.with_classic {
-        let extra: Vec<MethodSpec> = methods.iter().filter(|m| m.generator().is_some()).cloned().collect();
-        for m in extra {
-            methods.push(m.with_classic()?);
-        }
+        MethodSpec::add_classic_variants(&mut methods)?;
     }
     let plan = compare::Plan { methods: &methods, seeds: &a.seeds, classifier: &classifier, gen_batch: g.gen_batch, progress: !a.quiet };
     let results = compare::run(p.as_ref(), &train, &test, &plan, &a.out)?;

@@ -163,10 +163,7 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
             })
             .collect::<diffii::error::Result<Vec<_>>>()?;
         if full {
-            let extra: Vec<MethodSpec> = specs.iter().filter(|m| m.generator().is_some()).cloned().collect();
-            for m in extra {
-                specs.push(m.with_classic()?);
-            }
+            MethodSpec::add_classic_variants(&mut specs)?;
         }
         Ok(specs)
     };

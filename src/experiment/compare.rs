@@ -65,6 +65,15 @@ impl MethodSpec {
         }
     }
 
+    /// Appends `<method>+classic` for every generating method of `methods`.
+    pub fn add_classic_variants(methods: &mut Vec<MethodSpec>) -> Result<()> {
+        let extra: Vec<MethodSpec> = methods.iter().filter(|m| m.generator().is_some()).cloned().collect();
+        for m in extra {
+            methods.push(m.with_classic()?);
+        }
+        Ok(())
+    }
+
     /// The method that makes the synthetic images this one trains with, if any.
     pub fn generator(&self) -> Option<&MethodSpec> {
         match self {
