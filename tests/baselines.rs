@@ -1,4 +1,4 @@
-//! The baselines (DA-Fusion image-to-image, text-to-image) through the shared synthesis driver
+//! The baselines (DA-Fusion image-to-image, Diff-Mix inter-class image-to-image, text-to-image) through the shared synthesis driver
 //! on the tiny fixture model: a valid manifest tagged with the method, sources and strengths as
 //! promised, the same bytes for any batch size, resume, Diff-II-only flags refused, and the
 //! output readable by the classifier harness.
@@ -58,7 +58,8 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 fn each_baseline_writes_a_valid_manifest_deterministically() {
     let root = common::empty_temp_dir("baselines");
     let data = dataset(&root);
-    for (method, extra) in [("da-fusion", vec!["--strengths", "0.5,1"]), ("txt2img", vec![])] {
+    let mut mixed = 0;
+    for (method, extra) in [("da-fusion", vec!["--strengths", "0.5,1"]), ("diff-mix", vec!["--strengths", "0.5", "--mix-gamma", "0.5"]), ("txt2img", vec![])] {
         let a = root.join(format!("{method}-a"));
         let mut args = vec!["--method", method, "--batch", "1"];
         args.extend(&extra);
@@ -75,6 +76,21 @@ fn each_baseline_writes_a_valid_manifest_deterministically() {
                     assert!(r.sources[0].starts_with(&format!("{}/", r.class)), "a same-class source: {:?}", r.sources);
                     assert_eq!(sha256_file(&src).unwrap(), r.source_sha256[0]);
                     assert!([0.5, 1.0].contains(&r.strength), "strength {}", r.strength);
+                    assert!(r.soft_label.is_empty());
+                }
+                "diff-mix" => {
+                    let src = data.join(&r.sources[0]);
+                    assert_eq!(sha256_file(&src).unwrap(), r.source_sha256[0]);
+                    assert_eq!(r.strength, 0.5);
+                    let source_class = r.sources[0].split('/').next().unwrap();
+                    if source_class == r.class {
+                        assert!(r.soft_label.is_empty(), "an intra-class draw keeps the hard label");
+                    } else {
+                        // strength^gamma for the target, the rest for the source.
+                        let w = 0.5f64.powf(0.5);
+                        assert_eq!(r.soft_label, vec![(r.class.clone(), w), (source_class.to_string(), 1.0 - w)]);
+                        mixed += 1;
+                    }
                 }
                 _ => assert!(r.sources.iter().all(|s| s.is_empty()) && r.strength == 1.0),
             }
@@ -90,9 +106,12 @@ fn each_baseline_writes_a_valid_manifest_deterministically() {
         assert!(again.contains("written 0 | skipped (already done) 6"), "{again}");
         // The classifier harness reads the folder through its manifest.
         let classes = vec!["gull".to_string(), "sparrow".to_string()];
-        let ds = diffii::classify::data::synthetic_dataset(&a, &classes).unwrap();
-        assert_eq!(ds.items.len(), 6);
+        let set = diffii::classify::data::synthetic_dataset(&a, &classes).unwrap();
+        assert_eq!(set.dataset.items.len(), 6);
+        let soft = set.soft_labels.iter().filter(|l| l.is_some()).count();
+        assert_eq!(soft, if method == "diff-mix" { mixed } else { 0 }, "{method}: soft labels reach the classifier");
     }
+    assert!(mixed > 0, "some Diff-Mix sources come from the other class");
 }
 
 #[test]
@@ -105,6 +124,9 @@ fn flags_of_another_method_are_refused() {
         (vec!["--strengths", "0.5"], "--strengths is a da-fusion setting"),
         (vec!["--method", "da-fusion", "--strengths", "0.1"], "runs no step"),
         (vec!["--method", "da-fusion", "--prompt-template", "a photo"], "has no {concept}"),
+        (vec!["--method", "da-fusion", "--mix-gamma", "0.5"], "--mix-gamma is a diff-mix setting"),
+        (vec!["--method", "diff-mix", "--mix-gamma", "NaN"], "--mix-gamma must be finite"),
+        (vec!["--method", "diff-mix", "--strength", "0.3"], "--strength is a Diff-II setting"),
     ] {
         let o = generate(&data, &root.join("out"), &args);
         let err = String::from_utf8_lossy(&o.stderr);

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use diffii::classify::data::{color_jitter, crop_box, resize_bilinear, rotate_bilinear, synthetic_dataset, Augment};
+use diffii::classify::loss::soft_targets;
 use diffii::classify::mix::{ClassDraw, Mixer, Pick};
 use diffii::classify::protocol::{split, SplitSpec};
 use diffii::data::dataset::Dataset;
@@ -165,11 +166,25 @@ fn a_generator_output_folder_is_read_through_its_manifest() {
     let rec = r#"{"id":"c1_00000","class":"c1","class_index":0,"index":0,"file":"c1/c1_00000.png","output_sha256":"","sources":["a","b"],"source_sha256":["",""],"interp":"circle","t":0.0,"frac":null,"alpha":null,"theta":0.0,"cos":1.0,"lerp":false,"prompt":"","stage1_prompt":"","suffix":"","strength":0.3,"stage1_steps":1,"steps":2,"inversion_steps":2,"guidance":7.5,"seed":1,"size":4,"model_sha256":"","concepts_sha256":"","lora_sha256":null,"run_sha256":""}"#;
     std::fs::write(out.join("manifest.jsonl"), format!("{rec}\n")).unwrap();
     let classes = vec!["c0".to_string(), "c1".to_string()];
-    let ds = synthetic_dataset(&out, &classes).unwrap();
+    let ds = synthetic_dataset(&out, &classes).unwrap().dataset;
     assert_eq!(ds.items.len(), 1, "previews are not training images");
     assert_eq!((ds.items[0].class, ds.items[0].rel.as_str()), (1, "c1/c1_00000.png"));
     let e = synthetic_dataset(&out, &classes[..1]).unwrap_err().to_string();
     assert!(e.contains("`c1` is not a training class"), "{e}");
+
+    // A Diff-Mix record's soft label reaches the training targets; one that does not sum to 1,
+    // or names an unknown class, is refused with the manifest named.
+    let soft = |label: &str| rec.replace(r#","run_sha256":"#, &format!(r#","soft_label":{label},"run_sha256":"#));
+    std::fs::write(out.join("manifest.jsonl"), format!("{}\n", soft(r#"[["c1",0.75],["c0",0.25]]"#))).unwrap();
+    let set = synthetic_dataset(&out, &classes).unwrap();
+    assert_eq!(set.soft_labels, vec![Some(vec![(1, 0.75), (0, 0.25)])]);
+    let t = soft_targets(&[vec![(1, 0.75), (0, 0.25)], vec![(2, 1.0)]], 3, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(t.to_vec2::<f32>().unwrap(), vec![vec![0.25, 0.75, 0.0], vec![0.0, 0.0, 1.0]]);
+    for (bad, expect) in [(r#"[["c1",0.75],["c0",0.5]]"#, "summing to 1"), (r#"[["c1",0.5],["c9",0.5]]"#, "`c9` is not a training class")] {
+        std::fs::write(out.join("manifest.jsonl"), format!("{}\n", soft(bad))).unwrap();
+        let e = synthetic_dataset(&out, &classes).unwrap_err().to_string();
+        assert!(e.contains(expect) && e.contains("manifest.jsonl"), "{e}");
+    }
 }
 
 fn diffii(args: &[&str], threads: &str) -> std::process::Output {
@@ -245,4 +260,81 @@ fn synthetic_copies_of_the_training_images_have_no_novelty_and_full_diversity() 
     let same = ImageSet { labels: vec![0; 4], pixels: vec![real.pixels[0].clone(); 4], ..real.clone() };
     let q = diffii::experiment::quality::measure(&model, &real, &same, 3).unwrap();
     assert_eq!(q.diversity, 0.0);
+}
+
+#[test]
+fn filter_drops_what_the_judge_does_not_recognise_and_blank_images() {
+    let root = common::empty_temp_dir("cls-filter");
+    let data = image_folder(&root.join("train"), &[10, 10]);
+    let judge_dir = root.join("judge");
+    let o = diffii(
+        &[
+            "train", "--data", data.to_str().unwrap(), "--out", judge_dir.to_str().unwrap(), "--seeds", "0", "--epochs", "4",
+            "--batch", "8", "--size", "12", "--val-per-class", "2", "--lr", "0.05", "--quiet",
+        ],
+        "2",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let judge = judge_dir.join("seed-0");
+
+    // A synthetic folder: images of both looks filed under both classes, and one blank image.
+    let syn = root.join("syn");
+    let looks = image_folder(&root.join("looks"), &[3, 3]);
+    let mut lines = String::new();
+    let mut n = 0;
+    for class in ["c0", "c1"] {
+        std::fs::create_dir_all(syn.join(class)).unwrap();
+        for (look, i) in [("c0", 0), ("c0", 1), ("c1", 0), ("c1", 2)] {
+            let file = format!("{class}/{class}_{n:05}.png");
+            std::fs::copy(looks.join(look).join(format!("{i:03}.png")), syn.join(&file)).unwrap();
+            lines.push_str(&format!("{{\"id\":\"{class}_{n:05}\",\"class\":\"{class}\",\"class_index\":0,\"index\":{n},\"file\":\"{file}\",\"output_sha256\":\"\",\"sources\":[\"\",\"\"],\"source_sha256\":[\"\",\"\"],\"interp\":\"txt2img\",\"t\":1.0,\"frac\":null,\"alpha\":null,\"theta\":0.0,\"cos\":0.0,\"lerp\":false,\"prompt\":\"\",\"stage1_prompt\":\"\",\"suffix\":\"\",\"strength\":1.0,\"stage1_steps\":0,\"steps\":1,\"inversion_steps\":0,\"guidance\":1.0,\"seed\":0,\"size\":12,\"model_sha256\":\"\",\"concepts_sha256\":\"\",\"lora_sha256\":null,\"run_sha256\":\"\"}}\n"));
+            n += 1;
+        }
+    }
+    let blank = "c1/c1_blank.png";
+    image::RgbImage::from_pixel(12, 12, image::Rgb([128, 128, 128])).save(syn.join(blank)).unwrap();
+    lines.push_str(&lines.lines().last().unwrap().replace("c1_00007.png", "c1_blank.png").replace("\"c1_00007\"", "\"c1_blank\""));
+    lines.push('\n');
+    std::fs::write(syn.join("manifest.jsonl"), &lines).unwrap();
+
+    // The judge's probability for each record's class, computed here independently.
+    let (model, info) = diffii::classify::train::load_model(&judge).unwrap();
+    let records = diffii::synth::manifest::read_jsonl(&syn.join("manifest.jsonl")).unwrap();
+    let prob: Vec<f64> = records
+        .iter()
+        .map(|r| {
+            let (px, _) = diffii::data::image::load_for_model(syn.join(&r.file), 12, info.resize).unwrap();
+            let x = diffii::classify::data::batch_tensor(&[px.as_slice()], 12, &candle_core::Device::Cpu).unwrap();
+            let logits: Vec<f64> = model.forward(&x, false).unwrap().to_dtype(candle_core::DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let z: f64 = logits.iter().map(|l| l.exp()).sum();
+            logits[info.classes.iter().position(|c| *c == r.class).unwrap()].exp() / z
+        })
+        .collect();
+    // A threshold between the probabilities, so that both outcomes occur.
+    let mut sorted = prob[..8].to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let min = (sorted[3] + sorted[4]) / 2.0;
+    let o = diffii(&["filter", "--synthetic", syn.to_str().unwrap(), "--judge", judge.to_str().unwrap(), "--min", &min.to_string()], "2");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let after = diffii::synth::manifest::read_jsonl(&syn.join("manifest.jsonl")).unwrap();
+    assert_eq!(after.len(), 9, "every record stays on record");
+    let prob_of: std::collections::HashMap<&str, f64> = records.iter().map(|r| r.file.as_str()).zip(prob.iter().copied()).collect();
+    for r in &after {
+        let p = prob_of[r.file.as_str()];
+        match &r.dropped {
+            Some(why) if r.file == blank => assert!(why.starts_with("blank"), "{why}"),
+            Some(why) => assert!(p < min && why.contains("below"), "{}: p {p} vs {min}: {why}", r.file),
+            None => assert!(r.file != blank && p >= min, "{}: p {p} kept at {min}", r.file),
+        }
+    }
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("kept 4 | dropped 5"), "{stdout}");
+    // Dropped images are not trained on; filtering again changes nothing.
+    let set = synthetic_dataset(&syn, &["c0".to_string(), "c1".to_string()]).unwrap();
+    assert_eq!(set.dataset.items.len(), 4);
+    let bytes = std::fs::read(syn.join("manifest.jsonl")).unwrap();
+    assert!(diffii(&["filter", "--synthetic", syn.to_str().unwrap(), "--judge", judge.to_str().unwrap(), "--min", &min.to_string()], "1").status.success());
+    assert_eq!(std::fs::read(syn.join("manifest.jsonl")).unwrap(), bytes);
+    let o = diffii(&["filter", "--synthetic", syn.to_str().unwrap(), "--judge", judge.to_str().unwrap(), "--min", "NaN"], "1");
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("must lie in [0, 1]"));
 }

@@ -97,3 +97,38 @@ fn compare_runs_every_method_from_the_training_split_and_resumes() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("different settings"), "{err}");
 }
+
+#[test]
+fn filtered_compare_judges_with_none_first_and_counts_the_drops() {
+    let root = common::empty_temp_dir("compare-filter");
+    image_folder(&root.join("train"), 4);
+    image_folder(&root.join("test"), 3);
+    let o = compare(&root, &["--methods", "diff-mix,diffii", "--seeds", "0", "--filter-min", "0.5"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("add none to the methods"), "{err}");
+    // `none` listed last still runs first: its classifier is the judge.
+    let o = compare(&root, &["--methods", "diff-mix,diffii,none", "--seeds", "0", "--filter-min", "0.5"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("out/results.json")).unwrap()).unwrap();
+    let methods = results["methods"].as_array().unwrap();
+    let names: Vec<&str> = methods.iter().map(|m| m["method"].as_str().unwrap()).collect();
+    assert_eq!(names, ["diff-mix", "diffii", "none"], "rows keep the order asked for");
+    for m in &methods[..2] {
+        let name = m["method"].as_str().unwrap();
+        let recs = read_jsonl(&root.join(format!("out/{name}/seed-0/synthetic/manifest.jsonl"))).unwrap();
+        assert_eq!(recs.len(), 4, "every record stays on record");
+        let dropped = recs.iter().filter(|r| r.dropped.is_some()).count();
+        assert_eq!(m["synthetic_dropped"].as_u64(), Some(dropped as u64), "{m}");
+        assert_eq!(m["seeds"][0]["synthetic_images"].as_u64(), Some(4 - dropped as u64), "the classifier trains on the kept images only");
+        if name == "diff-mix" {
+            assert!(recs.iter().all(|r| r.method == "diff-mix" && r.strength == 0.7));
+        }
+    }
+    assert!(methods[2]["synthetic_dropped"].is_null());
+    let table = std::fs::read_to_string(root.join("out/results.md")).unwrap();
+    assert!(table.contains("dropped by filter"), "{table}");
+    // Another threshold in the same folder is refused.
+    let o = compare(&root, &["--methods", "none", "--seeds", "0", "--filter-min", "0.2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("different settings"), "{err}");
+}

@@ -33,6 +33,7 @@ fn method(name: &str, accs: &[f64], images: usize, quality: Option<Quality>) -> 
         synthetic_images: images,
         seconds_generation: if images > 0 { 123.4 } else { 0.0 },
         seconds_training: 56.78,
+        synthetic_dropped: None,
         test_acc_selected: mean_std(accs),
         test_acc_last: mean_std(&last),
         seeds,
@@ -267,11 +268,11 @@ fn markdown_format_is_unchanged() {
     let lines: Vec<&str> = md.lines().collect();
     assert_eq!(
         lines[0],
-        "| method | test acc, val-selected epoch (%) | test acc, last epoch (%) | per seed (val-selected) | synthetic images | faithfulness (%) | diversity | novelty | generation s | training s |"
+        "| method | test acc, val-selected epoch (%) | test acc, last epoch (%) | per seed (val-selected) | synthetic images | dropped by filter | faithfulness (%) | diversity | novelty | generation s | training s |"
     );
-    assert_eq!(lines[1], "|---|---|---|---|---|---|---|---|---|---|");
-    assert_eq!(lines[3], "| diffii | 85.25 +- 1.20 | 84.25 +- 1.20 | 84.4 / 86.1 | 200 | 91.3 | 0.88 | 1.23 | 123.4 | 56.8 |");
-    assert_eq!(lines[2], "| none | 72.25 +- 1.77 | 71.25 +- 1.77 | 71.0 / 73.5 | 0 | - | - | - | 0.0 | 56.8 |");
+    assert_eq!(lines[1], "|---|---|---|---|---|---|---|---|---|---|---|");
+    assert_eq!(lines[3], "| diffii | 85.25 +- 1.20 | 84.25 +- 1.20 | 84.4 / 86.1 | 200 | - | 91.3 | 0.88 | 1.23 | 123.4 | 56.8 |");
+    assert_eq!(lines[2], "| none | 72.25 +- 1.77 | 71.25 +- 1.77 | 71.0 / 73.5 | 0 | - | - | - | - | 0.0 | 56.8 |");
     assert!(md.ends_with("|\n"));
 }
 

@@ -213,10 +213,20 @@ pub fn batch_tensor(images: &[&[u8]], side: usize, device: &Device) -> Result<Te
     Ok(Tensor::cat(&ts, 0)?)
 }
 
-/// A synthetic set as a dataset over the training `classes`: the images its `manifest.jsonl`
-/// lists (previews and caches of a generator's output folder are not images to train on), or,
-/// without a manifest, any ImageFolder whose class folders are training classes.
-pub fn synthetic_dataset(dir: &std::path::Path, classes: &[String]) -> Result<Dataset> {
+/// A synthetic set ready for training: its images as a dataset over the training classes and,
+/// item by item, the soft label its manifest gives (`None`: wholly the item's class).
+#[derive(Clone, Debug)]
+pub struct SyntheticSet {
+    pub dataset: Dataset,
+    /// (class index, weight) pairs, parallel to `dataset.items`.
+    pub soft_labels: Vec<Option<Vec<(usize, f64)>>>,
+}
+
+/// A synthetic set over the training `classes`: the images its `manifest.jsonl` lists and no
+/// filter dropped (previews and caches of a generator's output folder are not images to train
+/// on) with their soft labels, or, without a manifest, any ImageFolder whose class folders are training
+/// classes.
+pub fn synthetic_dataset(dir: &std::path::Path, classes: &[String]) -> Result<SyntheticSet> {
     let index = |name: &str, what: &std::path::Path| {
         classes.iter().position(|c| c == name).ok_or_else(|| {
             Error::bad_file(what, format!("class `{name}` is not a training class ({})", classes.join(", ")))
@@ -225,19 +235,31 @@ pub fn synthetic_dataset(dir: &std::path::Path, classes: &[String]) -> Result<Da
     let manifest = dir.join(crate::synth::manifest::MANIFEST);
     let mut items = Vec::new();
     if manifest.is_file() {
-        for r in crate::synth::manifest::read_jsonl(&manifest)? {
+        // Images a filter pass dropped stay on record in the manifest but are not trained on.
+        for r in crate::synth::manifest::read_jsonl(&manifest)?.into_iter().filter(|r| r.dropped.is_none()) {
             let path = dir.join(&r.file);
             if !path.is_file() {
                 return Err(Error::bad_file(&manifest, format!("lists {} but the file is missing", r.file)));
             }
-            items.push(crate::data::dataset::Item { path, rel: r.file.clone(), class: index(&r.class, &manifest)? });
+            let soft = if r.soft_label.is_empty() {
+                None
+            } else {
+                let pairs = r.soft_label.iter().map(|(c, w)| Ok((index(c, &manifest)?, *w))).collect::<Result<Vec<_>>>()?;
+                let total: f64 = pairs.iter().map(|p| p.1).sum();
+                if pairs.iter().any(|p| !(0.0..=1.0).contains(&p.1)) || (total - 1.0).abs() > 1e-6 {
+                    return Err(Error::bad_file(&manifest, format!("{}: soft label {:?} is not a set of weights in [0, 1] summing to 1", r.id, r.soft_label)));
+                }
+                Some(pairs)
+            };
+            items.push((crate::data::dataset::Item { path, rel: r.file.clone(), class: index(&r.class, &manifest)? }, soft));
         }
     } else {
         let ds = Dataset::image_folder(dir, None)?;
         for it in ds.items {
-            items.push(crate::data::dataset::Item { class: index(&ds.classes[it.class], dir)?, ..it });
+            items.push((crate::data::dataset::Item { class: index(&ds.classes[it.class], dir)?, ..it }, None));
         }
     }
-    items.sort_by(|a, b| (a.class, &a.rel).cmp(&(b.class, &b.rel)));
-    Ok(Dataset { root: dir.to_path_buf(), classes: classes.to_vec(), items })
+    items.sort_by(|a, b| (a.0.class, &a.0.rel).cmp(&(b.0.class, &b.0.rel)));
+    let (items, soft_labels) = items.into_iter().unzip();
+    Ok(SyntheticSet { dataset: Dataset { root: dir.to_path_buf(), classes: classes.to_vec(), items }, soft_labels })
 }

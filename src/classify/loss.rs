@@ -61,17 +61,25 @@ fn log_softmax(logits: &Tensor) -> Result<Tensor> {
 
 /// One-hot rows `[labels.len(), k]` (f32) on `device`: row i has a 1 at `labels[i]`.
 pub fn one_hot(labels: &[usize], k: usize, device: &Device) -> Result<Tensor> {
+    soft_targets(&labels.iter().map(|&l| vec![(l, 1.0)]).collect::<Vec<_>>(), k, device)
+}
+
+/// Probability rows `[rows.len(), k]` (f32) on `device`: row i has weight w at class c for
+/// every (c, w) of `rows[i]` (a one-hot row is `[(label, 1.0)]`).
+pub fn soft_targets(rows: &[Vec<(usize, f64)>], k: usize, device: &Device) -> Result<Tensor> {
     if k == 0 {
-        return Err(Error::invalid("one-hot targets need at least one class"));
+        return Err(Error::invalid("targets need at least one class"));
     }
-    let mut data = vec![0f32; labels.len() * k];
-    for (i, &l) in labels.iter().enumerate() {
-        if l >= k {
-            return Err(Error::invalid(format!("label {l} (item {i}) is out of range for {k} classes")));
+    let mut data = vec![0f32; rows.len() * k];
+    for (i, row) in rows.iter().enumerate() {
+        for &(c, w) in row {
+            if c >= k {
+                return Err(Error::invalid(format!("label {c} (item {i}) is out of range for {k} classes")));
+            }
+            data[i * k + c] += w as f32;
         }
-        data[i * k + l] = 1.0;
     }
-    Ok(Tensor::from_vec(data, (labels.len(), k), device)?)
+    Ok(Tensor::from_vec(data, (rows.len(), k), device)?)
 }
 
 /// The number of rows of `logits` `[b, K]` whose arg-max is the label. A tie goes to the lowest

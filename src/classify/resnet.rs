@@ -218,6 +218,18 @@ pub fn trainable(tensors: HashMap<String, Tensor>, config: &ResNetConfig) -> Res
     Ok((model, w))
 }
 
+/// An evaluation model from a saved or snapshotted state (see [`state`]): parameters and the
+/// norms' running statistics.
+pub fn from_state(state: HashMap<String, Tensor>, config: &ResNetConfig) -> Result<ResNet> {
+    let w = Weights::from_tensors(state, DType::F32, &Device::Cpu).with_precision(Precision::F32);
+    let model = ResNet::load(&w, config)?;
+    for (prefix, bn) in model.norms() {
+        let c = bn.channels();
+        bn.set_running_stats(w.get(&[c], &format!("{prefix}.running_mean"))?, w.get(&[c], &format!("{prefix}.running_var"))?)?;
+    }
+    Ok(model)
+}
+
 /// Every tensor of the model as it stands (parameters from `w`'s variables, running
 /// statistics from the norms), for saving.
 pub fn state(model: &ResNet, w: &Weights) -> Result<Vec<(String, Tensor)>> {

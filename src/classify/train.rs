@@ -13,8 +13,8 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::classify::data::{batch_tensor, Augment, ImageSet};
-use crate::classify::loss::{accuracy, cross_entropy, one_hot};
+use crate::classify::data::{batch_tensor, Augment, ImageSet, SyntheticSet};
+use crate::classify::loss::{accuracy, cross_entropy, soft_targets};
 use crate::classify::mix::{ClassDraw, Mixer, Pick};
 use crate::classify::protocol::{split, SplitSpec};
 use crate::classify::resnet::{self, ResNet, ResNetConfig};
@@ -93,7 +93,7 @@ pub struct Epoch {
     pub epoch: usize,
     pub loss: f64,
     pub val_acc: Option<f64>,
-    /// Test accuracy, measured at each new best validation accuracy and at the last epoch.
+    /// Test accuracy, measured at the selected (first best-validation) epoch and the last.
     pub test_acc: Option<f64>,
 }
 
@@ -114,17 +114,17 @@ pub struct SeedResult {
     pub history: Vec<Epoch>,
 }
 
-/// The data of a run: the real training dataset, an optional synthetic ImageFolder with the
-/// same classes, an optional test set.
+/// The data of a run: the real training dataset, an optional synthetic set with the same
+/// classes, an optional test set.
 pub struct RunData<'a> {
     pub train: &'a Dataset,
-    pub synthetic: Option<&'a Dataset>,
+    pub synthetic: Option<&'a SyntheticSet>,
     pub test: Option<&'a Dataset>,
 }
 
 /// Checks that the synthetic and test sets name the training classes in the same order.
 pub fn check_classes(data: &RunData<'_>) -> Result<()> {
-    for (what, ds) in [("synthetic", data.synthetic), ("test", data.test)] {
+    for (what, ds) in [("synthetic", data.synthetic.map(|s| &s.dataset)), ("test", data.test)] {
         if let Some(ds) = ds {
             if ds.classes != data.train.classes {
                 return Err(Error::invalid(format!(
@@ -166,7 +166,7 @@ pub fn train_seed(data: &RunData<'_>, s: &ClassifierSettings, seed: u64, out: &P
     let real = ImageSet::load(data.train, &sp.train, s.size, s.resize)?;
     let val = ImageSet::load(data.train, &sp.val, s.size, s.resize)?;
     let syn = match data.synthetic {
-        Some(d) => ImageSet::load(d, &(0..d.items.len()).collect::<Vec<_>>(), s.size, s.resize)?,
+        Some(d) => ImageSet::load(&d.dataset, &(0..d.dataset.items.len()).collect::<Vec<_>>(), s.size, s.resize)?,
         None => ImageSet { side: s.size, ..Default::default() },
     };
     let test = match data.test {
@@ -186,6 +186,7 @@ pub fn train_seed(data: &RunData<'_>, s: &ClassifierSettings, seed: u64, out: &P
 
     let pb = crate::progress::bar(total, &format!("train seed {seed}"), progress);
     let mut history = Vec::new();
+    let mut best: Option<(usize, std::collections::HashMap<String, Tensor>)> = None;
     let mut step = 0;
     for epoch in 0..s.epochs {
         let mut order: Vec<usize> = (0..real.len()).collect();
@@ -196,22 +197,23 @@ pub fn train_seed(data: &RunData<'_>, s: &ClassifierSettings, seed: u64, out: &P
                 continue; // BatchNorm cannot normalise a batch of one image.
             }
             let mut images = Vec::with_capacity(chunk.len());
-            let mut labels = Vec::with_capacity(chunk.len());
+            let mut targets = Vec::with_capacity(chunk.len());
             for (j, &i) in chunk.iter().enumerate() {
                 let pos = (b * s.batch + j) as u64;
                 let mut rng = derive_rng(&[b"diffii-draw\0", &seed.to_le_bytes(), &(epoch as u64).to_le_bytes(), &pos.to_le_bytes()]);
-                let (px, label) = match mixer.pick(i, real.labels[i], &mut rng) {
-                    Pick::Real(i) => (&real.pixels[i], real.labels[i]),
-                    Pick::Synthetic(k, c) => (&syn.pixels[k], c),
+                let (px, target) = match mixer.pick(i, real.labels[i], &mut rng) {
+                    Pick::Real(i) => (&real.pixels[i], vec![(real.labels[i], 1.0)]),
+                    // An inter-class image (Diff-Mix) trains with its manifest's soft label.
+                    Pick::Synthetic(k, c) => (&syn.pixels[k], data.synthetic.and_then(|d| d.soft_labels[k].clone()).unwrap_or_else(|| vec![(c, 1.0)])),
                 };
                 images.push(s.augment.apply(px, s.size, &mut rng));
-                labels.push(label);
+                targets.push(target);
             }
             let refs: Vec<&[u8]> = images.iter().map(|p| p.as_slice()).collect();
             let x = batch_tensor(&refs, s.size, &Device::Cpu)?;
             opt.set_lr(cosine_with_warmup(step, total, warmup, s.lr, 0.0));
             let logits = model.forward(&x, true)?;
-            let loss = cross_entropy(&logits, &one_hot(&labels, classes, &Device::Cpu)?, s.label_smoothing)?;
+            let loss = cross_entropy(&logits, &soft_targets(&targets, classes, &Device::Cpu)?, s.label_smoothing)?;
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
                 return Err(Error::invalid(format!("seed {seed}: the loss became {l} at epoch {}, step {step}; lower --lr", epoch + 1)));
@@ -225,26 +227,24 @@ pub fn train_seed(data: &RunData<'_>, s: &ClassifierSettings, seed: u64, out: &P
             pb.set_message(format!("loss {l:.3}"));
         }
         let val_acc = if val.is_empty() { None } else { Some(evaluate(&model, &val)?) };
-        // The test set is only needed where an epoch can be reported: each new best validation
-        // accuracy (the selected epoch is the first best) and the last epoch. Skipping the
-        // others keeps a long run with a large test set from spending most of its time there.
-        let improved = val_acc.is_some() && history.iter().all(|e: &Epoch| e.val_acc < val_acc);
-        let test_acc = match &test {
-            Some(t) if improved || epoch + 1 == s.epochs => Some(evaluate(&model, t)?),
-            _ => None,
-        };
-        history.push(Epoch { epoch: epoch + 1, loss: loss_sum / real.len() as f64, val_acc, test_acc });
+        // The test set is only needed at the selected epoch (the first best validation
+        // accuracy) and the last one: a copy of the model at each new best is kept and both are
+        // evaluated once at the end, instead of a test pass at every improvement.
+        if val_acc.is_some() && history.iter().all(|e: &Epoch| e.val_acc < val_acc) {
+            let snapshot = resnet::state(&model, &weights)?.into_iter().map(|(k, t)| Ok((k, t.copy()?))).collect::<Result<_>>()?;
+            best = Some((epoch, snapshot));
+        }
+        history.push(Epoch { epoch: epoch + 1, loss: loss_sum / real.len() as f64, val_acc, test_acc: None });
     }
     pb.finish_and_clear();
 
     // The first epoch with the best validation accuracy; the last one without a validation split.
-    let mut selected = history.len() - 1;
-    if !val.is_empty() {
-        selected = 0;
-        for (i, e) in history.iter().enumerate() {
-            if e.val_acc > history[selected].val_acc {
-                selected = i;
-            }
+    let selected = best.as_ref().map_or(history.len() - 1, |b| b.0);
+    if let Some(t) = &test {
+        let last = history.len() - 1;
+        history[last].test_acc = Some(evaluate(&model, t)?);
+        if let Some((epoch, snapshot)) = best.filter(|b| b.0 != last) {
+            history[epoch].test_acc = Some(evaluate(&resnet::from_state(snapshot, &config)?, t)?);
         }
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -282,13 +282,8 @@ pub struct ModelInfo {
 /// Loads a model written by [`train_seed`] from its folder.
 pub fn load_model(dir: &Path) -> Result<(ResNet, ModelInfo)> {
     let info: ModelInfo = crate::error::read_json(&dir.join("model.json"))?;
-    let w = crate::nn::Weights::from_file(&dir.join("model.safetensors"), candle_core::DType::F32, &Device::Cpu)?;
-    let model = ResNet::load(&w, &info.config)?;
-    for (prefix, bn) in model.norms() {
-        let c = bn.channels();
-        bn.set_running_stats(w.get(&[c], &format!("{prefix}.running_mean"))?, w.get(&[c], &format!("{prefix}.running_var"))?)?;
-    }
-    Ok((model, info))
+    let state = crate::nn::weights::load_all(&dir.join("model.safetensors"), &Device::Cpu)?;
+    Ok((resnet::from_state(state, &info.config)?, info))
 }
 
 /// Mean and (sample) standard deviation.

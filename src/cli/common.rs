@@ -79,6 +79,9 @@ pub enum MethodArg {
     /// DA-Fusion: a real image noised to a drawn strength, denoised toward the concept prompt
     /// (with --lora: Diff-AUG).
     DaFusion,
+    /// Diff-Mix: a real image of a random class denoised toward the class's concept, with a
+    /// soft label (strength^gamma for the class) in the manifest.
+    DiffMix,
     /// Text-to-image from the concept prompt (Real-Guidance style).
     Txt2img,
 }
@@ -141,9 +144,14 @@ pub struct GenArgs {
     /// The synthesis method: Diff-II, or a baseline on the same model and concepts.
     #[arg(long, value_enum, default_value = "diffii")]
     pub method: MethodArg,
-    /// da-fusion: the strengths one is drawn from per image (default 0.25,0.5,0.75,1).
+    /// da-fusion / diff-mix: the strengths one is drawn from per image (default
+    /// 0.25,0.5,0.75,1 / 0.7).
     #[arg(long, value_delimiter = ',')]
     pub strengths: Option<Vec<f64>>,
+    /// diff-mix: the class's soft-label weight is strength^gamma, the source class's the rest
+    /// (default 0.8).
+    #[arg(long)]
+    pub mix_gamma: Option<f64>,
     /// Scene suffixes for stage 1, one per line (default: a built-in list of generic scenes).
     #[arg(long)]
     pub suffixes: Option<PathBuf>,
@@ -322,9 +330,11 @@ impl GenerateArgs {
         let r = self.gen.request()?;
         let s = match self.gen.method {
             MethodArg::Diffii if self.gen.strengths.is_some() => anyhow::bail!("--strengths is a da-fusion setting; Diff-II uses --strength"),
+            MethodArg::Diffii if self.gen.mix_gamma.is_some() => anyhow::bail!("--mix-gamma is a diff-mix setting"),
             MethodArg::Diffii => MethodSettings::Diffii(Settings::resolve(&r, &p)?),
-            MethodArg::DaFusion => MethodSettings::Baseline(BaselineSettings::resolve(&r, Mode::Img2Img, self.gen.strengths.clone(), &p)?),
-            MethodArg::Txt2img => MethodSettings::Baseline(BaselineSettings::resolve(&r, Mode::Txt2Img, self.gen.strengths.clone(), &p)?),
+            MethodArg::DaFusion => MethodSettings::Baseline(BaselineSettings::resolve(&r, Mode::Img2Img, self.gen.strengths.clone(), self.gen.mix_gamma, &p)?),
+            MethodArg::DiffMix => MethodSettings::Baseline(BaselineSettings::resolve(&r, Mode::DiffMix, self.gen.strengths.clone(), self.gen.mix_gamma, &p)?),
+            MethodArg::Txt2img => MethodSettings::Baseline(BaselineSettings::resolve(&r, Mode::Txt2Img, self.gen.strengths.clone(), self.gen.mix_gamma, &p)?),
         };
         Ok((ds, p, s, self.run.options()))
     }

@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use clap::ValueEnum;
 use diffii::data::dataset::Dataset;
-use diffii::experiment::compare::{self, MethodSpec};
-use diffii::synth::diffii::{read_suffixes, Settings, SettingsRequest};
-use diffii::synth::img2img::{Mode, Settings as BaselineSettings};
+use diffii::experiment::compare::{self, BaselineOptions, MethodKind, MethodSpec};
+use diffii::synth::diffii::{read_suffixes, SettingsRequest};
 use diffii::synth::invert::InversionRequest;
+use diffii::synth::pipeline::Pipeline;
 use diffii::synth::plan::Count;
 
 use super::common::{load_pipeline, DataArgs, ModelArgs, Preset};
@@ -19,9 +19,37 @@ pub enum CompareMethod {
     None,
     /// Real images with classic augmentation (rotation, colour jitter), no generator.
     Classic,
+    /// Diff-II: interpolated inversions, two-stage guided sampling.
     Diffii,
+    /// DA-Fusion: img2img from a real image of the class (strength drawn from --strengths).
     DaFusion,
+    /// Diff-Mix: img2img from a real image of a random class toward the class, soft label.
+    DiffMix,
+    /// Text-to-image from the concept prompt.
     Txt2img,
+}
+
+impl From<CompareMethod> for MethodKind {
+    fn from(m: CompareMethod) -> Self {
+        match m {
+            CompareMethod::None => MethodKind::None,
+            CompareMethod::Classic => MethodKind::Classic,
+            CompareMethod::Diffii => MethodKind::Diffii,
+            CompareMethod::DaFusion => MethodKind::DaFusion,
+            CompareMethod::DiffMix => MethodKind::DiffMix,
+            CompareMethod::Txt2img => MethodKind::Txt2img,
+        }
+    }
+}
+
+/// Resolves the chosen methods (and, with `with_classic`, their `+classic` variants) from one
+/// shared request; `p` is needed when a method generates.
+pub fn resolve_methods(methods: &[CompareMethod], r: &SettingsRequest, b: &BaselineOptions, with_classic: bool, p: Option<&Pipeline>) -> diffii::error::Result<Vec<MethodSpec>> {
+    let mut specs = methods.iter().map(|&m| MethodSpec::resolve(m.into(), r, b, p)).collect::<diffii::error::Result<Vec<_>>>()?;
+    if with_classic {
+        MethodSpec::add_classic_variants(&mut specs)?;
+    }
+    Ok(specs)
 }
 
 /// Generation settings of the compared methods (each method uses those it knows).
@@ -52,6 +80,12 @@ pub struct CompareGenArgs {
     /// da-fusion: strengths drawn per image (default 0.25,0.5,0.75,1).
     #[arg(long, value_delimiter = ',')]
     pub strengths: Option<Vec<f64>>,
+    /// diff-mix: strengths drawn per image (default 0.7).
+    #[arg(long, value_delimiter = ',')]
+    pub mix_strengths: Option<Vec<f64>>,
+    /// diff-mix: the target class's soft-label weight is strength^gamma (default 0.8).
+    #[arg(long)]
+    pub mix_gamma: Option<f64>,
     /// Diff-II: scene suffixes, one per line.
     #[arg(long)]
     pub suffixes: Option<PathBuf>,
@@ -87,6 +121,10 @@ pub struct Args {
     /// Protocol seeds (split, classifier; mixed into generation).
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     pub seeds: Vec<u64>,
+    /// Drop synthetic images that each seed's `none` classifier gives less than this confidence
+    /// for their class (and blank ones) before training; the manifest records each drop.
+    #[arg(long)]
+    pub filter_min: Option<f64>,
     /// Also run every generating method with the classic augmentation on top
     /// (`<method>+classic`, trained on the same synthetic images).
     #[arg(long)]
@@ -108,51 +146,32 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let generating = a.methods.iter().any(|m| !matches!(m, CompareMethod::None | CompareMethod::Classic));
     let p = if generating { Some(load_pipeline(&a.model)?) } else { None };
     let g = &a.gen;
-    let request = |diffii_only: bool| -> anyhow::Result<SettingsRequest> {
-        Ok(SettingsRequest {
-            inversion: InversionRequest {
-                official: g.preset == Some(Preset::Official),
-                prompt_template: Some(g.prompt_template.clone()),
-                superclass: Some(g.superclass.clone()),
-                size: g.gen_size,
-                resize: None,
-                steps: if diffii_only { g.inversion_steps } else { None },
-            },
-            suffixes: match (&g.suffixes, diffii_only) {
-                (Some(path), true) => Some(read_suffixes(path)?),
-                _ => None,
-            },
-            steps: g.steps,
-            guidance: g.guidance,
-            strength: if diffii_only { g.strength } else { None },
-            stage1_steps: None,
-            interp: None,
-            count: match (g.per_class, g.expansion) {
-                (Some(n), _) => Some(Count::PerClass(n)),
-                (None, Some(k)) => Some(Count::Expansion(k)),
-                (None, None) => None,
-            },
-            seed: g.gen_seed,
-            quantize: None,
-        })
+    let request = SettingsRequest {
+        inversion: InversionRequest {
+            official: g.preset == Some(Preset::Official),
+            prompt_template: Some(g.prompt_template.clone()),
+            superclass: Some(g.superclass.clone()),
+            size: g.gen_size,
+            resize: None,
+            steps: g.inversion_steps,
+        },
+        suffixes: g.suffixes.as_deref().map(read_suffixes).transpose()?,
+        steps: g.steps,
+        guidance: g.guidance,
+        strength: g.strength,
+        stage1_steps: None,
+        interp: None,
+        count: match (g.per_class, g.expansion) {
+            (Some(n), _) => Some(Count::PerClass(n)),
+            (None, Some(k)) => Some(Count::Expansion(k)),
+            (None, None) => None,
+        },
+        seed: g.gen_seed,
+        quantize: None,
     };
-    let mut methods = Vec::new();
-    for m in &a.methods {
-        if matches!(m, CompareMethod::None | CompareMethod::Classic) {
-            methods.push(if *m == CompareMethod::None { MethodSpec::None } else { MethodSpec::Classic });
-            continue;
-        }
-        let p = p.as_ref().ok_or_else(|| anyhow::anyhow!("generating methods need --model"))?;
-        methods.push(match m {
-            CompareMethod::Diffii => MethodSpec::Diffii(Settings::resolve(&request(true)?, p)?),
-            CompareMethod::DaFusion => MethodSpec::Baseline(BaselineSettings::resolve(&request(false)?, Mode::Img2Img, g.strengths.clone(), p)?),
-            _ => MethodSpec::Baseline(BaselineSettings::resolve(&request(false)?, Mode::Txt2Img, None, p)?),
-        });
-    }
-    if a.with_classic {
-        MethodSpec::add_classic_variants(&mut methods)?;
-    }
-    let plan = compare::Plan { methods: &methods, seeds: &a.seeds, classifier: &classifier, gen_batch: g.gen_batch, progress: !a.quiet };
+    let baselines = BaselineOptions { strengths: g.strengths.clone(), mix_strengths: g.mix_strengths.clone(), mix_gamma: g.mix_gamma };
+    let methods = resolve_methods(&a.methods, &request, &baselines, a.with_classic, p.as_ref())?;
+    let plan = compare::Plan { methods: &methods, seeds: &a.seeds, classifier: &classifier, gen_batch: g.gen_batch, filter_min: a.filter_min, progress: !a.quiet };
     let results = compare::run(p.as_ref(), &train, &test, &plan, &a.out)?;
     print!("{}", compare::markdown(&results));
     println!("results in {} (results.json, results.md)", a.out.display());

@@ -4,15 +4,14 @@ use std::path::PathBuf;
 
 use diffii::classify::protocol::SplitSpec;
 use diffii::data::bundle;
-use diffii::experiment::compare::MethodSpec;
+use diffii::experiment::compare::BaselineOptions;
 use diffii::experiment::demo::{run, Demo};
-use diffii::synth::diffii::{Settings, SettingsRequest};
-use diffii::synth::img2img::{Mode, Settings as BaselineSettings};
+use diffii::synth::diffii::SettingsRequest;
 use diffii::synth::invert::InversionRequest;
 use diffii::synth::plan::Count;
 use diffii::train::concepts::{TrainMode, TrainRequest};
 
-use super::compare::CompareMethod;
+use super::compare::{resolve_methods, CompareMethod};
 use super::train::ClassifierArgs;
 
 /// The shipped mini SD model.
@@ -42,7 +41,7 @@ pub struct Args {
     /// Protocol seeds.
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     pub seeds: Vec<u64>,
-    /// Methods (default: none, classic, diffii, da-fusion, txt2img).
+    /// Methods (default: none, classic, diffii, da-fusion, diff-mix, txt2img).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub methods: Option<Vec<CompareMethod>>,
     /// Concept-learning steps per class.
@@ -65,6 +64,10 @@ pub struct Args {
     /// Samples per UNet call.
     #[arg(long, default_value_t = 16)]
     pub gen_batch: usize,
+    /// Drop synthetic images that each seed's real-data classifier gives less than this
+    /// confidence for their class (and blank ones) before training.
+    #[arg(long)]
+    pub filter_min: Option<f64>,
     /// Every method, each also with the classic augmentation on top (`<method>+classic`).
     #[arg(long, conflicts_with = "quick")]
     pub full: bool,
@@ -93,7 +96,7 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
     }
     a.classifier.epochs.get_or_insert(60);
     let methods = a.methods.clone().unwrap_or_else(|| {
-        vec![CompareMethod::None, CompareMethod::Classic, CompareMethod::Diffii, CompareMethod::DaFusion, CompareMethod::Txt2img]
+        vec![CompareMethod::None, CompareMethod::Classic, CompareMethod::Diffii, CompareMethod::DaFusion, CompareMethod::DiffMix, CompareMethod::Txt2img]
     });
     let b = bundle::load(&a.data)?;
     let m = bundle::materialize(&b, &a.out.join("data"))?;
@@ -129,19 +132,19 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
         seed: 0,
         checkpoint_every: 100,
     };
-    let request = |diffii_only: bool| SettingsRequest {
+    let request = SettingsRequest {
         inversion: InversionRequest {
             official: false,
             prompt_template: Some(template.clone()),
             superclass: Some(String::new()),
             size: None,
             resize: None,
-            steps: diffii_only.then_some(a.steps),
+            steps: Some(a.steps),
         },
-        suffixes: diffii_only.then(|| SUFFIXES.iter().map(|s| s.to_string()).collect()),
+        suffixes: Some(SUFFIXES.iter().map(|s| s.to_string()).collect()),
         steps: Some(a.steps),
         guidance: Some(a.guidance),
-        strength: diffii_only.then_some(a.strength),
+        strength: Some(a.strength),
         stage1_steps: None,
         interp: None,
         count: Some(Count::Expansion(a.expansion)),
@@ -149,24 +152,7 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
         quantize: None,
     };
     let full = a.full;
-    let resolve = |p: &diffii::synth::pipeline::Pipeline| -> diffii::error::Result<Vec<MethodSpec>> {
-        let mut specs = methods
-            .iter()
-            .map(|m| {
-                Ok(match m {
-                    CompareMethod::None => MethodSpec::None,
-                    CompareMethod::Classic => MethodSpec::Classic,
-                    CompareMethod::Diffii => MethodSpec::Diffii(Settings::resolve(&request(true), p)?),
-                    CompareMethod::DaFusion => MethodSpec::Baseline(BaselineSettings::resolve(&request(false), Mode::Img2Img, None, p)?),
-                    CompareMethod::Txt2img => MethodSpec::Baseline(BaselineSettings::resolve(&request(false), Mode::Txt2Img, None, p)?),
-                })
-            })
-            .collect::<diffii::error::Result<Vec<_>>>()?;
-        if full {
-            MethodSpec::add_classic_variants(&mut specs)?;
-        }
-        Ok(specs)
-    };
+    let resolve = |p: &diffii::synth::pipeline::Pipeline| resolve_methods(&methods, &request, &BaselineOptions::default(), full, Some(p));
     let protocol = match a.protocol {
         Protocol::FewShot => format!("{} real training images per class", classifier.split.shots.unwrap_or(0)),
         Protocol::LongTail => format!("a long tail (imbalance {})", classifier.split.imbalance.unwrap_or(0.0)),
@@ -195,6 +181,7 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
         concepts: &concepts,
         methods: &resolve,
         gen_batch: a.gen_batch,
+        filter_min: a.filter_min,
         progress: !a.quiet,
         title: "diffii demo: Diff-II on Fashion-MNIST",
         intro: &intro,

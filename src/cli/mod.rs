@@ -8,6 +8,7 @@ mod compare;
 mod concepts;
 mod demo;
 mod eval;
+mod filter;
 mod generate;
 mod info;
 mod invert;
@@ -43,6 +44,8 @@ pub enum Command {
     Train(train::Args),
     /// Accuracy of a classifier trained by `diffii train` on a labelled image set.
     Eval(eval::Args),
+    /// Drop synthetic images a real-data classifier does not recognise (manifest records why).
+    Filter(filter::Args),
     /// Compare synthesis methods by the test accuracy of classifiers trained with their images.
     Compare(compare::Args),
     /// Train a small SD-1.x model from scratch on an image folder (captions from pixels).
@@ -65,6 +68,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(a) => merge::run(a),
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Filter(a) => filter::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Pretrain(a) => pretrain::run(a),
         Command::Parity(a) => parity::run(a),

@@ -21,10 +21,12 @@ use serde::{Deserialize, Serialize};
 use crate::classify::data::{synthetic_dataset, ImageSet};
 use crate::classify::protocol::split;
 use crate::classify::train::{load_model, mean_std, train_seed, ClassifierSettings, RunData, SeedResult};
+use crate::experiment::filter::FilterSummary;
 use crate::experiment::quality::{measure, Quality};
 use crate::data::atomic::{write_atomic, write_json_atomic, write_or_match_settings};
 use crate::data::dataset::Dataset;
 use crate::error::{read_json, Error, Result};
+use crate::synth::diffii::SettingsRequest;
 use crate::synth::driver::RunOptions;
 use crate::synth::pipeline::Pipeline;
 use crate::synth::plan::Shard;
@@ -44,7 +46,43 @@ pub enum MethodSpec {
     WithClassic { base: Box<MethodSpec> },
 }
 
+/// The methods a comparison knows, by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MethodKind {
+    None,
+    Classic,
+    Diffii,
+    DaFusion,
+    DiffMix,
+    Txt2img,
+}
+
+/// The baselines' own settings in a comparison (`None`: the method's default).
+#[derive(Clone, Debug, Default)]
+pub struct BaselineOptions {
+    /// DA-Fusion's strengths.
+    pub strengths: Option<Vec<f64>>,
+    /// Diff-Mix's strengths.
+    pub mix_strengths: Option<Vec<f64>>,
+    pub mix_gamma: Option<f64>,
+}
+
 impl MethodSpec {
+    /// `kind` with its settings resolved from one request shared by every method (Diff-II's own
+    /// fields reach Diff-II only) and the baselines' options. Generating methods need `p`.
+    pub fn resolve(kind: MethodKind, r: &SettingsRequest, b: &BaselineOptions, p: Option<&Pipeline>) -> Result<Self> {
+        use crate::synth::img2img::{Mode, Settings as Baseline};
+        let model = || p.ok_or_else(|| Error::invalid("generating methods need a model (--model)"));
+        Ok(match kind {
+            MethodKind::None => MethodSpec::None,
+            MethodKind::Classic => MethodSpec::Classic,
+            MethodKind::Diffii => MethodSpec::Diffii(crate::synth::diffii::Settings::resolve(r, model()?)?),
+            MethodKind::DaFusion => MethodSpec::Baseline(Baseline::resolve(&r.shared(), Mode::Img2Img, b.strengths.clone(), None, model()?)?),
+            MethodKind::DiffMix => MethodSpec::Baseline(Baseline::resolve(&r.shared(), Mode::DiffMix, b.mix_strengths.clone(), b.mix_gamma, model()?)?),
+            MethodKind::Txt2img => MethodSpec::Baseline(Baseline::resolve(&r.shared(), Mode::Txt2Img, None, None, model()?)?),
+        })
+    }
+
     pub fn name(&self) -> String {
         match self {
             MethodSpec::None => "none".into(),
@@ -97,6 +135,9 @@ pub struct MethodResult {
     pub synthetic_images: usize,
     pub seconds_generation: f64,
     pub seconds_training: f64,
+    /// Synthetic images a filter pass dropped (summed over seeds); `None` when none ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synthetic_dropped: Option<usize>,
     pub test_acc_selected: (f64, f64),
     pub test_acc_last: (f64, f64),
     /// Synthetic-set quality (mean over seeds) by the `none` cell's classifier of each seed;
@@ -125,16 +166,25 @@ pub struct Plan<'a> {
     pub classifier: &'a ClassifierSettings,
     /// Samples per UNet call while generating.
     pub gen_batch: usize,
+    /// Drop synthetic images the seed's `none` classifier gives less than this confidence for
+    /// their class (and blank ones) before training ([`crate::experiment::filter`]).
+    pub filter_min: Option<f64>,
     pub progress: bool,
 }
 
 /// Runs (or resumes) every (method, seed) cell into `out`. `p` is needed when a method
 /// generates.
 pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_>, out: &Path) -> Result<CompareResults> {
-    let Plan { methods, seeds, classifier, gen_batch, progress } = *plan;
+    let Plan { methods, seeds, classifier, gen_batch, filter_min, progress } = *plan;
     classifier.check()?;
     if methods.is_empty() || seeds.is_empty() {
         return Err(Error::invalid("compare needs at least one method and one seed"));
+    }
+    if let Some(m) = filter_min.filter(|m| !(0.0..=1.0).contains(m)) {
+        return Err(Error::invalid(format!("--filter-min {m} must lie in [0, 1]")));
+    }
+    if filter_min.is_some() && !methods.contains(&MethodSpec::None) {
+        return Err(Error::invalid("--filter-min judges synthetic images with each seed's `none` classifier: add none to the methods"));
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     // Seeds and methods may be added to a comparison later; what a cell's numbers depend on may
@@ -146,10 +196,16 @@ pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_
             write_or_match_settings(out.join(g.name()).join("method.json"), g, "this method")?;
         }
     }
+    write_or_match_settings(out.join("filter_config.json"), &filter_min, "a comparison")?;
+    // The filter's judge is the `none` classifier: its cells run first.
+    let mut order: Vec<usize> = (0..methods.len()).collect();
+    order.sort_by_key(|&i| methods[i] != MethodSpec::None);
     let mut rows = Vec::new();
-    for m in methods {
+    for &i in &order {
+        let m = &methods[i];
         let name = m.name();
         let (mut seed_results, mut images, mut gen_s, mut train_s) = (Vec::new(), 0, 0.0, 0.0);
+        let mut dropped = None;
         for &seed in seeds {
             let cell = out.join(&name).join(format!("seed-{seed}"));
             let mut syn = None;
@@ -160,6 +216,10 @@ pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_
                 let g = generate_cell(p, train, classifier, gen, seed, gen_batch, &synthetic_dir, progress)?;
                 images += g.images;
                 gen_s += g.seconds;
+                if let Some(min) = filter_min {
+                    let f = filter_cell(train, seed, min, &synthetic_dir, out)?;
+                    *dropped.get_or_insert(0) += f.dropped();
+                }
                 syn = Some(synthetic_dataset(&synthetic_dir, &train.classes)?);
             }
             let done = cell.join("result.json");
@@ -176,8 +236,12 @@ pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_
             train_s += r.seconds;
             seed_results.push(r);
         }
-        rows.push(MethodResult::new(name, seed_results, images, gen_s, train_s, None));
+        let mut row = MethodResult::new(name, seed_results, images, gen_s, train_s, None);
+        row.synthetic_dropped = dropped;
+        rows.push((i, row));
     }
+    rows.sort_by_key(|(i, _)| *i);
+    let mut rows: Vec<MethodResult> = rows.into_iter().map(|(_, r)| r).collect();
     // Quality needs the real-data classifiers, which exist once every cell has run.
     for (m, row) in methods.iter().zip(rows.iter_mut()) {
         let Some(gen) = m.generator() else { continue };
@@ -205,6 +269,7 @@ impl MethodResult {
             synthetic_images,
             seconds_generation,
             seconds_training,
+            synthetic_dropped: None,
             test_acc_selected: mean_std(&sel),
             test_acc_last: mean_std(&last),
             seeds,
@@ -233,7 +298,7 @@ pub fn merge(parts: &[CompareResults]) -> Result<CompareResults> {
     let first = parts.first().ok_or_else(|| Error::invalid("nothing to merge"))?;
     let mut rows = Vec::new();
     for m in &first.methods {
-        let (mut seeds, mut images, mut gen_s, mut train_s, mut qs) = (Vec::new(), 0, 0.0, 0.0, Vec::new());
+        let (mut seeds, mut images, mut gen_s, mut train_s, mut qs, mut dropped) = (Vec::new(), 0, 0.0, 0.0, Vec::new(), None);
         for p in parts {
             if p.classifier != first.classifier {
                 return Err(Error::invalid("cannot merge comparisons made with different classifier settings"));
@@ -244,8 +309,13 @@ pub fn merge(parts: &[CompareResults]) -> Result<CompareResults> {
             gen_s += row.seconds_generation;
             train_s += row.seconds_training;
             qs.extend(row.quality);
+            if let Some(d) = row.synthetic_dropped {
+                *dropped.get_or_insert(0) += d;
+            }
         }
-        rows.push(MethodResult::new(m.method.clone(), seeds, images, gen_s, train_s, mean_quality(&qs)));
+        let mut row = MethodResult::new(m.method.clone(), seeds, images, gen_s, train_s, mean_quality(&qs));
+        row.synthetic_dropped = dropped;
+        rows.push(row);
     }
     let seeds = parts.iter().flat_map(|p| p.seeds.iter().copied()).collect();
     Ok(CompareResults { classifier: first.classifier.clone(), seeds, methods: rows })
@@ -266,11 +336,30 @@ fn quality_cell(train: &Dataset, classifier: &ClassifierSettings, method: &str, 
     let (model, info) = load_model(&judge)?;
     let sp = split(train, &classifier.split, seed)?;
     let real = ImageSet::load(train, &sp.train, info.size, info.resize)?;
-    let syn_ds = synthetic_dataset(&cell.join("synthetic"), &train.classes)?;
+    let syn_ds = synthetic_dataset(&cell.join("synthetic"), &train.classes)?.dataset;
     let syn = ImageSet::load(&syn_ds, &(0..syn_ds.items.len()).collect::<Vec<_>>(), info.size, info.resize)?;
     let q = measure(&model, &real, &syn, train.classes.len())?;
     write_json_atomic(&cached, &q)?;
     Ok(Some(q))
+}
+
+/// Filters one cell's synthetic set with the seed's `none` classifier (once: the decision is
+/// kept in `filter.json` beside the manifest).
+fn filter_cell(train: &Dataset, seed: u64, min: f64, dir: &Path, out: &Path) -> Result<FilterSummary> {
+    let record = dir.join("filter.json");
+    if let Ok(f) = read_json::<FilterSummary>(&record) {
+        if f.min_confidence == min {
+            return Ok(f);
+        }
+    }
+    let judge = out.join("none").join(format!("seed-{seed}")).join("classifier");
+    let (model, info) = load_model(&judge)?;
+    if info.classes != train.classes {
+        return Err(Error::bad_file(judge.join("model.json"), "the judge's classes differ from the training classes"));
+    }
+    let f = crate::experiment::filter::apply(dir, &model, &info, min)?;
+    write_json_atomic(&record, &f)?;
+    Ok(f)
 }
 
 /// Generates one cell's synthetic set from the seed's training split only.
@@ -305,12 +394,13 @@ fn generate_cell(
 }
 
 /// The results table's column headings, in the order of [`RowText::cells`].
-pub const COLUMNS: [&str; 10] = [
+pub const COLUMNS: [&str; 11] = [
     "method",
     "test acc, val-selected epoch (%)",
     "test acc, last epoch (%)",
     "per seed (val-selected)",
     "synthetic images",
+    "dropped by filter",
     "faithfulness (%)",
     "diversity",
     "novelty",
@@ -330,6 +420,7 @@ pub struct RowText {
     pub acc_last: (String, String),
     pub per_seed: Vec<String>,
     pub synthetic_images: String,
+    pub dropped: String,
     pub faithfulness: String,
     pub diversity: String,
     pub novelty: String,
@@ -346,6 +437,7 @@ impl RowText {
             acc_last: pct(m.test_acc_last),
             per_seed: m.seeds.iter().map(|s| s.test_acc_selected.map_or("-".into(), |v| format!("{:.1}", 100.0 * v))).collect(),
             synthetic_images: m.synthetic_images.to_string(),
+            dropped: m.synthetic_dropped.map_or("-".into(), |d| d.to_string()),
             faithfulness: m.quality.map_or("-".into(), |q| format!("{:.1}", 100.0 * q.faithfulness)),
             diversity: m.quality.map_or("-".into(), |q| format!("{:.2}", q.diversity)),
             novelty: m.quality.map_or("-".into(), |q| format!("{:.2}", q.novelty)),
@@ -355,7 +447,7 @@ impl RowText {
     }
 
     /// The cells under [`COLUMNS`], mean and std joined by `plus_minus` (plain text: no escaping).
-    pub fn cells(&self, plus_minus: &str) -> [String; 10] {
+    pub fn cells(&self, plus_minus: &str) -> [String; 11] {
         let pm = |(m, s): &(String, String)| format!("{m} {plus_minus} {s}");
         [
             self.method.clone(),
@@ -363,6 +455,7 @@ impl RowText {
             pm(&self.acc_last),
             self.per_seed.join(" / "),
             self.synthetic_images.clone(),
+            self.dropped.clone(),
             self.faithfulness.clone(),
             self.diversity.clone(),
             self.novelty.clone(),

@@ -37,6 +37,8 @@ pub struct Demo<'a> {
     /// The methods, resolved against a seed's pipeline (model + that seed's concepts).
     pub methods: &'a dyn Fn(&Pipeline) -> Result<Vec<MethodSpec>>,
     pub gen_batch: usize,
+    /// See [`Plan::filter_min`].
+    pub filter_min: Option<f64>,
     pub progress: bool,
     /// Shown at the top of the report.
     pub title: &'a str,
@@ -81,7 +83,7 @@ pub fn run(d: &Demo<'_>, out: &Path) -> Result<CompareResults> {
             precision: Default::default(),
         })?;
         let methods = (d.methods)(&p)?;
-        let plan = Plan { methods: &methods, seeds: &[seed], classifier: d.classifier, gen_batch: d.gen_batch, progress: d.progress };
+        let plan = Plan { methods: &methods, seeds: &[seed], classifier: d.classifier, gen_batch: d.gen_batch, filter_min: d.filter_min, progress: d.progress };
         if d.progress {
             eprintln!("[demo] seed {seed}: generating and training classifiers");
         }
@@ -151,7 +153,7 @@ fn grids(d: &Demo<'_>, out: &Path) -> Result<Vec<Grid>> {
         let name = method_dir.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
         grids.push(Grid {
             title: format!("{name} (seed {seed}): real training images | synthetic images; rows: {classes}"),
-            png: class_grid(&shots, Some(&ds))?,
+            png: class_grid(&shots, Some(&ds.dataset))?,
         });
     }
     if grids.is_empty() {

@@ -94,6 +94,22 @@ pub struct SettingsRequest {
     pub quantize: Option<Quantize>,
 }
 
+impl SettingsRequest {
+    /// The request with Diff-II's own fields (inversion steps, suffixes, two-stage strength,
+    /// stage-1 steps, interpolation) cleared: what a baseline takes from flags shared by every
+    /// method of a comparison.
+    pub fn shared(&self) -> SettingsRequest {
+        SettingsRequest {
+            inversion: InversionRequest { steps: None, ..self.inversion.clone() },
+            suffixes: None,
+            strength: None,
+            stage1_steps: None,
+            interp: None,
+            ..self.clone()
+        }
+    }
+}
+
 /// Defaults, which are also the released Diff-II settings.
 pub const DEFAULT_STEPS: usize = 25;
 pub const DEFAULT_GUIDANCE: f64 = 7.5;

@@ -6,6 +6,13 @@
 //!   set ({0.25, 0.5, 0.75, 1.0} by default), denoised with classifier-free guidance toward the
 //!   class's concept prompt — diffusers' img2img schedule (the last int(steps * strength) steps).
 //!   With the concept tokens plus a LoRA (`--lora`), this is Diff-AUG's recipe.
+//! - **Diff-Mix** (Wang et al., "Enhance Image Classification via Inter-Class Image Mixup with
+//!   Diffusion Model", CVPR 2024): the same img2img, but from a real image of a source class
+//!   drawn uniformly over all classes (so 1/C of the draws are the target class itself, as in
+//!   the official `generate_translations.py`) toward the target class's concept, at strength s
+//!   (default 0.7, the official scripts' fixed value). The image belongs to the target class's
+//!   folder and carries a soft label: s^gamma for the target and 1 - s^gamma for the source
+//!   (gamma 0.8, the official classification script's value).
 //! - **Text-to-image** (Real-Guidance style, He et al., "Is synthetic data from generative
 //!   models ready for image recognition?", ICLR 2023): pure noise denoised toward the concept
 //!   prompt; no real image is used.
@@ -30,6 +37,10 @@ use crate::synth::plan::{self, Count, Interp, Sample};
 
 /// DA-Fusion's strengths.
 pub const DEFAULT_STRENGTHS: [f64; 4] = [0.25, 0.5, 0.75, 1.0];
+/// Diff-Mix's translation strength.
+pub const DIFF_MIX_STRENGTHS: [f64; 1] = [0.7];
+/// Diff-Mix's soft-label exponent.
+pub const DIFF_MIX_GAMMA: f64 = 0.8;
 
 /// Which baseline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +50,8 @@ pub enum Mode {
     Img2Img,
     /// From noise (Real-Guidance).
     Txt2Img,
+    /// From a real image of a random class toward the sample's class, with a soft label.
+    DiffMix,
 }
 
 impl Mode {
@@ -46,7 +59,13 @@ impl Mode {
         match self {
             Mode::Img2Img => "da-fusion",
             Mode::Txt2Img => "txt2img",
+            Mode::DiffMix => "diff-mix",
         }
+    }
+
+    /// Whether the sampling starts from a real image.
+    fn from_image(self) -> bool {
+        matches!(self, Mode::Img2Img | Mode::DiffMix)
     }
 }
 
@@ -61,8 +80,12 @@ pub struct Settings {
     pub resize: ResizePolicy,
     pub steps: usize,
     pub guidance: f64,
-    /// Img2img: one is drawn per sample.
+    /// Img2img and Diff-Mix: one is drawn per sample.
     pub strengths: Vec<f64>,
+    /// Diff-Mix: the target class's share of the soft label is strength^gamma. Absent for the
+    /// other modes (and left out of their settings hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mix_gamma: Option<f64>,
     pub count: Count,
     pub seed: u64,
     pub quantize: Quantize,
@@ -85,13 +108,19 @@ impl Settings {
         if self.steps == 0 || !self.guidance.is_finite() {
             return Err(Error::invalid("--steps must be at least 1 and --guidance finite"));
         }
-        if self.mode == Mode::Img2Img {
+        if self.mode.from_image() {
             if self.strengths.is_empty() {
                 return Err(Error::invalid("--strengths needs at least one value"));
             }
             for &s in &self.strengths {
                 img2img_start(&p.sched, self.steps, s)?;
             }
+        }
+        match (self.mode, self.mix_gamma) {
+            (Mode::DiffMix, Some(g)) if g.is_finite() && g > 0.0 => {}
+            (Mode::DiffMix, g) => return Err(Error::invalid(format!("--mix-gamma must be finite and > 0, got {g:?}"))),
+            (_, Some(_)) => return Err(Error::invalid("--mix-gamma is a diff-mix setting")),
+            (_, None) => {}
         }
         check_prompt_template(&self.prompt_template)
     }
@@ -121,8 +150,21 @@ impl<'a> Baseline<'a> {
 
     fn strength(&self, x: &Sample) -> f64 {
         match self.s.mode {
-            Mode::Img2Img => self.s.strengths[((x.draw * self.s.strengths.len() as f64) as usize).min(self.s.strengths.len() - 1)],
+            Mode::Img2Img | Mode::DiffMix => self.s.strengths[((x.draw * self.s.strengths.len() as f64) as usize).min(self.s.strengths.len() - 1)],
             Mode::Txt2Img => 1.0,
+        }
+    }
+
+    /// The real image a sample starts from: its own class's (DA-Fusion) or, for Diff-Mix, one of
+    /// a class drawn uniformly over all classes from the sample's seed. Returns (class, item).
+    fn source(&self, x: &Sample) -> (usize, usize) {
+        match self.s.mode {
+            Mode::DiffMix => {
+                let mut rng = crate::rng::derive_rng(&[b"diffii-mix-source\0", &x.seed.to_le_bytes()]);
+                let c = rand::Rng::random_range(&mut rng, 0..self.members.len());
+                (c, self.members[c][rand::Rng::random_range(&mut rng, 0..self.members[c].len())])
+            }
+            _ => (x.class, self.members[x.class][x.pair.0]),
         }
     }
 }
@@ -152,32 +194,38 @@ impl Method for Baseline<'_> {
         let dev = p.sd.unet_device().clone();
         let dtype = p.sd.unet.dtype();
         let uncond = self.uncond.as_ref().ok_or_else(|| Error::invalid("baseline: make() before prepare()"))?;
-        let mut outs = Vec::new();
-        let mut records = Vec::new();
-        // Samples with different strengths start at different steps: one UNet batch per sample.
+        let f = p.sd.vae.config.spatial_factor();
+        let shape = [1, p.sd.unet.config.in_channels, s.size / f, s.size / f];
+        // Each sample's starting latent, text condition and first grid step; samples that start
+        // at the same step are then denoised in one UNet batch (the kernels give every sample
+        // the same bits whatever the batch, so outputs do not depend on how samples group).
+        let mut starts = Vec::with_capacity(batch.len());
+        let mut conds = Vec::with_capacity(batch.len());
+        let mut records = Vec::with_capacity(batch.len());
         for x in batch {
             let prompt = s.prompt(&self.tokens[x.class]);
-            let cond = p.encode(std::slice::from_ref(&prompt))?;
+            conds.push(p.encode(std::slice::from_ref(&prompt))?);
             let strength = self.strength(x);
-            let f = p.sd.vae.config.spatial_factor();
-            let shape = [1, p.sd.unet.config.in_channels, s.size / f, s.size / f];
             let noise = seeded_randn(x.seed, &shape, &dev)?.to_dtype(dtype)?;
-            let eps = |z: &Tensor, _: usize, t: usize| guided_eps(&p.sd.unet, z, t, uncond, &cond, s.guidance);
-            let (z, sources, source_sha256) = match s.mode {
-                Mode::Img2Img => {
-                    let item = &self.ds.items[self.members[x.class][x.pair.0]];
+            let mut soft_label = Vec::new();
+            let (start, z, sources, source_sha256) = match s.mode {
+                Mode::Img2Img | Mode::DiffMix => {
+                    let (source_class, i) = self.source(x);
+                    let item = &self.ds.items[i];
+                    if let (Mode::DiffMix, Some(gamma)) = (s.mode, s.mix_gamma) {
+                        if source_class != x.class {
+                            let w = strength.powf(gamma);
+                            soft_label = vec![(self.ds.classes[x.class].clone(), w), (self.ds.classes[source_class].clone(), 1.0 - w)];
+                        }
+                    }
                     let (px, image_sha256) = load_for_model(&item.path, s.size, s.resize)?;
                     let z0 = p.sd.vae.encode_latent(&u8_to_tensor(&px, s.size, s.size, &dev)?.to_dtype(dtype)?)?;
                     let (start, t0) = img2img_start(&p.sched, s.steps, strength)?;
-                    let z = ddim_sample_from(&p.sched, &p.sched.add_noise(&z0, &noise, t0)?, s.steps, start, eps, |_| {})?;
-                    (z, [item.rel.clone(), String::new()], [image_sha256, String::new()])
+                    (start, p.sched.add_noise(&z0, &noise, t0)?, [item.rel.clone(), String::new()], [image_sha256, String::new()])
                 }
-                Mode::Txt2Img => {
-                    let z = ddim_sample_from(&p.sched, &noise, s.steps, 0, eps, |_| {})?;
-                    (z, [String::new(), String::new()], [String::new(), String::new()])
-                }
+                Mode::Txt2Img => (0, noise, [String::new(), String::new()], [String::new(), String::new()]),
             };
-            outs.push(z);
+            starts.push((start, z));
             records.push(Record {
                 sources,
                 source_sha256,
@@ -191,9 +239,25 @@ impl Method for Baseline<'_> {
                 model_sha256: p.model_sha256.clone(),
                 concepts_sha256: p.concepts_sha256.clone(),
                 lora_sha256: p.lora_sha256.clone(),
+                soft_label,
                 ..Record::default()
             });
         }
+        let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
+        for (j, (start, _)) in starts.iter().enumerate() {
+            groups.entry(*start).or_default().push(j);
+        }
+        let mut outs: Vec<Option<Tensor>> = vec![None; batch.len()];
+        for (start, members) in groups {
+            let z = Tensor::cat(&members.iter().map(|&j| starts[j].1.clone()).collect::<Vec<_>>(), 0)?;
+            let cond = Tensor::cat(&members.iter().map(|&j| conds[j].clone()).collect::<Vec<_>>(), 0)?;
+            let eps = |z: &Tensor, _: usize, t: usize| guided_eps(&p.sd.unet, z, t, uncond, &cond, s.guidance);
+            let z = ddim_sample_from(&p.sched, &z, s.steps, start, eps, |_| {})?;
+            for (k, &j) in members.iter().enumerate() {
+                outs[j] = Some(z.narrow(0, k, 1)?);
+            }
+        }
+        let outs = outs.into_iter().map(|o| o.ok_or_else(|| Error::invalid("baseline: a sample was not denoised"))).collect::<Result<Vec<_>>>()?;
         let z = Tensor::cat(&outs, 0)?;
         Ok((p.sd.vae.decode_latent(&z)?, records))
     }
@@ -218,7 +282,7 @@ impl Settings {
     /// guidance, count, seed, quantisation and their defaults), plus its own strengths
     /// (default [`DEFAULT_STRENGTHS`]). Diff-II's own fields (suffixes, two-stage strength,
     /// interpolation) must not be set: they would be silently unused.
-    pub fn resolve(r: &crate::synth::diffii::SettingsRequest, mode: Mode, strengths: Option<Vec<f64>>, p: &Pipeline) -> Result<Self> {
+    pub fn resolve(r: &crate::synth::diffii::SettingsRequest, mode: Mode, strengths: Option<Vec<f64>>, mix_gamma: Option<f64>, p: &Pipeline) -> Result<Self> {
         let unused = [
             ("--suffixes", r.suffixes.is_some()),
             ("--strength", r.strength.is_some()),
@@ -232,6 +296,9 @@ impl Settings {
         if mode == Mode::Txt2Img && strengths.is_some() {
             return Err(Error::invalid("--strengths is an img2img setting; txt2img starts from noise"));
         }
+        if mode != Mode::DiffMix && mix_gamma.is_some() {
+            return Err(Error::invalid(format!("--mix-gamma is a diff-mix setting; {} gives hard labels", mode.name())));
+        }
         let d = crate::synth::diffii::Settings::resolve(r, p)?;
         Ok(Settings {
             mode,
@@ -243,8 +310,10 @@ impl Settings {
             guidance: d.guidance,
             strengths: match mode {
                 Mode::Img2Img => strengths.unwrap_or_else(|| DEFAULT_STRENGTHS.to_vec()),
+                Mode::DiffMix => strengths.unwrap_or_else(|| DIFF_MIX_STRENGTHS.to_vec()),
                 Mode::Txt2Img => Vec::new(),
             },
+            mix_gamma: (mode == Mode::DiffMix).then(|| mix_gamma.unwrap_or(DIFF_MIX_GAMMA)),
             count: d.count,
             seed: d.seed,
             quantize: d.quantize,

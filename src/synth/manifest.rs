@@ -54,6 +54,14 @@ pub struct Record {
     pub model_sha256: String,
     pub concepts_sha256: String,
     pub lora_sha256: Option<String>,
+    /// The label of an image made from another class's image (Diff-Mix): (class, weight) pairs
+    /// summing to 1. Empty when the image is wholly of `class`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub soft_label: Vec<(String, f64)>,
+    /// Why a filter pass ([`crate::experiment::filter`]) dropped this image from training;
+    /// absent for a kept (or never filtered) image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<String>,
     /// Hash of every generation setting: a record is only reused by a run with the same one.
     pub run_sha256: String,
 }
