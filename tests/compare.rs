@@ -132,3 +132,59 @@ fn filtered_compare_judges_with_none_first_and_counts_the_drops() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("different settings"), "{err}");
 }
+
+#[test]
+fn sweep_grids_labels_and_families() {
+    use diffii::experiment::compare::MethodKind;
+    use diffii::experiment::sweep::{family, label, points, Axis};
+    let axes: Vec<Axis> = ["guidance=1,3", "strength=0.1,0.3,0.5", "syn-p=0.5"].iter().map(|s| s.parse().unwrap()).collect();
+    let diffii = points(&axes, MethodKind::Diffii).unwrap();
+    assert_eq!(diffii.len(), 6, "2 x 3 x 1");
+    assert_eq!(label(&diffii[1]), "guidance=1,strength=0.3,syn-p=0.5");
+    assert_eq!(points(&axes, MethodKind::DaFusion).unwrap().len(), 2, "strength is Diff-II's alone");
+    assert_eq!(points(&axes, MethodKind::None).unwrap(), vec![vec![]], "no axis applies to none");
+    assert_eq!(family("diffii@guidance=1,strength=0.3+classic"), "diffii+classic");
+    assert_eq!(family("da-fusion@guidance=3"), "da-fusion");
+    assert_eq!(family("none"), "none");
+    for (bad, expect) in [("foo=1", "not one of"), ("steps=1.5", "whole numbers"), ("guidance=NaN", "finite"), ("guidance", "key=v1,v2")] {
+        let e = bad.parse::<Axis>().unwrap_err();
+        assert!(e.contains(expect), "{bad}: {e}");
+    }
+    let twice: Vec<Axis> = ["guidance=1", "guidance=3"].iter().map(|s| s.parse().unwrap()).collect();
+    assert!(points(&twice, MethodKind::Diffii).unwrap_err().to_string().contains("given twice"));
+}
+
+#[test]
+fn a_swept_compare_selects_each_family_on_validation_accuracy() {
+    let root = common::empty_temp_dir("compare-sweep");
+    image_folder(&root.join("train"), 4);
+    image_folder(&root.join("test"), 3);
+    let o = compare(&root, &["--methods", "none,diffii", "--seeds", "0,1", "--sweep", "guidance=1,3", "--sweep", "syn-p=0.25,0.75"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("out/results.json")).unwrap()).unwrap();
+    let methods = results["methods"].as_array().unwrap();
+    let names: Vec<&str> = methods.iter().map(|m| m["method"].as_str().unwrap()).collect();
+    assert_eq!(names, ["none", "diffii@guidance=1,syn-p=0.25", "diffii@guidance=1,syn-p=0.75", "diffii@guidance=3,syn-p=0.25", "diffii@guidance=3,syn-p=0.75"]);
+    // Each variant generated with its own guidance.
+    for (name, g) in [("diffii@guidance=1,syn-p=0.25", 1.0), ("diffii@guidance=3,syn-p=0.75", 3.0)] {
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join(format!("out/{name}/seed-0/synthetic/run_config.json"))).unwrap()).unwrap();
+        assert_eq!(cfg["guidance"].as_f64(), Some(g), "{name}");
+    }
+    // The selection is the variant with the best mean validation accuracy (first of equals).
+    let mean_val = |m: &serde_json::Value| {
+        let v: Vec<f64> = m["seeds"].as_array().unwrap().iter().map(|s| s["val_acc_selected"].as_f64().unwrap()).collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let mut best = &methods[1];
+    for m in &methods[2..] {
+        if mean_val(m) > mean_val(best) {
+            best = m;
+        }
+    }
+    let sel = results["selected"].as_array().unwrap();
+    assert_eq!(sel.len(), 1, "only diffii has variants: {sel:?}");
+    assert_eq!((sel[0]["family"].as_str(), sel[0]["method"].as_str(), sel[0]["variants"].as_u64()), (Some("diffii"), best["method"].as_str(), Some(4)));
+    assert_eq!(sel[0]["test_acc_selected"], best["test_acc_selected"]);
+    let table = std::fs::read_to_string(root.join("out/results.md")).unwrap();
+    assert!(table.contains("Selected on validation accuracy") && table.contains(best["method"].as_str().unwrap()), "{table}");
+}

@@ -45,6 +45,7 @@ fn results(names: [&str; 3]) -> CompareResults {
     let q = Quality { faithfulness: 0.9134, diversity: 0.8765, novelty: 1.234 };
     CompareResults {
         classifier: ClassifierSettings::default(),
+        selected: vec![],
         seeds: vec![0, 1],
         methods: vec![
             method(names[0], &[0.71, 0.735], 0, None),
@@ -284,6 +285,7 @@ fn sample_report() {
     let q = |f: f64, d: f64, n: f64| Some(Quality { faithfulness: f, diversity: d, novelty: n });
     let r = CompareResults {
         classifier: ClassifierSettings::default(),
+        selected: vec![],
         seeds: vec![0, 1, 2],
         methods: vec![
             method("none", &[0.612, 0.634, 0.598], 0, None),
@@ -315,4 +317,17 @@ fn sample_report() {
         chance: Some(0.1),
     };
     write(std::path::Path::new("/tmp/report-sample.html"), &inp).unwrap();
+}
+
+#[test]
+fn a_sweep_shows_its_choices_and_none_shows_no_table() {
+    let mut r = results(["none", "diffii@guidance=1", "diffii@guidance=3"]);
+    let plain = render(&input(&r, &[], &[])).unwrap();
+    assert!(!plain.contains("chosen setting"));
+    r.selected = diffii::experiment::sweep::select(&r.methods);
+    assert_eq!(r.selected.len(), 1);
+    assert_eq!(r.selected[0].method, "diffii@guidance=1", "higher mean validation accuracy");
+    let page = render(&input(&r, &[], &[])).unwrap();
+    assert!(page.contains("<td>diffii</td><td>diffii@guidance=1</td><td class=\"num\">2</td>"), "the choice is in the page");
+    assert!(markdown(&r).contains("| diffii | diffii@guidance=1 | 2 |"));
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::ValueEnum;
 use diffii::data::dataset::Dataset;
 use diffii::experiment::compare::{self, BaselineOptions, MethodKind, MethodSpec};
+use diffii::experiment::sweep::Axis;
 use diffii::synth::diffii::{read_suffixes, SettingsRequest};
 use diffii::synth::invert::InversionRequest;
 use diffii::synth::pipeline::Pipeline;
@@ -42,10 +43,11 @@ impl From<CompareMethod> for MethodKind {
     }
 }
 
-/// Resolves the chosen methods (and, with `with_classic`, their `+classic` variants) from one
-/// shared request; `p` is needed when a method generates.
-pub fn resolve_methods(methods: &[CompareMethod], r: &SettingsRequest, b: &BaselineOptions, with_classic: bool, p: Option<&Pipeline>) -> diffii::error::Result<Vec<MethodSpec>> {
-    let mut specs = methods.iter().map(|&m| MethodSpec::resolve(m.into(), r, b, p)).collect::<diffii::error::Result<Vec<_>>>()?;
+/// Resolves the chosen methods at every point of the sweep (and, with `with_classic`, their
+/// `+classic` variants) from one shared request; `p` is needed when a method generates.
+pub fn resolve_methods(methods: &[CompareMethod], sweep: &[Axis], r: &SettingsRequest, b: &BaselineOptions, with_classic: bool, p: Option<&Pipeline>) -> diffii::error::Result<Vec<MethodSpec>> {
+    let kinds: Vec<MethodKind> = methods.iter().map(|&m| m.into()).collect();
+    let mut specs = MethodSpec::resolve_swept(&kinds, sweep, r, b, p)?;
     if with_classic {
         MethodSpec::add_classic_variants(&mut specs)?;
     }
@@ -125,6 +127,11 @@ pub struct Args {
     /// for their class (and blank ones) before training; the manifest records each drop.
     #[arg(long)]
     pub filter_min: Option<f64>,
+    /// Run every generating method at each value of a setting, e.g. `--sweep guidance=1.5,3,7.5
+    /// --sweep strength=0.1,0.3` (keys: guidance, strength, steps, expansion, syn-p; repeat for
+    /// a grid); each method family's best variant is chosen on validation accuracy.
+    #[arg(long)]
+    pub sweep: Vec<Axis>,
     /// Also run every generating method with the classic augmentation on top
     /// (`<method>+classic`, trained on the same synthetic images).
     #[arg(long)]
@@ -170,7 +177,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         quantize: None,
     };
     let baselines = BaselineOptions { strengths: g.strengths.clone(), mix_strengths: g.mix_strengths.clone(), mix_gamma: g.mix_gamma };
-    let methods = resolve_methods(&a.methods, &request, &baselines, a.with_classic, p.as_ref())?;
+    let methods = resolve_methods(&a.methods, &a.sweep, &request, &baselines, a.with_classic, p.as_ref())?;
     let plan = compare::Plan { methods: &methods, seeds: &a.seeds, classifier: &classifier, gen_batch: g.gen_batch, filter_min: a.filter_min, progress: !a.quiet };
     let results = compare::run(p.as_ref(), &train, &test, &plan, &a.out)?;
     print!("{}", compare::markdown(&results));

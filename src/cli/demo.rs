@@ -64,6 +64,10 @@ pub struct Args {
     /// Samples per UNet call.
     #[arg(long, default_value_t = 16)]
     pub gen_batch: usize,
+    /// Run every generating method at each value of a setting (as `compare --sweep`), e.g.
+    /// `--sweep guidance=1,1.5,3`; each family's best variant is chosen on validation accuracy.
+    #[arg(long)]
+    pub sweep: Vec<diffii::experiment::sweep::Axis>,
     /// Drop synthetic images that each seed's real-data classifier gives less than this
     /// confidence for their class (and blank ones) before training.
     #[arg(long)]
@@ -152,7 +156,7 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
         quantize: None,
     };
     let full = a.full;
-    let resolve = |p: &diffii::synth::pipeline::Pipeline| resolve_methods(&methods, &request, &BaselineOptions::default(), full, Some(p));
+    let resolve = |p: &diffii::synth::pipeline::Pipeline| resolve_methods(&methods, &a.sweep, &request, &BaselineOptions::default(), full, Some(p));
     let protocol = match a.protocol {
         Protocol::FewShot => format!("{} real training images per class", classifier.split.shots.unwrap_or(0)),
         Protocol::LongTail => format!("a long tail (imbalance {})", classifier.split.imbalance.unwrap_or(0.0)),

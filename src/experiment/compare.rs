@@ -23,6 +23,7 @@ use crate::classify::protocol::split;
 use crate::classify::train::{load_model, mean_std, train_seed, ClassifierSettings, RunData, SeedResult};
 use crate::experiment::filter::FilterSummary;
 use crate::experiment::quality::{measure, Quality};
+use crate::experiment::sweep::{select, Selection};
 use crate::data::atomic::{write_atomic, write_json_atomic, write_or_match_settings};
 use crate::data::dataset::Dataset;
 use crate::error::{read_json, Error, Result};
@@ -44,6 +45,10 @@ pub enum MethodSpec {
     /// A generating method's images (the very set the method alone trains with) with the
     /// classic augmentation on top, named `<method>+classic`.
     WithClassic { base: Box<MethodSpec> },
+    /// One point of a sweep ([`crate::experiment::sweep`]): the method with swept generation
+    /// settings (already in `base`) and optionally its own replacement probability, named
+    /// `<method>@<label>`.
+    Variant { label: String, base: Box<MethodSpec>, syn_p: Option<f64> },
 }
 
 /// The methods a comparison knows, by name.
@@ -90,6 +95,41 @@ impl MethodSpec {
             MethodSpec::Diffii(_) => "diffii".into(),
             MethodSpec::Baseline(s) => s.mode.name().into(),
             MethodSpec::WithClassic { base } => format!("{}+classic", base.name()),
+            MethodSpec::Variant { label, base, .. } => format!("{}@{label}", base.name()),
+        }
+    }
+
+    /// Every method of `kinds` at every point of the sweep `axes` that applies to it (a method
+    /// no axis applies to appears once, unlabelled).
+    pub fn resolve_swept(kinds: &[MethodKind], axes: &[crate::experiment::sweep::Axis], r: &SettingsRequest, b: &BaselineOptions, p: Option<&Pipeline>) -> Result<Vec<Self>> {
+        use crate::experiment::sweep::{apply, label, points};
+        let mut out = Vec::new();
+        for &kind in kinds {
+            for point in points(axes, kind)? {
+                let (request, syn_p) = apply(&point, r);
+                let spec = MethodSpec::resolve(kind, &request, b, p)?;
+                out.push(if point.is_empty() { spec } else { MethodSpec::Variant { label: label(&point), base: Box::new(spec), syn_p } });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The replacement probability this method trains with, when it sets its own.
+    pub fn syn_p(&self) -> Option<f64> {
+        match self {
+            MethodSpec::Variant { syn_p, base, .. } => syn_p.or_else(|| base.syn_p()),
+            MethodSpec::WithClassic { base } => base.syn_p(),
+            _ => None,
+        }
+    }
+
+    /// The synthesis settings behind this method (through variants and `+classic`), if it
+    /// generates.
+    fn synthesis(&self) -> Option<&MethodSpec> {
+        match self {
+            MethodSpec::Diffii(_) | MethodSpec::Baseline(_) => Some(self),
+            MethodSpec::Variant { base, .. } | MethodSpec::WithClassic { base } => base.synthesis(),
+            MethodSpec::None | MethodSpec::Classic => None,
         }
     }
 
@@ -112,18 +152,23 @@ impl MethodSpec {
         Ok(())
     }
 
-    /// The method that makes the synthetic images this one trains with, if any.
+    /// The method that makes the synthetic images this one trains with (its cell holds them),
+    /// if any.
     pub fn generator(&self) -> Option<&MethodSpec> {
         match self {
             MethodSpec::None | MethodSpec::Classic => None,
             MethodSpec::WithClassic { base } => base.generator(),
-            m => Some(m),
+            m => m.synthesis().map(|_| m),
         }
     }
 
     /// Whether the classifier adds the classic augmentation.
     pub fn classic(&self) -> bool {
-        matches!(self, MethodSpec::Classic | MethodSpec::WithClassic { .. })
+        match self {
+            MethodSpec::Classic | MethodSpec::WithClassic { .. } => true,
+            MethodSpec::Variant { base, .. } => base.classic(),
+            _ => false,
+        }
     }
 }
 
@@ -150,6 +195,9 @@ pub struct CompareResults {
     pub classifier: ClassifierSettings,
     pub seeds: Vec<u64>,
     pub methods: Vec<MethodResult>,
+    /// Per swept method family, the variant chosen on validation accuracy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub selected: Vec<Selection>,
 }
 
 /// What a generation cell did, kept so a resumed compare reports the original time.
@@ -229,6 +277,7 @@ pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_
                 let data = RunData { train, synthetic: syn.as_ref(), test: Some(test) };
                 let mut settings = classifier.clone();
                 settings.augment.classic |= m.classic();
+                settings.syn_p = m.syn_p().unwrap_or(settings.syn_p);
                 let r = train_seed(&data, &settings, seed, &cell.join("classifier"), progress)?;
                 write_json_atomic(&done, &r)?;
                 r
@@ -253,7 +302,7 @@ pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_
         }
         row.quality = mean_quality(&per_seed);
     }
-    let results = CompareResults { classifier: classifier.clone(), seeds: seeds.to_vec(), methods: rows };
+    let results = CompareResults { classifier: classifier.clone(), seeds: seeds.to_vec(), selected: select(&rows), methods: rows };
     write_json_atomic(out.join("results.json"), &results)?;
     write_atomic(out.join("results.md"), markdown(&results).as_bytes())?;
     Ok(results)
@@ -318,7 +367,7 @@ pub fn merge(parts: &[CompareResults]) -> Result<CompareResults> {
         rows.push(row);
     }
     let seeds = parts.iter().flat_map(|p| p.seeds.iter().copied()).collect();
-    Ok(CompareResults { classifier: first.classifier.clone(), seeds, methods: rows })
+    Ok(CompareResults { classifier: first.classifier.clone(), seeds, selected: select(&rows), methods: rows })
 }
 
 /// The quality of one cell's synthetic set, by the same seed's `none` classifier (cached in
@@ -382,11 +431,12 @@ fn generate_cell(
     let subset = Dataset { root: train.root.clone(), classes: train.classes.clone(), items: sp.train.iter().map(|&i| train.items[i].clone()).collect() };
     let opts = RunOptions::new(PathBuf::from(dir), None, batch, Shard::ALL, progress);
     let t0 = Instant::now();
-    let summary = match m {
-        MethodSpec::None | MethodSpec::Classic | MethodSpec::WithClassic { .. } => return Ok(GenerationCell::default()),
+    let summary = match m.synthesis() {
+        None => return Ok(GenerationCell::default()),
         // Each cell draws its own samples: the generation seed is mixed with the protocol seed.
-        MethodSpec::Diffii(s) => crate::synth::diffii::generate(p, &subset, &crate::synth::diffii::Settings { seed: s.seed ^ seed, ..s.clone() }, &opts)?,
-        MethodSpec::Baseline(s) => crate::synth::img2img::generate(p, &subset, &crate::synth::img2img::Settings { seed: s.seed ^ seed, ..s.clone() }, &opts)?,
+        Some(MethodSpec::Diffii(s)) => crate::synth::diffii::generate(p, &subset, &crate::synth::diffii::Settings { seed: s.seed ^ seed, ..s.clone() }, &opts)?,
+        Some(MethodSpec::Baseline(s)) => crate::synth::img2img::generate(p, &subset, &crate::synth::img2img::Settings { seed: s.seed ^ seed, ..s.clone() }, &opts)?,
+        Some(_) => return Err(Error::invalid(format!("{}: no synthesis settings", m.name()))),
     };
     let g = GenerationCell { images: summary.planned, seconds: t0.elapsed().as_secs_f64() };
     write_json_atomic(&record, &g)?;
@@ -470,6 +520,14 @@ pub fn markdown(r: &CompareResults) -> String {
     let mut out = format!("| {} |\n|{}\n", COLUMNS.join(" | "), "---|".repeat(COLUMNS.len()));
     for m in &r.methods {
         out.push_str(&format!("| {} |\n", RowText::new(m).cells("+-").join(" | ")));
+    }
+    if !r.selected.is_empty() {
+        out.push_str("\nSelected on validation accuracy (mean over seeds; the test set never chooses):\n\n");
+        out.push_str("| method | chosen setting | of | val acc (%) | test acc, val-selected epoch (%) |\n|---|---|---|---|---|\n");
+        for s in &r.selected {
+            let (m, sd) = s.test_acc_selected;
+            out.push_str(&format!("| {} | {} | {} | {:.2} | {:.2} +- {:.2} |\n", s.family, s.method, s.variants, 100.0 * s.val_acc, 100.0 * m, 100.0 * sd));
+        }
     }
     out
 }

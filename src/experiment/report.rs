@@ -110,6 +110,7 @@ pub fn render(input: &ReportInput) -> Result<String> {
 
     h.push_str("<h2>Results</h2>\n");
     results_table(&mut h, &r.methods);
+    selection_table(&mut h, &r.selected);
 
     if !input.grids.is_empty() {
         h.push_str("<h2>Images</h2>\n");
@@ -173,6 +174,29 @@ fn results_table(h: &mut String, methods: &[MethodResult]) {
             let _ = write!(h, "<td{class}>{c}</td>");
         }
         h.push_str("</tr>\n");
+    }
+    h.push_str("</tbody>\n</table>\n</div>\n");
+}
+
+/// The sweep's choices, when there was a sweep.
+fn selection_table(h: &mut String, selected: &[crate::experiment::sweep::Selection]) {
+    if selected.is_empty() {
+        return;
+    }
+    h.push_str("<p>Settings chosen on validation accuracy (mean over seeds; the test set never chooses):</p>\n");
+    h.push_str("<div class=\"scroll\">\n<table class=\"results\">\n<thead><tr><th>method</th><th>chosen setting</th><th>of</th><th>val acc (%)</th><th>test acc, val-selected epoch (%)</th></tr></thead>\n<tbody>\n");
+    for s in selected {
+        let (m, sd) = s.test_acc_selected;
+        let _ = writeln!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{:.2}</td><td class=\"num\">{:.2} ± {:.2}</td></tr>",
+            escape(&s.family),
+            escape(&s.method),
+            s.variants,
+            100.0 * s.val_acc,
+            100.0 * m,
+            100.0 * sd
+        );
     }
     h.push_str("</tbody>\n</table>\n</div>\n");
 }
