@@ -2,7 +2,6 @@
 //! seed list; write `results.json` and a markdown table.
 use std::path::PathBuf;
 
-use clap::ValueEnum;
 use diffii::data::dataset::Dataset;
 use diffii::experiment::compare::{self, BaselineOptions, MethodKind, MethodSpec};
 use diffii::experiment::sweep::Axis;
@@ -14,40 +13,10 @@ use diffii::synth::plan::Count;
 use super::common::{load_pipeline, DataArgs, ModelArgs, Preset};
 use super::train::ClassifierArgs;
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CompareMethod {
-    /// Real images only.
-    None,
-    /// Real images with classic augmentation (rotation, colour jitter), no generator.
-    Classic,
-    /// Diff-II: interpolated inversions, two-stage guided sampling.
-    Diffii,
-    /// DA-Fusion: img2img from a real image of the class (strength drawn from --strengths).
-    DaFusion,
-    /// Diff-Mix: img2img from a real image of a random class toward the class, soft label.
-    DiffMix,
-    /// Text-to-image from the concept prompt.
-    Txt2img,
-}
-
-impl From<CompareMethod> for MethodKind {
-    fn from(m: CompareMethod) -> Self {
-        match m {
-            CompareMethod::None => MethodKind::None,
-            CompareMethod::Classic => MethodKind::Classic,
-            CompareMethod::Diffii => MethodKind::Diffii,
-            CompareMethod::DaFusion => MethodKind::DaFusion,
-            CompareMethod::DiffMix => MethodKind::DiffMix,
-            CompareMethod::Txt2img => MethodKind::Txt2img,
-        }
-    }
-}
-
 /// Resolves the chosen methods at every point of the sweep (and, with `with_classic`, their
 /// `+classic` variants) from one shared request; `p` is needed when a method generates.
-pub fn resolve_methods(methods: &[CompareMethod], sweep: &[Axis], r: &SettingsRequest, b: &BaselineOptions, with_classic: bool, p: Option<&Pipeline>) -> diffii::error::Result<Vec<MethodSpec>> {
-    let kinds: Vec<MethodKind> = methods.iter().map(|&m| m.into()).collect();
-    let mut specs = MethodSpec::resolve_swept(&kinds, sweep, r, b, p)?;
+pub fn resolve_methods(methods: &[MethodKind], sweep: &[Axis], r: &SettingsRequest, b: &BaselineOptions, with_classic: bool, p: Option<&Pipeline>) -> diffii::error::Result<Vec<MethodSpec>> {
+    let mut specs = MethodSpec::resolve_swept(methods, sweep, r, b, p)?;
     if with_classic {
         MethodSpec::add_classic_variants(&mut specs)?;
     }
@@ -117,9 +86,10 @@ pub struct Args {
     /// Output folder: <method>/seed-<s>/ cells, results.json, results.md.
     #[arg(long)]
     pub out: PathBuf,
-    /// Methods to compare, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "none,diffii")]
-    pub methods: Vec<CompareMethod>,
+    /// Methods to compare, comma-separated: none (real images only), classic (rotation and
+    /// colour jitter, no generator), diffii, da-fusion, diff-mix, txt2img.
+    #[arg(long, value_delimiter = ',', default_value = "none,diffii")]
+    pub methods: Vec<MethodKind>,
     /// Protocol seeds (split, classifier; mixed into generation).
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     pub seeds: Vec<u64>,
@@ -150,7 +120,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     classifier.check()?;
     let train = Dataset::open(&a.data.data, a.data.class_names.as_deref())?;
     let test = Dataset::open(&a.test, a.data.class_names.as_deref())?;
-    let generating = a.methods.iter().any(|m| !matches!(m, CompareMethod::None | CompareMethod::Classic));
+    let generating = a.methods.iter().any(|m| !matches!(m, MethodKind::None | MethodKind::Classic));
     let p = if generating { Some(load_pipeline(&a.model)?) } else { None };
     let g = &a.gen;
     let request = SettingsRequest {

@@ -4,14 +4,14 @@ use std::path::PathBuf;
 
 use diffii::classify::protocol::SplitSpec;
 use diffii::data::bundle;
-use diffii::experiment::compare::BaselineOptions;
+use diffii::experiment::compare::{BaselineOptions, MethodKind};
 use diffii::experiment::demo::{run, Demo};
 use diffii::synth::diffii::SettingsRequest;
 use diffii::synth::invert::InversionRequest;
 use diffii::synth::plan::Count;
 use diffii::train::concepts::{TrainMode, TrainRequest};
 
-use super::compare::{resolve_methods, CompareMethod};
+use super::compare::resolve_methods;
 use super::train::ClassifierArgs;
 
 /// The shipped mini SD model.
@@ -41,16 +41,16 @@ pub struct Args {
     /// Protocol seeds.
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     pub seeds: Vec<u64>,
-    /// Methods (default: none, classic, diffii, da-fusion, diff-mix, txt2img).
-    #[arg(long, value_enum, value_delimiter = ',')]
-    pub methods: Option<Vec<CompareMethod>>,
+    /// Methods, comma-separated (default: none, classic, diffii, da-fusion, diff-mix, txt2img).
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Option<Vec<MethodKind>>,
     /// Concept-learning steps per class.
     #[arg(long, default_value_t = 40)]
     pub concept_steps: usize,
     #[arg(long, default_value_t = 3e-2)]
     pub concept_lr: f64,
     /// DDIM steps of inversion and sampling.
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = 20)]
     pub steps: usize,
     /// Classifier-free guidance.
     #[arg(long, default_value_t = 1.5)]
@@ -96,11 +96,11 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
         a.steps = a.steps.min(10);
         a.expansion = a.expansion.min(2);
         a.classifier.epochs.get_or_insert(20);
-        a.methods.get_or_insert_with(|| vec![CompareMethod::None, CompareMethod::Diffii]);
+        a.methods.get_or_insert_with(|| vec![MethodKind::None, MethodKind::Diffii]);
     }
-    a.classifier.epochs.get_or_insert(60);
+    a.classifier.epochs.get_or_insert(40);
     let methods = a.methods.clone().unwrap_or_else(|| {
-        vec![CompareMethod::None, CompareMethod::Classic, CompareMethod::Diffii, CompareMethod::DaFusion, CompareMethod::DiffMix, CompareMethod::Txt2img]
+        MethodKind::ALL.to_vec()
     });
     let b = bundle::load(&a.data)?;
     let m = bundle::materialize(&b, &a.out.join("data"))?;

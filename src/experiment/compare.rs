@@ -54,12 +54,43 @@ pub enum MethodSpec {
 /// The methods a comparison knows, by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MethodKind {
+    /// Real images only.
     None,
+    /// Real images with classic augmentation (rotation, colour jitter), no generator.
     Classic,
+    /// Diff-II: interpolated inversions, two-stage guided sampling.
     Diffii,
+    /// DA-Fusion: img2img from a real image of the class.
     DaFusion,
+    /// Diff-Mix: img2img from a real image of a random class toward the class, soft label.
     DiffMix,
+    /// Text-to-image from the concept prompt.
     Txt2img,
+}
+
+impl MethodKind {
+    pub const ALL: [MethodKind; 6] = [MethodKind::None, MethodKind::Classic, MethodKind::Diffii, MethodKind::DaFusion, MethodKind::DiffMix, MethodKind::Txt2img];
+
+    /// The name a user types, which is also the method's results row.
+    pub fn name(self) -> &'static str {
+        match self {
+            MethodKind::None => "none",
+            MethodKind::Classic => "classic",
+            MethodKind::Diffii => "diffii",
+            MethodKind::DaFusion => "da-fusion",
+            MethodKind::DiffMix => "diff-mix",
+            MethodKind::Txt2img => "txt2img",
+        }
+    }
+}
+
+impl std::str::FromStr for MethodKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        MethodKind::ALL.into_iter().find(|k| k.name() == s.trim()).ok_or_else(|| {
+            format!("unknown method `{s}`; choose from {}", MethodKind::ALL.map(|k| k.name()).join(", "))
+        })
+    }
 }
 
 /// The baselines' own settings in a comparison (`None`: the method's default).
