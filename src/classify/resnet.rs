@@ -1,10 +1,14 @@
 //! ResNet classifiers (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016)
-//! with basic blocks, under torchvision's key names (`conv1`, `bn1`, `layer1.0.conv1`,
-//! `layer1.0.downsample.0`, `fc`), so a checkpoint written here reads like a torchvision one.
+//! under torchvision's key names (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.downsample.0`,
+//! `fc`), so a checkpoint written here reads like a torchvision one and a torchvision or timm
+//! ResNet-50 checkpoint (saved as safetensors) loads here.
 //!
 //! The default [`ResNetConfig::small`] is the CIFAR-style network of the paper's §4.2: a 3x3
-//! stem without max-pooling, three stages of widths 16 / 32 / 64 (stride 2 between stages),
-//! global average pooling and a linear head — fast to train from scratch on a CPU at 28-64 px.
+//! stem without max-pooling, three stages of basic blocks of widths 16 / 32 / 64 (stride 2
+//! between stages), global average pooling and a linear head — fast to train from scratch on a
+//! CPU at 28-64 px. [`ResNetConfig::resnet50`] is torchvision's `resnet50`: a 7x7 stride-2 stem
+//! with 3x3 stride-2 max-pooling and four stages of bottleneck blocks (3, 4, 6, 3; stride on the
+//! 3x3 convolution, "ResNet v1.5"), for fine-tuning ImageNet weights at 224 px.
 //! Fresh weights follow torchvision's initialisation: convolutions Kaiming-normal (fan-out,
 //! ReLU gain), BatchNorm scale 1 and shift 0, the head U(-1/sqrt(in), 1/sqrt(in)).
 use std::collections::HashMap;
@@ -17,22 +21,134 @@ use crate::error::{Error, Result};
 use crate::nn::{BatchNorm2d, Conv2d, Linear, Precision, Weights};
 use crate::rng::{derive_rng, seeded_randn};
 
-/// Shape of a basic-block ResNet.
+/// The residual block.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Block {
+    /// conv3x3-BN-ReLU-conv3x3-BN + skip; a stage's width is its output channels.
+    #[default]
+    Basic,
+    /// conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1-BN + skip; output channels 4 x width.
+    Bottleneck,
+}
+
+/// The layers before the first stage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stem {
+    /// conv3x3 (stride 1) to the first width, BN, ReLU.
+    #[default]
+    Cifar,
+    /// conv7x7 stride 2 to 64 channels, BN, ReLU, max-pool 3x3 stride 2 (padding 1).
+    ImageNet,
+}
+
+/// How the model reads its [-1, 1] input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InputNorm {
+    /// As given.
+    #[default]
+    Identity,
+    /// torchvision's ImageNet normalisation: (x01 - mean) / std per channel, x01 = (x + 1) / 2.
+    ImageNet,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// Shape of a ResNet.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ResNetConfig {
     pub in_channels: usize,
     pub classes: usize,
-    /// Output channels of the stem and of each stage's blocks.
+    /// Basic blocks: the stem's and each stage's output channels. Bottleneck blocks: each
+    /// stage's inner width (its output is 4x that).
     pub widths: Vec<usize>,
-    /// Basic blocks per stage.
+    /// Blocks per stage.
     pub blocks: Vec<usize>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub block: Block,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub stem: Stem,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub input_norm: InputNorm,
+}
+
+/// ImageNet channel means and standard deviations (torchvision's).
+pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+/// One block's place: key prefix, input channels, inner width, output channels, stride.
+struct BlockSpec {
+    prefix: String,
+    cin: usize,
+    width: usize,
+    cout: usize,
+    stride: usize,
 }
 
 impl ResNetConfig {
     /// The CIFAR-style ResNet of He et al. §4.2 with `n` blocks per stage (n = 1: 8 layers,
     /// n = 3: ResNet-20).
     pub fn small(classes: usize, n: usize) -> Self {
-        ResNetConfig { in_channels: 3, classes, widths: vec![16, 32, 64], blocks: vec![n; 3] }
+        ResNetConfig {
+            in_channels: 3,
+            classes,
+            widths: vec![16, 32, 64],
+            blocks: vec![n; 3],
+            block: Block::Basic,
+            stem: Stem::Cifar,
+            input_norm: InputNorm::Identity,
+        }
+    }
+
+    /// torchvision's `resnet50(num_classes = classes)`, reading images with ImageNet
+    /// normalisation (as its pretrained weights expect).
+    pub fn resnet50(classes: usize) -> Self {
+        ResNetConfig {
+            in_channels: 3,
+            classes,
+            widths: vec![64, 128, 256, 512],
+            blocks: vec![3, 4, 6, 3],
+            block: Block::Bottleneck,
+            stem: Stem::ImageNet,
+            input_norm: InputNorm::ImageNet,
+        }
+    }
+
+    fn stem_channels(&self) -> usize {
+        match self.stem {
+            Stem::Cifar => self.widths[0],
+            Stem::ImageNet => 64,
+        }
+    }
+
+    fn expansion(&self) -> usize {
+        match self.block {
+            Block::Basic => 1,
+            Block::Bottleneck => 4,
+        }
+    }
+
+    /// Every block in order (stride 2 at the first block of every stage but the first).
+    fn layout(&self) -> Vec<BlockSpec> {
+        let mut out = Vec::new();
+        let mut cin = self.stem_channels();
+        for (s, (&width, &n)) in self.widths.iter().zip(&self.blocks).enumerate() {
+            for b in 0..n {
+                let cout = width * self.expansion();
+                out.push(BlockSpec { prefix: format!("layer{}.{b}", s + 1), cin, width, cout, stride: if s > 0 && b == 0 { 2 } else { 1 } });
+                cin = cout;
+            }
+        }
+        out
+    }
+
+    /// Channels of the penultimate features.
+    pub fn feature_channels(&self) -> usize {
+        self.widths.last().map_or(0, |w| w * self.expansion())
     }
 
     fn check(&self) -> Result<()> {
@@ -44,39 +160,74 @@ impl ResNetConfig {
 }
 
 fn conv(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
+    conv_stride(w, cin, cout, k, stride)
+}
+
+/// A bias-free k x k convolution with padding k / 2 (torchvision's).
+fn conv_stride(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
     let weight = w.get(&[cout, cin, k, k], "weight")?;
     Ok(Conv2d::new(weight, None, stride, k / 2))
 }
 
-/// conv3x3-BN-ReLU-conv3x3-BN plus the (projected) input, then ReLU.
-struct BasicBlock {
-    conv1: Conv2d,
-    bn1: BatchNorm2d,
-    conv2: Conv2d,
-    bn2: BatchNorm2d,
+/// PyTorch's `MaxPool2d(3, stride=2, padding=1)` of a non-negative (post-ReLU) tensor, as the
+/// elementwise maximum of its nine strided taps: candle's own max-pool has no backward pass for
+/// overlapping windows, and a maximum of taps does. Zero padding equals PyTorch's -inf padding
+/// here because every value is >= 0.
+fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (oh, ow) = ((h + 2 - 3) / 2 + 1, (w + 2 - 3) / 2 + 1);
+    // One extra zero row and column at the end leaves room for every tap's 2 * out span.
+    let p = x.pad_with_zeros(2, 1, 2 * oh + 1 - h)?.pad_with_zeros(3, 1, 2 * ow + 1 - w)?;
+    let mut out: Option<Tensor> = None;
+    for dy in 0..3 {
+        let rows = p.narrow(2, dy, 2 * oh)?.reshape((b, c, oh, 2, 2 * ow + 2))?.narrow(3, 0, 1)?.squeeze(3)?;
+        for dx in 0..3 {
+            let tap = rows.narrow(3, dx, 2 * ow)?.reshape((b, c, oh, ow, 2))?.narrow(4, 0, 1)?.squeeze(4)?;
+            out = Some(match out {
+                None => tap,
+                Some(m) => m.maximum(&tap)?,
+            });
+        }
+    }
+    out.ok_or_else(|| Error::invalid("max-pool of an empty window"))
+}
+
+/// A residual block: its convolutions and norms in order (two for a basic block, three for a
+/// bottleneck), the skip projection, then ReLU of the sum.
+struct ResBlock {
+    layers: Vec<(Conv2d, BatchNorm2d)>,
     downsample: Option<(Conv2d, BatchNorm2d)>,
 }
 
-impl BasicBlock {
-    fn load(w: &Weights, cin: usize, cout: usize, stride: usize) -> Result<Self> {
-        let downsample = if stride != 1 || cin != cout {
+impl ResBlock {
+    fn load(w: &Weights, block: Block, b: &BlockSpec) -> Result<Self> {
+        let downsample = if b.stride != 1 || b.cin != b.cout {
             let d = w.pp("downsample");
-            Some((conv(&d.pp(0), cin, cout, 1, stride)?, BatchNorm2d::load(&d.pp(1), cout)?))
+            Some((conv(&d.pp(0), b.cin, b.cout, 1, b.stride)?, BatchNorm2d::load(&d.pp(1), b.cout)?))
         } else {
             None
         };
-        Ok(BasicBlock {
-            conv1: conv(&w.pp("conv1"), cin, cout, 3, stride)?,
-            bn1: BatchNorm2d::load(&w.pp("bn1"), cout)?,
-            conv2: conv(&w.pp("conv2"), cout, cout, 3, 1)?,
-            bn2: BatchNorm2d::load(&w.pp("bn2"), cout)?,
-            downsample,
-        })
+        // (input, output, kernel, stride) of each convolution.
+        let shapes = match block {
+            Block::Basic => vec![(b.cin, b.cout, 3, b.stride), (b.cout, b.cout, 3, 1)],
+            Block::Bottleneck => vec![(b.cin, b.width, 1, 1), (b.width, b.width, 3, b.stride), (b.width, b.cout, 1, 1)],
+        };
+        let layers = shapes
+            .into_iter()
+            .enumerate()
+            .map(|(i, (cin, cout, k, stride))| Ok((conv(&w.pp(format!("conv{}", i + 1)), cin, cout, k, stride)?, BatchNorm2d::load(&w.pp(format!("bn{}", i + 1)), cout)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ResBlock { layers, downsample })
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
-        let h = self.bn2.forward(&self.conv2.forward(&h)?, train)?;
+        let mut h = x.clone();
+        for (i, (c, bn)) in self.layers.iter().enumerate() {
+            h = bn.forward(&c.forward(&h)?, train)?;
+            if i + 1 < self.layers.len() {
+                h = h.relu()?;
+            }
+        }
         let skip = match &self.downsample {
             Some((c, bn)) => bn.forward(&c.forward(x)?, train)?,
             None => x.clone(),
@@ -85,8 +236,9 @@ impl BasicBlock {
     }
 
     fn norms<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a BatchNorm2d)>) {
-        out.push((format!("{prefix}.bn1"), &self.bn1));
-        out.push((format!("{prefix}.bn2"), &self.bn2));
+        for (i, (_, bn)) in self.layers.iter().enumerate() {
+            out.push((format!("{prefix}.bn{}", i + 1), bn));
+        }
         if let Some((_, bn)) = &self.downsample {
             out.push((format!("{prefix}.downsample.1"), bn));
         }
@@ -97,42 +249,48 @@ pub struct ResNet {
     pub config: ResNetConfig,
     conv1: Conv2d,
     bn1: BatchNorm2d,
-    stages: Vec<Vec<BasicBlock>>,
+    blocks: Vec<(String, ResBlock)>,
     fc: Linear,
 }
 
 impl ResNet {
     pub fn load(w: &Weights, config: &ResNetConfig) -> Result<Self> {
         config.check()?;
-        let c0 = config.widths[0];
-        let mut stages = Vec::new();
-        let mut cin = c0;
-        for (s, (&width, &n)) in config.widths.iter().zip(&config.blocks).enumerate() {
-            let lw = w.pp(format!("layer{}", s + 1));
-            let mut blocks = Vec::new();
-            for b in 0..n {
-                let stride = if s > 0 && b == 0 { 2 } else { 1 };
-                blocks.push(BasicBlock::load(&lw.pp(b), cin, width, stride)?);
-                cin = width;
-            }
-            stages.push(blocks);
-        }
+        let stem = config.stem_channels();
+        let blocks = config.layout().into_iter().map(|b| Ok((b.prefix.clone(), ResBlock::load(&w.pp(&b.prefix), config.block, &b)?))).collect::<Result<Vec<_>>>()?;
+        let k = match config.stem {
+            Stem::Cifar => 3,
+            Stem::ImageNet => 7,
+        };
         Ok(ResNet {
             config: config.clone(),
-            conv1: conv(&w.pp("conv1"), config.in_channels, c0, 3, 1)?,
-            bn1: BatchNorm2d::load(&w.pp("bn1"), c0)?,
-            stages,
-            fc: Linear::load(&w.pp("fc"), cin, config.classes, true)?,
+            conv1: conv_stride(&w.pp("conv1"), config.in_channels, stem, k, if k == 7 { 2 } else { 1 })?,
+            bn1: BatchNorm2d::load(&w.pp("bn1"), stem)?,
+            blocks,
+            fc: Linear::load(&w.pp("fc"), config.feature_channels(), config.classes, true)?,
         })
     }
 
-    /// Penultimate features [b, width]: the globally average-pooled output of the last stage.
+    /// Penultimate features [b, channels]: the globally average-pooled output of the last stage.
     pub fn features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
-        for stage in &self.stages {
-            for block in stage {
-                h = block.forward(&h, train)?;
+        let x = match self.config.input_norm {
+            InputNorm::Identity => x.clone(),
+            InputNorm::ImageNet => {
+                // x01 = (x + 1) / 2, then (x01 - mean) / std: one scale and shift per channel.
+                let scale: Vec<f32> = IMAGENET_STD.iter().map(|s| (0.5 / s) as f32).collect();
+                let shift: Vec<f32> = IMAGENET_MEAN.iter().zip(IMAGENET_STD).map(|(m, s)| ((0.5 - m) / s) as f32).collect();
+                let dev = x.device();
+                let scale = Tensor::from_vec(scale, (1, 3, 1, 1), dev)?.to_dtype(x.dtype())?;
+                let shift = Tensor::from_vec(shift, (1, 3, 1, 1), dev)?.to_dtype(x.dtype())?;
+                x.broadcast_mul(&scale)?.broadcast_add(&shift)?
             }
+        };
+        let mut h = self.bn1.forward(&self.conv1.forward(&x)?, train)?.relu()?;
+        if self.config.stem == Stem::ImageNet {
+            h = max_pool_3x3_s2(&h)?;
+        }
+        for (_, block) in &self.blocks {
+            h = block.forward(&h, train)?;
         }
         Ok(h.mean(D::Minus1)?.mean(D::Minus1)?)
     }
@@ -147,10 +305,8 @@ impl ResNet {
     /// the parameters).
     pub fn norms(&self) -> Vec<(String, &BatchNorm2d)> {
         let mut out = vec![("bn1".to_string(), &self.bn1)];
-        for (s, stage) in self.stages.iter().enumerate() {
-            for (b, block) in stage.iter().enumerate() {
-                block.norms(&format!("layer{}.{b}", s + 1), &mut out);
-            }
+        for (prefix, block) in &self.blocks {
+            block.norms(prefix, &mut out);
         }
         out
     }
@@ -176,31 +332,53 @@ pub fn init_weights(config: &ResNetConfig, seed: u64) -> Result<HashMap<String, 
         t.insert(format!("{key}.running_var"), Tensor::ones(c, DType::F32, &dev)?);
         Ok(())
     };
-    let c0 = config.widths[0];
-    conv(&mut t, "conv1".into(), config.in_channels, c0, 3)?;
-    bn(&mut t, "bn1", c0)?;
-    let mut cin = c0;
-    for (s, (&width, &n)) in config.widths.iter().zip(&config.blocks).enumerate() {
-        for b in 0..n {
-            let p = format!("layer{}.{b}", s + 1);
-            let stride = if s > 0 && b == 0 { 2 } else { 1 };
-            conv(&mut t, format!("{p}.conv1"), cin, width, 3)?;
-            bn(&mut t, &format!("{p}.bn1"), width)?;
-            conv(&mut t, format!("{p}.conv2"), width, width, 3)?;
-            bn(&mut t, &format!("{p}.bn2"), width)?;
-            if stride != 1 || cin != width {
-                conv(&mut t, format!("{p}.downsample.0"), cin, width, 1)?;
-                bn(&mut t, &format!("{p}.downsample.1"), width)?;
-            }
-            cin = width;
+    let stem = config.stem_channels();
+    conv(&mut t, "conv1".into(), config.in_channels, stem, if config.stem == Stem::ImageNet { 7 } else { 3 })?;
+    bn(&mut t, "bn1", stem)?;
+    for b in config.layout() {
+        let p = &b.prefix;
+        let shapes = match config.block {
+            Block::Basic => vec![(b.cin, b.cout, 3), (b.cout, b.cout, 3)],
+            Block::Bottleneck => vec![(b.cin, b.width, 1), (b.width, b.width, 3), (b.width, b.cout, 1)],
+        };
+        for (i, (cin, cout, k)) in shapes.into_iter().enumerate() {
+            conv(&mut t, format!("{p}.conv{}", i + 1), cin, cout, k)?;
+            bn(&mut t, &format!("{p}.bn{}", i + 1), cout)?;
+        }
+        if b.stride != 1 || b.cin != b.cout {
+            conv(&mut t, format!("{p}.downsample.0"), b.cin, b.cout, 1)?;
+            bn(&mut t, &format!("{p}.downsample.1"), b.cout)?;
         }
     }
+    let cin = config.feature_channels();
     let bound = 1.0 / (cin as f64).sqrt();
     let mut rng = derive_rng(&[b"diffii-resnet-init\0", &seed.to_le_bytes(), b"fc"]);
     let mut uniform = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect() };
     t.insert("fc.weight".into(), Tensor::from_vec(uniform(config.classes * cin), (config.classes, cin), &dev)?);
     t.insert("fc.bias".into(), Tensor::from_vec(uniform(config.classes), config.classes, &dev)?);
     Ok(t)
+}
+
+/// Replaces the fresh weights `init` with a checkpoint's (torchvision or timm key names,
+/// safetensors): every tensor but the head must be in the file with the same shape; the head
+/// (`fc.*`) is taken from the file only when its shape fits the classes here, else it stays
+/// fresh — fine-tuning on new classes. Returns whether the head was taken.
+pub fn load_pretrained(init: &mut HashMap<String, Tensor>, path: &std::path::Path) -> Result<bool> {
+    let file = crate::nn::weights::load_all(path, &Device::Cpu)?;
+    let mut head = true;
+    for (k, t) in init.iter_mut() {
+        match file.get(k) {
+            Some(f) if f.dims() == t.dims() => *t = f.to_dtype(DType::F32)?,
+            Some(_) | None if k.starts_with("fc.") => head = false,
+            Some(f) => {
+                return Err(Error::bad_file(path, format!("tensor `{k}` has shape {:?}; the model needs {:?}", f.dims(), t.dims())));
+            }
+            None => {
+                return Err(Error::bad_file(path, format!("has no tensor `{k}`: is it a torchvision or timm checkpoint of this architecture, saved as safetensors?")));
+            }
+        }
+    }
+    Ok(head)
 }
 
 /// Whether `key` is a learned parameter (not a BatchNorm running statistic).

@@ -26,9 +26,39 @@ use crate::rng::derive_rng;
 use crate::train::lr::cosine_with_warmup;
 use crate::train::sgd::{Sgd, SgdParams};
 
+/// The classifier network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Arch {
+    /// The small CIFAR-style ResNet ([`ResNetConfig::small`]), trained from scratch.
+    #[default]
+    Small,
+    /// torchvision's ResNet-50 ([`ResNetConfig::resnet50`]), usually from ImageNet weights.
+    Resnet50,
+}
+
+impl Arch {
+    pub fn config(self, classes: usize, depth: usize) -> ResNetConfig {
+        match self {
+            Arch::Small => ResNetConfig::small(classes, depth),
+            Arch::Resnet50 => ResNetConfig::resnet50(classes),
+        }
+    }
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
 /// Every setting of a classifier run except the seed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClassifierSettings {
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub arch: Arch,
+    /// ResNet-50: a torchvision or timm checkpoint (safetensors) to fine-tune; its head is
+    /// replaced when the class count differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pretrained: Option<PathBuf>,
     /// Basic blocks per stage of the small ResNet.
     pub depth: usize,
     /// Image side in pixels.
@@ -52,6 +82,8 @@ pub struct ClassifierSettings {
 impl Default for ClassifierSettings {
     fn default() -> Self {
         ClassifierSettings {
+            arch: Arch::Small,
+            pretrained: None,
             depth: 1,
             size: 32,
             resize: ResizePolicy::Squash,
@@ -82,6 +114,9 @@ impl ClassifierSettings {
         }
         if self.epochs == 0 || self.batch < 2 || self.size < 8 || self.depth == 0 {
             return Err(Error::invalid("--epochs >= 1, --batch >= 2 (BatchNorm needs two images), --size >= 8, --depth >= 1"));
+        }
+        if self.pretrained.is_some() && self.arch != Arch::Resnet50 {
+            return Err(Error::invalid("--pretrained needs --arch resnet50 (the small ResNet trains from scratch)"));
         }
         self.augment.check()
     }
@@ -176,8 +211,12 @@ pub fn train_seed(data: &RunData<'_>, s: &ClassifierSettings, seed: u64, out: &P
     let real_counts: Vec<usize> = real.by_class(classes).iter().map(|v| v.len()).collect();
     let mixer = Mixer::new(if syn.is_empty() { 0.0 } else { s.syn_p }, s.class_draw, &real_counts, syn.by_class(classes))?;
 
-    let config = ResNetConfig::small(classes, s.depth);
-    let (model, weights) = resnet::trainable(resnet::init_weights(&config, seed)?, &config)?;
+    let config = s.arch.config(classes, s.depth);
+    let mut init = resnet::init_weights(&config, seed)?;
+    if let Some(path) = &s.pretrained {
+        resnet::load_pretrained(&mut init, path)?;
+    }
+    let (model, weights) = resnet::trainable(init, &config)?;
     let vars: Vec<_> = weights.vars().into_iter().map(|(_, v)| v).collect();
     let mut opt = Sgd::new(vars.clone(), SgdParams { lr: s.lr, momentum: s.momentum, dampening: 0.0, weight_decay: s.weight_decay, nesterov: s.nesterov })?;
     let steps_per_epoch = real.len().div_ceil(s.batch);

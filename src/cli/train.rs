@@ -6,7 +6,7 @@ use clap::ValueEnum;
 use diffii::classify::data::{synthetic_dataset, Augment};
 use diffii::classify::mix::ClassDraw;
 use diffii::classify::protocol::SplitSpec;
-use diffii::classify::train::{train_seed, ClassifierSettings, Results, RunData, SeedResult};
+use diffii::classify::train::{train_seed, Arch, ClassifierSettings, Results, RunData, SeedResult};
 use diffii::data::atomic::{write_json_atomic, write_or_match_settings};
 use diffii::data::dataset::Dataset;
 
@@ -44,6 +44,12 @@ pub struct Args {
     pub quiet: bool,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArchArg {
+    Small,
+    Resnet50,
+}
+
 /// The classifier's settings (shared by `train` and `compare`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClassifierArgs {
@@ -58,6 +64,14 @@ pub struct ClassifierArgs {
     /// How to make a non-square image square.
     #[arg(long, value_enum, default_value = "squash")]
     pub resize: ResizeArg,
+    /// The network: the small ResNet trained from scratch, or torchvision's ResNet-50 (with
+    /// --pretrained: fine-tuned from ImageNet weights; use --size 224).
+    #[arg(long, value_enum, default_value = "small")]
+    pub arch: ArchArg,
+    /// ResNet-50 weights to start from: a torchvision or timm checkpoint saved as safetensors
+    /// (the head is replaced when the class count differs).
+    #[arg(long)]
+    pub pretrained: Option<PathBuf>,
     /// Basic blocks per stage of the small ResNet (1: 8 layers; 3: ResNet-20).
     #[arg(long, default_value_t = 1)]
     pub depth: usize,
@@ -105,6 +119,11 @@ pub struct ClassifierArgs {
 impl ClassifierArgs {
     pub fn settings(&self) -> ClassifierSettings {
         ClassifierSettings {
+            arch: match self.arch {
+                ArchArg::Small => Arch::Small,
+                ArchArg::Resnet50 => Arch::Resnet50,
+            },
+            pretrained: self.pretrained.clone(),
             depth: self.depth,
             size: self.size,
             resize: self.resize.into(),
