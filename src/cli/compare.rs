@@ -153,6 +153,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         MethodSpec::add_classic_variants(&mut methods)?;
     }
     let plan = compare::Plan { methods: &methods, seeds: &a.seeds, classifier: &classifier, gen_batch: g.gen_batch, progress: !a.quiet };
+    let _lock = diffii::data::lock::lock_output(&a.out, diffii::data::lock::Scope::Whole)?;
     let results = compare::run(p.as_ref(), &train, &test, &plan, &a.out)?;
     print!("{}", compare::markdown(&results));
     println!("results in {} (results.json, results.md)", a.out.display());

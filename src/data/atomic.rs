@@ -59,10 +59,11 @@ pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     }
     let tmp = temp_path(path)?;
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+        // Errors name the target: the temporary is an implementation detail, removed below.
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(path, e))?;
         // Without this a power loss after the rename can leave an empty file under the final name.
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(path, e))?;
         drop(f);
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     })();

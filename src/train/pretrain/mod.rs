@@ -265,7 +265,10 @@ impl PretrainSettings {
         self.arch.check()?;
         for (name, p) in [("vae", &self.vae), ("unet", &self.unet)] {
             if p.steps == 0 || p.batch == 0 || !(p.lr > 0.0 && p.lr.is_finite()) {
-                return Err(Error::invalid(format!("{name} phase: steps, batch and learning rate must be positive")));
+                return Err(Error::invalid(format!(
+                    "--{name}-steps, --{name}-batch and --{name}-lr must be positive and finite (got {}, {}, {})",
+                    p.steps, p.batch, p.lr
+                )));
             }
         }
         if !(0.0..1.0).contains(&self.ema_decay) || !(0.0..=1.0).contains(&self.caption_keep) || !(0.0..=1.0).contains(&self.caption_empty) {
