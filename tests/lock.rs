@@ -115,6 +115,25 @@ fn the_lock_is_reentrant_within_a_process_and_released_on_drop() {
     assert!(e.contains("not a folder"), "{e}");
 }
 
+#[test]
+fn taking_a_whole_folder_removes_what_killed_writers_left() {
+    let t = TempDir::new("lock-sweep");
+    let out = t.join("out");
+    // A pid that surely no longer runs: a child that has exited and been reaped.
+    let mut c = Command::new("true").spawn().unwrap();
+    let dead = c.id();
+    c.wait().unwrap();
+    let stale = out.join(format!("seed-0/.model.safetensors.tmp-{dead}-0"));
+    let live = out.join(format!("seed-1/.history.csv.tmp-{}-0", std::process::id()));
+    for p in [&stale, &live] {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b"partial").unwrap();
+    }
+    let _l = lock_output(&out, Scope::Whole).unwrap();
+    assert!(!stale.exists(), "a dead writer's temporary was left");
+    assert!(live.exists(), "a live writer's temporary was removed");
+}
+
 /// Two real processes: a second `generate` into the folder of a running one is refused, and
 /// the first finishes with every image it planned, as a run alone would have.
 #[test]

@@ -50,6 +50,18 @@ pub fn remove_stale_temps(dir: &Path) -> Result<usize> {
     Ok(removed)
 }
 
+/// [`remove_stale_temps`] in `dir` and every folder below it (symlinks are not followed).
+pub fn remove_stale_temps_tree(dir: &Path) -> Result<usize> {
+    let mut removed = remove_stale_temps(dir)?;
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(removed) };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            removed += remove_stale_temps_tree(&e.path())?;
+        }
+    }
+    Ok(removed)
+}
+
 /// Writes `bytes` to `path` atomically: readers see the old file or the complete new one, never
 /// a partial one. Creates missing parent folders; replaces an existing file.
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {

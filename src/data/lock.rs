@@ -12,6 +12,9 @@
 //! exclusively. A whole run holds `.diffii.lock` exclusively, so it excludes every shard and
 //! every shard excludes it, while distinct shards do not exclude each other.
 //!
+//! Taking a whole folder also removes the temporaries that killed writers left anywhere in it
+//! (see [`remove_stale_temps_tree`]): no live process but this one may be writing there.
+//!
 //! Within one process the lock is re-entrant (a command that locks its folder may call library
 //! code that locks the same folder), since a second `flock` from the same process on a new file
 //! handle would otherwise refuse its own holder.
@@ -21,6 +24,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::data::atomic::remove_stale_temps_tree;
 use crate::error::{Error, Result};
 
 /// The lock file of a whole run.
@@ -81,6 +85,7 @@ pub fn lock_output(dir: &Path, scope: Scope) -> Result<OutputLock> {
         Scope::Whole => {
             take(&main, true, dir)?;
             lock.files.push(main);
+            remove_stale_temps_tree(dir)?;
         }
         Scope::Shard { index, count } => {
             take(&main, false, dir)?;

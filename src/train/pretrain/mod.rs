@@ -558,8 +558,10 @@ fn train_vae(images: &[Vec<u8>], s: &PretrainSettings, cadence: &Cadence, paths:
     let mut last = None;
     let save = |lp: &Loop, step: usize, log: &LossLog| -> Result<()> {
         let tensors = names.iter().zip(&lp.vars).map(|(n, v)| (format!("p.{n}"), v.as_tensor().clone())).collect();
-        checkpoint::write(&paths.vae_ckpt(), sha, &[("step", step)], tensors, &[("vae", Some(&lp.opt))])?;
-        log.write()
+        // The log first: a kill between the two writes then leaves extra rows, which a resume
+        // drops, rather than a checkpoint ahead of its log, whose missing rows nothing restores.
+        log.write()?;
+        checkpoint::write(&paths.vae_ckpt(), sha, &[("step", step)], tensors, &[("vae", Some(&lp.opt))])
     };
     let mut step = start;
     while step < s.vae.steps {
@@ -684,8 +686,9 @@ fn train_unet(
     let save = |lp: &Loop, ema: &[Tensor], step: usize, log: &LossLog| -> Result<()> {
         let mut tensors: Vec<(String, Tensor)> = names.iter().zip(&lp.vars).map(|(n, v)| (format!("p.{n}"), v.as_tensor().clone())).collect();
         tensors.extend(names.iter().zip(ema).map(|(n, e)| (format!("ema.{n}"), e.clone())));
-        checkpoint::write(&paths.unet_ckpt(), sha, &[("step", step)], tensors, &[("unet", Some(&lp.opt))])?;
-        log.write()
+        // The log before the checkpoint, as in the VAE phase.
+        log.write()?;
+        checkpoint::write(&paths.unet_ckpt(), sha, &[("step", step)], tensors, &[("unet", Some(&lp.opt))])
     };
     let grid_rows: Vec<usize> = {
         let mut rng = derive_rng(&[b"diffii-pretrain-grid\0", &s.seed.to_le_bytes()]);
