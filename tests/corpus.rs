@@ -332,6 +332,11 @@ fn generate_args(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Vec<O
     command(args!["generate", "--model", model, "--data", data, "--out", out], &defaults, extra)
 }
 
+fn augment_args(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Vec<OsString> {
+    let defaults = [("--size", "16"), ("--inversion-steps", "2"), ("--steps", "2"), ("--per-class", "1"), ("--superclass", "bird")];
+    command(args!["augment", "--model", model, "--data", data, "--out", out], &defaults, extra)
+}
+
 fn concepts_args(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Vec<OsString> {
     command(args!["concepts", "--model", model, "--data", data, "--out", out], &[("--superclass", "bird"), ("--steps", "1"), ("--resolution", "16")], extra)
 }
@@ -384,6 +389,15 @@ fn images(t: &Path) -> Vec<Case> {
     folder(&d, &[("gull", 1), ("sparrow", 1)]);
     write(&d.join("sparrow/bomb.png"), &bomb_png());
     v.push(fails("images", "decompression-bomb-invert", invert_args(&common::tiny_sd(), &d, &t.join("img-out/bomb-invert"), &[]), &["bomb.png", "100000x100000"]));
+    // Every command that decodes images names the broken one.
+    let d = t.join("img").join("truncated-other");
+    folder(&d, &[("gull", 2), ("sparrow", 2)]);
+    let good = png_bytes(16, 16, 5);
+    write(&d.join("gull/cut.png"), &good[..good.len() / 3]);
+    let out = |n: &str| t.join("img-out").join(n);
+    v.push(fails("images", "truncated-png-concepts", concepts_args(&common::tiny_sd(), &d, &out("cut-c"), &[]), &["gull/cut.png", "cannot decode image"]));
+    v.push(fails("images", "truncated-png-pretrain", pretrain_args(&d, &out("cut-p"), &[]), &["gull/cut.png", "cannot decode image"]));
+    v.push(fails("images", "truncated-png-augment", augment_args(&common::tiny_sd(), &d, &out("cut-a"), &[]), &["gull/cut.png", "cannot decode image"]));
     v
 }
 
@@ -404,6 +418,7 @@ fn datasets(t: &Path) -> Vec<Case> {
     let d = folder(&root.join("one-image"), &[("gull", 1), ("sparrow", 3)]);
     v.push(fails("datasets", "class-with-one-image-val", train_args(&d, &out("c"), &["--val-per-class", "1"]), &["gull"]));
     v.push(works("datasets", "class-with-one-image", train_args(&d, &out("c2"), &[]), &["seed 0"]));
+    v.push(works("datasets", "class-with-one-image-generate", generate_args(&common::tiny_sd(), &d, &out("c3"), &[]), &["class `gull` has one image", "written 2"]));
 
     let d = root.join("no-classes");
     write(&d.join("a.png"), &png_bytes(8, 8, 1));
@@ -675,6 +690,8 @@ fn numbers(t: &Path) -> Vec<Case> {
     ] {
         v.push(fails("numeric flags", &format!("generate {}", flags.join(" ")), generate_args(&tiny, &data, &out("g"), &flags), &parts));
     }
+    v.push(fails("numeric flags", "augment --strength 2", augment_args(&tiny, &data, &out("a"), &["--strength", "2"]), &["--strength 2 must lie in [0, 1]"]));
+    v.push(fails("numeric flags", "augment --shard 2/2", augment_args(&tiny, &data, &out("a"), &["--shard", "2/2"]), &["2/2"]));
     // Documented fallback: a batch of 0 samples per UNet call is taken as 1.
     v.push(works("numeric flags", "generate --batch 0", generate_args(&tiny, &data, &out("g"), &["--batch", "0"]), &["written 2"]));
     // Values clap itself refuses: negative counts, words for numbers.
@@ -740,6 +757,12 @@ fn outputs_of_other_runs(t: &Path) -> Vec<Case> {
     write(&e.join("model.json"), b"{\"classes\": 3}");
     write(&e.join("model.safetensors"), b"");
     v.push(fails("other runs' files", "eval-garbage-model", args!["eval", "--model", &e, "--data", &data], &["eval-garbage", "model.json"]));
+    // A model trained here on gull / sparrow, evaluated on other classes.
+    let seed_dir = root.join("trained");
+    let o = Command::new(env!("CARGO_BIN_EXE_diffii")).args(train_args(&folder(&root.join("train-data"), &[("gull", 2), ("sparrow", 2)]), &seed_dir, &[])).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let other = folder(&root.join("other-classes"), &[("gull", 1), ("owl", 1)]);
+    v.push(fails("other runs' files", "eval-other-classes", args!["eval", "--model", seed_dir.join("seed-0"), "--data", &other], &["other-classes", "owl", "differ"]));
     let syn = root.join("synthetic");
     write(&syn.join("manifest.jsonl"), b"garbage\n");
     v.push(fails("other runs' files", "train-synthetic-bad-manifest", train_args(&data, &root.join("t-out"), &["--synthetic", &s(&syn)]), &["manifest.jsonl", "line 1"]));
