@@ -703,7 +703,7 @@ fn numbers(t: &Path) -> Vec<Case> {
         (vec!["--lr=-1"], vec!["--lr"]),
         (vec!["--batch", "1"], vec!["--batch >= 2"]),
         (vec!["--label-smoothing", "1"], vec!["--label-smoothing 1"]),
-        (vec!["--crop-scale", "0"], vec!["crop"]),
+        (vec!["--crop-scale", "0"], vec!["--crop-scale 0 must lie in (0, 1]"]),
         (vec!["--syn-p", "1.5"], vec!["--syn-p"]),
         (vec!["--imbalance", "0"], vec!["--imbalance"]),
         (vec!["--shots", "0"], vec!["--shots"]),
