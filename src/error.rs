@@ -4,9 +4,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    /// A file could not be read or written. The OS error is part of the message, not a
+    /// `source`: `{:#}` would print it twice.
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
 
     /// A file exists but its content is not what we need (bad JSON, unsupported setting, ...).
     #[error("{}: {msg}", path.display())]
@@ -28,8 +29,8 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+    pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
+        Error::Io { path: path.into(), err }
     }
     pub fn bad_file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::BadFile { path: path.into(), msg: msg.into() }

@@ -82,7 +82,7 @@ impl Augment {
         let (a, b) = self.crop_scale;
         let (r0, r1) = self.crop_ratio;
         if !(a > 0.0 && a <= b && b <= 1.0) || !(r0 > 0.0 && r0 <= r1) || !(a.is_finite() && r1.is_finite()) {
-            return Err(Error::invalid(format!("augmentation {self:?}: need 0 < scale min <= max <= 1 and 0 < ratio min <= max")));
+            return Err(Error::invalid(format!("--crop-scale {a} must lie in (0, 1] (crop area {a}..{b}, aspect ratio {r0}..{r1}: need 0 < min <= max, area max <= 1)")));
         }
         Ok(())
     }

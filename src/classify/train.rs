@@ -109,6 +109,9 @@ impl ClassifierSettings {
         if !finite || self.lr <= 0.0 || self.momentum < 0.0 || self.weight_decay < 0.0 {
             return Err(Error::invalid("--lr must be > 0; --momentum and --weight-decay >= 0; all finite"));
         }
+        if !(0.0..=1.0).contains(&self.syn_p) {
+            return Err(Error::invalid(format!("--syn-p {} is a probability: it must lie in [0, 1]", self.syn_p)));
+        }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(Error::invalid(format!("--label-smoothing {} must lie in [0, 1)", self.label_smoothing)));
         }
@@ -159,6 +162,13 @@ pub struct RunData<'a> {
 
 /// Checks that the synthetic and test sets name the training classes in the same order.
 pub fn check_classes(data: &RunData<'_>) -> Result<()> {
+    if data.train.classes.len() < 2 {
+        return Err(Error::invalid(format!(
+            "{}: one class ({:?}); a classifier needs at least two: add a class folder",
+            data.train.root.display(),
+            data.train.classes
+        )));
+    }
     for (what, ds) in [("synthetic", data.synthetic.map(|s| &s.dataset)), ("test", data.test)] {
         if let Some(ds) = ds {
             if ds.classes != data.train.classes {

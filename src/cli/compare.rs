@@ -149,6 +149,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let baselines = BaselineOptions { strengths: g.strengths.clone(), mix_strengths: g.mix_strengths.clone(), mix_gamma: g.mix_gamma };
     let methods = resolve_methods(&a.methods, &a.sweep, &request, &baselines, a.with_classic, p.as_ref())?;
     let plan = compare::Plan { methods: &methods, seeds: &a.seeds, classifier: &classifier, gen_batch: g.gen_batch, filter_min: a.filter_min, progress: !a.quiet };
+    let _lock = diffii::data::lock::lock_output(&a.out, diffii::data::lock::Scope::Whole)?;
     let results = compare::run(p.as_ref(), &train, &test, &plan, &a.out)?;
     print!("{}", compare::markdown(&results));
     println!("results in {} (results.json, results.md)", a.out.display());

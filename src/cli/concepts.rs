@@ -6,6 +6,7 @@ use clap::ValueEnum;
 use diffii::train::concepts::{
     imagenet_templates, load_model, TrainMode, TrainOptions, TrainRequest, TrainSettings, Trainer, DEFAULT_TEMPLATE,
 };
+use diffii::data::lock::{lock_output, Scope};
 
 use super::common::{load_dataset, DataArgs, ResizeArg};
 
@@ -156,6 +157,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let settings = TrainSettings::resolve(&request, &sd, &ds)?;
     let mut trainer = Trainer::new(&mut sd, &ds, settings, !a.quiet)?;
     let run = TrainOptions { out: a.out.clone(), resume: a.resume, progress: !a.quiet, stop_after: a.stop_after };
+    let _lock = lock_output(&a.out, Scope::Whole)?;
     let s = trainer.run(&run)?;
     for n in &s.notes {
         eprintln!("note: {n}");

@@ -102,6 +102,10 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
     let methods = a.methods.clone().unwrap_or_else(|| {
         MethodKind::ALL.to_vec()
     });
+    // Generation settings are resolved per seed after concept learning: check them up front.
+    if !a.guidance.is_finite() || !(0.0..=1.0).contains(&a.strength) {
+        anyhow::bail!("--guidance {} must be finite and --strength {} lie in [0, 1]", a.guidance, a.strength);
+    }
     let b = bundle::load(&a.data)?;
     let m = bundle::materialize(&b, &a.out.join("data"))?;
     let (pool, test) = m.open()?;

@@ -91,6 +91,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let ds = Dataset::open(&a.data, None)?;
     eprintln!("pretraining on {} images from {}", ds.items.len(), a.data.display());
+    let _lock = diffii::data::lock::lock_output(&a.out, diffii::data::lock::Scope::Whole)?;
     let r = diffii::train::pretrain::run(&ds, &s, &cadence, &a.out)?;
     println!("{}", serde_json::to_string_pretty(&r)?);
     if !r.finished {

@@ -9,6 +9,7 @@ use diffii::classify::protocol::SplitSpec;
 use diffii::classify::train::{train_seed, Arch, ClassifierSettings, Results, RunData, SeedResult};
 use diffii::data::atomic::{write_json_atomic, write_or_match_settings};
 use diffii::data::dataset::Dataset;
+use diffii::data::lock::{lock_output, Scope};
 
 use super::common::{DataArgs, ResizeArg};
 
@@ -156,7 +157,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let synthetic = a.synthetic.as_deref().map(|d| synthetic_dataset(d, &train.classes)).transpose()?;
     let test = a.test.as_deref().map(|t| Dataset::open(t, a.data.class_names.as_deref())).transpose()?;
     let data = RunData { train: &train, synthetic: synthetic.as_ref(), test: test.as_ref() };
-    std::fs::create_dir_all(&a.out)?;
+    let _lock = lock_output(&a.out, Scope::Whole)?;
     write_or_match_settings(a.out.join("train_config.json"), &s, "a classifier run")?;
     let mut seeds = Vec::new();
     for &seed in &a.seeds {

@@ -50,6 +50,18 @@ pub fn remove_stale_temps(dir: &Path) -> Result<usize> {
     Ok(removed)
 }
 
+/// [`remove_stale_temps`] in `dir` and every folder below it (symlinks are not followed).
+pub fn remove_stale_temps_tree(dir: &Path) -> Result<usize> {
+    let mut removed = remove_stale_temps(dir)?;
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(removed) };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            removed += remove_stale_temps_tree(&e.path())?;
+        }
+    }
+    Ok(removed)
+}
+
 /// Writes `bytes` to `path` atomically: readers see the old file or the complete new one, never
 /// a partial one. Creates missing parent folders; replaces an existing file.
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
@@ -59,10 +71,11 @@ pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     }
     let tmp = temp_path(path)?;
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+        // Errors name the target: the temporary is an implementation detail, removed below.
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(path, e))?;
         // Without this a power loss after the rename can leave an empty file under the final name.
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(path, e))?;
         drop(f);
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     })();

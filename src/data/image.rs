@@ -65,6 +65,11 @@ impl FromStr for ResizePolicy {
     }
 }
 
+/// The largest image accepted, in pixels (100 megapixels, 300 MB as RGB8). The header's size is
+/// checked before any pixel is decoded: a few hundred bytes of PNG can declare gigapixels (a
+/// decompression bomb), and no photo for a classifier is near this size.
+pub const MAX_PIXELS: u64 = 100_000_000;
+
 /// Decodes an image file to RGB8 (see the module docs for the exact conversions).
 pub fn load_rgb8(path: impl AsRef<Path>) -> Result<RgbImage> {
     let path = path.as_ref();
@@ -92,6 +97,13 @@ pub fn decode_rgb8(bytes: &[u8], path: &Path) -> Result<RgbImage> {
     let mut decoder = reader
         .into_decoder()
         .map_err(|e| bad(format!("cannot decode image: {}", e.to_string().trim())))?;
+    let (w, h) = decoder.dimensions();
+    if w as u64 * h as u64 > MAX_PIXELS {
+        return Err(bad(format!(
+            "image is {w}x{h} pixels, over the limit of {} megapixels (a corrupt header, or far larger than any model input); downscale it",
+            MAX_PIXELS / 1_000_000
+        )));
+    }
     // A broken EXIF block must not make an otherwise good image unusable.
     let orientation = decoder
         .orientation()

@@ -1,8 +1,10 @@
 //! Data in and out: datasets (ImageFolder / list files), image decoding and resizing, pixel
-//! conversions between images and model tensors, atomic output files, and the real dataset
-//! shipped in the repository (`bundle`: a Fashion-MNIST subset, materialised as ImageFolders).
+//! conversions between images and model tensors, atomic output files, the output-folder lock,
+//! and the real dataset shipped in the repository (`bundle`: a Fashion-MNIST subset,
+//! materialised as ImageFolders).
 pub mod atomic;
 pub mod bundle;
 pub mod dataset;
 pub mod image;
+pub mod lock;
 pub mod pixels;

@@ -294,6 +294,9 @@ impl UNetConfigFile {
             cross_attention_dim: cross[n - 1],
             only_cross_attention: false,
         };
+        if self.norm_num_groups == 0 {
+            return Err(Error::bad_file(path, "norm_num_groups must be at least 1"));
+        }
         for b in down.iter().chain(up.iter()).chain(std::iter::once(&mid)) {
             if b.kind == BlockKind::CrossAttn && (b.heads == 0 || b.out_channels % b.heads != 0) {
                 return Err(Error::bad_file(
@@ -431,6 +434,9 @@ impl VaeConfig {
         }
         if f.latents_mean.as_ref().is_some_and(|v| !v.is_null()) {
             return Err(unsupported(path, "latents_mean", "set"));
+        }
+        if f.norm_num_groups == 0 {
+            return Err(Error::bad_file(path, "norm_num_groups must be at least 1"));
         }
         for &c in &f.block_out_channels {
             if c % f.norm_num_groups != 0 {

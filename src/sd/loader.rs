@@ -198,8 +198,10 @@ impl StableDiffusion {
         })
     }
 
-    /// Text-encoder features [1, 77, hidden] of a prompt (concept tokens resolved).
+    /// Text-encoder features [1, 77, hidden] of a prompt (concept tokens resolved); a prompt
+    /// longer than the encoder reads is an error, not truncated.
     pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+        self.tokenizer.check_fits(prompt)?;
         let ids = self.tokenizer.encode(prompt)?;
         let n = ids.len();
         let ids = Tensor::from_vec(ids, (1, n), self.unet_device())?;

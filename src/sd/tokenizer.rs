@@ -178,6 +178,25 @@ impl ClipTokenizer {
         Ok(ids)
     }
 
+    /// An error unless `prompt` fits the text encoder whole: [`encode`](Self::encode) keeps
+    /// only the first `max_length - 2` tokens (as transformers does), which for a too-long
+    /// template can cut off the concept token and silently generate the wrong thing.
+    pub fn check_fits(&self, prompt: &str) -> Result<()> {
+        let encoding = self
+            .tokenizer
+            .encode(prompt, false)
+            .map_err(|e| Error::invalid(format!("cannot tokenize prompt {prompt:?}: {e}")))?;
+        let (n, room) = (encoding.get_ids().len(), self.max_length.saturating_sub(2));
+        if n > room {
+            return Err(Error::invalid(format!(
+                "prompt {prompt:?} is {n} tokens; the text encoder reads {room} ({} with its start and end tokens): \
+                 shorten the template, superclass or suffix",
+                self.max_length
+            )));
+        }
+        Ok(())
+    }
+
     /// Token ids of `prompt`: start token, at most `max_length - 2` tokens, end token, then
     /// padding up to exactly `max_length` ids.
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {

@@ -285,6 +285,13 @@ impl<'a> DiffIi<'a> {
             )));
         }
         let tokens = p.class_tokens(ds)?;
+        // Every prompt of the run, checked before any inversion or image is made.
+        for t in &tokens {
+            p.sd.tokenizer.check_fits(&s.prompt(t))?;
+            for suffix in &s.suffixes {
+                p.sd.tokenizer.check_fits(&s.stage1_prompt(t, suffix))?;
+            }
+        }
         let members = ds.class_members();
         let counts: Vec<usize> = members.iter().map(|m| m.len()).collect();
         let samples = plan::plan(&ds.classes, &counts, s.count, s.interp, s.suffixes.len(), s.seed)?;
@@ -427,6 +434,8 @@ pub fn generate(p: &Pipeline, ds: &Dataset, s: &Settings, opts: &RunOptions) -> 
 /// `diffii augment`: inverts this shard's share of ALL images first (so a later `generate` with
 /// other sampling settings finds every inversion cached), then generates.
 pub fn augment(p: &Pipeline, ds: &Dataset, s: &Settings, opts: &RunOptions) -> Result<Summary> {
+    // Held across both steps, so that no other process writes the folder in between.
+    let _lock = crate::data::lock::lock_output(&opts.out, driver::lock_scope(opts.shard))?;
     let mut first = Summary::default();
     invert_items(p, ds, &s.inversion(), opts, &shard_items(ds, opts.shard), &mut first)?;
     let mut summary = generate(p, ds, s, opts)?;

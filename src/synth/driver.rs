@@ -23,6 +23,7 @@ use serde::Serialize;
 use crate::data::atomic::{remove_stale_temps, save_png_atomic, write_atomic, write_json_atomic, write_or_match_settings};
 use crate::data::dataset::{Dataset, Item};
 use crate::data::image::{load_rgb8, prepare, ResizePolicy};
+use crate::data::lock::{lock_output, Scope};
 use crate::data::pixels::{tensor_to_u8, Quantize};
 use crate::error::{Error, Result};
 use crate::hash::{settings_sha256, sha256_file};
@@ -99,11 +100,20 @@ pub fn manifest_name(shard: Shard) -> String {
     }
 }
 
+/// The output-folder lock a run of `shard` takes: shards of one run may share a folder.
+pub fn lock_scope(shard: Shard) -> Scope {
+    if shard.is_all() {
+        Scope::Whole
+    } else {
+        Scope::Shard { index: shard.index, count: shard.count }
+    }
+}
+
 /// Makes the samples of `opts.shard` that are not done yet, then writes this shard's manifest
 /// (and, for a whole run, the previews). `summary` may already hold the method's notes.
 pub fn run<M: Method>(m: &mut M, ds: &Dataset, opts: &RunOptions, mut summary: Summary) -> Result<Summary> {
     summary.planned = m.samples().len();
-    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    let _lock = lock_output(&opts.out, lock_scope(opts.shard))?;
     write_or_match_settings(opts.out.join("run_config.json"), m.settings(), "a run")?;
     let run_sha = settings_sha256(m.settings());
     // A killed run may have left temporaries; they are never read, but should not pile up.

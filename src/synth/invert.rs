@@ -165,6 +165,7 @@ pub fn shard_items(ds: &Dataset, shard: crate::synth::plan::Shard) -> BTreeSet<u
 
 /// `diffii invert`: inverts this shard's share of every dataset image into the cache.
 pub fn invert_dataset(p: &Pipeline, ds: &Dataset, inv: &Inversion, opts: &RunOptions) -> Result<Summary> {
+    let _lock = crate::data::lock::lock_output(&opts.out, crate::synth::driver::lock_scope(opts.shard))?;
     let mut summary = Summary::default();
     invert_items(p, ds, inv, opts, &shard_items(ds, opts.shard), &mut summary)?;
     summary.peak_rss_mib = crate::instrument::peak_rss_mib();

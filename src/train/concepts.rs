@@ -545,6 +545,9 @@ impl<'a> Trainer<'a> {
                     self.store_phase_var(phase, &var)?;
                     let (next_phase, next_step) = if last { (phase + 1, 0) } else { (phase, step + 1) };
                     let keep_adam = !last;
+                    // The log before the checkpoint: a kill between the two writes then leaves
+                    // rows a resume drops, never a checkpoint ahead of its log.
+                    log.write()?;
                     self.write_checkpoint(
                         &ckpt_path,
                         next_phase,
@@ -552,7 +555,6 @@ impl<'a> Trainer<'a> {
                         keep_adam.then_some(&opt_rows),
                         (!self.adapters.is_empty()).then_some(&opt_lora),
                     )?;
-                    log.write()?;
                 }
             }
             self.store_phase_var(phase, &var)?;

@@ -1,6 +1,7 @@
 //! The loss log of a training run: a CSV file with a header and one row per optimiser step,
-//! rewritten atomically at every checkpoint so it always matches the checkpoint; a resumed run
-//! keeps the rows up to its checkpoint and continues them.
+//! rewritten atomically just before every checkpoint, so it always holds at least the
+//! checkpoint's rows (a kill between the two writes leaves extra rows); a resumed run keeps the
+//! rows up to its checkpoint and continues them.
 use std::path::{Path, PathBuf};
 
 use crate::data::atomic::write_atomic;

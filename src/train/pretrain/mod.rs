@@ -265,7 +265,10 @@ impl PretrainSettings {
         self.arch.check()?;
         for (name, p) in [("vae", &self.vae), ("unet", &self.unet)] {
             if p.steps == 0 || p.batch == 0 || !(p.lr > 0.0 && p.lr.is_finite()) {
-                return Err(Error::invalid(format!("{name} phase: steps, batch and learning rate must be positive")));
+                return Err(Error::invalid(format!(
+                    "--{name}-steps, --{name}-batch and --{name}-lr must be positive and finite (got {}, {}, {})",
+                    p.steps, p.batch, p.lr
+                )));
             }
         }
         if !(0.0..1.0).contains(&self.ema_decay) || !(0.0..=1.0).contains(&self.caption_keep) || !(0.0..=1.0).contains(&self.caption_empty) {
@@ -555,8 +558,10 @@ fn train_vae(images: &[Vec<u8>], s: &PretrainSettings, cadence: &Cadence, paths:
     let mut last = None;
     let save = |lp: &Loop, step: usize, log: &LossLog| -> Result<()> {
         let tensors = names.iter().zip(&lp.vars).map(|(n, v)| (format!("p.{n}"), v.as_tensor().clone())).collect();
-        checkpoint::write(&paths.vae_ckpt(), sha, &[("step", step)], tensors, &[("vae", Some(&lp.opt))])?;
-        log.write()
+        // The log first: a kill between the two writes then leaves extra rows, which a resume
+        // drops, rather than a checkpoint ahead of its log, whose missing rows nothing restores.
+        log.write()?;
+        checkpoint::write(&paths.vae_ckpt(), sha, &[("step", step)], tensors, &[("vae", Some(&lp.opt))])
     };
     let mut step = start;
     while step < s.vae.steps {
@@ -681,8 +686,9 @@ fn train_unet(
     let save = |lp: &Loop, ema: &[Tensor], step: usize, log: &LossLog| -> Result<()> {
         let mut tensors: Vec<(String, Tensor)> = names.iter().zip(&lp.vars).map(|(n, v)| (format!("p.{n}"), v.as_tensor().clone())).collect();
         tensors.extend(names.iter().zip(ema).map(|(n, e)| (format!("ema.{n}"), e.clone())));
-        checkpoint::write(&paths.unet_ckpt(), sha, &[("step", step)], tensors, &[("unet", Some(&lp.opt))])?;
-        log.write()
+        // The log before the checkpoint, as in the VAE phase.
+        log.write()?;
+        checkpoint::write(&paths.unet_ckpt(), sha, &[("step", step)], tensors, &[("unet", Some(&lp.opt))])
     };
     let grid_rows: Vec<usize> = {
         let mut rng = derive_rng(&[b"diffii-pretrain-grid\0", &s.seed.to_le_bytes()]);
