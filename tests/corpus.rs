@@ -732,6 +732,16 @@ fn numbers(t: &Path) -> Vec<Case> {
     let test = folder(&root.join("test"), &[("gull", 1), ("sparrow", 1)]);
     v.push(fails("numeric flags", "compare --epochs 0", compare_args(&tiny, &data, &test, &out("cmp"), &["--epochs", "0"]), &["--epochs >= 1"]));
     v.push(fails("numeric flags", "compare --guidance NaN", compare_args(&tiny, &data, &test, &out("cmp2"), &["--methods", "diffii", "--guidance", "NaN"]), &["--guidance NaN"]));
+    v.push(fails("numeric flags", "compare --filter-min 2", compare_args(&tiny, &data, &test, &out("cmp3"), &["--methods", "none,diffii", "--filter-min", "2"]), &["--filter-min 2 must lie in [0, 1]"]));
+    v.push(fails("numeric flags", "compare --filter-min without none", compare_args(&tiny, &data, &test, &out("cmp4"), &["--methods", "diffii", "--filter-min", "0.5"]), &["add none to the methods"]));
+    v.push(fails("numeric flags", "compare --sweep foo=1", compare_args(&tiny, &data, &test, &out("cmp5"), &["--sweep", "foo=1"]), &["sweep key `foo`"]));
+    v.push(fails("numeric flags", "compare --sweep steps=0", compare_args(&tiny, &data, &test, &out("cmp6"), &["--sweep", "steps=0"]), &["whole numbers >= 1"]));
+    v.push(fails("numeric flags", "compare --methods foo", compare_args(&tiny, &data, &test, &out("cmp7"), &["--methods", "foo"]), &["unknown method `foo`"]));
+    v.push(fails("numeric flags", "compare diff-mix --mix-gamma NaN", compare_args(&tiny, &data, &test, &out("cmp8"), &["--methods", "diff-mix", "--mix-gamma", "NaN"]), &["--mix-gamma must be finite"]));
+    v.push(fails("numeric flags", "compare diff-mix --mix-gamma -1", compare_args(&tiny, &data, &test, &out("cmp9"), &["--methods", "diff-mix", "--mix-gamma=-1"]), &["--mix-gamma must be finite and > 0"]));
+    v.push(fails("numeric flags", "train --pretrained without resnet50", train_args(&data, &out("t2"), &["--pretrained", "x.safetensors"]), &["--pretrained needs --arch resnet50"]));
+    v.push(fails("models", "train resnet50 --pretrained missing file", train_args(&data, &out("t3"), &["--arch", "resnet50", "--pretrained", "/nonexistent/r50.safetensors"]), &["/nonexistent/r50.safetensors", "not found"]));
+    v.push(fails("other runs' files", "filter with a missing judge", args!["filter", "--synthetic", out("g"), "--judge", out("nojudge"), "--min", "0.5"], &["model.json"]));
     v.push(fails("numeric flags", "demo --strength 2", args!["demo", "--out", out("demo"), "--strength", "2", "--quick", "--quiet"], &["--strength"]));
     v.push(fails("numeric flags", "demo --guidance NaN", args!["demo", "--out", out("demo2"), "--guidance", "NaN", "--quick", "--quiet"], &["--guidance"]));
     v

@@ -299,6 +299,9 @@ impl Settings {
         if mode != Mode::DiffMix && mix_gamma.is_some() {
             return Err(Error::invalid(format!("--mix-gamma is a diff-mix setting; {} gives hard labels", mode.name())));
         }
+        if let Some(g) = mix_gamma.filter(|g| !(g.is_finite() && *g > 0.0)) {
+            return Err(Error::invalid(format!("--mix-gamma must be finite and > 0, got {g}")));
+        }
         let d = crate::synth::diffii::Settings::resolve(r, p)?;
         Ok(Settings {
             mode,
