@@ -138,11 +138,11 @@ fn sweep_grids_labels_and_families() {
     use diffii::experiment::compare::MethodKind;
     use diffii::experiment::sweep::{family, label, points, Axis};
     let axes: Vec<Axis> = ["guidance=1,3", "strength=0.1,0.3,0.5", "syn-p=0.5"].iter().map(|s| s.parse().unwrap()).collect();
-    let diffii = points(&axes, MethodKind::Diffii).unwrap();
+    let diffii = points(&axes, |k| MethodKind::Diffii.swept_by(k)).unwrap();
     assert_eq!(diffii.len(), 6, "2 x 3 x 1");
     assert_eq!(label(&diffii[1]), "guidance=1,strength=0.3,syn-p=0.5");
-    assert_eq!(points(&axes, MethodKind::DaFusion).unwrap().len(), 2, "strength is Diff-II's alone");
-    assert_eq!(points(&axes, MethodKind::None).unwrap(), vec![vec![]], "no axis applies to none");
+    assert_eq!(points(&axes, |k| MethodKind::DaFusion.swept_by(k)).unwrap().len(), 2, "strength is Diff-II's alone");
+    assert_eq!(points(&axes, |k| MethodKind::None.swept_by(k)).unwrap(), vec![vec![]], "no axis applies to none");
     assert_eq!(family("diffii@guidance=1,strength=0.3+classic"), "diffii+classic");
     assert_eq!(family("da-fusion@guidance=3"), "da-fusion");
     assert_eq!(family("none"), "none");
@@ -151,7 +151,7 @@ fn sweep_grids_labels_and_families() {
         assert!(e.contains(expect), "{bad}: {e}");
     }
     let twice: Vec<Axis> = ["guidance=1", "guidance=3"].iter().map(|s| s.parse().unwrap()).collect();
-    assert!(points(&twice, MethodKind::Diffii).unwrap_err().to_string().contains("given twice"));
+    assert!(points(&twice, |k| MethodKind::Diffii.swept_by(k)).unwrap_err().to_string().contains("given twice"));
 }
 
 #[test]

@@ -783,3 +783,45 @@ fn temporaries_of_dead_writers_are_removed_and_others_kept() {
     }
     assert_eq!(remove_stale_temps(&t.join("missing")).unwrap(), 0);
 }
+
+#[test]
+fn a_corrupted_cache_entry_or_checkpoint_is_never_trusted() {
+    use candle_core::{Device, Tensor};
+    use diffii::synth::cache::{load, store, InversionKey, Lookup};
+    let dir = common::empty_temp_dir("corrupt-cache");
+    let key = InversionKey {
+        image_sha256: "a".into(),
+        model_sha256: "b".into(),
+        concepts_sha256: "c".into(),
+        lora_sha256: String::new(),
+        prompt: "p".into(),
+        steps: 2,
+        size: 8,
+        resize: "squash".into(),
+        dtype: "f32".into(),
+    };
+    let latent = Tensor::arange(0f32, 16.0, &Device::Cpu).unwrap().reshape((1, 4, 2, 2)).unwrap();
+    let path = dir.join("x.inv.safetensors");
+    store(&path, &key, &latent).unwrap();
+    assert!(matches!(load(&path, &key, &Device::Cpu).unwrap(), Lookup::Hit(_)));
+    // Flip one bit of the last value: the header still parses, the data no longer matches.
+    let flip = |p: &std::path::Path| {
+        let mut b = std::fs::read(p).unwrap();
+        let n = b.len();
+        b[n - 2] ^= 0x10;
+        std::fs::write(p, b).unwrap();
+    };
+    flip(&path);
+    match load(&path, &key, &Device::Cpu).unwrap() {
+        Lookup::Stale(why) => assert!(why.contains("corrupted"), "{why}"),
+        _ => panic!("a corrupted entry was not reported stale"),
+    }
+    // A checkpoint likewise: refused with its name, never resumed from.
+    let ck = dir.join("checkpoint.safetensors");
+    diffii::train::checkpoint::write(&ck, "sha", &[("step", 3)], vec![("rows".into(), latent.clone())], &[]).unwrap();
+    let c = diffii::train::checkpoint::Checkpoint::read(&ck, &Device::Cpu, "sha").unwrap();
+    assert_eq!(c.position("step").unwrap(), 3);
+    flip(&ck);
+    let e = diffii::train::checkpoint::Checkpoint::read(&ck, &Device::Cpu, "sha").err().expect("a corrupted checkpoint is refused").to_string();
+    assert!(e.contains("checkpoint.safetensors") && e.contains("corrupted"), "{e}");
+}

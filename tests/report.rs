@@ -324,7 +324,7 @@ fn a_sweep_shows_its_choices_and_none_shows_no_table() {
     let mut r = results(["none", "diffii@guidance=1", "diffii@guidance=3"]);
     let plain = render(&input(&r, &[], &[])).unwrap();
     assert!(!plain.contains("chosen setting"));
-    r.selected = diffii::experiment::sweep::select(&r.methods);
+    r.selected = diffii::experiment::compare::select(&r.methods);
     assert_eq!(r.selected.len(), 1);
     assert_eq!(r.selected[0].method, "diffii@guidance=1", "higher mean validation accuracy");
     let page = render(&input(&r, &[], &[])).unwrap();

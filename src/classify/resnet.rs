@@ -366,7 +366,10 @@ pub fn init_weights(config: &ResNetConfig, seed: u64) -> Result<HashMap<String, 
 pub fn load_pretrained(init: &mut HashMap<String, Tensor>, path: &std::path::Path) -> Result<bool> {
     let file = crate::nn::weights::load_all(path, &Device::Cpu)?;
     let mut head = true;
-    for (k, t) in init.iter_mut() {
+    // In name order, so that the first problem reported is the same on every run.
+    let mut entries: Vec<(&String, &mut Tensor)> = init.iter_mut().collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    for (k, t) in entries {
         match file.get(k) {
             Some(f) if f.dims() == t.dims() => *t = f.to_dtype(DType::F32)?,
             Some(_) | None if k.starts_with("fc.") => head = false,

@@ -50,7 +50,7 @@ pub struct Args {
     #[arg(long, default_value_t = 3e-2)]
     pub concept_lr: f64,
     /// DDIM steps of inversion and sampling.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 25)]
     pub steps: usize,
     /// Classifier-free guidance.
     #[arg(long, default_value_t = 1.5)]
@@ -98,7 +98,7 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
         a.classifier.epochs.get_or_insert(20);
         a.methods.get_or_insert_with(|| vec![MethodKind::None, MethodKind::Diffii]);
     }
-    a.classifier.epochs.get_or_insert(40);
+    a.classifier.epochs.get_or_insert(60);
     let methods = a.methods.clone().unwrap_or_else(|| {
         MethodKind::ALL.to_vec()
     });

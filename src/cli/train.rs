@@ -54,7 +54,7 @@ pub enum ArchArg {
 /// The classifier's settings (shared by `train` and `compare`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClassifierArgs {
-    /// Passes over the real training images (default 30; `demo`: 40).
+    /// Passes over the real training images (default 30; `demo`: 60).
     #[arg(long)]
     pub epochs: Option<usize>,
     #[arg(long, default_value_t = 64)]

@@ -23,7 +23,7 @@ use crate::classify::protocol::split;
 use crate::classify::train::{load_model, mean_std, train_seed, ClassifierSettings, RunData, SeedResult};
 use crate::experiment::filter::FilterSummary;
 use crate::experiment::quality::{measure, Quality};
-use crate::experiment::sweep::{select, Selection};
+use crate::experiment::sweep::{Candidate, Selection, SweepKey};
 use crate::data::atomic::{write_atomic, write_json_atomic, write_or_match_settings};
 use crate::data::dataset::Dataset;
 use crate::error::{read_json, Error, Result};
@@ -84,6 +84,17 @@ impl MethodKind {
     }
 }
 
+impl MethodKind {
+    /// Whether a swept setting changes what this method does.
+    pub fn swept_by(self, key: SweepKey) -> bool {
+        let generating = !matches!(self, MethodKind::None | MethodKind::Classic);
+        match key {
+            SweepKey::Strength => self == MethodKind::Diffii,
+            _ => generating,
+        }
+    }
+}
+
 impl std::str::FromStr for MethodKind {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
@@ -136,7 +147,7 @@ impl MethodSpec {
         use crate::experiment::sweep::{apply, label, points};
         let mut out = Vec::new();
         for &kind in kinds {
-            for point in points(axes, kind)? {
+            for point in points(axes, |k| kind.swept_by(k))? {
                 let (request, syn_p) = apply(&point, r);
                 let spec = MethodSpec::resolve(kind, &request, b, p)?;
                 out.push(if point.is_empty() { spec } else { MethodSpec::Variant { label: label(&point), base: Box::new(spec), syn_p } });
@@ -356,6 +367,20 @@ impl MethodResult {
             quality,
         }
     }
+}
+
+/// Per swept method family, the variant with the best mean validation accuracy over seeds
+/// (see [`crate::experiment::sweep::select`]).
+pub fn select(rows: &[MethodResult]) -> Vec<Selection> {
+    let candidates: Vec<Candidate<'_>> = rows
+        .iter()
+        .map(|r| {
+            let v: Vec<f64> = r.seeds.iter().filter_map(|s| s.val_acc_selected).collect();
+            let val_acc = if v.is_empty() { f64::NEG_INFINITY } else { v.iter().sum::<f64>() / v.len() as f64 };
+            Candidate { method: &r.method, val_acc, test_acc_selected: r.test_acc_selected }
+        })
+        .collect();
+    crate::experiment::sweep::select(&candidates)
 }
 
 /// The mean quality over seeds; `None` when no seed has one.

@@ -9,7 +9,6 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::experiment::compare::{MethodKind, MethodResult};
 use crate::synth::diffii::SettingsRequest;
 use crate::synth::plan::Count;
 
@@ -39,14 +38,6 @@ impl SweepKey {
         }
     }
 
-    /// Whether the setting changes what `kind` does.
-    pub fn applies(self, kind: MethodKind) -> bool {
-        let generating = !matches!(kind, MethodKind::None | MethodKind::Classic);
-        match self {
-            SweepKey::Strength => kind == MethodKind::Diffii,
-            _ => generating,
-        }
-    }
 }
 
 /// One axis: a key and its values (`guidance=1.5,3,7.5`).
@@ -82,9 +73,8 @@ impl FromStr for Axis {
 /// One grid point: a value per applying key.
 pub type Point = Vec<(SweepKey, f64)>;
 
-/// The grid points for a method of `kind` over `axes` (only the axes that apply to it); one
-/// empty point when none does.
-pub fn points(axes: &[Axis], kind: MethodKind) -> Result<Vec<Point>> {
+/// The grid points over the `axes` that `applies` to a method; one empty point when none does.
+pub fn points(axes: &[Axis], applies: impl Fn(SweepKey) -> bool) -> Result<Vec<Point>> {
     let mut seen = std::collections::BTreeSet::new();
     for a in axes {
         if !seen.insert(a.key.name()) {
@@ -92,7 +82,7 @@ pub fn points(axes: &[Axis], kind: MethodKind) -> Result<Vec<Point>> {
         }
     }
     let mut grid: Vec<Point> = vec![Vec::new()];
-    for a in axes.iter().filter(|a| a.key.applies(kind)) {
+    for a in axes.iter().filter(|a| applies(a.key)) {
         grid = grid.into_iter().flat_map(|p| a.values.iter().map(move |&v| [p.clone(), vec![(a.key, v)]].concat())).collect();
     }
     Ok(grid)
@@ -145,33 +135,37 @@ pub fn family(name: &str) -> String {
     }
 }
 
+/// A method's result as a sweep sees it.
+pub struct Candidate<'a> {
+    pub method: &'a str,
+    /// Mean over seeds of the validation accuracy at each seed's selected epoch.
+    pub val_acc: f64,
+    pub test_acc_selected: (f64, f64),
+}
+
 /// For each family with more than one variant, the one with the best mean validation accuracy
 /// (the first listed of equals), in the order the families first appear.
-pub fn select(rows: &[MethodResult]) -> Vec<Selection> {
+pub fn select(rows: &[Candidate<'_>]) -> Vec<Selection> {
     let mut families: Vec<String> = Vec::new();
     for r in rows {
-        let f = family(&r.method);
+        let f = family(r.method);
         if !families.contains(&f) {
             families.push(f);
         }
     }
-    let mean_val = |r: &MethodResult| {
-        let v: Vec<f64> = r.seeds.iter().filter_map(|s| s.val_acc_selected).collect();
-        if v.is_empty() { f64::NEG_INFINITY } else { v.iter().sum::<f64>() / v.len() as f64 }
-    };
     let mut out = Vec::new();
     for f in families {
-        let members: Vec<&MethodResult> = rows.iter().filter(|r| family(&r.method) == f).collect();
+        let members: Vec<&Candidate<'_>> = rows.iter().filter(|r| family(r.method) == f).collect();
         if members.len() < 2 {
             continue;
         }
         let mut best = members[0];
         for m in &members[1..] {
-            if mean_val(m) > mean_val(best) {
+            if m.val_acc > best.val_acc {
                 best = m;
             }
         }
-        out.push(Selection { family: f, method: best.method.clone(), val_acc: mean_val(best), test_acc_selected: best.test_acc_selected, variants: members.len() });
+        out.push(Selection { family: f, method: best.method.to_string(), val_acc: best.val_acc, test_acc_selected: best.test_acc_selected, variants: members.len() });
     }
     out
 }

@@ -1,7 +1,8 @@
 //! The inversion cache: one safetensors file per source image holding its DDIM-inverted
 //! latent, with metadata describing exactly how it was made (image hash, model and concept
-//! hashes, prompt, steps, size, resize policy, dtype). An entry is reused only if every field
-//! matches; anything else is recomputed and overwritten, never silently reused.
+//! hashes, prompt, steps, size, resize policy, dtype) and the SHA-256 of the latent's bytes. An
+//! entry is reused only if every field matches and the latent still has its checksum; anything
+//! else (a corrupted file included) is recomputed and overwritten, never silently reused.
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -81,6 +82,9 @@ pub fn load(path: &Path, key: &InversionKey, device: &Device) -> Result<Lookup> 
         if view.dtype() != safetensors::Dtype::F32 {
             return Err("latent is not f32".into());
         }
+        if meta.get("latent_sha256") != Some(&crate::hash::sha256_bytes(view.data())) {
+            return Err("its latent does not match the checksum stored with it: corrupted".into());
+        }
         let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         let t = Tensor::from_vec(data, view.shape(), device).map_err(|e| e.to_string())?;
         Ok((meta, t))
@@ -97,5 +101,9 @@ pub fn load(path: &Path, key: &InversionKey, device: &Device) -> Result<Lookup> 
 /// Stores `latent` for `key` at `path` (atomically; the header is written in a canonical
 /// order, so the same latent and key give the same bytes).
 pub fn store(path: &Path, key: &InversionKey, latent: &Tensor) -> Result<()> {
-    crate::nn::weights::save_safetensors(path, &[("latent".to_string(), latent.clone())], Some(key.to_metadata()))
+    let values = latent.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut meta = key.to_metadata();
+    meta.insert("latent_sha256".into(), crate::hash::sha256_bytes(&bytes));
+    crate::nn::weights::save_safetensors(path, &[("latent".to_string(), latent.clone())], Some(meta))
 }

@@ -4,7 +4,9 @@
 //! resumed by the run that wrote it.
 //!
 //! Layout: tensors under their own names plus `adam.<optimiser>.<i>.m` / `.v`; metadata
-//! `config_sha256`, one entry per position key, and `adam.<optimiser>.t`.
+//! `config_sha256`, `data_sha256` (over every tensor's name and f32 values, in name order: a
+//! corrupted file is refused, never resumed from), one entry per position key, and
+//! `adam.<optimiser>.t`.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -37,7 +39,24 @@ pub fn write(
             meta.insert(format!("adam.{name}.t"), o.t.to_string());
         }
     }
+    meta.insert("data_sha256".into(), data_sha256(tensors.iter().map(|(k, t)| (k.as_str(), t)))?);
     crate::nn::weights::save_safetensors(path, &tensors, Some(meta))
+}
+
+/// SHA-256 over (name, f32 little-endian values) of every tensor, in name order.
+fn data_sha256<'a>(tensors: impl Iterator<Item = (&'a str, &'a Tensor)>) -> Result<String> {
+    use sha2::Digest;
+    let mut sorted: Vec<(&str, &Tensor)> = tensors.collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut h = sha2::Sha256::new();
+    for (k, t) in sorted {
+        h.update(k.as_bytes());
+        h.update([0]);
+        for v in t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()? {
+            h.update(v.to_le_bytes());
+        }
+    }
+    Ok(crate::hash::hex(&h.finalize()))
 }
 
 /// A checkpoint read back.
@@ -58,6 +77,9 @@ impl Checkpoint {
             return Err(bad("this checkpoint belongs to a run with other settings; delete it or use another --out".into()));
         }
         let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| bad(format!("cannot read tensors: {e}")))?;
+        if meta.get("data_sha256") != Some(&data_sha256(tensors.iter().map(|(k, t)| (k.as_str(), t)))?) {
+            return Err(bad("this checkpoint is corrupted (its tensors do not match the checksum written with them); delete it to restart the run".into()));
+        }
         Ok(Checkpoint { path: path.to_path_buf(), meta, tensors })
     }
 
