@@ -262,23 +262,11 @@ fn animated_gif() -> Vec<u8> {
     g
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        let d = dst.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_dir(&p, &d);
-        } else {
-            std::fs::copy(&p, &d).unwrap();
-        }
-    }
-}
 
 /// A copy of the tiny model named `name` under `root`, changed by `edit`.
 fn model_copy(root: &Path, name: &str, edit: impl FnOnce(&Path)) -> PathBuf {
     let m = root.join("models").join(name);
-    copy_dir(&common::tiny_sd(), &m);
+    common::copy_dir(&common::tiny_sd(), &m);
     edit(&m);
     m
 }

@@ -203,19 +203,6 @@ proptest! {
     }
 }
 
-/// Copies a folder tree.
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        let d = dst.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_dir(&p, &d);
-        } else {
-            std::fs::copy(&p, &d).unwrap();
-        }
-    }
-}
 
 proptest! {
     // A whole model load per case: a quarter of the cases of the cheap targets.
@@ -227,7 +214,7 @@ proptest! {
         // against the tensors, not trusted.
         let t = TempDir::new("fuzz-model");
         let m = t.join("model");
-        copy_dir(&common::tiny_sd(), &m);
+        common::copy_dir(&common::tiny_sd(), &m);
         let file = if sub == "scheduler" { m.join("scheduler/scheduler_config.json") } else { m.join(sub).join("config.json") };
         let seed: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
         write(&file, &serde_json::to_vec(&mutate_json(&seed, &picks)).unwrap());

@@ -338,20 +338,8 @@ fn bad_input_gives_clear_errors() {
 
 /// A copy of the tiny model whose UNet output bias is NaN.
 fn nan_model(root: &Path) -> PathBuf {
-    fn copy(src: &Path, dst: &Path) {
-        std::fs::create_dir_all(dst).unwrap();
-        for e in std::fs::read_dir(src).unwrap() {
-            let p = e.unwrap().path();
-            let d = dst.join(p.file_name().unwrap());
-            if p.is_dir() {
-                copy(&p, &d);
-            } else {
-                std::fs::copy(&p, &d).unwrap();
-            }
-        }
-    }
     let model = root.join("nan-model");
-    copy(&common::tiny_sd(), &model);
+    common::copy_dir(&common::tiny_sd(), &model);
     let st = model.join("unet/diffusion_pytorch_model.safetensors");
     let mut tensors = candle_core::safetensors::load(&st, &candle_core::Device::Cpu).unwrap();
     let bias = tensors.get("conv_out.bias").unwrap();

@@ -38,20 +38,6 @@ fn fresh_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// Copies by content rather than `fs::copy`, which would carry over the fixtures' read-only
-/// permissions and make the copies impossible to rewrite.
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        let to = dst.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &to);
-        } else {
-            std::fs::write(&to, std::fs::read(entry.path()).unwrap()).unwrap();
-        }
-    }
-}
 
 /// A writable copy of tiny-sd, deleted on drop.
 struct TempModel {
@@ -62,7 +48,7 @@ impl TempModel {
     fn new(name: &str) -> Self {
         // Built before copying so that a failed copy is cleaned up too.
         let m = TempModel { dir: fresh_dir(name) };
-        copy_dir(&tiny_sd(), &m.dir);
+        common::copy_dir(&tiny_sd(), &m.dir);
         m
     }
 

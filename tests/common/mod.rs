@@ -76,3 +76,18 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Copies a folder tree by content rather than `fs::copy`, which would carry over the
+/// fixtures' read-only permissions and make the copies impossible to rewrite.
+pub fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let to = dst.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to);
+        } else {
+            std::fs::write(&to, std::fs::read(entry.path()).unwrap()).unwrap();
+        }
+    }
+}
