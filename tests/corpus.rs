@@ -681,7 +681,7 @@ fn numbers(t: &Path) -> Vec<Case> {
     v.push(fails("numeric flags", "augment --strength 2", augment_args(&tiny, &data, &out("a"), &["--strength", "2"]), &["--strength 2 must lie in [0, 1]"]));
     v.push(fails("numeric flags", "augment --shard 2/2", augment_args(&tiny, &data, &out("a"), &["--shard", "2/2"]), &["2/2"]));
     // Documented fallback: a batch of 0 samples per UNet call is taken as 1.
-    v.push(works("numeric flags", "generate --batch 0", generate_args(&tiny, &data, &out("g"), &["--batch", "0"]), &["written 2"]));
+    v.push(fails("numeric flags", "generate --batch 0", generate_args(&tiny, &data, &out("g"), &["--batch", "0"]), &["--batch 0", "at least 1"]));
     // Values clap itself refuses: negative counts, words for numbers.
     v.push(fails("numeric flags", "generate --steps=-1", generate_args(&tiny, &data, &out("g"), &["--steps=-1"]), &["--steps", "-1"]));
     v.push(fails("numeric flags", "invert --inversion-steps 0", invert_args(&tiny, &data, &out("i"), &["--inversion-steps", "0"]), &["--inversion-steps"]));

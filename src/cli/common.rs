@@ -210,8 +210,11 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    pub fn options(&self) -> RunOptions {
-        RunOptions::new(self.out.clone(), self.cache.clone(), self.batch, self.shard, !self.quiet)
+    pub fn options(&self) -> anyhow::Result<RunOptions> {
+        if self.batch == 0 {
+            anyhow::bail!("--batch 0: the number of samples per UNet call must be at least 1");
+        }
+        Ok(RunOptions::new(self.out.clone(), self.cache.clone(), self.batch, self.shard, !self.quiet))
     }
 }
 
@@ -325,6 +328,7 @@ impl GenerateArgs {
     /// Loads the dataset and model and resolves the settings.
     pub fn prepare(&self) -> anyhow::Result<(Dataset, Pipeline, MethodSettings, RunOptions)> {
         use diffii::synth::img2img::{Mode, Settings as BaselineSettings};
+        let opts = self.run.options()?;
         let ds = load_dataset(&self.data)?;
         let p = load_pipeline(&self.model)?;
         let r = self.gen.request()?;
@@ -336,6 +340,6 @@ impl GenerateArgs {
             MethodArg::DiffMix => MethodSettings::Baseline(BaselineSettings::resolve(&r, Mode::DiffMix, self.gen.strengths.clone(), self.gen.mix_gamma, &p)?),
             MethodArg::Txt2img => MethodSettings::Baseline(BaselineSettings::resolve(&r, Mode::Txt2Img, self.gen.strengths.clone(), self.gen.mix_gamma, &p)?),
         };
-        Ok((ds, p, s, self.run.options()))
+        Ok((ds, p, s, opts))
     }
 }

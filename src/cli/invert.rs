@@ -15,10 +15,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let opts = a.run.options()?;
     let ds = load_dataset(&a.data)?;
     let p = load_pipeline(&a.model)?;
     let inv = Inversion::resolve(&a.invert.request(), &p)?;
-    let opts = a.run.options();
     let summary = invert_dataset(&p, &ds, &inv, &opts)?;
     super::common::print_summary(&summary);
     println!("inversions cached in {}", opts.cache.display());
