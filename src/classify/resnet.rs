@@ -54,7 +54,9 @@ pub enum InputNorm {
     ImageNet,
 }
 
-fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+/// For `skip_serializing_if`: settings at their default stay out of written files, so files
+/// written before a setting existed keep their bytes and hashes.
+pub(crate) fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
 
@@ -87,6 +89,21 @@ struct BlockSpec {
     width: usize,
     cout: usize,
     stride: usize,
+}
+
+impl BlockSpec {
+    /// (input, output, kernel, stride) of each convolution `conv1`, `conv2`, ... of the block.
+    fn convs(&self, block: Block) -> Vec<(usize, usize, usize, usize)> {
+        match block {
+            Block::Basic => vec![(self.cin, self.cout, 3, self.stride), (self.cout, self.cout, 3, 1)],
+            Block::Bottleneck => vec![(self.cin, self.width, 1, 1), (self.width, self.width, 3, self.stride), (self.width, self.cout, 1, 1)],
+        }
+    }
+
+    /// Whether the skip connection needs a projection (`downsample`).
+    fn projects(&self) -> bool {
+        self.stride != 1 || self.cin != self.cout
+    }
 }
 
 impl ResNetConfig {
@@ -125,6 +142,14 @@ impl ResNetConfig {
         }
     }
 
+    /// Kernel and stride of the stem convolution.
+    fn stem_conv(&self) -> (usize, usize) {
+        match self.stem {
+            Stem::Cifar => (3, 1),
+            Stem::ImageNet => (7, 2),
+        }
+    }
+
     fn expansion(&self) -> usize {
         match self.block {
             Block::Basic => 1,
@@ -159,12 +184,8 @@ impl ResNetConfig {
     }
 }
 
-fn conv(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
-    conv_stride(w, cin, cout, k, stride)
-}
-
 /// A bias-free k x k convolution with padding k / 2 (torchvision's).
-fn conv_stride(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
+fn conv(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
     let weight = w.get(&[cout, cin, k, k], "weight")?;
     Ok(Conv2d::new(weight, None, stride, k / 2))
 }
@@ -201,18 +222,14 @@ struct ResBlock {
 
 impl ResBlock {
     fn load(w: &Weights, block: Block, b: &BlockSpec) -> Result<Self> {
-        let downsample = if b.stride != 1 || b.cin != b.cout {
+        let downsample = if b.projects() {
             let d = w.pp("downsample");
             Some((conv(&d.pp(0), b.cin, b.cout, 1, b.stride)?, BatchNorm2d::load(&d.pp(1), b.cout)?))
         } else {
             None
         };
-        // (input, output, kernel, stride) of each convolution.
-        let shapes = match block {
-            Block::Basic => vec![(b.cin, b.cout, 3, b.stride), (b.cout, b.cout, 3, 1)],
-            Block::Bottleneck => vec![(b.cin, b.width, 1, 1), (b.width, b.width, 3, b.stride), (b.width, b.cout, 1, 1)],
-        };
-        let layers = shapes
+        let layers = b
+            .convs(block)
             .into_iter()
             .enumerate()
             .map(|(i, (cin, cout, k, stride))| Ok((conv(&w.pp(format!("conv{}", i + 1)), cin, cout, k, stride)?, BatchNorm2d::load(&w.pp(format!("bn{}", i + 1)), cout)?)))
@@ -258,13 +275,10 @@ impl ResNet {
         config.check()?;
         let stem = config.stem_channels();
         let blocks = config.layout().into_iter().map(|b| Ok((b.prefix.clone(), ResBlock::load(&w.pp(&b.prefix), config.block, &b)?))).collect::<Result<Vec<_>>>()?;
-        let k = match config.stem {
-            Stem::Cifar => 3,
-            Stem::ImageNet => 7,
-        };
+        let (k, stride) = config.stem_conv();
         Ok(ResNet {
             config: config.clone(),
-            conv1: conv_stride(&w.pp("conv1"), config.in_channels, stem, k, if k == 7 { 2 } else { 1 })?,
+            conv1: conv(&w.pp("conv1"), config.in_channels, stem, k, stride)?,
             bn1: BatchNorm2d::load(&w.pp("bn1"), stem)?,
             blocks,
             fc: Linear::load(&w.pp("fc"), config.feature_channels(), config.classes, true)?,
@@ -333,19 +347,15 @@ pub fn init_weights(config: &ResNetConfig, seed: u64) -> Result<HashMap<String, 
         Ok(())
     };
     let stem = config.stem_channels();
-    conv(&mut t, "conv1".into(), config.in_channels, stem, if config.stem == Stem::ImageNet { 7 } else { 3 })?;
+    conv(&mut t, "conv1".into(), config.in_channels, stem, config.stem_conv().0)?;
     bn(&mut t, "bn1", stem)?;
     for b in config.layout() {
         let p = &b.prefix;
-        let shapes = match config.block {
-            Block::Basic => vec![(b.cin, b.cout, 3), (b.cout, b.cout, 3)],
-            Block::Bottleneck => vec![(b.cin, b.width, 1), (b.width, b.width, 3), (b.width, b.cout, 1)],
-        };
-        for (i, (cin, cout, k)) in shapes.into_iter().enumerate() {
+        for (i, (cin, cout, k, _)) in b.convs(config.block).into_iter().enumerate() {
             conv(&mut t, format!("{p}.conv{}", i + 1), cin, cout, k)?;
             bn(&mut t, &format!("{p}.bn{}", i + 1), cout)?;
         }
-        if b.stride != 1 || b.cin != b.cout {
+        if b.projects() {
             conv(&mut t, format!("{p}.downsample.0"), b.cin, b.cout, 1)?;
             bn(&mut t, &format!("{p}.downsample.1"), b.cout)?;
         }

@@ -46,14 +46,10 @@ impl Arch {
     }
 }
 
-fn is_default<T: Default + PartialEq>(v: &T) -> bool {
-    *v == T::default()
-}
-
 /// Every setting of a classifier run except the seed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClassifierSettings {
-    #[serde(default, skip_serializing_if = "is_default")]
+    #[serde(default, skip_serializing_if = "resnet::is_default")]
     pub arch: Arch,
     /// ResNet-50: a torchvision or timm checkpoint (safetensors) to fine-tune; its head is
     /// replaced when the class count differs.
