@@ -45,9 +45,10 @@ pub enum MethodSpec {
     /// A generating method's images (the very set the method alone trains with) with the
     /// classic augmentation on top, named `<method>+classic`.
     WithClassic { base: Box<MethodSpec> },
-    /// One point of a sweep ([`crate::experiment::sweep`]): the method with swept generation
-    /// settings (already in `base`) and optionally its own replacement probability, named
-    /// `<method>@<label>`.
+    /// One point of a sweep ([`crate::experiment::sweep`]), named `<method>@<label>`: either
+    /// the method with swept generation settings (already in `base`; `syn_p` is `None`), or,
+    /// around that, its own replacement probability — a training-only variant that trains on
+    /// its base's images, as `+classic` does, so a `syn-p` sweep generates each set once.
     Variant { label: String, base: Box<MethodSpec>, syn_p: Option<f64> },
 }
 
@@ -82,9 +83,7 @@ impl MethodKind {
             MethodKind::Txt2img => "txt2img",
         }
     }
-}
 
-impl MethodKind {
     /// Whether a swept setting changes what this method does.
     pub fn swept_by(self, key: SweepKey) -> bool {
         let generating = !matches!(self, MethodKind::None | MethodKind::Classic);
@@ -137,7 +136,10 @@ impl MethodSpec {
             MethodSpec::Diffii(_) => "diffii".into(),
             MethodSpec::Baseline(s) => s.mode.name().into(),
             MethodSpec::WithClassic { base } => format!("{}+classic", base.name()),
-            MethodSpec::Variant { label, base, .. } => format!("{}@{label}", base.name()),
+            MethodSpec::Variant { label, base, .. } => match **base {
+                MethodSpec::Variant { .. } => format!("{},{label}", base.name()),
+                _ => format!("{}@{label}", base.name()),
+            },
         }
     }
 
@@ -149,8 +151,15 @@ impl MethodSpec {
         for &kind in kinds {
             for point in points(axes, |k| kind.swept_by(k))? {
                 let (request, syn_p) = apply(&point, r);
-                let spec = MethodSpec::resolve(kind, &request, b, p)?;
-                out.push(if point.is_empty() { spec } else { MethodSpec::Variant { label: label(&point), base: Box::new(spec), syn_p } });
+                let mut spec = MethodSpec::resolve(kind, &request, b, p)?;
+                let (training, generation): (Vec<_>, Vec<_>) = point.into_iter().partition(|(k, _)| *k == SweepKey::SynP);
+                if !generation.is_empty() {
+                    spec = MethodSpec::Variant { label: label(&generation), base: Box::new(spec), syn_p: None };
+                }
+                if !training.is_empty() {
+                    spec = MethodSpec::Variant { label: label(&training), base: Box::new(spec), syn_p };
+                }
+                out.push(spec);
             }
         }
         Ok(out)
@@ -199,7 +208,7 @@ impl MethodSpec {
     pub fn generator(&self) -> Option<&MethodSpec> {
         match self {
             MethodSpec::None | MethodSpec::Classic => None,
-            MethodSpec::WithClassic { base } => base.generator(),
+            MethodSpec::WithClassic { base } | MethodSpec::Variant { base, syn_p: Some(_), .. } => base.generator(),
             m => m.synthesis().map(|_| m),
         }
     }
