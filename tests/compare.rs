@@ -193,3 +193,43 @@ fn a_swept_compare_selects_each_family_on_validation_accuracy() {
     let table = std::fs::read_to_string(root.join("out/results.md")).unwrap();
     assert!(table.contains("Selected on validation accuracy") && table.contains(best["method"].as_str().unwrap()), "{table}");
 }
+
+#[test]
+fn sharded_compare_equals_a_whole_run_and_reports_groups() {
+    let root = common::empty_temp_dir("compare-shard");
+    image_folder(&root.join("train"), 4);
+    image_folder(&root.join("test"), 3);
+    let test = Dataset::open(root.join("test"), None).unwrap();
+    let groups: String = test.items.iter().map(|it| format!("{} {}\n", it.rel, if it.rel.ends_with("1.png") { "b" } else { "a" })).collect();
+    std::fs::write(root.join("groups.txt"), groups).unwrap();
+    let g = root.join("groups.txt").to_str().unwrap().to_string();
+    let common_args = ["--methods", "none,diffii", "--seeds", "0,1,2", "--test-groups", g.as_str()];
+    let whole = compare(&root, &common_args);
+    assert!(whole.status.success(), "{}", String::from_utf8_lossy(&whole.stderr));
+    let read = |p: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let reference = read(&root.join("out/results.json"));
+    std::fs::rename(root.join("out"), root.join("whole")).unwrap();
+
+    for shard in ["1/2", "0/2"] {
+        let o = compare(&root, &[&common_args[..], &["--shard", shard]].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(read(&root.join("out/results.shard-0-of-2.json"))["seeds"], serde_json::json!([0, 2]));
+    assert_eq!(read(&root.join("out/results.shard-1-of-2.json"))["seeds"], serde_json::json!([1]));
+    assert!(!root.join("out/results.json").exists(), "a shard writes only its own results");
+    let stamp = std::fs::metadata(root.join("out/diffii/seed-1/result.json")).unwrap().modified().unwrap();
+    let o = compare(&root, &common_args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::metadata(root.join("out/diffii/seed-1/result.json")).unwrap().modified().unwrap(), stamp, "assembling recomputes nothing");
+    let merged = read(&root.join("out/results.json"));
+    for (a, b) in reference["methods"].as_array().unwrap().iter().zip(merged["methods"].as_array().unwrap()) {
+        for key in ["method", "test_acc_selected", "test_acc_last", "synthetic_images", "quality", "groups"] {
+            assert_eq!(a[key], b[key], "{key}");
+        }
+        assert!(!a["groups"].is_null(), "{a}");
+    }
+    let table = std::fs::read_to_string(root.join("out/results.md")).unwrap();
+    assert!(table.contains("worst group (%)") && table.contains("| a (%) | b (%) |"), "{table}");
+    let o = compare(&root, &[&common_args[..], &["--shard", "3/3"]].concat());
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("need 0 <= i < n"), "{}", String::from_utf8_lossy(&o.stderr));
+}

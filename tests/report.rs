@@ -7,6 +7,7 @@ use base64::Engine as _;
 use diffii::classify::train::{mean_std, ClassifierSettings, SeedResult};
 use diffii::data::atomic::encode_png;
 use diffii::experiment::compare::{markdown, CompareResults, MethodResult, RowText};
+use diffii::classify::groups::GroupSummary;
 use diffii::experiment::quality::Quality;
 use diffii::experiment::report::{escape, render, write, Grid, ReportInput, Stage, BAR_FILL};
 
@@ -20,6 +21,8 @@ fn seed(seed: u64, acc: f64, last: f64) -> SeedResult {
         test_acc_selected: Some(acc),
         test_acc_last: Some(last),
         val_acc_selected: Some(acc),
+        groups_selected: None,
+        groups_last: None,
         seconds: 10.0,
         history: Vec::new(),
     }
@@ -38,6 +41,7 @@ fn method(name: &str, accs: &[f64], images: usize, quality: Option<Quality>) -> 
         test_acc_last: mean_std(&last),
         seeds,
         quality,
+        groups: None,
     }
 }
 
@@ -330,4 +334,26 @@ fn a_sweep_shows_its_choices_and_none_shows_no_table() {
     let page = render(&input(&r, &[], &[])).unwrap();
     assert!(page.contains("<td>diffii</td><td>diffii@guidance=1</td><td class=\"num\">2</td>"), "the choice is in the page");
     assert!(markdown(&r).contains("| diffii | diffii@guidance=1 | 2 |"));
+}
+
+#[test]
+fn group_table_appears_with_groups_and_marks_the_best_worst_group() {
+    let mut r = results(["none", "diffii", "da-fusion"]);
+    assert!(!render(&input(&r, &[], &[])).unwrap().contains("worst group"), "no group table without groups");
+    for (m, worst) in r.methods.iter_mut().zip([0.20, 0.45, 0.30]) {
+        m.groups = Some(GroupSummary {
+            worst_selected: (worst, 0.01),
+            mean_selected: (worst + 0.2, 0.02),
+            worst_last: (worst - 0.05, 0.03),
+            per_group_selected: vec![("blue footwear".into(), (worst, 0.01)), ("red <tops>".into(), (worst + 0.4, 0.0))],
+        });
+    }
+    let html = render(&input(&r, &[], &[])).unwrap();
+    for header in ["worst group (%)", "group mean (%)", "blue footwear (%)", "red &lt;tops&gt; (%)"] {
+        assert!(html.contains(header), "{header}");
+    }
+    assert!(html.contains("<strong>45.00 ± 1.00</strong>"), "the best worst-group mean is bold");
+    assert_eq!(html.matches("<strong>").count(), 2, "one bold cell per table");
+    let md = diffii::experiment::compare::markdown(&r);
+    assert!(md.contains("| diffii | 85.25 +- 1.20 | 65.00 +- 2.00 | 45.00 +- 1.00 | 40.00 +- 3.00 | 45.00 +- 1.00 | 85.00 +- 0.00 |"), "{md}");
 }

@@ -82,10 +82,15 @@ pub fn soft_targets(rows: &[Vec<(usize, f64)>], k: usize, device: &Device) -> Re
     Ok(Tensor::from_vec(data, (rows.len(), k), device)?)
 }
 
-/// The number of rows of `logits` `[b, K]` whose arg-max is the label. A tie goes to the lowest
+/// The number of rows of `logits` `[b, K]` whose arg-max is the label (see [`correct_flags`]).
+pub fn accuracy(logits: &Tensor, labels: &[usize]) -> Result<usize> {
+    Ok(correct_flags(logits, labels)?.into_iter().filter(|&ok| ok).count())
+}
+
+/// Per row of `logits` `[b, K]`, whether its arg-max is the label. A tie goes to the lowest
 /// class index (`torch.argmax` does not specify its tie-break; this makes counts reproducible).
 /// NaN logits are an error rather than a silent miss: they mean training has diverged.
-pub fn accuracy(logits: &Tensor, labels: &[usize]) -> Result<usize> {
+pub fn correct_flags(logits: &Tensor, labels: &[usize]) -> Result<Vec<bool>> {
     let (b, k) = match logits.dims() {
         [b, k] => (*b, *k),
         d => return Err(Error::invalid(format!("accuracy expects logits [batch, classes], got shape {d:?}"))),
@@ -97,7 +102,7 @@ pub fn accuracy(logits: &Tensor, labels: &[usize]) -> Result<usize> {
         return Err(Error::invalid("accuracy of logits over zero classes"));
     }
     let rows: Vec<Vec<f64>> = logits.detach().to_dtype(DType::F64)?.to_vec2()?;
-    let mut correct = 0;
+    let mut correct = Vec::with_capacity(b);
     for (i, (row, &label)) in rows.iter().zip(labels).enumerate() {
         if label >= k {
             return Err(Error::invalid(format!("label {label} (item {i}) is out of range for {k} classes")));
@@ -112,7 +117,7 @@ pub fn accuracy(logits: &Tensor, labels: &[usize]) -> Result<usize> {
                 best = j;
             }
         }
-        correct += (best == label) as usize;
+        correct.push(best == label);
     }
     Ok(correct)
 }

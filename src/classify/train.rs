@@ -14,7 +14,8 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::classify::data::{batch_tensor, Augment, ImageSet, SyntheticSet};
-use crate::classify::loss::{accuracy, cross_entropy, soft_targets};
+use crate::classify::groups::{GroupAccuracy, GroupSummary, Groups};
+use crate::classify::loss::{correct_flags, cross_entropy, soft_targets};
 use crate::classify::mix::{ClassDraw, Mixer, Pick};
 use crate::classify::protocol::{split, SplitSpec};
 use crate::classify::resnet::{self, ResNet, ResNetConfig};
@@ -144,6 +145,11 @@ pub struct SeedResult {
     pub test_acc_selected: Option<f64>,
     pub test_acc_last: Option<f64>,
     pub val_acc_selected: Option<f64>,
+    /// Test accuracy per group (with a group file) at the selected and the last epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups_selected: Option<GroupAccuracy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups_last: Option<GroupAccuracy>,
     pub seconds: f64,
     pub history: Vec<Epoch>,
 }
@@ -154,6 +160,8 @@ pub struct RunData<'a> {
     pub train: &'a Dataset,
     pub synthetic: Option<&'a SyntheticSet>,
     pub test: Option<&'a Dataset>,
+    /// The group of every test image, for group-shift evaluation.
+    pub test_groups: Option<&'a Groups>,
 }
 
 /// Checks that the synthetic and test sets name the training classes in the same order.
@@ -188,13 +196,28 @@ pub fn evaluate(model: &ResNet, set: &ImageSet) -> Result<f64> {
 
 /// How many of `images` (RGB8, `side` px) `model` labels as `labels` say (eval mode).
 pub fn count_correct(model: &ResNet, images: &[Vec<u8>], labels: &[usize], side: usize) -> Result<usize> {
-    let mut correct = 0;
+    Ok(correct_each(model, images, labels, side)?.into_iter().filter(|&ok| ok).count())
+}
+
+/// Per image of `images` (RGB8, `side` px), whether `model` labels it as `labels` says (eval mode).
+pub fn correct_each(model: &ResNet, images: &[Vec<u8>], labels: &[usize], side: usize) -> Result<Vec<bool>> {
+    let mut correct = Vec::with_capacity(images.len());
     for (imgs, labels) in images.chunks(256).zip(labels.chunks(256)) {
         let refs: Vec<&[u8]> = imgs.iter().map(|p| p.as_slice()).collect();
         let logits = model.forward(&batch_tensor(&refs, side, &Device::Cpu)?, false)?;
-        correct += accuracy(&logits, labels)?;
+        correct.extend(correct_flags(&logits, labels)?);
     }
     Ok(correct)
+}
+
+/// Test accuracy over all images, and per group when the test set has groups.
+fn test_scores(model: &ResNet, test: &ImageSet, groups: Option<&Groups>) -> Result<(f64, Option<GroupAccuracy>)> {
+    if test.is_empty() {
+        return Err(Error::invalid("no images to evaluate"));
+    }
+    let correct = correct_each(model, &test.pixels, &test.labels, test.side)?;
+    let acc = correct.iter().filter(|&&ok| ok).count() as f64 / correct.len() as f64;
+    Ok((acc, groups.map(|g| g.accuracy(&correct)).transpose()?))
 }
 
 /// Trains one seed; writes `model.safetensors`, `model.json` and `history.csv` into `out`.
@@ -285,11 +308,17 @@ pub fn train_seed(data: &RunData<'_>, s: &ClassifierSettings, seed: u64, out: &P
 
     // The first epoch with the best validation accuracy; the last one without a validation split.
     let selected = best.as_ref().map_or(history.len() - 1, |b| b.0);
+    let (mut groups_selected, mut groups_last) = (None, None);
     if let Some(t) = &test {
         let last = history.len() - 1;
-        history[last].test_acc = Some(evaluate(&model, t)?);
+        let (acc, groups) = test_scores(&model, t, data.test_groups)?;
+        history[last].test_acc = Some(acc);
+        groups_last = groups;
+        groups_selected = groups_last.clone();
         if let Some((epoch, snapshot)) = best.filter(|b| b.0 != last) {
-            history[epoch].test_acc = Some(evaluate(&resnet::from_state(snapshot, &config)?, t)?);
+            let (acc, groups) = test_scores(&resnet::from_state(snapshot, &config)?, t, data.test_groups)?;
+            history[epoch].test_acc = Some(acc);
+            groups_selected = groups;
         }
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -310,6 +339,8 @@ pub fn train_seed(data: &RunData<'_>, s: &ClassifierSettings, seed: u64, out: &P
         test_acc_selected: history[selected].test_acc,
         test_acc_last: history.last().and_then(|e| e.test_acc),
         val_acc_selected: history[selected].val_acc,
+        groups_selected,
+        groups_last,
         seconds: t0.elapsed().as_secs_f64(),
         history,
     })
@@ -354,6 +385,9 @@ pub struct Results {
     /// epoch and at the last epoch.
     pub test_acc_selected: (f64, f64),
     pub test_acc_last: (f64, f64),
+    /// Per-group, group-mean and worst-group test accuracy over seeds (with a group file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<GroupSummary>,
 }
 
 impl Results {
@@ -368,7 +402,15 @@ impl Results {
             test_data: test,
             test_acc_selected: mean_std(&sel),
             test_acc_last: mean_std(&last),
+            groups: group_summary(&seeds),
             seeds,
         }
     }
+}
+
+/// The seeds' group accuracies summarised; `None` unless every seed was evaluated by group.
+pub fn group_summary(seeds: &[SeedResult]) -> Option<GroupSummary> {
+    let selected: Vec<_> = seeds.iter().map(|s| s.groups_selected.as_ref()).collect();
+    let last: Vec<_> = seeds.iter().map(|s| s.groups_last.as_ref()).collect();
+    GroupSummary::over_seeds(&selected, &last)
 }

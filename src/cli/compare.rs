@@ -8,7 +8,9 @@ use diffii::experiment::sweep::Axis;
 use diffii::synth::diffii::{read_suffixes, SettingsRequest};
 use diffii::synth::invert::InversionRequest;
 use diffii::synth::pipeline::Pipeline;
-use diffii::synth::plan::Count;
+use diffii::synth::plan::{Count, Shard};
+use diffii::classify::groups::Groups;
+use diffii::data::lock::Scope;
 
 use super::common::{load_pipeline, DataArgs, ModelArgs, Preset};
 use super::train::ClassifierArgs;
@@ -83,6 +85,16 @@ pub struct Args {
     /// Test images (ImageFolder or list file with the training classes).
     #[arg(long)]
     pub test: PathBuf,
+    /// Group shift: a file of `<test image> <group>` lines giving every test image a group
+    /// (image paths relative to the test set); adds a table of per-group, group-mean and
+    /// worst-group accuracy.
+    #[arg(long)]
+    pub test_groups: Option<PathBuf>,
+    /// Run only part i of n of the seeds (0-based, e.g. `--shard $SLURM_ARRAY_TASK_ID/$N`; seed
+    /// k of --seeds goes to shard k mod n) into the same --out; when every shard has finished, the
+    /// same command without --shard assembles results.json without recomputing any cell.
+    #[arg(long, default_value = "0/1")]
+    pub shard: Shard,
     /// Output folder: <method>/seed-<s>/ cells, results.json, results.md.
     #[arg(long)]
     pub out: PathBuf,
@@ -120,6 +132,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     classifier.check()?;
     let train = Dataset::open(&a.data.data, a.data.class_names.as_deref())?;
     let test = Dataset::open(&a.test, a.data.class_names.as_deref())?;
+    let groups = a.test_groups.as_deref().map(|g| Groups::read(g, &test)).transpose()?;
     let generating = a.methods.iter().any(|m| !matches!(m, MethodKind::None | MethodKind::Classic));
     let p = if generating { Some(load_pipeline(&a.model)?) } else { None };
     let g = &a.gen;
@@ -148,10 +161,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let baselines = BaselineOptions { strengths: g.strengths.clone(), mix_strengths: g.mix_strengths.clone(), mix_gamma: g.mix_gamma };
     let methods = resolve_methods(&a.methods, &a.sweep, &request, &baselines, a.with_classic, p.as_ref())?;
-    let plan = compare::Plan { methods: &methods, seeds: &a.seeds, classifier: &classifier, gen_batch: g.gen_batch, filter_min: a.filter_min, progress: !a.quiet };
-    let _lock = diffii::data::lock::lock_output(&a.out, diffii::data::lock::Scope::Whole)?;
+    let plan = compare::Plan { methods: &methods, seeds: &a.seeds, classifier: &classifier, gen_batch: g.gen_batch, filter_min: a.filter_min, test_groups: groups.as_ref(), shard: a.shard, progress: !a.quiet };
+    let scope = if a.shard.is_all() { Scope::Whole } else { Scope::Shard { index: a.shard.index, count: a.shard.count } };
+    let _lock = diffii::data::lock::lock_output(&a.out, scope)?;
     let results = compare::run(p.as_ref(), &train, &test, &plan, &a.out)?;
     print!("{}", compare::markdown(&results));
-    println!("results in {} (results.json, results.md)", a.out.display());
+    if a.shard.is_all() {
+        println!("results in {} (results.json, results.md)", a.out.display());
+    } else {
+        let (i, n) = (a.shard.index, a.shard.count);
+        println!("shard {i}/{n} done: {}; when every shard is done, run the same command without --shard to write results.json", a.out.join(format!("results.shard-{i}-of-{n}.json")).display());
+    }
     Ok(())
 }

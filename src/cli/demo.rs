@@ -184,6 +184,7 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
         model: &a.model,
         pool: &pool,
         test: &test,
+        test_groups: None,
         seeds: &a.seeds,
         classifier: &classifier,
         concepts: &concepts,

@@ -1,9 +1,10 @@
 //! `diffii eval`: the accuracy of a classifier trained by `diffii train` on a labelled set,
-//! overall and per class.
+//! overall, per class and, with a group file, per group.
 use std::path::PathBuf;
 
 use diffii::classify::data::ImageSet;
-use diffii::classify::train::{count_correct, load_model};
+use diffii::classify::groups::Groups;
+use diffii::classify::train::{correct_each, load_model};
 use diffii::data::dataset::Dataset;
 
 #[derive(clap::Args, Debug)]
@@ -14,6 +15,10 @@ pub struct Args {
     /// Labelled images (ImageFolder or list file) with the model's classes.
     #[arg(long)]
     pub data: PathBuf,
+    /// Group shift: a file of `<image> <group>` lines giving every image of --data a group
+    /// (paths relative to it); adds per-group, group-mean and worst-group accuracy.
+    #[arg(long)]
+    pub groups: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -22,22 +27,34 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if ds.classes != info.classes {
         anyhow::bail!("{}: classes {:?} differ from the model's {:?}", a.data.display(), ds.classes, info.classes);
     }
-    // One pass per class (items are sorted by class); the overall figure is their sum.
+    let groups = a.groups.as_deref().map(|g| Groups::read(g, &ds)).transpose()?;
+    // One pass per class (items are sorted by class, so the flags follow the item order).
     let mut per_class = Vec::new();
+    let mut correct = Vec::with_capacity(ds.items.len());
     for (c, items) in ds.class_members().iter().enumerate() {
         if items.is_empty() {
             continue;
         }
         let set = ImageSet::load(&ds, items, info.size, info.resize)?;
-        per_class.push((c, count_correct(&model, &set.pixels, &set.labels, set.side)?, set.len()));
+        let flags = correct_each(&model, &set.pixels, &set.labels, set.side)?;
+        per_class.push((c, flags.iter().filter(|&&ok| ok).count(), set.len()));
+        correct.extend(flags);
     }
-    let (correct, total) = per_class.iter().fold((0, 0), |(a, b), &(_, c, n)| (a + c, b + n));
+    let total = correct.len();
     if total == 0 {
         anyhow::bail!("{}: no images to evaluate", a.data.display());
     }
-    println!("accuracy {:.2} % on {total} images", 100.0 * correct as f64 / total as f64);
+    let hits = correct.iter().filter(|&&ok| ok).count();
+    println!("accuracy {:.2} % on {total} images", 100.0 * hits as f64 / total as f64);
     for (c, k, n) in per_class {
         println!("  {:<24} {:6.2} % ({n} images)", ds.classes[c], 100.0 * k as f64 / n as f64);
+    }
+    if let Some(g) = groups {
+        let acc = g.accuracy(&correct)?;
+        println!("worst-group accuracy {:.2} %, group mean {:.2} %", 100.0 * acc.worst, 100.0 * acc.mean);
+        for s in &acc.groups {
+            println!("  group {:<18} {:6.2} % ({} images)", s.name, 100.0 * s.accuracy, s.images);
+        }
     }
     Ok(())
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::ValueEnum;
 use diffii::classify::data::{synthetic_dataset, Augment};
+use diffii::classify::groups::{GroupSummary, Groups};
 use diffii::classify::mix::ClassDraw;
 use diffii::classify::protocol::SplitSpec;
 use diffii::classify::train::{train_seed, Arch, ClassifierSettings, Results, RunData, SeedResult};
@@ -32,6 +33,10 @@ pub struct Args {
     /// Test images (ImageFolder or list file with the training classes).
     #[arg(long)]
     pub test: Option<PathBuf>,
+    /// Group shift: a file of `<test image> <group>` lines giving every test image a group
+    /// (image paths relative to the test set); adds per-group, group-mean and worst-group accuracy.
+    #[arg(long, requires = "test")]
+    pub test_groups: Option<PathBuf>,
     /// Output folder: seed-<s>/ (model, history) per seed and results.json.
     #[arg(long)]
     pub out: PathBuf,
@@ -156,9 +161,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let train = Dataset::open(&a.data.data, a.data.class_names.as_deref())?;
     let synthetic = a.synthetic.as_deref().map(|d| synthetic_dataset(d, &train.classes)).transpose()?;
     let test = a.test.as_deref().map(|t| Dataset::open(t, a.data.class_names.as_deref())).transpose()?;
-    let data = RunData { train: &train, synthetic: synthetic.as_ref(), test: test.as_ref() };
+    let groups = match (&a.test_groups, &test) {
+        (Some(path), Some(test)) => Some(Groups::read(path, test)?),
+        _ => None,
+    };
+    let data = RunData { train: &train, synthetic: synthetic.as_ref(), test: test.as_ref(), test_groups: groups.as_ref() };
     let _lock = lock_output(&a.out, Scope::Whole)?;
     write_or_match_settings(a.out.join("train_config.json"), &s, "a classifier run")?;
+    // A finished seed's numbers were measured on these groups (or on none).
+    write_or_match_settings(a.out.join("test_groups.json"), &groups.as_ref().map(Groups::fingerprint), "a classifier run")?;
     let mut seeds = Vec::new();
     for &seed in &a.seeds {
         let dir = a.out.join(format!("seed-{seed}"));
@@ -200,8 +211,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             100.0 * lsd
         );
     }
+    if let Some(g) = &results.groups {
+        print!("{}", group_lines(g));
+    }
     println!("results in {}", a.out.join("results.json").display());
     Ok(())
+}
+
+/// Worst-group, group-mean and per-group accuracy, one line each (also used by `eval`).
+pub fn group_lines(g: &GroupSummary) -> String {
+    let pm = |(m, s): (f64, f64)| format!("{:.2} +- {:.2} %", 100.0 * m, 100.0 * s);
+    let mut out = format!("worst-group accuracy {} (validation-selected epoch), {} (last epoch); group mean {}\n", pm(g.worst_selected), pm(g.worst_last), pm(g.mean_selected));
+    for (name, acc) in &g.per_group_selected {
+        out.push_str(&format!("  group {name:<20} {}\n", pm(*acc)));
+    }
+    out
 }
 
 fn pct(v: Option<f64>) -> String {

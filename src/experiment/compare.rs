@@ -12,7 +12,11 @@
 //! Results: `results.json` and `results.md` — per method, test accuracy at the
 //! validation-selected and at the last epoch (mean +- std over seeds, and per seed), images
 //! generated, the synthetic set's quality judged by the same seed's `none` classifier
-//! ([`crate::experiment::quality`]), generation and training time.
+//! ([`crate::experiment::quality`]), generation and training time; with a test group file,
+//! also the worst-group, group-mean and per-group accuracy ([`crate::classify::groups`]).
+//!
+//! Cells can be spread over machines by seed (`Plan::shard`); all cells of one seed stay in one
+//! shard because a seed's filter and quality figures need that seed's `none` classifier.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -20,7 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::classify::data::{synthetic_dataset, ImageSet};
 use crate::classify::protocol::split;
-use crate::classify::train::{load_model, mean_std, train_seed, ClassifierSettings, RunData, SeedResult};
+use crate::classify::groups::{GroupSummary, Groups};
+use crate::classify::train::{group_summary, load_model, mean_std, train_seed, ClassifierSettings, RunData, SeedResult};
 use crate::experiment::filter::FilterSummary;
 use crate::experiment::quality::{measure, Quality};
 use crate::experiment::sweep::{Candidate, Selection, SweepKey};
@@ -239,6 +244,9 @@ pub struct MethodResult {
     /// Synthetic-set quality (mean over seeds) by the `none` cell's classifier of each seed;
     /// absent for methods that generate nothing or when `none` is not compared.
     pub quality: Option<Quality>,
+    /// Per-group, group-mean and worst-group test accuracy (with a group file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<GroupSummary>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -268,13 +276,20 @@ pub struct Plan<'a> {
     /// Drop synthetic images the seed's `none` classifier gives less than this confidence for
     /// their class (and blank ones) before training ([`crate::experiment::filter`]).
     pub filter_min: Option<f64>,
+    /// The group of every test image (group-shift evaluation).
+    pub test_groups: Option<&'a Groups>,
+    /// Run only the seeds at positions `index`, `index + count`, ... of `seeds`: every cell a
+    /// seed's cells depend on (its `none` judge, its generated images) has that seed, so shards
+    /// never wait for each other. A shard writes `results.shard-<i>-of-<n>.{json,md}`; the same
+    /// command without a shard then finds every cell done and writes `results.json`.
+    pub shard: Shard,
     pub progress: bool,
 }
 
 /// Runs (or resumes) every (method, seed) cell into `out`. `p` is needed when a method
 /// generates.
 pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_>, out: &Path) -> Result<CompareResults> {
-    let Plan { methods, seeds, classifier, gen_batch, filter_min, progress } = *plan;
+    let Plan { methods, seeds, classifier, gen_batch, filter_min, test_groups, shard, progress } = *plan;
     classifier.check()?;
     if methods.is_empty() || seeds.is_empty() {
         return Err(Error::invalid("compare needs at least one method and one seed"));
@@ -296,6 +311,11 @@ pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_
         }
     }
     write_or_match_settings(out.join("filter_config.json"), &filter_min, "a comparison")?;
+    write_or_match_settings(out.join("test_groups.json"), &test_groups.map(Groups::fingerprint), "a comparison")?;
+    let seeds: Vec<u64> = seeds.iter().enumerate().filter(|(k, _)| k % shard.count == shard.index).map(|(_, &s)| s).collect();
+    if seeds.is_empty() {
+        return Err(Error::invalid(format!("shard {}/{} has no seeds: use at most {} shards for {} seeds", shard.index, shard.count, plan.seeds.len(), plan.seeds.len())));
+    }
     // The filter's judge is the `none` classifier: its cells run first.
     let mut order: Vec<usize> = (0..methods.len()).collect();
     order.sort_by_key(|&i| methods[i] != MethodSpec::None);
@@ -305,7 +325,7 @@ pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_
         let name = m.name();
         let (mut seed_results, mut images, mut gen_s, mut train_s) = (Vec::new(), 0, 0.0, 0.0);
         let mut dropped = None;
-        for &seed in seeds {
+        for &seed in &seeds {
             let cell = out.join(&name).join(format!("seed-{seed}"));
             let mut syn = None;
             if let Some(gen) = m.generator() {
@@ -325,7 +345,7 @@ pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_
             let r: SeedResult = if done.is_file() {
                 read_json(&done)?
             } else {
-                let data = RunData { train, synthetic: syn.as_ref(), test: Some(test) };
+                let data = RunData { train, synthetic: syn.as_ref(), test: Some(test), test_groups };
                 let mut settings = classifier.clone();
                 settings.augment.classic |= m.classic();
                 settings.syn_p = m.syn_p().unwrap_or(settings.syn_p);
@@ -346,16 +366,17 @@ pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_
     for (m, row) in methods.iter().zip(rows.iter_mut()) {
         let Some(gen) = m.generator() else { continue };
         let mut per_seed = Vec::new();
-        for &seed in seeds {
+        for &seed in &seeds {
             if let Some(q) = quality_cell(train, classifier, &gen.name(), seed, out)? {
                 per_seed.push(q);
             }
         }
         row.quality = mean_quality(&per_seed);
     }
-    let results = CompareResults { classifier: classifier.clone(), seeds: seeds.to_vec(), selected: select(&rows), methods: rows };
-    write_json_atomic(out.join("results.json"), &results)?;
-    write_atomic(out.join("results.md"), markdown(&results).as_bytes())?;
+    let results = CompareResults { classifier: classifier.clone(), seeds, selected: select(&rows), methods: rows };
+    let stem = if shard.is_all() { "results".to_string() } else { format!("results.shard-{}-of-{}", shard.index, shard.count) };
+    write_json_atomic(out.join(format!("{stem}.json")), &results)?;
+    write_atomic(out.join(format!("{stem}.md")), markdown(&results).as_bytes())?;
     Ok(results)
 }
 
@@ -372,6 +393,7 @@ impl MethodResult {
             synthetic_dropped: None,
             test_acc_selected: mean_std(&sel),
             test_acc_last: mean_std(&last),
+            groups: group_summary(&seeds),
             seeds,
             quality,
         }
@@ -586,6 +608,9 @@ pub fn markdown(r: &CompareResults) -> String {
     for m in &r.methods {
         out.push_str(&format!("| {} |\n", RowText::new(m).cells("+-").join(" | ")));
     }
+    if r.methods.iter().any(|m| m.groups.is_some()) {
+        out.push_str(&format!("\nBy test group (val-selected epoch unless marked):\n\n{}", group_markdown(&r.methods)));
+    }
     if !r.selected.is_empty() {
         out.push_str("\nSelected on validation accuracy (mean over seeds; the test set never chooses):\n\n");
         out.push_str("| method | chosen setting | of | val acc (%) | test acc, val-selected epoch (%) |\n|---|---|---|---|---|\n");
@@ -593,6 +618,39 @@ pub fn markdown(r: &CompareResults) -> String {
             let (m, sd) = s.test_acc_selected;
             out.push_str(&format!("| {} | {} | {} | {:.2} | {:.2} +- {:.2} |\n", s.family, s.method, s.variants, 100.0 * s.val_acc, 100.0 * m, 100.0 * sd));
         }
+    }
+    out
+}
+
+/// The group-shift columns: all images, group mean, worst group (val-selected and last epoch),
+/// then each group; empty when no method has group accuracies.
+pub fn group_columns(rows: &[MethodResult]) -> Vec<String> {
+    let Some(g) = rows.iter().find_map(|m| m.groups.as_ref()) else { return Vec::new() };
+    let mut cols: Vec<String> = ["method", "all images (%)", "group mean (%)", "worst group (%)", "worst group, last epoch (%)"].map(String::from).to_vec();
+    cols.extend(g.per_group_selected.iter().map(|(name, _)| format!("{name} (%)")));
+    cols
+}
+
+/// One method's cells under [`group_columns`] (`-` where not measured), mean and std joined by
+/// `plus_minus`.
+pub fn group_cells(m: &MethodResult, groups: usize, plus_minus: &str) -> Vec<String> {
+    let pm = |(mean, std): (f64, f64)| format!("{:.2} {plus_minus} {:.2}", 100.0 * mean, 100.0 * std);
+    let mut cells = vec![m.method.clone(), pm(m.test_acc_selected)];
+    match &m.groups {
+        Some(g) => {
+            cells.extend([pm(g.mean_selected), pm(g.worst_selected), pm(g.worst_last)]);
+            cells.extend(g.per_group_selected.iter().map(|(_, a)| pm(*a)));
+        }
+        None => cells.extend(std::iter::repeat_n("-".to_string(), 3 + groups)),
+    }
+    cells
+}
+
+fn group_markdown(rows: &[MethodResult]) -> String {
+    let cols = group_columns(rows);
+    let mut out = format!("| {} |\n|{}\n", cols.join(" | "), "---|".repeat(cols.len()));
+    for m in rows {
+        out.push_str(&format!("| {} |\n", group_cells(m, cols.len() - 5, "+-").join(" | ")));
     }
     out
 }

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::classify::groups::Groups;
 use crate::classify::protocol::split;
 use crate::classify::train::ClassifierSettings;
 use crate::data::atomic::{write_atomic, write_json_atomic};
@@ -22,6 +23,7 @@ use crate::error::{read_json, Error, Result};
 use crate::experiment::compare::{self, CompareResults, MethodSpec, Plan};
 use crate::experiment::report::{self, Grid, ReportInput, Stage};
 use crate::synth::pipeline::{Pipeline, PipelineSpec};
+use crate::synth::plan::Shard;
 use crate::train::concepts::{load_model, TrainOptions, TrainRequest, TrainSettings, Trainer};
 
 /// What the demo runs.
@@ -30,6 +32,8 @@ pub struct Demo<'a> {
     /// The real images: the pool the protocol draws training and validation images from.
     pub pool: &'a Dataset,
     pub test: &'a Dataset,
+    /// The group of every test image (group-shift protocol).
+    pub test_groups: Option<&'a Groups>,
     pub seeds: &'a [u64],
     pub classifier: &'a ClassifierSettings,
     /// Concept learning (its seed is replaced by each protocol seed).
@@ -83,7 +87,7 @@ pub fn run(d: &Demo<'_>, out: &Path) -> Result<CompareResults> {
             precision: Default::default(),
         })?;
         let methods = (d.methods)(&p)?;
-        let plan = Plan { methods: &methods, seeds: &[seed], classifier: d.classifier, gen_batch: d.gen_batch, filter_min: d.filter_min, progress: d.progress };
+        let plan = Plan { methods: &methods, seeds: &[seed], classifier: d.classifier, gen_batch: d.gen_batch, filter_min: d.filter_min, test_groups: d.test_groups, shard: Shard::ALL, progress: d.progress };
         if d.progress {
             eprintln!("[demo] seed {seed}: generating and training classifiers");
         }

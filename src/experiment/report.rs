@@ -16,7 +16,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::data::atomic::write_atomic;
 use crate::error::{Error, Result};
-use crate::experiment::compare::{CompareResults, MethodResult, RowText, COLUMNS};
+use crate::experiment::compare::{group_cells, group_columns, CompareResults, MethodResult, RowText, COLUMNS};
 
 /// An image grid (e.g. real shots, or one generating method's images), as PNG bytes.
 #[derive(Clone, Debug)]
@@ -110,6 +110,7 @@ pub fn render(input: &ReportInput) -> Result<String> {
 
     h.push_str("<h2>Results</h2>\n");
     results_table(&mut h, &r.methods);
+    group_table(&mut h, &r.methods);
     selection_table(&mut h, &r.selected);
 
     if !input.grids.is_empty() {
@@ -168,14 +169,42 @@ fn results_table(h: &mut String, methods: &[MethodResult]) {
         if m.test_acc_selected.0 == best {
             cells[1] = format!("<strong>{}</strong> ± {}", escape(&row.acc_selected.0), escape(&row.acc_selected.1));
         }
-        h.push_str("<tr>");
-        for (i, c) in cells.iter().enumerate() {
-            let class = if i == 0 { "" } else { " class=\"num\"" };
-            let _ = write!(h, "<td{class}>{c}</td>");
-        }
-        h.push_str("</tr>\n");
+        push_row(h, &cells);
     }
     h.push_str("</tbody>\n</table>\n</div>\n");
+}
+
+/// Accuracy by test group, when the test set has groups; the best worst-group mean in bold.
+fn group_table(h: &mut String, methods: &[MethodResult]) {
+    let cols = group_columns(methods);
+    if cols.is_empty() {
+        return;
+    }
+    let best = methods.iter().filter_map(|m| m.groups.as_ref().map(|g| g.worst_selected.0)).filter(|v| v.is_finite()).fold(f64::NEG_INFINITY, f64::max);
+    h.push_str("<p>By test group, at the validation-selected epoch unless marked (group mean: each group counts once; worst group: the lowest):</p>\n");
+    h.push_str("<div class=\"scroll\">\n<table class=\"results\">\n<thead><tr>");
+    for c in &cols {
+        let _ = write!(h, "<th>{}</th>", escape(c));
+    }
+    h.push_str("</tr></thead>\n<tbody>\n");
+    for m in methods {
+        let mut cells: Vec<String> = group_cells(m, cols.len() - 5, "±").iter().map(|c| escape(c)).collect();
+        if m.groups.as_ref().is_some_and(|g| g.worst_selected.0 == best) {
+            cells[3] = format!("<strong>{}</strong>", cells[3]);
+        }
+        push_row(h, &cells);
+    }
+    h.push_str("</tbody>\n</table>\n</div>\n");
+}
+
+/// One table row of escaped cells; every column after the first holds a number.
+fn push_row(h: &mut String, cells: &[String]) {
+    h.push_str("<tr>");
+    for (i, c) in cells.iter().enumerate() {
+        let class = if i == 0 { "" } else { " class=\"num\"" };
+        let _ = write!(h, "<td{class}>{c}</td>");
+    }
+    h.push_str("</tr>\n");
 }
 
 /// The sweep's choices, when there was a sweep.
