@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use diffii::classify::protocol::SplitSpec;
+use diffii::classify::groups::Groups;
 use diffii::data::bundle;
+use diffii::data::shift::{self, ShiftSpec};
+use diffii::experiment::report::Grid;
 use diffii::experiment::compare::{BaselineOptions, MethodKind};
 use diffii::experiment::demo::{run, Demo};
 use diffii::synth::diffii::SettingsRequest;
@@ -16,6 +19,8 @@ use super::train::ClassifierArgs;
 
 /// The shipped mini SD model.
 pub const DEMO_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fashion-mini-sd");
+/// The shipped RGB mini SD model of the group-shift world (trained on coloured backgrounds).
+pub const DEMO_MODEL_RGB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fashion-mini-sd-rgb");
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -23,6 +28,10 @@ pub enum Protocol {
     FewShot,
     /// Every pool image, thinned to a long tail (`--imbalance`, default 0.01).
     LongTail,
+    /// Group shift (Waterbirds-style): few-shot on the coloured world, where a background colour
+    /// agrees with the label group in 95 % of the training images and is independent of it at
+    /// test; reports per-group, group-mean and worst-group accuracy.
+    Ood,
 }
 
 #[derive(clap::Args, Debug)]
@@ -30,9 +39,10 @@ pub struct Args {
     /// Output folder (a rerun resumes it).
     #[arg(long, default_value = "demo-out")]
     pub out: PathBuf,
-    /// The model (default: the shipped mini SD trained by `diffii pretrain` on Fashion-MNIST).
-    #[arg(long, default_value = DEMO_MODEL)]
-    pub model: PathBuf,
+    /// The model (default: the shipped mini SD trained by `diffii pretrain` on Fashion-MNIST;
+    /// with `--protocol ood` its RGB sibling trained on coloured backgrounds).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// The real images: the shipped Fashion-MNIST subset (pool and test set).
     #[arg(long, default_value = bundle::FASHION_MNIST_SUBSET)]
     pub data: PathBuf,
@@ -106,14 +116,22 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
     if !a.guidance.is_finite() || !(0.0..=1.0).contains(&a.strength) {
         anyhow::bail!("--guidance {} must be finite and --strength {} lie in [0, 1]", a.guidance, a.strength);
     }
+    let ood = a.protocol == Protocol::Ood;
+    let model = a.model.clone().unwrap_or_else(|| PathBuf::from(if ood { DEMO_MODEL_RGB } else { DEMO_MODEL }));
     let b = bundle::load(&a.data)?;
-    let m = bundle::materialize(&b, &a.out.join("data"))?;
+    let (m, groups_file) = if ood {
+        let w = shift::materialize(&b, &ShiftSpec::default(), &a.out.join("data-ood"))?;
+        (w.folders, Some(w.test_groups))
+    } else {
+        (bundle::materialize(&b, &a.out.join("data"))?, None)
+    };
     let (pool, test) = m.open()?;
+    let groups = groups_file.as_deref().map(|g| Groups::read(g, &test)).transpose()?;
     let mut classifier = a.classifier.settings();
     // Few-shot: 5 shots unless --shots says otherwise; long tail: --imbalance 0.01 by default.
     classifier.split = SplitSpec {
         val_per_class: a.classifier.val_per_class,
-        shots: (a.protocol == Protocol::FewShot).then_some(a.classifier.shots.unwrap_or(5)),
+        shots: (a.protocol != Protocol::LongTail).then_some(a.classifier.shots.unwrap_or(5)),
         imbalance: (a.protocol == Protocol::LongTail).then_some(a.classifier.imbalance.unwrap_or(0.01)),
     };
     classifier.check()?;
@@ -164,6 +182,12 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
     let protocol = match a.protocol {
         Protocol::FewShot => format!("{} real training images per class", classifier.split.shots.unwrap_or(0)),
         Protocol::LongTail => format!("a long tail (imbalance {})", classifier.split.imbalance.unwrap_or(0.0)),
+        Protocol::Ood => format!(
+            "group shift — every image on a coloured background, warm for label group A (T-shirt/top, Pullover, Dress, Sandal, Bag) \
+             and cool for group B (Trouser, Coat, Shirt, Sneaker, Ankle boot) in 95 % of the pool, independent of the label at test \
+             (four test groups, A/B x warm/cool, 500 images each) — with {} real training images per class",
+            classifier.split.shots.unwrap_or(0)
+        ),
     };
     let intro = format!(
         "Fashion-MNIST (Zalando, MIT): {protocol} and {} validation images per class drawn per seed from a pool of {} images, \
@@ -173,18 +197,20 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
         classifier.split.val_per_class,
         pool.items.len(),
         test.items.len(),
-        a.model.display(),
+        model.display(),
         a.seeds,
         a.steps,
         a.guidance,
         a.strength,
         a.expansion
     );
+    let extra_grids = if ood { vec![test_colour_grid(&test, groups.as_ref())?] } else { Vec::new() };
     let demo = Demo {
-        model: &a.model,
+        model: &model,
         pool: &pool,
         test: &test,
-        test_groups: None,
+        test_groups: groups.as_ref(),
+        extra_grids,
         seeds: &a.seeds,
         classifier: &classifier,
         concepts: &concepts,
@@ -192,11 +218,23 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
         gen_batch: a.gen_batch,
         filter_min: a.filter_min,
         progress: !a.quiet,
-        title: "diffii demo: Diff-II on Fashion-MNIST",
+        title: if ood { "diffii demo: group shift on coloured Fashion-MNIST" } else { "diffii demo: Diff-II on Fashion-MNIST" },
         intro: &intro,
     };
     let results = run(&demo, &a.out)?;
     print!("{}", diffii::experiment::compare::markdown(&results));
     println!("report: {}", a.out.join("report.html").display());
     Ok(())
+}
+
+/// The group-shift test set at a glance: per class, warm-background images | cool ones.
+fn test_colour_grid(test: &diffii::data::dataset::Dataset, groups: Option<&Groups>) -> anyhow::Result<Grid> {
+    let g = groups.ok_or_else(|| anyhow::anyhow!("the group-shift test set has no groups"))?;
+    let pick = |colour: &str| diffii::data::dataset::Dataset {
+        root: test.root.clone(),
+        classes: test.classes.clone(),
+        items: test.items.iter().zip(&g.of_item).filter(|(_, &k)| g.names[k].ends_with(colour)).map(|(it, _)| it.clone()).collect(),
+    };
+    let png = diffii::experiment::demo::class_grid(&pick("-warm"), Some(&pick("-cool")))?;
+    Ok(Grid { title: format!("test images: warm backgrounds | cool backgrounds; rows: {}", test.classes.join(", ")), png })
 }

@@ -44,6 +44,11 @@ pub struct Args {
     /// EMA decay of the exported UNet and text encoder.
     #[arg(long)]
     pub ema_decay: Option<f64>,
+    /// Screen-blend every image with a colour drawn per image from the group-shift world's six
+    /// background colours (after its caption is computed, so captions never mention colour):
+    /// trains the RGB generator of `diffii demo --protocol ood`.
+    #[arg(long)]
+    pub coloured_backgrounds: bool,
     /// Save a resumable checkpoint every N steps (a killed run continues from the last one).
     #[arg(long, default_value_t = 100)]
     pub checkpoint_every: usize,
@@ -78,6 +83,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     s.unet.warmup = a.unet_warmup.unwrap_or(s.unet.warmup).min(s.unet.steps);
     s.vae.warmup = s.vae.warmup.min(s.vae.steps);
     s.ema_decay = a.ema_decay.unwrap_or(s.ema_decay);
+    if a.coloured_backgrounds {
+        s.background_colours = diffii::data::shift::palette();
+    }
     if a.checkpoint_every == 0 || a.sample_every == 0 {
         anyhow::bail!("--checkpoint-every and --sample-every must be at least 1");
     }

@@ -168,6 +168,28 @@ impl Materialized {
 /// expected pixels (which also catches files truncated by a crash after the rename), or the
 /// error asks for it to be deleted.
 pub fn materialize(bundle: &Bundle, out: &Path) -> Result<Materialized> {
+    materialize_with(bundle, out, &|_, split, row| Picture::Grey(split.images[row].to_vec()))
+}
+
+/// One image of a materialised folder, [`SIDE`] x [`SIDE`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Picture {
+    Grey(Vec<u8>),
+    Rgb(Vec<u8>),
+}
+
+/// Which split a row being rendered comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitName {
+    Pool,
+    Test,
+}
+
+/// [`materialize`] with each image made by `render(split, its split, row)`: how a variant of the
+/// shipped world (e.g. the coloured group-shift one, [`crate::data::shift`]) is written with
+/// the same guarantees (temporary folder renamed into place, an existing folder checked pixel
+/// by pixel).
+pub fn materialize_with(bundle: &Bundle, out: &Path, render: &dyn Fn(SplitName, &Split, usize) -> Picture) -> Result<Materialized> {
     // The fields are public, so a bundle may not come from `load`.
     check_classes(&bundle.classes).map_err(Error::invalid)?;
     for (split, name) in [(&bundle.pool, "pool"), (&bundle.test, "test")] {
@@ -190,25 +212,25 @@ pub fn materialize(bundle: &Bundle, out: &Path) -> Result<Materialized> {
     }
     let pool = out.join("pool");
     let test = out.join("test");
-    write_split(&bundle.classes, &bundle.pool, &pool)?;
-    write_split(&bundle.classes, &bundle.test, &test)?;
+    write_split(&bundle.classes, &bundle.pool, &pool, &|row| render(SplitName::Pool, &bundle.pool, row))?;
+    write_split(&bundle.classes, &bundle.test, &test, &|row| render(SplitName::Test, &bundle.test, row))?;
     Ok(Materialized { pool, test, class_names })
 }
 
 /// `class -> file name -> pixels` of the folder a split becomes.
-type Layout<'a> = BTreeMap<&'a str, BTreeMap<String, &'a [u8; PIXELS]>>;
+type Layout<'a> = BTreeMap<&'a str, BTreeMap<String, Picture>>;
 
-fn layout<'a>(classes: &'a [String], split: &'a Split) -> Layout<'a> {
+fn layout<'a>(classes: &'a [String], split: &Split, render: &dyn Fn(usize) -> Picture) -> Layout<'a> {
     let mut files: Layout = classes.iter().map(|c| (c.as_str(), BTreeMap::new())).collect();
-    for ((px, &label), index) in split.images.iter().zip(&split.labels).zip(&split.index) {
+    for (row, (&label, index)) in split.labels.iter().zip(&split.index).enumerate() {
         let class = files.get_mut(classes[label].as_str()).expect("every class has an entry");
-        class.insert(format!("{index:05}.png"), px);
+        class.insert(format!("{index:05}.png"), render(row));
     }
     files
 }
 
-fn write_split(classes: &[String], split: &Split, dir: &Path) -> Result<()> {
-    let files = layout(classes, split);
+fn write_split(classes: &[String], split: &Split, dir: &Path, render: &dyn Fn(usize) -> Picture) -> Result<()> {
+    let files = layout(classes, split, render);
     if dir.exists() {
         return check_folder(dir, &files);
     }
@@ -226,7 +248,7 @@ fn write_split(classes: &[String], split: &Split, dir: &Path) -> Result<()> {
             std::fs::create_dir_all(&class_dir).map_err(|e| Error::io(&class_dir, e))?;
             for (file, px) in images {
                 let path = class_dir.join(file);
-                std::fs::write(&path, encode_grey_png(&px[..], &path)?).map_err(|e| Error::io(&path, e))?;
+                std::fs::write(&path, encode_png(px, &path)?).map_err(|e| Error::io(&path, e))?;
             }
         }
         std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
@@ -241,11 +263,15 @@ fn write_split(classes: &[String], split: &Split, dir: &Path) -> Result<()> {
     built
 }
 
-fn encode_grey_png(px: &[u8], path: &Path) -> Result<Vec<u8>> {
+fn encode_png(picture: &Picture, path: &Path) -> Result<Vec<u8>> {
+    let (px, colour) = match picture {
+        Picture::Grey(px) => (px, ExtendedColorType::L8),
+        Picture::Rgb(px) => (px, ExtendedColorType::Rgb8),
+    };
     let mut bytes = Vec::new();
     // Fixed settings and no ancillary chunks: the same pixels always give the same bytes.
     PngEncoder::new_with_quality(&mut bytes, CompressionType::Default, FilterType::Adaptive)
-        .write_image(px, SIDE as u32, SIDE as u32, ExtendedColorType::L8)
+        .write_image(px, SIDE as u32, SIDE as u32, colour)
         .map_err(|e| Error::bad_file(path, format!("cannot encode PNG: {e}")))?;
     Ok(bytes)
 }
@@ -277,8 +303,11 @@ fn check_folder(dir: &Path, files: &Layout) -> Result<()> {
         }
         for (file, px) in images {
             let path = class_dir.join(file);
-            let decoded = image::open(&path).map(|im| im.into_luma8().into_raw()).ok();
-            if decoded.as_deref() != Some(&px[..]) {
+            let decoded = image::open(&path).ok().map(|im| match px {
+                Picture::Grey(_) => Picture::Grey(im.into_luma8().into_raw()),
+                Picture::Rgb(_) => Picture::Rgb(im.into_rgb8().into_raw()),
+            });
+            if decoded.as_ref() != Some(px) {
                 return Err(wrong(format!("`{class}/{file}` is unreadable or has other pixels")));
             }
         }

@@ -34,6 +34,8 @@ pub struct Demo<'a> {
     pub test: &'a Dataset,
     /// The group of every test image (group-shift protocol).
     pub test_groups: Option<&'a Groups>,
+    /// Shown in the report before the method grids (e.g. the test set's groups).
+    pub extra_grids: Vec<Grid>,
     pub seeds: &'a [u64],
     pub classifier: &'a ClassifierSettings,
     /// Concept learning (its seed is replaced by each protocol seed).
@@ -104,7 +106,8 @@ pub fn run(d: &Demo<'_>, out: &Path) -> Result<CompareResults> {
     let results = compare::merge(&per_seed)?;
     write_json_atomic(out.join("results.json"), &results)?;
     write_atomic(out.join("results.md"), compare::markdown(&results).as_bytes())?;
-    let grids = grids(d, out)?;
+    let mut grids = d.extra_grids.clone();
+    grids.extend(grids_of_methods(d, out)?);
     let chance = 1.0 / d.pool.classes.len() as f64;
     report::write(
         &out.join("report.html"),
@@ -139,7 +142,7 @@ const PER_ROW: usize = 8;
 /// One grid per generating method (first seed): each row a class, its real training images
 /// on the left, the method's images of that class on the right; and one of the real images
 /// alone when nothing generates.
-fn grids(d: &Demo<'_>, out: &Path) -> Result<Vec<Grid>> {
+fn grids_of_methods(d: &Demo<'_>, out: &Path) -> Result<Vec<Grid>> {
     let Some(&seed) = d.seeds.first() else { return Ok(Vec::new()) };
     let sp = split(d.pool, &d.classifier.split, seed)?;
     let shots = subset(d.pool, &sp.train);
@@ -168,7 +171,7 @@ fn grids(d: &Demo<'_>, out: &Path) -> Result<Vec<Grid>> {
 
 /// A PNG with one row per class: the real images of `real` (as many as the largest class
 /// has, up to [`PER_ROW`]), a gap, then up to [`PER_ROW`] images of `synthetic`.
-fn class_grid(real: &Dataset, synthetic: Option<&Dataset>) -> Result<Vec<u8>> {
+pub fn class_grid(real: &Dataset, synthetic: Option<&Dataset>) -> Result<Vec<u8>> {
     const SIDE: usize = 32;
     const GAP: usize = 12;
     let real_members = real.class_members();

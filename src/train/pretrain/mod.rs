@@ -242,6 +242,12 @@ pub struct PretrainSettings {
     pub ema_decay: f64,
     pub caption_keep: f64,
     pub caption_empty: f64,
+    /// When not empty, every image is screen-blended with one of these colours (drawn per image
+    /// from the seed and its path) after its caption is computed: black backgrounds take the
+    /// colour, and the captions stay colour-agnostic. Makes a generator that can draw the
+    /// coloured group-shift world ([`crate::data::shift`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub background_colours: Vec<[u8; 3]>,
 }
 
 impl PretrainSettings {
@@ -258,6 +264,7 @@ impl PretrainSettings {
             ema_decay: 0.995,
             caption_keep: 0.7,
             caption_empty: 0.1,
+            background_colours: Vec::new(),
         }
     }
 
@@ -346,9 +353,16 @@ pub fn run(ds: &Dataset, s: &PretrainSettings, cadence: &Cadence, out: &Path) ->
     write_or_match_settings(out.join("pretrain_config.json"), s, "a pretraining run")?;
     let paths = Paths { out: out.to_path_buf() };
     let sha = crate::hash::settings_sha256(s);
-    let images = load_images(ds, s.arch.image_size)?;
+    let mut images = load_images(ds, s.arch.image_size)?;
     let side = s.arch.image_size;
     let attrs: Vec<[f64; 4]> = images.par_iter().map(|p| captions::attributes(p, side)).collect();
+    if !s.background_colours.is_empty() {
+        let n = s.background_colours.len() as u64;
+        for (px, it) in images.iter_mut().zip(&ds.items) {
+            let k = derive_u64(&[b"diffii-pretrain-colour\0", &s.seed.to_le_bytes(), it.rel.as_bytes()]) % n;
+            *px = crate::data::shift::screen(px, s.background_colours[k as usize]);
+        }
+    }
     let captioner = Captioner::fit(&attrs, s.caption_keep, s.caption_empty);
     write_json_atomic(out.join("captions.json"), &captioner)?;
     let model = paths.model();
