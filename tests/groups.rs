@@ -53,7 +53,7 @@ fn group_files_are_read_by_test_image_path_and_mistakes_are_named() {
     for (text, needle) in [
         ("my imgs/a b.png water\nmy imgs/c.png land\n", "1 of the 3 test images have no group (e.g. my imgs/d.png)"),
         ("my imgs/a b.png water\nmy imgs/c.png land\nmy imgs/c.png water\nmy imgs/d.png land\n", "line 3: `my imgs/c.png` is given a group twice"),
-        ("nogroup.png\n", "line 1: expected `<image> <group>`"),
+        ("nogroup.png\n", "line 1: expected `<image path> <group>`"),
         ("other/e.png land\n", "line 1: `other/e.png` is not an image of the test set"),
     ] {
         let err = Groups::read(&write(text), &test).unwrap_err().to_string();

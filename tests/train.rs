@@ -307,6 +307,46 @@ fn cli_concepts_then_generate_round_trip() {
     assert_eq!(manifest.lines().count(), 2);
     assert!(manifest.contains("a photo of a <class_0> bird") && manifest.contains("\"lora_sha256\":\""), "{manifest}");
     assert!(gen.join("finch/finch_00000.png").is_file() && gen.join("heron/heron_00000.png").is_file());
+    // Diff-AUG is DA-Fusion's img2img on the LoRA model: the same pixels, its own name; without
+    // a LoRA it is refused.
+    let img2img = |method: &str, dir: &str, lora: bool| {
+        let out_dir = root.join(dir);
+        let mut args = vec![
+            "generate", "--method", method, "--model", &model, "--data", &data, "--out", out_dir.to_str().unwrap(), "--superclass", "bird",
+            "--size", "32", "--steps", "4", "--per-class", "1", "--quiet",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(["--concepts".into(), out.join(EMBEDS_FILE).display().to_string()]);
+        if lora {
+            args.extend(["--lora".into(), out.join(LORA_FILE).display().to_string()]);
+        }
+        (diffii(&args.iter().map(String::as_str).collect::<Vec<_>>()), out_dir)
+    };
+    let (o, aug) = img2img("diff-aug", "aug", true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (o, fusion) = img2img("da-fusion", "fusion", true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let png = "finch/finch_00000.png";
+    assert_eq!(std::fs::read(aug.join(png)).unwrap(), std::fs::read(fusion.join(png)).unwrap());
+    assert!(std::fs::read_to_string(aug.join("manifest.jsonl")).unwrap().contains("\"method\":\"diff-aug\""));
+    let (o, _) = img2img("diff-aug", "aug-without", false);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("LoRA"), "{e}");
+    // compare runs it from a concepts + LoRA folder.
+    let test = root.join("test");
+    common::copy_dir(&ds.root, &test);
+    let o = diffii(&[
+        "compare", "--model", &model, "--data", &data, "--test", test.to_str().unwrap(), "--out", root.join("cmp").to_str().unwrap(),
+        "--methods", "none,diff-aug", "--diff-aug-concepts", out.to_str().unwrap(), "--concepts", out.join(EMBEDS_FILE).to_str().unwrap(),
+        "--superclass", "bird", "--steps", "4", "--per-class", "1", "--seeds", "0", "--epochs", "1", "--batch", "2", "--size", "16",
+        "--val-per-class", "1", "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = std::fs::read_to_string(root.join("cmp/results.md")).unwrap();
+    assert!(table.contains("| diff-aug |"), "{table}");
+    assert!(std::fs::read_to_string(root.join("cmp/diff-aug/seed-0/synthetic/manifest.jsonl")).unwrap().contains("\"lora_sha256\":\""));
     // The class map and a missing superclass / init word are checked before any work.
     let o = diffii(&["concepts", "--model", &model, "--data", &data, "--out", root.join("x").to_str().unwrap(), "--quiet"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--superclass"));

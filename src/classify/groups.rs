@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::dataset::Dataset;
+use crate::data::dataset::{path_word_lines, Dataset};
 use crate::error::{Error, Result};
 
 /// Every test image's group.
@@ -31,17 +31,8 @@ impl Groups {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let index: HashMap<&str, usize> = test.items.iter().enumerate().map(|(i, it)| (it.rel.as_str(), i)).collect();
         let mut assigned: Vec<Option<&str>> = vec![None; test.items.len()];
-        for (n, raw) in text.lines().enumerate() {
-            let line = n + 1;
-            let t = raw.trim();
-            if t.is_empty() || t.starts_with('#') {
-                continue;
-            }
-            let Some((pos, ws)) = t.char_indices().rev().find(|(_, c)| c.is_whitespace()) else {
-                return Err(Error::bad_file(path, format!("line {line}: expected `<image> <group>`, got `{t}` (no group)")));
-            };
-            let image = t[..pos].trim_end().trim_start_matches("./");
-            let group = &t[pos + ws.len_utf8()..];
+        for (line, image, group) in path_word_lines(path, &text, "group")? {
+            let image = image.trim_start_matches("./");
             let Some(&i) = index.get(image) else {
                 return Err(Error::bad_file(
                     path,

@@ -76,9 +76,11 @@ pub enum Preset {
 pub enum MethodArg {
     /// Diff-II: interpolated inversions, two-stage guided sampling.
     Diffii,
-    /// DA-Fusion: a real image noised to a drawn strength, denoised toward the concept prompt
-    /// (with --lora: Diff-AUG).
+    /// DA-Fusion: a real image noised to a drawn strength, denoised toward the concept prompt.
     DaFusion,
+    /// Diff-AUG: DA-Fusion's img2img on the model with --lora, a LoRA learned with the concepts
+    /// (`diffii concepts --lora-rank R`).
+    DiffAug,
     /// Diff-Mix: a real image of a random class denoised toward the class's concept, with a
     /// soft label (strength^gamma for the class) in the manifest.
     DiffMix,
@@ -337,6 +339,7 @@ impl GenerateArgs {
             MethodArg::Diffii if self.gen.mix_gamma.is_some() => anyhow::bail!("--mix-gamma is a diff-mix setting"),
             MethodArg::Diffii => MethodSettings::Diffii(Settings::resolve(&r, &p)?),
             MethodArg::DaFusion => MethodSettings::Baseline(BaselineSettings::resolve(&r, Mode::Img2Img, self.gen.strengths.clone(), self.gen.mix_gamma, &p)?),
+            MethodArg::DiffAug => MethodSettings::Baseline(BaselineSettings::resolve(&r, Mode::DiffAug, self.gen.strengths.clone(), self.gen.mix_gamma, &p)?),
             MethodArg::DiffMix => MethodSettings::Baseline(BaselineSettings::resolve(&r, Mode::DiffMix, self.gen.strengths.clone(), self.gen.mix_gamma, &p)?),
             MethodArg::Txt2img => MethodSettings::Baseline(BaselineSettings::resolve(&r, Mode::Txt2Img, self.gen.strengths.clone(), self.gen.mix_gamma, &p)?),
         };

@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 
 use diffii::data::dataset::Dataset;
-use diffii::experiment::compare::{self, BaselineOptions, MethodKind, MethodSpec};
+use diffii::experiment::compare::{self, BaselineOptions, Generators, MethodKind, MethodSpec};
+use diffii::train::concepts::{EMBEDS_FILE, LORA_FILE};
 use diffii::experiment::sweep::Axis;
 use diffii::synth::diffii::{read_suffixes, SettingsRequest};
 use diffii::synth::invert::InversionRequest;
-use diffii::synth::pipeline::Pipeline;
 use diffii::synth::plan::{Count, Shard};
 use diffii::classify::groups::Groups;
 use diffii::data::lock::Scope;
@@ -16,9 +16,9 @@ use super::common::{load_pipeline, DataArgs, ModelArgs, Preset};
 use super::train::ClassifierArgs;
 
 /// Resolves the chosen methods at every point of the sweep (and, with `with_classic`, their
-/// `+classic` variants) from one shared request; `p` is needed when a method generates.
-pub fn resolve_methods(methods: &[MethodKind], sweep: &[Axis], r: &SettingsRequest, b: &BaselineOptions, with_classic: bool, p: Option<&Pipeline>) -> diffii::error::Result<Vec<MethodSpec>> {
-    let mut specs = MethodSpec::resolve_swept(methods, sweep, r, b, p)?;
+/// `+classic` variants) from one shared request; generating methods need their model in `g`.
+pub fn resolve_methods(methods: &[MethodKind], sweep: &[Axis], r: &SettingsRequest, b: &BaselineOptions, with_classic: bool, g: Generators<'_>) -> diffii::error::Result<Vec<MethodSpec>> {
+    let mut specs = MethodSpec::resolve_swept(methods, sweep, r, b, g)?;
     if with_classic {
         MethodSpec::add_classic_variants(&mut specs)?;
     }
@@ -99,12 +99,17 @@ pub struct Args {
     #[arg(long)]
     pub out: PathBuf,
     /// Methods to compare, comma-separated: none (real images only), classic (rotation and
-    /// colour jitter, no generator), diffii, da-fusion, diff-mix, txt2img.
+    /// colour jitter, no generator), diffii, da-fusion, diff-aug (needs --diff-aug-concepts),
+    /// diff-mix, txt2img.
     #[arg(long, value_delimiter = ',', default_value = "none,diffii")]
     pub methods: Vec<MethodKind>,
     /// Protocol seeds (split, classifier; mixed into generation).
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     pub seeds: Vec<u64>,
+    /// Diff-AUG's concept tokens and LoRA: the output folder of `diffii concepts --lora-rank R`
+    /// (learned_embeds.safetensors, pytorch_lora_weights.safetensors) on the same model.
+    #[arg(long)]
+    pub diff_aug_concepts: Option<PathBuf>,
     /// Drop synthetic images that each seed's `none` classifier gives less than this confidence
     /// for their class (and blank ones) before training; the manifest records each drop.
     #[arg(long)]
@@ -133,8 +138,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let train = Dataset::open(&a.data.data, a.data.class_names.as_deref())?;
     let test = Dataset::open(&a.test, a.data.class_names.as_deref())?;
     let groups = a.test_groups.as_deref().map(|g| Groups::read(g, &test)).transpose()?;
-    let generating = a.methods.iter().any(|m| !matches!(m, MethodKind::None | MethodKind::Classic));
+    let generating = a.methods.iter().any(|m| !matches!(m, MethodKind::None | MethodKind::Classic | MethodKind::DiffAug));
     let p = if generating { Some(load_pipeline(&a.model)?) } else { None };
+    let p_lora = match (&a.diff_aug_concepts, a.methods.contains(&MethodKind::DiffAug)) {
+        (Some(dir), true) => {
+            let model = ModelArgs { concepts: vec![dir.join(EMBEDS_FILE)], lora: Some(dir.join(LORA_FILE)), class_map: None, ..a.model.clone() };
+            Some(load_pipeline(&model)?)
+        }
+        (Some(_), false) => anyhow::bail!("--diff-aug-concepts is only used by the diff-aug method: add it to --methods"),
+        (None, _) => None,
+    };
+    let generators = Generators { plain: p.as_ref(), lora: p_lora.as_ref() };
     let g = &a.gen;
     let request = SettingsRequest {
         inversion: InversionRequest {
@@ -160,11 +174,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         quantize: None,
     };
     let baselines = BaselineOptions { strengths: g.strengths.clone(), mix_strengths: g.mix_strengths.clone(), mix_gamma: g.mix_gamma };
-    let methods = resolve_methods(&a.methods, &a.sweep, &request, &baselines, a.with_classic, p.as_ref())?;
+    let methods = resolve_methods(&a.methods, &a.sweep, &request, &baselines, a.with_classic, generators)?;
     let plan = compare::Plan { methods: &methods, seeds: &a.seeds, classifier: &classifier, gen_batch: g.gen_batch, filter_min: a.filter_min, test_groups: groups.as_ref(), shard: a.shard, progress: !a.quiet };
     let scope = if a.shard.is_all() { Scope::Whole } else { Scope::Shard { index: a.shard.index, count: a.shard.count } };
     let _lock = diffii::data::lock::lock_output(&a.out, scope)?;
-    let results = compare::run(p.as_ref(), &train, &test, &plan, &a.out)?;
+    let results = compare::run(generators, &train, &test, &plan, &a.out)?;
     print!("{}", compare::markdown(&results));
     if a.shard.is_all() {
         println!("results in {} (results.json, results.md)", a.out.display());

@@ -7,7 +7,7 @@ use diffii::classify::groups::Groups;
 use diffii::data::bundle;
 use diffii::data::shift::{self, ShiftSpec};
 use diffii::experiment::report::Grid;
-use diffii::experiment::compare::{BaselineOptions, MethodKind};
+use diffii::experiment::compare::{BaselineOptions, Generators, MethodKind};
 use diffii::experiment::demo::{run, Demo};
 use diffii::synth::diffii::SettingsRequest;
 use diffii::synth::invert::InversionRequest;
@@ -51,7 +51,8 @@ pub struct Args {
     /// Protocol seeds.
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     pub seeds: Vec<u64>,
-    /// Methods, comma-separated (default: none, classic, diffii, da-fusion, diff-mix, txt2img).
+    /// Methods, comma-separated (default: none, classic, diffii, da-fusion, diff-aug, diff-mix,
+    /// txt2img; diff-aug adds a concept + LoRA learning run per seed).
     #[arg(long, value_delimiter = ',')]
     pub methods: Option<Vec<MethodKind>>,
     /// Concept-learning steps per class.
@@ -177,8 +178,18 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
         seed: 0,
         quantize: None,
     };
+    // Diff-AUG learns the tokens of all classes jointly with a rank-4 LoRA of the UNet's
+    // attention projections, for as many image draws as the per-class tokens see in all.
+    let lora_concepts = methods.contains(&MethodKind::DiffAug).then(|| TrainRequest {
+        mode: Some(TrainMode::Joint),
+        steps: Some(a.concept_steps * pool.classes.len()),
+        lora_rank: Some(4),
+        lora_alpha: Some(4.0),
+        lora_lr: Some(1e-3),
+        ..concepts.clone()
+    });
     let full = a.full;
-    let resolve = |p: &diffii::synth::pipeline::Pipeline| resolve_methods(&methods, &a.sweep, &request, &BaselineOptions::default(), full, Some(p));
+    let resolve = |g: Generators<'_>| resolve_methods(&methods, &a.sweep, &request, &BaselineOptions::default(), full, g);
     let protocol = match a.protocol {
         Protocol::FewShot => format!("{} real training images per class", classifier.split.shots.unwrap_or(0)),
         Protocol::LongTail => format!("a long tail (imbalance {})", classifier.split.imbalance.unwrap_or(0.0)),
@@ -214,6 +225,7 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
         seeds: &a.seeds,
         classifier: &classifier,
         concepts: &concepts,
+        lora_concepts: lora_concepts.as_ref(),
         methods: &resolve,
         gen_batch: a.gen_batch,
         filter_min: a.filter_min,

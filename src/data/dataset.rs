@@ -210,23 +210,7 @@ impl Dataset {
             path: &'a str,
             label: &'a str,
         }
-        let mut entries = Vec::new();
-        for (i, raw) in text.lines().enumerate() {
-            let line = i + 1;
-            let t = raw.trim();
-            if t.is_empty() || t.starts_with('#') {
-                continue;
-            }
-            let Some((pos, ws)) = t.char_indices().rev().find(|(_, c)| c.is_whitespace()) else {
-                return Err(Error::bad_file(
-                    list,
-                    format!("line {line}: expected `<image path> <label>`, got `{t}` (no label)"),
-                ));
-            };
-            let path = t[..pos].trim_end();
-            let label = &t[pos + ws.len_utf8()..];
-            entries.push(Entry { line, path, label });
-        }
+        let entries: Vec<Entry> = path_word_lines(list, &text, "label")?.into_iter().map(|(line, path, label)| Entry { line, path, label }).collect();
         if entries.is_empty() {
             return Err(Error::bad_file(
                 list,
@@ -417,6 +401,25 @@ impl Dataset {
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
+}
+
+/// The `(line number, path, word)` entries of a file of `<image path> <word>` lines, skipping
+/// blank lines and `#` comments. The word is the last whitespace-separated one, so paths may
+/// contain spaces; `what` names the word in errors (e.g. `label`).
+pub fn path_word_lines<'a>(file: &Path, text: &'a str, what: &str) -> Result<Vec<(usize, &'a str, &'a str)>> {
+    let mut entries = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let t = raw.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let Some((pos, ws)) = t.char_indices().rev().find(|(_, c)| c.is_whitespace()) else {
+            return Err(Error::bad_file(file, format!("line {line}: expected `<image path> <{what}>`, got `{t}` (no {what})")));
+        };
+        entries.push((line, t[..pos].trim_end(), &t[pos + ws.len_utf8()..]));
+    }
+    Ok(entries)
 }
 
 /// Reads a class-names file: one name per line, in class-index order; blank lines and lines

@@ -72,10 +72,41 @@ pub enum MethodKind {
     DiffMix,
     /// Text-to-image from the concept prompt.
     Txt2img,
+    /// Diff-AUG: DA-Fusion's img2img on the model with a LoRA learned with the concepts.
+    DiffAug,
+}
+
+/// The models a comparison generates with: the model with the concept tokens, and for
+/// Diff-AUG the model with its own concept tokens and the LoRA learned with them.
+#[derive(Clone, Copy, Default)]
+pub struct Generators<'a> {
+    pub plain: Option<&'a Pipeline>,
+    pub lora: Option<&'a Pipeline>,
+}
+
+impl<'a> Generators<'a> {
+    /// The model `kind` generates with.
+    fn for_kind(&self, kind: MethodKind) -> Result<&'a Pipeline> {
+        match kind {
+            MethodKind::DiffAug => self.lora.ok_or_else(|| {
+                Error::invalid("diff-aug needs concepts learned with a LoRA: pass --diff-aug-concepts (a `diffii concepts --lora-rank R` output folder)")
+            }),
+            _ => self.plain.ok_or_else(|| Error::invalid("generating methods need a model (--model)")),
+        }
+    }
+
+    /// The model the synthesis settings `m` generate with.
+    fn for_spec(&self, m: &MethodSpec) -> Result<&'a Pipeline> {
+        match m {
+            MethodSpec::Baseline(s) if s.mode == crate::synth::img2img::Mode::DiffAug => self.for_kind(MethodKind::DiffAug),
+            _ => self.for_kind(MethodKind::Diffii),
+        }
+    }
 }
 
 impl MethodKind {
-    pub const ALL: [MethodKind; 6] = [MethodKind::None, MethodKind::Classic, MethodKind::Diffii, MethodKind::DaFusion, MethodKind::DiffMix, MethodKind::Txt2img];
+    pub const ALL: [MethodKind; 7] =
+        [MethodKind::None, MethodKind::Classic, MethodKind::Diffii, MethodKind::DaFusion, MethodKind::DiffAug, MethodKind::DiffMix, MethodKind::Txt2img];
 
     /// The name a user types, which is also the method's results row.
     pub fn name(self) -> &'static str {
@@ -86,6 +117,7 @@ impl MethodKind {
             MethodKind::DaFusion => "da-fusion",
             MethodKind::DiffMix => "diff-mix",
             MethodKind::Txt2img => "txt2img",
+            MethodKind::DiffAug => "diff-aug",
         }
     }
 
@@ -120,15 +152,17 @@ pub struct BaselineOptions {
 
 impl MethodSpec {
     /// `kind` with its settings resolved from one request shared by every method (Diff-II's own
-    /// fields reach Diff-II only) and the baselines' options. Generating methods need `p`.
-    pub fn resolve(kind: MethodKind, r: &SettingsRequest, b: &BaselineOptions, p: Option<&Pipeline>) -> Result<Self> {
+    /// fields reach Diff-II only) and the baselines' options. Generating methods need their model
+    /// in `g`.
+    pub fn resolve(kind: MethodKind, r: &SettingsRequest, b: &BaselineOptions, g: Generators<'_>) -> Result<Self> {
         use crate::synth::img2img::{Mode, Settings as Baseline};
-        let model = || p.ok_or_else(|| Error::invalid("generating methods need a model (--model)"));
+        let model = || g.for_kind(kind);
         Ok(match kind {
             MethodKind::None => MethodSpec::None,
             MethodKind::Classic => MethodSpec::Classic,
             MethodKind::Diffii => MethodSpec::Diffii(crate::synth::diffii::Settings::resolve(r, model()?)?),
             MethodKind::DaFusion => MethodSpec::Baseline(Baseline::resolve(&r.shared(), Mode::Img2Img, b.strengths.clone(), None, model()?)?),
+            MethodKind::DiffAug => MethodSpec::Baseline(Baseline::resolve(&r.shared(), Mode::DiffAug, b.strengths.clone(), None, model()?)?),
             MethodKind::DiffMix => MethodSpec::Baseline(Baseline::resolve(&r.shared(), Mode::DiffMix, b.mix_strengths.clone(), b.mix_gamma, model()?)?),
             MethodKind::Txt2img => MethodSpec::Baseline(Baseline::resolve(&r.shared(), Mode::Txt2Img, None, None, model()?)?),
         })
@@ -150,13 +184,13 @@ impl MethodSpec {
 
     /// Every method of `kinds` at every point of the sweep `axes` that applies to it (a method
     /// no axis applies to appears once, unlabelled).
-    pub fn resolve_swept(kinds: &[MethodKind], axes: &[crate::experiment::sweep::Axis], r: &SettingsRequest, b: &BaselineOptions, p: Option<&Pipeline>) -> Result<Vec<Self>> {
+    pub fn resolve_swept(kinds: &[MethodKind], axes: &[crate::experiment::sweep::Axis], r: &SettingsRequest, b: &BaselineOptions, g: Generators<'_>) -> Result<Vec<Self>> {
         use crate::experiment::sweep::{apply, label, points};
         let mut out = Vec::new();
         for &kind in kinds {
             for point in points(axes, |k| kind.swept_by(k))? {
                 let (request, syn_p) = apply(&point, r);
-                let mut spec = MethodSpec::resolve(kind, &request, b, p)?;
+                let mut spec = MethodSpec::resolve(kind, &request, b, g)?;
                 let (training, generation): (Vec<_>, Vec<_>) = point.into_iter().partition(|(k, _)| *k == SweepKey::SynP);
                 if !generation.is_empty() {
                     spec = MethodSpec::Variant { label: label(&generation), base: Box::new(spec), syn_p: None };
@@ -286,9 +320,9 @@ pub struct Plan<'a> {
     pub progress: bool,
 }
 
-/// Runs (or resumes) every (method, seed) cell into `out`. `p` is needed when a method
-/// generates.
-pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_>, out: &Path) -> Result<CompareResults> {
+/// Runs (or resumes) every (method, seed) cell into `out`; generating methods need their model
+/// in `g`.
+pub fn run(g: Generators<'_>, train: &Dataset, test: &Dataset, plan: &Plan<'_>, out: &Path) -> Result<CompareResults> {
     let Plan { methods, seeds, classifier, gen_batch, filter_min, test_groups, shard, progress } = *plan;
     classifier.check()?;
     if methods.is_empty() || seeds.is_empty() {
@@ -331,7 +365,7 @@ pub fn run(p: Option<&Pipeline>, train: &Dataset, test: &Dataset, plan: &Plan<'_
             if let Some(gen) = m.generator() {
                 // A `+classic` variant trains with its generator's own cell's images.
                 let synthetic_dir = out.join(gen.name()).join(format!("seed-{seed}")).join("synthetic");
-                let p = p.ok_or_else(|| Error::invalid(format!("{name} generates images: a model is needed")))?;
+                let p = g.for_spec(gen.synthesis().unwrap_or(gen))?;
                 let g = generate_cell(p, train, classifier, gen, seed, gen_batch, &synthetic_dir, progress)?;
                 images += g.images;
                 gen_s += g.seconds;

@@ -20,7 +20,7 @@ use crate::data::atomic::{write_atomic, write_json_atomic};
 use crate::data::dataset::Dataset;
 use crate::data::image::{load_rgb8, prepare, ResizePolicy};
 use crate::error::{read_json, Error, Result};
-use crate::experiment::compare::{self, CompareResults, MethodSpec, Plan};
+use crate::experiment::compare::{self, CompareResults, Generators, MethodSpec, Plan};
 use crate::experiment::report::{self, Grid, ReportInput, Stage};
 use crate::synth::pipeline::{Pipeline, PipelineSpec};
 use crate::synth::plan::Shard;
@@ -40,8 +40,11 @@ pub struct Demo<'a> {
     pub classifier: &'a ClassifierSettings,
     /// Concept learning (its seed is replaced by each protocol seed).
     pub concepts: &'a TrainRequest,
-    /// The methods, resolved against a seed's pipeline (model + that seed's concepts).
-    pub methods: &'a dyn Fn(&Pipeline) -> Result<Vec<MethodSpec>>,
+    /// Concept learning with a LoRA, for Diff-AUG (its seed is replaced likewise).
+    pub lora_concepts: Option<&'a TrainRequest>,
+    /// The methods, resolved against a seed's models (model + that seed's concepts, and with
+    /// `lora_concepts` model + that seed's LoRA concepts).
+    pub methods: &'a dyn Fn(Generators<'_>) -> Result<Vec<MethodSpec>>,
     pub gen_batch: usize,
     /// See [`Plan::filter_min`].
     pub filter_min: Option<f64>,
@@ -55,6 +58,8 @@ pub struct Demo<'a> {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct SeedTimes {
     concepts: f64,
+    #[serde(default)]
+    lora_concepts: f64,
 }
 
 /// Runs (or resumes) the demo into `out`: `seed-<s>/` per seed, then `results.json`,
@@ -74,26 +79,39 @@ pub fn run(d: &Demo<'_>, out: &Path) -> Result<CompareResults> {
                 eprintln!("[demo] seed {seed}: learning one concept token per class");
             }
             let t0 = Instant::now();
-            learn_concepts(d, seed, &concepts_dir)?;
+            learn_concepts(d, d.concepts, seed, &concepts_dir)?;
             times.concepts = t0.elapsed().as_secs_f64();
             write_json_atomic(&times_path, &times)?;
         }
         stages.push(Stage { name: format!("seed {seed}: concept learning"), seconds: times.concepts });
-        let p = Pipeline::load(&PipelineSpec {
-            model: d.model.to_path_buf(),
-            concepts: vec![embeds],
-            class_map: None,
-            lora: None,
-            lora_scale: 1.0,
-            device: "cpu".into(),
-            precision: Default::default(),
-        })?;
-        let methods = (d.methods)(&p)?;
+        let load = |concepts: PathBuf, lora: Option<PathBuf>| {
+            Pipeline::load(&PipelineSpec { model: d.model.to_path_buf(), concepts: vec![concepts], class_map: None, lora, lora_scale: 1.0, device: "cpu".into(), precision: Default::default() })
+        };
+        let p = load(embeds, None)?;
+        let p_lora = match d.lora_concepts {
+            None => None,
+            Some(request) => {
+                let dir = dir.join("concepts-lora");
+                if !dir.join(crate::train::concepts::LORA_FILE).is_file() {
+                    if d.progress {
+                        eprintln!("[demo] seed {seed}: learning concept tokens with a LoRA (Diff-AUG)");
+                    }
+                    let t0 = Instant::now();
+                    learn_concepts(d, request, seed, &dir)?;
+                    times.lora_concepts = t0.elapsed().as_secs_f64();
+                    write_json_atomic(&times_path, &times)?;
+                }
+                stages.push(Stage { name: format!("seed {seed}: concept + LoRA learning (diff-aug)"), seconds: times.lora_concepts });
+                Some(load(dir.join(crate::train::concepts::EMBEDS_FILE), Some(dir.join(crate::train::concepts::LORA_FILE)))?)
+            }
+        };
+        let g = Generators { plain: Some(&p), lora: p_lora.as_ref() };
+        let methods = (d.methods)(g)?;
         let plan = Plan { methods: &methods, seeds: &[seed], classifier: d.classifier, gen_batch: d.gen_batch, filter_min: d.filter_min, test_groups: d.test_groups, shard: Shard::ALL, progress: d.progress };
         if d.progress {
             eprintln!("[demo] seed {seed}: generating and training classifiers");
         }
-        let r = compare::run(Some(&p), d.pool, d.test, &plan, &dir)?;
+        let r = compare::run(g, d.pool, d.test, &plan, &dir)?;
         for m in &r.methods {
             if m.seconds_generation > 0.0 {
                 stages.push(Stage { name: format!("seed {seed}: {} generation", m.method), seconds: m.seconds_generation });
@@ -116,12 +134,13 @@ pub fn run(d: &Demo<'_>, out: &Path) -> Result<CompareResults> {
     Ok(results)
 }
 
-/// Learns the concept tokens of one seed from that seed's training split.
-fn learn_concepts(d: &Demo<'_>, seed: u64, dir: &Path) -> Result<()> {
+/// Learns the concept tokens (and LoRA, if `request` asks for one) of one seed from that
+/// seed's training split.
+fn learn_concepts(d: &Demo<'_>, request: &TrainRequest, seed: u64, dir: &Path) -> Result<()> {
     let sp = split(d.pool, &d.classifier.split, seed)?;
     let subset = subset(d.pool, &sp.train);
     let mut sd = load_model(d.model, "cpu")?;
-    let request = TrainRequest { seed, ..d.concepts.clone() };
+    let request = TrainRequest { seed, ..request.clone() };
     let settings = TrainSettings::resolve(&request, &sd, &subset)?;
     let resume = dir.join("checkpoint.safetensors").is_file();
     let mut trainer = Trainer::new(&mut sd, &subset, settings, d.progress)?;

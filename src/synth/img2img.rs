@@ -5,7 +5,10 @@
 //!   ICLR 2024): a real image of the class, noised to the timestep of a strength drawn from a
 //!   set ({0.25, 0.5, 0.75, 1.0} by default), denoised with classifier-free guidance toward the
 //!   class's concept prompt — diffusers' img2img schedule (the last int(steps * strength) steps).
-//!   With the concept tokens plus a LoRA (`--lora`), this is Diff-AUG's recipe.
+//! - **Diff-AUG** (the Diff-II paper's LoRA baseline): the same img2img on a model whose UNet
+//!   carries a LoRA learned jointly with the concept tokens (`diffii concepts --lora-rank R`);
+//!   a separate mode only so that its records, rows and settings name it and a model without a
+//!   LoRA is refused.
 //! - **Diff-Mix** (Wang et al., "Enhance Image Classification via Inter-Class Image Mixup with
 //!   Diffusion Model", CVPR 2024): the same img2img, but from a real image of a source class
 //!   drawn uniformly over all classes (so 1/C of the draws are the target class itself, as in
@@ -46,8 +49,10 @@ pub const DIFF_MIX_GAMMA: f64 = 0.8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
-    /// From a real image of the class (DA-Fusion; Diff-AUG with a LoRA).
+    /// From a real image of the class (DA-Fusion).
     Img2Img,
+    /// As [`Mode::Img2Img`], on a model with a LoRA learned with the concepts (Diff-AUG).
+    DiffAug,
     /// From noise (Real-Guidance).
     Txt2Img,
     /// From a real image of a random class toward the sample's class, with a soft label.
@@ -58,6 +63,7 @@ impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::Img2Img => "da-fusion",
+            Mode::DiffAug => "diff-aug",
             Mode::Txt2Img => "txt2img",
             Mode::DiffMix => "diff-mix",
         }
@@ -65,7 +71,7 @@ impl Mode {
 
     /// Whether the sampling starts from a real image.
     fn from_image(self) -> bool {
-        matches!(self, Mode::Img2Img | Mode::DiffMix)
+        matches!(self, Mode::Img2Img | Mode::DiffAug | Mode::DiffMix)
     }
 }
 
@@ -150,7 +156,7 @@ impl<'a> Baseline<'a> {
 
     fn strength(&self, x: &Sample) -> f64 {
         match self.s.mode {
-            Mode::Img2Img | Mode::DiffMix => self.s.strengths[((x.draw * self.s.strengths.len() as f64) as usize).min(self.s.strengths.len() - 1)],
+            Mode::Img2Img | Mode::DiffAug | Mode::DiffMix => self.s.strengths[((x.draw * self.s.strengths.len() as f64) as usize).min(self.s.strengths.len() - 1)],
             Mode::Txt2Img => 1.0,
         }
     }
@@ -209,7 +215,7 @@ impl Method for Baseline<'_> {
             let noise = seeded_randn(x.seed, &shape, &dev)?.to_dtype(dtype)?;
             let mut soft_label = Vec::new();
             let (start, z, sources, source_sha256) = match s.mode {
-                Mode::Img2Img | Mode::DiffMix => {
+                Mode::Img2Img | Mode::DiffAug | Mode::DiffMix => {
                     let (source_class, i) = self.source(x);
                     let item = &self.ds.items[i];
                     if let (Mode::DiffMix, Some(gamma)) = (s.mode, s.mix_gamma) {
@@ -302,6 +308,12 @@ impl Settings {
         if let Some(g) = mix_gamma.filter(|g| !(g.is_finite() && *g > 0.0)) {
             return Err(Error::invalid(format!("--mix-gamma must be finite and > 0, got {g}")));
         }
+        if mode == Mode::DiffAug && p.lora_sha256.is_none() {
+            return Err(Error::invalid(
+                "diff-aug samples from a model with a LoRA learned together with the concept tokens: pass the LoRA of a \
+                 `diffii concepts --lora-rank R` run (and its concepts)",
+            ));
+        }
         let d = crate::synth::diffii::Settings::resolve(r, p)?;
         Ok(Settings {
             mode,
@@ -312,7 +324,7 @@ impl Settings {
             steps: d.steps,
             guidance: d.guidance,
             strengths: match mode {
-                Mode::Img2Img => strengths.unwrap_or_else(|| DEFAULT_STRENGTHS.to_vec()),
+                Mode::Img2Img | Mode::DiffAug => strengths.unwrap_or_else(|| DEFAULT_STRENGTHS.to_vec()),
                 Mode::DiffMix => strengths.unwrap_or_else(|| DIFF_MIX_STRENGTHS.to_vec()),
                 Mode::Txt2Img => Vec::new(),
             },
