@@ -27,7 +27,8 @@ the process CPU seconds are reported, with torch.set_num_threads(--threads).
 
 Usage:
     python scripts/reference/bench_classifier.py --threads 2 --reps 3 [--depth 1 --classes 10
-        --batch 64 --size 32] [--resnet50 --resnet50-batch 8 --resnet50-size 224] [--json OUT]
+        --batch 64 --size 32] [--resnet50 --resnet50-batch 8 --resnet50-size 224 --resnet50-reps 3]
+        [--no-small] [--dtype f32|bf16] [--json OUT]
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ def main() -> None:
     ap.add_argument("--resnet50", action="store_true")
     ap.add_argument("--resnet50-batch", type=int, default=8)
     ap.add_argument("--resnet50-size", type=int, default=224)
+    ap.add_argument("--resnet50-reps", type=int, default=None, help="timed reps of the ResNet-50 cases (default --reps)")
     ap.add_argument("--dtype", choices=("f32", "bf16"), default="f32")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -168,7 +170,8 @@ def main() -> None:
         report("small_eval", {"depth": a.depth, **ev})
     if a.resnet50:
         model = ImageNetInput(torchvision.models.resnet50(weights=None, num_classes=a.classes))
-        train, ev = cases(model, a.classes, a.resnet50_batch, a.resnet50_size, dtype, a.reps, a.warmup)
+        reps = a.reps if a.resnet50_reps is None else a.resnet50_reps
+        train, ev = cases(model, a.classes, a.resnet50_batch, a.resnet50_size, dtype, reps, a.warmup)
         report("resnet50_train", train)
         report("resnet50_eval", ev)
     if a.json:

@@ -292,7 +292,8 @@ fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchR
             args.extend(["--reps".into(), a.reps.to_string(), "--no-small".into()]);
         }
         if a.resnet50 {
-            args.extend(["--resnet50".into(), "--resnet50-batch".into(), a.resnet50_batch.to_string(), "--resnet50-size".into(), a.resnet50_size.to_string()]);
+            let (b, s, reps) = (a.resnet50_batch, a.resnet50_size, a.reps);
+            args.extend(["--resnet50".into(), "--resnet50-batch".into(), b.to_string(), "--resnet50-size".into(), s.to_string(), "--resnet50-reps".into(), reps.to_string()]);
         }
         args.extend(["--json".to_string(), json.display().to_string()]);
         run(&script, &args)?;
