@@ -4,13 +4,14 @@
 Builds SD-1.5's UNet2DConditionModel, CLIP ViT-L/14 text encoder and AutoencoderKL from
 their configs (written out below), counts parameters, counts FLOPs with
 torch.utils.flop_counter.FlopCounterMode (matmul / conv / attention only; elementwise ops,
-norms and softmax are not counted) and times forwards in float32 under torch.inference_mode
-with torch.set_num_threads(--threads).  Each timing is repeated --reps times after --warmup
+norms and softmax are not counted) and times forwards in float32 (or, with --dtype bf16, with
+model and inputs converted by .to(torch.bfloat16)) under torch.inference_mode with
+torch.set_num_threads(--threads).  Each timing is repeated --reps times after --warmup
 untimed runs; the median (and min/max) are reported.
 
 Usage:
     .venv-ref/bin/python scripts/reference/bench_sd15_cpu.py [--threads 2] [--reps 5] [--warmup 1]
-        [--only unet64,unet32,unet64b1,text,vae_enc,vae_dec] [--json OUT.json]
+        [--only unet64,unet32,unet64b1,text,vae_enc,vae_dec] [--dtype f32|bf16] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -114,13 +115,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--only", default="unet64,unet32,unet64b1,text,vae_enc,vae_dec")
     ap.add_argument("--no-flops", action="store_true")
+    ap.add_argument("--dtype", choices=("f32", "bf16"), default="f32")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     which = set(args.only.split(","))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     res: dict = {"threads": args.threads, "torch": torch.__version__,
-                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "dtype": args.dtype}
 
     def report(name, d):
         res[name] = d
@@ -130,13 +133,13 @@ def main() -> None:
         from diffusers import UNet2DConditionModel
 
         t0 = time.perf_counter()
-        unet = UNet2DConditionModel(**SD15_UNET).eval()
+        unet = UNet2DConditionModel(**SD15_UNET).eval().to(dtype)
         report("unet_build", {"params": nparams(unet), "build_s": time.perf_counter() - t0})
         for name, b, s in (("unet64", 2, 64), ("unet32", 2, 32), ("unet64b1", 1, 64)):
             if name not in which:
                 continue
-            x = torch.randn(b, 4, s, s)
-            e = torch.randn(b, 77, 768)
+            x = torch.randn(b, 4, s, s).to(dtype)
+            e = torch.randn(b, 77, 768).to(dtype)
             t = torch.tensor([501])
 
             def f(x=x, e=e, t=t):
@@ -155,7 +158,7 @@ def main() -> None:
     if "text" in which:
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        te = CLIPTextModel(CLIPTextConfig(**SD15_CLIP_TEXT)).eval()
+        te = CLIPTextModel(CLIPTextConfig(**SD15_CLIP_TEXT)).eval().to(dtype)
         ids = torch.randint(0, 49406, (2, 77))
 
         def f():
@@ -172,10 +175,10 @@ def main() -> None:
     if which & {"vae_enc", "vae_dec"}:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL(**SD15_VAE).eval()
+        vae = AutoencoderKL(**SD15_VAE).eval().to(dtype)
         res["vae_params"] = nparams(vae)
         if "vae_enc" in which:
-            x = torch.randn(1, 3, 512, 512).clamp(-1, 1)
+            x = torch.randn(1, 3, 512, 512).clamp(-1, 1).to(dtype)
 
             def f():
                 with torch.inference_mode():
@@ -187,7 +190,7 @@ def main() -> None:
             d.update(bench(f, max(1, args.reps // 2 + 1), args.warmup))
             report("vae_encode_512", d)
         if "vae_dec" in which:
-            z = torch.randn(1, 4, 64, 64)
+            z = torch.randn(1, 4, 64, 64).to(dtype)
 
             def f():
                 with torch.inference_mode():

@@ -52,6 +52,15 @@ pub struct Args {
     /// Basic blocks per stage of the benchmarked classifier.
     #[arg(long, default_value_t = 1)]
     pub classifier_depth: usize,
+    /// Also time a training step and an evaluation forward of torchvision's ResNet-50
+    /// (`--arch resnet50`, 10 classes, fresh weights) at --resnet50-batch images of
+    /// --resnet50-size px.
+    #[arg(long)]
+    pub resnet50: bool,
+    #[arg(long, default_value_t = 8)]
+    pub resnet50_batch: usize,
+    #[arg(long, default_value_t = 224)]
+    pub resnet50_size: usize,
     /// Also time the text encoder (batch 2) and the VAE encoder (batch 1) of the model, and with
     /// --sd15 an SD-1.5-shaped text encoder.
     #[arg(long)]
@@ -65,7 +74,8 @@ pub struct Args {
     pub sd15_vae: bool,
     /// Python interpreter of an environment with torch + diffusers (e.g. one made from
     /// scripts/reference/requirements-ref.txt): runs scripts/reference/bench_sd15_cpu.py on the same shapes in
-    /// the same run and prints the ratio ours / theirs.
+    /// the same run (in bf16 for the cases we run in bf16), and bench_classifier.py (torch +
+    /// torchvision) beside it for --classifier / --resnet50, and prints the ratio ours / theirs.
     #[arg(long)]
     pub compare_python: Option<PathBuf>,
     /// The PyTorch benchmark script for --compare-python (default: the one in this source tree).
@@ -151,6 +161,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.classifier {
         eprintln!("[bench] classifier step, batch {} at {} px", a.classifier_batch, a.classifier_size);
         results.extend(bench::classifier_steps(a.classifier_depth, 10, a.classifier_batch, a.classifier_size, a.warmup, a.reps.max(3))?);
+        if a.profile {
+            let config = diffii::classify::resnet::ResNetConfig::small(10, a.classifier_depth);
+            let label = format!("classifier (depth {})", a.classifier_depth);
+            profiles.push(bench::resnet_train_profile(&label, &config, a.classifier_batch, a.classifier_size, a.reps.max(3))?);
+        }
+    }
+    if a.resnet50 {
+        eprintln!("[bench] ResNet-50 step, batch {} at {} px", a.resnet50_batch, a.resnet50_size);
+        results.extend(bench::resnet50_steps(10, a.resnet50_batch, a.resnet50_size, a.warmup, a.reps)?);
+        if a.profile {
+            let config = diffii::classify::resnet::ResNetConfig::resnet50(10);
+            profiles.push(bench::resnet_train_profile("resnet50", &config, a.resnet50_batch, a.resnet50_size, 1)?);
+        }
     }
     if a.sd15 {
         eprintln!("[bench] building SD-1.5-shaped UNet with synthetic weights");
@@ -181,8 +204,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         compare_with_python(&a, python, &mut results)?;
     }
     if results.is_empty() {
-        anyhow::bail!("nothing to measure: pass --model DIR and/or --sd15");
+        anyhow::bail!("nothing to measure: pass --model DIR, --sd15, --classifier and/or --resnet50");
     }
+    let cpu = bench::CpuInfo::detect();
+    print!("{}", cpu.line());
     print!("{}", bench::table(&results));
     if !profiles.is_empty() {
         print!("{}", bench::profile_table(&profiles));
@@ -194,7 +219,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bench::TORCH_SD15_B2_64_GFLOPS
     );
     if let Some(path) = &a.json {
-        let text = serde_json::to_string_pretty(&results)?;
+        let text = serde_json::to_string_pretty(&bench::BenchReport { cpu, results: &results })?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
@@ -221,31 +246,70 @@ fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchR
         Ok(String::from_utf8_lossy(&out.stdout).to_string())
     };
     let threads = rayon::current_num_threads().to_string();
-    let mut only = Vec::new();
-    for r in results.iter().filter(|r| r.name.contains("sd15")) {
-        let key = match (r.name.split(" sd15").next().unwrap_or(""), r.batch, r.latent) {
-            ("unet", 2, 64) => "unet64",
-            ("unet", 2, 32) => "unet32",
-            ("unet", 1, 64) => "unet64b1",
-            ("text encoder", 2, _) => "text",
-            ("vae encode", ..) => "vae_enc",
-            ("vae decode", ..) => "vae_dec",
-            _ => continue,
-        };
-        only.push(key);
-    }
-    if !only.is_empty() {
+    // The SD-1.5 cases we run in bf16 (--precision bf16: every fused product; --dtype bf16: the
+    // UNet's weights and activations) are timed in PyTorch in bf16 as well, the rest in f32.
+    let bf16 = |r: &BenchResult| a.precision == super::common::PrecisionArg::Bf16 || (a.dtype == "bf16" && r.name.starts_with("unet"));
+    for dtype in ["f32", "bf16"] {
+        let mut only = Vec::new();
+        for r in results.iter().filter(|r| r.name.contains("sd15") && (bf16(r) == (dtype == "bf16"))) {
+            let key = match (r.name.split(" sd15").next().unwrap_or(""), r.batch, r.latent) {
+                ("unet", 2, 64) => "unet64",
+                ("unet", 2, 32) => "unet32",
+                ("unet", 1, 64) => "unet64b1",
+                ("text encoder", 2, _) => "text",
+                ("vae encode", ..) => "vae_enc",
+                ("vae decode", ..) => "vae_dec",
+                _ => continue,
+            };
+            only.push(key);
+        }
+        if only.is_empty() {
+            continue;
+        }
         let json = std::env::temp_dir().join(format!("diffii-torch-bench-{}.json", std::process::id()));
-        let args = ["--threads", &threads, "--reps", &a.reps.to_string(), "--no-flops", "--only", &only.join(",")];
+        let args = ["--threads", &threads, "--reps", &a.reps.to_string(), "--no-flops", "--dtype", dtype, "--only", &only.join(",")];
         let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         args.extend(["--json".to_string(), json.display().to_string()]);
         run(&a.python_script, &args)?;
         let torch = bench::read_torch_json(&json)?;
         let _ = std::fs::remove_file(&json);
-        for r in results.iter_mut().filter(|r| r.name.contains("sd15")) {
+        for r in results.iter_mut().filter(|r| r.name.contains("sd15") && (bf16(r) == (dtype == "bf16"))) {
             let case = ["unet", "text encoder", "vae encode", "vae decode"].into_iter().find(|c| r.name.starts_with(c));
             if let Some(&(_, _, _, secs)) = torch.iter().find(|(c, b, l, _)| Some(c.as_str()) == case && *b == r.batch && *l == r.latent) {
                 r.torch_seconds = Some(secs);
+                r.torch_dtype = Some(dtype.to_string());
+            }
+        }
+    }
+    if a.classifier || a.resnet50 {
+        let script = a.python_script.with_file_name("bench_classifier.py");
+        let json = std::env::temp_dir().join(format!("diffii-torch-classifier-{}.json", std::process::id()));
+        let mut args: Vec<String> = vec!["--threads".into(), threads.clone(), "--warmup".into(), a.warmup.to_string(), "--classes".into(), "10".into()];
+        if a.classifier {
+            let (d, b, s) = (a.classifier_depth, a.classifier_batch, a.classifier_size);
+            args.extend(["--reps".into(), a.reps.max(3).to_string(), "--depth".into(), d.to_string(), "--batch".into(), b.to_string(), "--size".into(), s.to_string()]);
+        } else {
+            args.extend(["--reps".into(), a.reps.to_string(), "--no-small".into()]);
+        }
+        if a.resnet50 {
+            let (b, s, reps) = (a.resnet50_batch, a.resnet50_size, a.reps);
+            args.extend(["--resnet50".into(), "--resnet50-batch".into(), b.to_string(), "--resnet50-size".into(), s.to_string(), "--resnet50-reps".into(), reps.to_string()]);
+        }
+        args.extend(["--json".to_string(), json.display().to_string()]);
+        run(&script, &args)?;
+        let torch = bench::read_torch_classifier_json(&json)?;
+        let _ = std::fs::remove_file(&json);
+        for (key, secs) in torch {
+            let name = match key.as_str() {
+                "small_train" => format!("classifier (depth {}) train step", a.classifier_depth),
+                "small_eval" => format!("classifier (depth {}) eval", a.classifier_depth),
+                "resnet50_train" => "resnet50 train step".to_string(),
+                "resnet50_eval" => "resnet50 eval".to_string(),
+                _ => continue,
+            };
+            if let Some(r) = results.iter_mut().find(|r| r.name == name) {
+                r.torch_seconds = Some(secs);
+                r.torch_dtype = Some("f32".to_string());
             }
         }
     }

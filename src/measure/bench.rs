@@ -38,6 +38,82 @@ pub struct BenchResult {
     pub peak_rss_mib: f64,
     /// The PyTorch figure for the same shape on this CPU class, when one is known.
     pub torch_seconds: Option<f64>,
+    /// The dtype PyTorch ran in for `torch_seconds` ("f32" or "bf16"), when it ran in this run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub torch_dtype: Option<String>,
+}
+
+/// The CPU a benchmark ran on: its model name and the run-time detected features our kernels
+/// care about, plus the worker thread count.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuInfo {
+    /// `model name` from /proc/cpuinfo, or "unknown".
+    pub model: String,
+    /// Rayon worker threads (our kernels' parallelism; PyTorch is given the same count).
+    pub threads: usize,
+    pub avx2: bool,
+    pub fma: bool,
+    pub avx512f: bool,
+    pub avx512bf16: bool,
+    /// From the `flags` line of /proc/cpuinfo (std's detection macro has no stable AMX names).
+    pub amx_bf16: bool,
+    pub amx_tile: bool,
+}
+
+impl CpuInfo {
+    pub fn detect() -> Self {
+        let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        Self::from_cpuinfo(&text, rayon::current_num_threads())
+    }
+
+    /// From the text of /proc/cpuinfo (the first `model name` and `flags` lines); the x86
+    /// features other than AMX come from std's run-time detection, not from the text.
+    pub fn from_cpuinfo(text: &str, threads: usize) -> Self {
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().to_string()))
+        };
+        let model = field("model name").filter(|m| !m.is_empty()).unwrap_or_else(|| "unknown".to_string());
+        let flags = field("flags").unwrap_or_default();
+        let flag = |f: &str| flags.split_whitespace().any(|x| x == f);
+        #[cfg(target_arch = "x86_64")]
+        let (avx2, fma, avx512f, avx512bf16) = (
+            std::arch::is_x86_feature_detected!("avx2"),
+            std::arch::is_x86_feature_detected!("fma"),
+            std::arch::is_x86_feature_detected!("avx512f"),
+            std::arch::is_x86_feature_detected!("avx512bf16"),
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        let (avx2, fma, avx512f, avx512bf16) = (false, false, false, false);
+        let x86 = cfg!(target_arch = "x86_64");
+        CpuInfo { model, threads, avx2, fma, avx512f, avx512bf16, amx_bf16: x86 && flag("amx_bf16"), amx_tile: x86 && flag("amx_tile") }
+    }
+
+    /// One line for the top of the table.
+    pub fn line(&self) -> String {
+        let mut feats: Vec<&str> = Vec::new();
+        for (on, name) in [
+            (self.avx2, "avx2"),
+            (self.fma, "fma"),
+            (self.avx512f, "avx512f"),
+            (self.avx512bf16, "avx512bf16"),
+            (self.amx_bf16, "amx-bf16"),
+            (self.amx_tile, "amx-tile"),
+        ] {
+            if on {
+                feats.push(name);
+            }
+        }
+        let feats = if feats.is_empty() { "none".to_string() } else { feats.join(" ") };
+        format!("cpu: {} | features: {} | threads: {}\n", self.model, feats, self.threads)
+    }
+}
+
+/// What `bench --json` writes: the CPU and every measured case.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport<'a> {
+    pub cpu: CpuInfo,
+    pub results: &'a [BenchResult],
 }
 
 /// Builds an SD-1.5-shaped UNet with deterministic synthetic weights.
@@ -141,16 +217,20 @@ pub fn synthetic_sd15_text_encoder(
 /// A fixed-width table of results.
 pub fn table(results: &[BenchResult]) -> String {
     let mut s = format!(
-        "{:<28} {:>5} {:>6} {:>10} {:>10} {:>9} {:>7} {:>10} {:>9} {:>8}\n",
+        "{:<32} {:>5} {:>6} {:>10} {:>10} {:>9} {:>7} {:>10} {:>12} {:>8}\n",
         "case", "batch", "latent", "seconds", "GFLOP", "GFLOP/s", "%peak", "peak MiB", "torch s", "ratio"
     );
     for r in results {
         let (ts, ratio) = match r.torch_seconds {
-            Some(t) => (format!("{t:.2}"), format!("{:.2}x", r.seconds / t)),
+            // Decimals that keep sub-0.1 s PyTorch figures readable; bf16 PyTorch runs are marked.
+            Some(t) => {
+                let mark = if r.torch_dtype.as_deref() == Some("bf16") { " bf16" } else { "" };
+                (format!("{t:.3}{mark}"), format!("{:.2}x", r.seconds / t))
+            }
             None => ("-".into(), "-".into()),
         };
         s.push_str(&format!(
-            "{:<28} {:>5} {:>6} {:>10.4} {:>10.2} {:>9.1} {:>6.1}% {:>10.0} {:>9} {:>8}\n",
+            "{:<32} {:>5} {:>6} {:>10.4} {:>10.2} {:>9.1} {:>6.1}% {:>10.0} {:>12} {:>8}\n",
             r.name, r.batch, r.latent, r.seconds, r.gflop, r.gflops, r.percent_of_peak, r.peak_rss_mib, ts, ratio
         ));
     }
@@ -234,6 +314,7 @@ fn timed(name: &str, batch: usize, latent: usize, warmup: usize, reps: usize, mu
         percent_of_peak: 100.0 * gflops / CPU_PEAK_GFLOPS,
         peak_rss_mib: peak_rss_mib(),
         torch_seconds: None,
+        torch_dtype: None,
     })
 }
 
@@ -302,23 +383,96 @@ pub fn profile_table(profiles: &[Profile]) -> String {
 /// cross-entropy, backward, SGD update) and one evaluation forward, at `batch` images of
 /// `size` px, with fresh weights and fixed synthetic images.
 pub fn classifier_steps(depth: usize, classes: usize, batch: usize, size: usize, warmup: usize, reps: usize) -> Result<Vec<BenchResult>> {
-    use crate::classify::loss::{cross_entropy, one_hot};
-    use crate::classify::resnet::{init_weights, trainable, ResNetConfig};
-    use crate::train::sgd::{Sgd, SgdParams};
-    let dev = Device::Cpu;
-    let config = ResNetConfig::small(classes, depth);
-    let (model, weights) = trainable(init_weights(&config, 0)?, &config)?;
-    let vars: Vec<_> = weights.vars().into_iter().map(|(_, v)| v).collect();
-    let mut opt = Sgd::new(vars.clone(), SgdParams { lr: 0.01, momentum: 0.9, dampening: 0.0, weight_decay: 5e-4, nesterov: true })?;
-    let x = seeded_randn(7, &[batch, 3, size, size], &dev)?;
-    let labels: Vec<usize> = (0..batch).map(|i| i % classes).collect();
-    let target = one_hot(&labels, classes, &dev)?;
-    let train = timed(&format!("classifier train step (depth {depth})"), batch, size, warmup, reps, || {
-        let loss = cross_entropy(&model.forward(&x, true)?, &target, 0.1)?;
+    let config = crate::classify::resnet::ResNetConfig::small(classes, depth);
+    resnet_steps(&format!("classifier (depth {depth})"), &config, batch, size, warmup, reps)
+}
+
+/// [`classifier_steps`] for torchvision's ResNet-50 (`--arch resnet50`, with its ImageNet input
+/// normalisation).
+pub fn resnet50_steps(classes: usize, batch: usize, size: usize, warmup: usize, reps: usize) -> Result<Vec<BenchResult>> {
+    let config = crate::classify::resnet::ResNetConfig::resnet50(classes);
+    resnet_steps("resnet50", &config, batch, size, warmup, reps)
+}
+
+/// A ResNet with fresh weights, its SGD optimiser and a fixed batch: the state of the
+/// classifier benchmark. The step is that of `scripts/reference/bench_classifier.py`: fresh
+/// gradients, cross-entropy with label smoothing 0.1 on one-hot targets (labels i % classes),
+/// backward, SGD (lr 0.01, momentum 0.9, weight decay 5e-4 on every parameter, Nesterov).
+struct ResNetBench {
+    model: crate::classify::resnet::ResNet,
+    vars: Vec<candle_core::Var>,
+    opt: crate::train::sgd::Sgd,
+    x: Tensor,
+    target: Tensor,
+}
+
+impl ResNetBench {
+    fn new(config: &crate::classify::resnet::ResNetConfig, batch: usize, size: usize) -> Result<Self> {
+        use crate::classify::resnet::{init_weights, trainable};
+        use crate::train::sgd::{Sgd, SgdParams};
+        let dev = Device::Cpu;
+        let classes = config.classes;
+        let (model, weights) = trainable(init_weights(config, 0)?, config)?;
+        let vars: Vec<_> = weights.vars().into_iter().map(|(_, v)| v).collect();
+        let opt = Sgd::new(vars.clone(), SgdParams { lr: 0.01, momentum: 0.9, dampening: 0.0, weight_decay: 5e-4, nesterov: true })?;
+        let x = seeded_randn(7, &[batch, 3, size, size], &dev)?;
+        let labels: Vec<usize> = (0..batch).map(|i| i % classes).collect();
+        let target = crate::classify::loss::one_hot(&labels, classes, &dev)?;
+        Ok(ResNetBench { model, vars, opt, x, target })
+    }
+
+    /// One training step; returns the loss.
+    fn train_step(&mut self) -> Result<Tensor> {
+        let loss = crate::classify::loss::cross_entropy(&self.model.forward(&self.x, true)?, &self.target, 0.1)?;
         let grads = loss.backward()?;
-        opt.step(&vars.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect::<Vec<_>>())?;
+        self.opt.step(&self.vars.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect::<Vec<_>>())?;
         Ok(loss)
-    })?;
-    let eval = timed(&format!("classifier eval (depth {depth})"), batch, size, warmup, reps, || model.forward(&x, false))?;
+    }
+}
+
+/// The training step and evaluation forward of any ResNet (see [`ResNetBench`]): cases
+/// "`label` train step" and "`label` eval".
+pub fn resnet_steps(label: &str, config: &crate::classify::resnet::ResNetConfig, batch: usize, size: usize, warmup: usize, reps: usize) -> Result<Vec<BenchResult>> {
+    let mut b = ResNetBench::new(config, batch, size)?;
+    let train = timed(&format!("{label} train step"), batch, size, warmup, reps, || b.train_step())?;
+    let eval = timed(&format!("{label} eval"), batch, size, warmup, reps, || b.model.forward(&b.x, false))?;
     Ok(vec![train, eval])
+}
+
+/// Wall time by op class of the fastest of `reps` training steps of [`resnet_steps`].
+pub fn resnet_train_profile(label: &str, config: &crate::classify::resnet::ResNetConfig, batch: usize, size: usize, reps: usize) -> Result<Profile> {
+    let mut b = ResNetBench::new(config, batch, size)?;
+    profile_call(&format!("{label} train step"), batch, size, reps, || b.train_step())
+}
+
+/// PyTorch timings from `scripts/reference/bench_classifier.py --json`: (case suffix, median
+/// seconds) for "small_train", "small_eval", "resnet50_train", "resnet50_eval" where present.
+pub fn read_torch_classifier_json(path: &std::path::Path) -> Result<Vec<(String, f64)>> {
+    let v: serde_json::Value = crate::error::read_json(path)?;
+    let mut out = Vec::new();
+    for key in ["small_train", "small_eval", "resnet50_train", "resnet50_eval"] {
+        if let Some(s) = v.get(key).and_then(|d| d.get("median_s")).and_then(|s| s.as_f64()) {
+            out.push((key.to_string(), s));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_info_reads_model_and_amx_flags() {
+        let text = "processor\t: 0\nmodel name\t: Test CPU @ 2.0GHz\nflags\t\t: fpu avx2 amx_bf16 amx_tile avx512f\n\nprocessor\t: 1\nmodel name\t: Other\n";
+        let c = CpuInfo::from_cpuinfo(text, 3);
+        assert_eq!(c.model, "Test CPU @ 2.0GHz");
+        assert_eq!(c.threads, 3);
+        assert_eq!((c.amx_bf16, c.amx_tile), (cfg!(target_arch = "x86_64"), cfg!(target_arch = "x86_64")));
+        let line = c.line();
+        assert!(line.starts_with("cpu: Test CPU @ 2.0GHz | features: ") && line.ends_with("| threads: 3\n"), "{line}");
+        let none = CpuInfo::from_cpuinfo("", 1);
+        assert_eq!(none.model, "unknown");
+        assert!(!none.amx_bf16 && !none.amx_tile);
+    }
 }
