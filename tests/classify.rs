@@ -251,7 +251,7 @@ fn synthetic_copies_of_the_training_images_have_no_novelty_and_full_diversity() 
     let all: Vec<usize> = (0..ds.items.len()).collect();
     let real = ImageSet::load(&ds, &all, 12, diffii::data::image::ResizePolicy::Squash).unwrap();
     let config = ResNetConfig::small(3, 1);
-    let (model, _) = trainable(init_weights(&config, 0).unwrap(), &config).unwrap();
+    let (model, _) = trainable(init_weights(&config, 0).unwrap(), &config, &candle_core::Device::Cpu).unwrap();
     let q = diffii::experiment::quality::measure(&model, &real, &real, 3).unwrap();
     assert_eq!(q.novelty, 0.0, "copies are not novel");
     assert!((q.diversity - 1.0).abs() < 1e-12, "the same set is exactly as diverse: {}", q.diversity);
@@ -298,7 +298,7 @@ fn filter_drops_what_the_judge_does_not_recognise_and_blank_images() {
     std::fs::write(syn.join("manifest.jsonl"), &lines).unwrap();
 
     // The judge's probability for each record's class, computed here independently.
-    let (model, info) = diffii::classify::train::load_model(&judge).unwrap();
+    let (model, info) = diffii::classify::train::load_model(&judge, &candle_core::Device::Cpu).unwrap();
     let records = diffii::synth::manifest::read_jsonl(&syn.join("manifest.jsonl")).unwrap();
     let prob: Vec<f64> = records
         .iter()
@@ -337,4 +337,21 @@ fn filter_drops_what_the_judge_does_not_recognise_and_blank_images() {
     assert_eq!(std::fs::read(syn.join("manifest.jsonl")).unwrap(), bytes);
     let o = diffii(&["filter", "--synthetic", syn.to_str().unwrap(), "--judge", judge.to_str().unwrap(), "--min", "NaN"], "1");
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("must lie in [0, 1]"));
+}
+
+#[test]
+fn an_unavailable_device_is_refused_before_any_work() {
+    let root = common::empty_temp_dir("cls-device");
+    let data = image_folder(&root.join("train"), &[3, 3]);
+    let out = root.join("out");
+    let args = |device: &str| -> Vec<String> {
+        ["train", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", device, "--quiet"].map(String::from).to_vec()
+    };
+    let o = diffii(&args("tpu").iter().map(String::as_str).collect::<Vec<_>>(), "1");
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("unknown device `tpu`"), "{}", String::from_utf8_lossy(&o.stderr));
+    if !cfg!(feature = "cuda") {
+        let o = diffii(&args("cuda").iter().map(String::as_str).collect::<Vec<_>>(), "1");
+        assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no CUDA support"), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(!out.exists(), "nothing is written before the device is known");
 }

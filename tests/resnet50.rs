@@ -45,7 +45,7 @@ fn resnet50_matches_torchvision() {
         .iter()
         .map(|(k, t)| (k.clone(), Tensor::from_vec(values(k, t.dims()), t.dims(), &Device::Cpu).unwrap()))
         .collect();
-    let model = from_state(state, &config).unwrap();
+    let model = from_state(state, &config, &Device::Cpu).unwrap();
     let shape: Vec<usize> = reference["input_shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
     let n: usize = shape.iter().product();
     let x = Tensor::from_vec((0..n).map(|i| (0.011 * i as f64).sin() as f32).collect::<Vec<_>>(), shape.as_slice(), &Device::Cpu).unwrap();
@@ -65,8 +65,8 @@ fn imagenet_normalisation_maps_minus_one_one_to_torchvision_inputs() {
     let mut config = ResNetConfig::resnet50(3);
     config.blocks = vec![1, 1, 1, 1];
     let w = init_weights(&config, 1).unwrap();
-    let norm = from_state(w.clone(), &config).unwrap();
-    let ident = from_state(w, &ResNetConfig { input_norm: InputNorm::Identity, ..config.clone() }).unwrap();
+    let norm = from_state(w.clone(), &config, &Device::Cpu).unwrap();
+    let ident = from_state(w, &ResNetConfig { input_norm: InputNorm::Identity, ..config.clone() }, &Device::Cpu).unwrap();
     let x = (diffii::rng::seeded_randn(3, &[1, 3, 32, 32], &Device::Cpu).unwrap().tanh().unwrap()).contiguous().unwrap();
     let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
     let (mean, std) = (diffii::classify::resnet::IMAGENET_MEAN, diffii::classify::resnet::IMAGENET_STD);
@@ -122,7 +122,7 @@ fn a_torchvision_checkpoint_fine_tunes_with_a_new_head() {
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--pretrained needs --arch resnet50"));
     let o = run(&["--arch", "resnet50", "--pretrained", ckpt.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (model, info) = diffii::classify::train::load_model(&root.join("seed-0")).unwrap();
+    let (model, info) = diffii::classify::train::load_model(&root.join("seed-0"), &Device::Cpu).unwrap();
     assert_eq!((info.config.clone(), model.config.classes), (ResNetConfig::resnet50(3), 3));
     std::fs::remove_dir_all(&root).unwrap();
 }

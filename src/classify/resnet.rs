@@ -311,6 +311,11 @@ impl ResNet {
 
     /// Logits [b, classes] of images [b, 3, h, w]; `train` uses batch statistics in the norms
     /// and updates their running statistics.
+    /// Where the model's weights are.
+    pub fn device(&self) -> Device {
+        self.conv1.weight.device().clone()
+    }
+
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.fc.forward(&self.features(x, train)?)
     }
@@ -399,20 +404,21 @@ pub fn is_parameter(key: &str) -> bool {
     !(key.ends_with("running_mean") || key.ends_with("running_var") || key.ends_with("num_batches_tracked"))
 }
 
-/// A model over `tensors` whose parameters are trainable variables (see [`Weights::vars`]).
-pub fn trainable(tensors: HashMap<String, Tensor>, config: &ResNetConfig) -> Result<(ResNet, Weights)> {
+/// A model over `tensors` whose parameters are trainable variables (see [`Weights::vars`]), on
+/// `device` (off the CPU the layers use candle's own differentiable ops).
+pub fn trainable(tensors: HashMap<String, Tensor>, config: &ResNetConfig, device: &Device) -> Result<(ResNet, Weights)> {
     let mut keys: Vec<String> = tensors.keys().filter(|k| is_parameter(k)).cloned().collect();
     keys.sort();
     let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let w = Weights::from_tensors(tensors, DType::F32, &Device::Cpu).with_trainable(&key_refs).with_precision(Precision::F32);
+    let w = Weights::from_tensors(tensors, DType::F32, device).with_trainable(&key_refs).with_precision(Precision::F32);
     let model = ResNet::load(&w, config)?;
     Ok((model, w))
 }
 
 /// An evaluation model from a saved or snapshotted state (see [`state`]): parameters and the
-/// norms' running statistics.
-pub fn from_state(state: HashMap<String, Tensor>, config: &ResNetConfig) -> Result<ResNet> {
-    let w = Weights::from_tensors(state, DType::F32, &Device::Cpu).with_precision(Precision::F32);
+/// norms' running statistics, on `device`.
+pub fn from_state(state: HashMap<String, Tensor>, config: &ResNetConfig, device: &Device) -> Result<ResNet> {
+    let w = Weights::from_tensors(state, DType::F32, device).with_precision(Precision::F32);
     let model = ResNet::load(&w, config)?;
     for (prefix, bn) in model.norms() {
         let c = bn.channels();

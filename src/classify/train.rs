@@ -204,7 +204,7 @@ pub fn correct_each(model: &ResNet, images: &[Vec<u8>], labels: &[usize], side: 
     let mut correct = Vec::with_capacity(images.len());
     for (imgs, labels) in images.chunks(256).zip(labels.chunks(256)) {
         let refs: Vec<&[u8]> = imgs.iter().map(|p| p.as_slice()).collect();
-        let logits = model.forward(&batch_tensor(&refs, side, &Device::Cpu)?, false)?;
+        let logits = model.forward(&batch_tensor(&refs, side, &model.device())?, false)?;
         correct.extend(correct_flags(&logits, labels)?);
     }
     Ok(correct)
@@ -220,8 +220,9 @@ fn test_scores(model: &ResNet, test: &ImageSet, groups: Option<&Groups>) -> Resu
     Ok((acc, groups.map(|g| g.accuracy(&correct)).transpose()?))
 }
 
-/// Trains one seed; writes `model.safetensors`, `model.json` and `history.csv` into `out`.
-pub fn train_seed(data: &RunData<'_>, s: &ClassifierSettings, seed: u64, out: &Path, progress: bool) -> Result<SeedResult> {
+/// Trains one seed on `device`; writes `model.safetensors`, `model.json` and `history.csv` into
+/// `out`. The CPU gives the same bytes for any thread count; another device gives its own.
+pub fn train_seed(data: &RunData<'_>, s: &ClassifierSettings, seed: u64, out: &Path, device: &Device, progress: bool) -> Result<SeedResult> {
     s.check()?;
     check_classes(data)?;
     let t0 = Instant::now();
@@ -245,7 +246,7 @@ pub fn train_seed(data: &RunData<'_>, s: &ClassifierSettings, seed: u64, out: &P
     if let Some(path) = &s.pretrained {
         resnet::load_pretrained(&mut init, path)?;
     }
-    let (model, weights) = resnet::trainable(init, &config)?;
+    let (model, weights) = resnet::trainable(init, &config, device)?;
     let vars: Vec<_> = weights.vars().into_iter().map(|(_, v)| v).collect();
     let mut opt = Sgd::new(vars.clone(), SgdParams { lr: s.lr, momentum: s.momentum, dampening: 0.0, weight_decay: s.weight_decay, nesterov: s.nesterov })?;
     let steps_per_epoch = real.len().div_ceil(s.batch);
@@ -278,10 +279,10 @@ pub fn train_seed(data: &RunData<'_>, s: &ClassifierSettings, seed: u64, out: &P
                 targets.push(target);
             }
             let refs: Vec<&[u8]> = images.iter().map(|p| p.as_slice()).collect();
-            let x = batch_tensor(&refs, s.size, &Device::Cpu)?;
+            let x = batch_tensor(&refs, s.size, device)?;
             opt.set_lr(cosine_with_warmup(step, total, warmup, s.lr, 0.0));
             let logits = model.forward(&x, true)?;
-            let loss = cross_entropy(&logits, &soft_targets(&targets, classes, &Device::Cpu)?, s.label_smoothing)?;
+            let loss = cross_entropy(&logits, &soft_targets(&targets, classes, device)?, s.label_smoothing)?;
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
                 return Err(Error::invalid(format!("seed {seed}: the loss became {l} at epoch {}, step {step}; lower --lr", epoch + 1)));
@@ -316,7 +317,7 @@ pub fn train_seed(data: &RunData<'_>, s: &ClassifierSettings, seed: u64, out: &P
         groups_last = groups;
         groups_selected = groups_last.clone();
         if let Some((epoch, snapshot)) = best.filter(|b| b.0 != last) {
-            let (acc, groups) = test_scores(&resnet::from_state(snapshot, &config)?, t, data.test_groups)?;
+            let (acc, groups) = test_scores(&resnet::from_state(snapshot, &config, device)?, t, data.test_groups)?;
             history[epoch].test_acc = Some(acc);
             groups_selected = groups;
         }
@@ -355,11 +356,11 @@ pub struct ModelInfo {
     pub resize: ResizePolicy,
 }
 
-/// Loads a model written by [`train_seed`] from its folder.
-pub fn load_model(dir: &Path) -> Result<(ResNet, ModelInfo)> {
+/// Loads a model written by [`train_seed`] from its folder onto `device`.
+pub fn load_model(dir: &Path, device: &Device) -> Result<(ResNet, ModelInfo)> {
     let info: ModelInfo = crate::error::read_json(&dir.join("model.json"))?;
-    let state = crate::nn::weights::load_all(&dir.join("model.safetensors"), &Device::Cpu)?;
-    Ok((resnet::from_state(state, &info.config)?, info))
+    let state = crate::nn::weights::load_all(&dir.join("model.safetensors"), device)?;
+    Ok((resnet::from_state(state, &info.config, device)?, info))
 }
 
 /// Mean and (sample) standard deviation.

@@ -137,6 +137,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     classifier.check()?;
     let train = Dataset::open(&a.data.data, a.data.class_names.as_deref())?;
     let test = Dataset::open(&a.test, a.data.class_names.as_deref())?;
+    // The classifiers train where the generator runs (--device).
+    let device = diffii::sd::loader::parse_device(&a.model.device)?;
     let groups = a.test_groups.as_deref().map(|g| Groups::read(g, &test)).transpose()?;
     let generating = a.methods.iter().any(|m| !matches!(m, MethodKind::None | MethodKind::Classic | MethodKind::DiffAug));
     let p = if generating { Some(load_pipeline(&a.model)?) } else { None };
@@ -175,7 +177,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let baselines = BaselineOptions { strengths: g.strengths.clone(), mix_strengths: g.mix_strengths.clone(), mix_gamma: g.mix_gamma };
     let methods = resolve_methods(&a.methods, &a.sweep, &request, &baselines, a.with_classic, generators)?;
-    let plan = compare::Plan { methods: &methods, seeds: &a.seeds, classifier: &classifier, gen_batch: g.gen_batch, filter_min: a.filter_min, test_groups: groups.as_ref(), shard: a.shard, progress: !a.quiet };
+    let plan = compare::Plan { methods: &methods, seeds: &a.seeds, classifier: &classifier, gen_batch: g.gen_batch, filter_min: a.filter_min, test_groups: groups.as_ref(), shard: a.shard, device: &device, progress: !a.quiet };
     let scope = if a.shard.is_all() { Scope::Whole } else { Scope::Shard { index: a.shard.index, count: a.shard.count } };
     let _lock = diffii::data::lock::lock_output(&a.out, scope)?;
     let results = compare::run(generators, &train, &test, &plan, &a.out)?;

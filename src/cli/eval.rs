@@ -19,10 +19,13 @@ pub struct Args {
     /// (paths relative to it); adds per-group, group-mean and worst-group accuracy.
     #[arg(long)]
     pub groups: Option<PathBuf>,
+    /// Where to run: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let (model, info) = load_model(&a.model)?;
+    let (model, info) = load_model(&a.model, &diffii::sd::loader::parse_device(&a.device)?)?;
     let ds = Dataset::open(&a.data, None)?;
     if ds.classes != info.classes {
         anyhow::bail!("{}: classes {:?} differ from the model's {:?}", a.data.display(), ds.classes, info.classes);

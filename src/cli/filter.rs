@@ -19,7 +19,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let (model, info) = load_model(&a.judge)?;
+    let (model, info) = load_model(&a.judge, &candle_core::Device::Cpu)?;
     let f = filter::apply(&a.synthetic, &model, &info, a.min)?;
     println!(
         "kept {} | dropped {} (confidence below {}: {}, blank: {}) | {} updated",

@@ -45,6 +45,10 @@ pub struct Args {
     pub seeds: Vec<u64>,
     #[command(flatten)]
     pub classifier: ClassifierArgs,
+    /// Where to train: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build; the same bytes
+    /// for any thread count hold on the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Hide progress bars.
     #[arg(long)]
     pub quiet: bool,
@@ -158,6 +162,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.seeds.is_empty() {
         anyhow::bail!("--seeds needs at least one seed");
     }
+    let device = diffii::sd::loader::parse_device(&a.device)?;
     let train = Dataset::open(&a.data.data, a.data.class_names.as_deref())?;
     let synthetic = a.synthetic.as_deref().map(|d| synthetic_dataset(d, &train.classes)).transpose()?;
     let test = a.test.as_deref().map(|t| Dataset::open(t, a.data.class_names.as_deref())).transpose()?;
@@ -181,7 +186,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 r
             }
             _ => {
-                let r = train_seed(&data, &s, seed, &dir, !a.quiet)?;
+                let r = train_seed(&data, &s, seed, &dir, &device, !a.quiet)?;
                 write_json_atomic(&done, &r)?;
                 r
             }

@@ -20,6 +20,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::classify::data::{synthetic_dataset, ImageSet};
@@ -317,13 +318,15 @@ pub struct Plan<'a> {
     /// never wait for each other. A shard writes `results.shard-<i>-of-<n>.{json,md}`; the same
     /// command without a shard then finds every cell done and writes `results.json`.
     pub shard: Shard,
+    /// Where the classifiers train (generation runs where its model was loaded).
+    pub device: &'a Device,
     pub progress: bool,
 }
 
 /// Runs (or resumes) every (method, seed) cell into `out`; generating methods need their model
 /// in `g`.
 pub fn run(g: Generators<'_>, train: &Dataset, test: &Dataset, plan: &Plan<'_>, out: &Path) -> Result<CompareResults> {
-    let Plan { methods, seeds, classifier, gen_batch, filter_min, test_groups, shard, progress } = *plan;
+    let Plan { methods, seeds, classifier, gen_batch, filter_min, test_groups, shard, device, progress } = *plan;
     classifier.check()?;
     if methods.is_empty() || seeds.is_empty() {
         return Err(Error::invalid("compare needs at least one method and one seed"));
@@ -370,7 +373,7 @@ pub fn run(g: Generators<'_>, train: &Dataset, test: &Dataset, plan: &Plan<'_>, 
                 images += g.images;
                 gen_s += g.seconds;
                 if let Some(min) = filter_min {
-                    let f = filter_cell(train, seed, min, &synthetic_dir, out)?;
+                    let f = filter_cell(train, seed, min, &synthetic_dir, out, device)?;
                     *dropped.get_or_insert(0) += f.dropped();
                 }
                 syn = Some(synthetic_dataset(&synthetic_dir, &train.classes)?);
@@ -383,7 +386,7 @@ pub fn run(g: Generators<'_>, train: &Dataset, test: &Dataset, plan: &Plan<'_>, 
                 let mut settings = classifier.clone();
                 settings.augment.classic |= m.classic();
                 settings.syn_p = m.syn_p().unwrap_or(settings.syn_p);
-                let r = train_seed(&data, &settings, seed, &cell.join("classifier"), progress)?;
+                let r = train_seed(&data, &settings, seed, &cell.join("classifier"), device, progress)?;
                 write_json_atomic(&done, &r)?;
                 r
             };
@@ -401,7 +404,7 @@ pub fn run(g: Generators<'_>, train: &Dataset, test: &Dataset, plan: &Plan<'_>, 
         let Some(gen) = m.generator() else { continue };
         let mut per_seed = Vec::new();
         for &seed in &seeds {
-            if let Some(q) = quality_cell(train, classifier, &gen.name(), seed, out)? {
+            if let Some(q) = quality_cell(train, classifier, &gen.name(), seed, out, device)? {
                 per_seed.push(q);
             }
         }
@@ -493,7 +496,7 @@ pub fn merge(parts: &[CompareResults]) -> Result<CompareResults> {
 
 /// The quality of one cell's synthetic set, by the same seed's `none` classifier (cached in
 /// the cell's `quality.json`); `None` when that classifier does not exist.
-fn quality_cell(train: &Dataset, classifier: &ClassifierSettings, method: &str, seed: u64, out: &Path) -> Result<Option<Quality>> {
+fn quality_cell(train: &Dataset, classifier: &ClassifierSettings, method: &str, seed: u64, out: &Path, device: &Device) -> Result<Option<Quality>> {
     let cell = out.join(method).join(format!("seed-{seed}"));
     let cached = cell.join("quality.json");
     if cached.is_file() {
@@ -503,7 +506,7 @@ fn quality_cell(train: &Dataset, classifier: &ClassifierSettings, method: &str, 
     if !judge.join("model.safetensors").is_file() {
         return Ok(None);
     }
-    let (model, info) = load_model(&judge)?;
+    let (model, info) = load_model(&judge, device)?;
     let sp = split(train, &classifier.split, seed)?;
     let real = ImageSet::load(train, &sp.train, info.size, info.resize)?;
     let syn_ds = synthetic_dataset(&cell.join("synthetic"), &train.classes)?.dataset;
@@ -515,7 +518,7 @@ fn quality_cell(train: &Dataset, classifier: &ClassifierSettings, method: &str, 
 
 /// Filters one cell's synthetic set with the seed's `none` classifier (once: the decision is
 /// kept in `filter.json` beside the manifest).
-fn filter_cell(train: &Dataset, seed: u64, min: f64, dir: &Path, out: &Path) -> Result<FilterSummary> {
+fn filter_cell(train: &Dataset, seed: u64, min: f64, dir: &Path, out: &Path, device: &Device) -> Result<FilterSummary> {
     let record = dir.join("filter.json");
     if let Ok(f) = read_json::<FilterSummary>(&record) {
         if f.min_confidence == min {
@@ -523,7 +526,7 @@ fn filter_cell(train: &Dataset, seed: u64, min: f64, dir: &Path, out: &Path) -> 
         }
     }
     let judge = out.join("none").join(format!("seed-{seed}")).join("classifier");
-    let (model, info) = load_model(&judge)?;
+    let (model, info) = load_model(&judge, device)?;
     if info.classes != train.classes {
         return Err(Error::bad_file(judge.join("model.json"), "the judge's classes differ from the training classes"));
     }

@@ -107,7 +107,7 @@ pub fn run(d: &Demo<'_>, out: &Path) -> Result<CompareResults> {
         };
         let g = Generators { plain: Some(&p), lora: p_lora.as_ref() };
         let methods = (d.methods)(g)?;
-        let plan = Plan { methods: &methods, seeds: &[seed], classifier: d.classifier, gen_batch: d.gen_batch, filter_min: d.filter_min, test_groups: d.test_groups, shard: Shard::ALL, progress: d.progress };
+        let plan = Plan { methods: &methods, seeds: &[seed], classifier: d.classifier, gen_batch: d.gen_batch, filter_min: d.filter_min, test_groups: d.test_groups, shard: Shard::ALL, device: &candle_core::Device::Cpu, progress: d.progress };
         if d.progress {
             eprintln!("[demo] seed {seed}: generating and training classifiers");
         }

@@ -10,7 +10,7 @@
 //! its image, the judge and the threshold, and reapplying it rewrites the same manifest.
 use std::path::Path;
 
-use candle_core::{Device, D};
+use candle_core::D;
 use serde::{Deserialize, Serialize};
 
 use crate::classify::data::batch_tensor;
@@ -54,7 +54,7 @@ pub fn apply(dir: &Path, judge: &ResNet, info: &ModelInfo, min_confidence: f64) 
             images.push(load_for_model(dir.join(&r.file), info.size, info.resize)?.0);
         }
         let refs: Vec<&[u8]> = images.iter().map(|p| p.as_slice()).collect();
-        let logits = judge.forward(&batch_tensor(&refs, info.size, &Device::Cpu)?, false)?;
+        let logits = judge.forward(&batch_tensor(&refs, info.size, &judge.device())?, false)?;
         let probs: Vec<Vec<f32>> = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2()?;
         for ((r, px), p) in chunk.iter_mut().zip(&images).zip(&probs) {
             let class = info.classes.iter().position(|c| *c == r.class).ok_or_else(|| {

@@ -10,7 +10,6 @@
 //!   of training images score 0.
 use serde::{Deserialize, Serialize};
 
-use candle_core::Device;
 
 use crate::classify::data::{batch_tensor, ImageSet};
 use crate::classify::resnet::ResNet;
@@ -28,7 +27,7 @@ fn features(model: &ResNet, set: &ImageSet) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(set.len());
     for imgs in set.pixels.chunks(256) {
         let refs: Vec<&[u8]> = imgs.iter().map(|p| p.as_slice()).collect();
-        let f = model.features(&batch_tensor(&refs, set.side, &Device::Cpu)?, false)?;
+        let f = model.features(&batch_tensor(&refs, set.side, &model.device())?, false)?;
         out.extend(f.to_vec2::<f32>()?);
     }
     Ok(out)

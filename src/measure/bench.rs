@@ -412,7 +412,7 @@ impl ResNetBench {
         use crate::train::sgd::{Sgd, SgdParams};
         let dev = Device::Cpu;
         let classes = config.classes;
-        let (model, weights) = trainable(init_weights(config, 0)?, config)?;
+        let (model, weights) = trainable(init_weights(config, 0)?, config, &dev)?;
         let vars: Vec<_> = weights.vars().into_iter().map(|(_, v)| v).collect();
         let opt = Sgd::new(vars.clone(), SgdParams { lr: 0.01, momentum: 0.9, dampening: 0.0, weight_decay: 5e-4, nesterov: true })?;
         let x = seeded_randn(7, &[batch, 3, size, size], &dev)?;
