@@ -4,7 +4,8 @@
 //! look at in a browser.
 use base64::Engine as _;
 
-use diffii::classify::train::{mean_std, ClassifierSettings, SeedResult};
+use diffii::classify::stats::mean_std;
+use diffii::classify::train::{ClassifierSettings, SeedResult};
 use diffii::data::atomic::encode_png;
 use diffii::experiment::compare::{markdown, CompareResults, MethodResult, RowText};
 use diffii::classify::groups::GroupSummary;
@@ -339,7 +340,9 @@ fn a_sweep_shows_its_choices_and_none_shows_no_table() {
 #[test]
 fn group_table_appears_with_groups_and_marks_the_best_worst_group() {
     let mut r = results(["none", "diffii", "da-fusion"]);
-    assert!(!render(&input(&r, &[], &[])).unwrap().contains("worst group"), "no group table without groups");
+    let plain = render(&input(&r, &[], &[])).unwrap();
+    assert!(!plain.contains("worst group") && !plain.contains("Worst-group"), "no group table or chart without groups");
+    assert_eq!(plain.matches("<svg").count(), 1);
     for (m, worst) in r.methods.iter_mut().zip([0.20, 0.45, 0.30]) {
         m.groups = Some(GroupSummary {
             worst_selected: (worst, 0.01),
@@ -353,6 +356,14 @@ fn group_table_appears_with_groups_and_marks_the_best_worst_group() {
         assert!(html.contains(header), "{header}");
     }
     assert!(html.contains("<strong>45.00 ± 1.00</strong>"), "the best worst-group mean is bold");
+    // A second chart: the worst group per method, its means printed above the bars.
+    assert_eq!(html.matches("<svg").count(), 2);
+    let worst_chart = &html[html.find("<h2>Worst-group accuracy</h2>").expect("worst-group chart")..];
+    let svg = chart(worst_chart);
+    assert_eq!(bars(svg), 3);
+    for v in ["20.00", "45.00", "30.00"] {
+        assert!(svg.contains(&format!(">\n{v}\n</text>")), "{v} above its bar");
+    }
     assert_eq!(html.matches("<strong>").count(), 2, "one bold cell per table");
     let md = diffii::experiment::compare::markdown(&r);
     assert!(md.contains("| diffii | 85.25 +- 1.20 | 65.00 +- 2.00 | 45.00 +- 1.00 | 40.00 +- 3.00 | 45.00 +- 1.00 | 85.00 +- 0.00 |"), "{md}");

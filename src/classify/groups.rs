@@ -127,7 +127,7 @@ impl GroupSummary {
         let selected: Vec<&GroupAccuracy> = selected.iter().copied().collect::<Option<_>>()?;
         let last: Vec<&GroupAccuracy> = last.iter().copied().collect::<Option<_>>()?;
         let first = selected.first()?;
-        let ms = |xs: Vec<f64>| crate::classify::train::mean_std(&xs);
+        let ms = |xs: Vec<f64>| crate::classify::stats::mean_std(&xs);
         let per_group_selected = first
             .groups
             .iter()

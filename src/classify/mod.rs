@@ -8,4 +8,5 @@ pub mod groups;
 pub mod mix;
 pub mod protocol;
 pub mod resnet;
+pub mod stats;
 pub mod train;

@@ -19,6 +19,7 @@ use crate::classify::loss::{correct_flags, cross_entropy, soft_targets};
 use crate::classify::mix::{ClassDraw, Mixer, Pick};
 use crate::classify::protocol::{split, SplitSpec};
 use crate::classify::resnet::{self, ResNet, ResNetConfig};
+use crate::classify::stats::mean_std;
 use crate::data::atomic::{write_atomic, write_json_atomic};
 use crate::data::dataset::Dataset;
 use crate::data::image::ResizePolicy;
@@ -361,17 +362,6 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(ResNet, ModelInfo)> {
     let info: ModelInfo = crate::error::read_json(&dir.join("model.json"))?;
     let state = crate::nn::weights::load_all(&dir.join("model.safetensors"), device)?;
     Ok((resnet::from_state(state, &info.config, device)?, info))
-}
-
-/// Mean and (sample) standard deviation.
-pub fn mean_std(xs: &[f64]) -> (f64, f64) {
-    let n = xs.len() as f64;
-    if xs.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    let m = xs.iter().sum::<f64>() / n;
-    let var = if xs.len() > 1 { xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
-    (m, var.sqrt())
 }
 
 /// Results of every seed and their summary, as `results.json` holds them.

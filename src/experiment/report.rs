@@ -101,12 +101,21 @@ pub fn render(input: &ReportInput) -> Result<String> {
         h,
         "<h2>Test accuracy</h2>\n<figure class=\"chart\">\n{}\n<figcaption>Test accuracy at the epoch chosen on the \
          validation split, mean over {} seed{} ({}). Whiskers: &plusmn;1 standard deviation; dots: single seeds{}.</figcaption>\n</figure>\n",
-        chart_svg(&r.methods, input.chance)?,
+        chart_svg(&r.methods.iter().map(Bar::accuracy).collect::<Vec<_>>(), "test accuracy (%)", input.chance)?,
         r.seeds.len(),
         if r.seeds.len() == 1 { "" } else { "s" },
         escape(&seeds.join(", ")),
         input.chance.map_or(String::new(), |c| format!("; dashed line: chance ({:.1}%)", 100.0 * c)),
     );
+    if r.methods.iter().any(|m| m.groups.is_some()) {
+        let _ = write!(
+            h,
+            "<h2>Worst-group accuracy</h2>\n<figure class=\"chart\">\n{}\n<figcaption>Accuracy on the test group each classifier \
+             does worst on, at the validation-selected epoch, mean over seeds (the groups are in the table below). Whiskers: \
+             &plusmn;1 standard deviation; dots: single seeds.</figcaption>\n</figure>\n",
+            chart_svg(&r.methods.iter().map(Bar::worst_group).collect::<Vec<_>>(), "worst-group accuracy (%)", input.chance)?,
+        );
+    }
 
     h.push_str("<h2>Results</h2>\n");
     results_table(&mut h, &r.methods);
@@ -255,16 +264,40 @@ fn chart_err(e: impl std::fmt::Display) -> Error {
     Error::invalid(format!("cannot draw the accuracy chart: {e}"))
 }
 
-/// The accuracy chart as an SVG element: per method a bar (mean over seeds, in %), a ±1 std
-/// whisker, the seeds as dots and the mean printed above; the chance level dashed.
-fn chart_svg(methods: &[MethodResult], chance: Option<f64>) -> Result<String> {
+/// One method's bar of a chart: (mean, std) over seeds and the seeds' values (fractions), and
+/// the text printed above it.
+struct Bar {
+    method: String,
+    mean_std: (f64, f64),
+    seeds: Vec<f64>,
+    label: String,
+}
+
+impl Bar {
+    /// Test accuracy at the validation-selected epoch.
+    fn accuracy(m: &MethodResult) -> Self {
+        let label = RowText::new(m).acc_selected.0;
+        Bar { method: m.method.clone(), mean_std: m.test_acc_selected, seeds: m.seeds.iter().filter_map(|s| s.test_acc_selected).collect(), label }
+    }
+
+    /// Worst-group test accuracy at the validation-selected epoch (NaN without groups).
+    fn worst_group(m: &MethodResult) -> Self {
+        let mean_std = m.groups.as_ref().map_or((f64::NAN, f64::NAN), |g| g.worst_selected);
+        let seeds = m.seeds.iter().filter_map(|s| s.groups_selected.as_ref().map(|g| g.worst)).collect();
+        Bar { method: m.method.clone(), mean_std, seeds, label: format!("{:.2}", 100.0 * mean_std.0) }
+    }
+}
+
+/// A chart as an SVG element: per method a bar (mean over seeds, in %), a ±1 std whisker, the
+/// seeds as dots and the mean printed above; the chance level dashed.
+fn chart_svg(methods: &[Bar], y_desc: &str, chance: Option<f64>) -> Result<String> {
     let (width, height) = (900u32, 420u32);
     let n = methods.len();
     let pct = |v: f64| 100.0 * v;
-    let seeds = |m: &MethodResult| -> Vec<f64> { m.seeds.iter().filter_map(|s| s.test_acc_selected).map(pct).filter(|v| v.is_finite()).collect() };
+    let seeds = |m: &Bar| -> Vec<f64> { m.seeds.iter().copied().map(pct).filter(|v| v.is_finite()).collect() };
     let (mut top, mut any) = (chance.map_or(0.0, pct), false);
     for m in methods {
-        let (mean, std) = m.test_acc_selected;
+        let (mean, std) = m.mean_std;
         if mean.is_finite() {
             any = true;
             top = top.max(pct(mean) + pct(if std.is_finite() { std } else { 0.0 }));
@@ -298,7 +331,7 @@ fn chart_svg(methods: &[MethodResult], chance: Option<f64>) -> Result<String> {
             .x_labels(0)
             .y_labels(11)
             .y_label_formatter(&|v| format!("{v:.0}"))
-            .y_desc("test accuracy (%)")
+            .y_desc(y_desc)
             .label_style((FONT, px(13.0)).into_font().color(&INK))
             .axis_desc_style((FONT, px(14.0)).into_font().color(&INK))
             .bold_line_style(RGBColor(0xDD, 0xDD, 0xDD))
@@ -308,9 +341,9 @@ fn chart_svg(methods: &[MethodResult], chance: Option<f64>) -> Result<String> {
             .map_err(chart_err)?;
 
         let half = 0.32;
-        let bars = methods.iter().enumerate().filter(|(_, m)| m.test_acc_selected.0.is_finite());
+        let bars = methods.iter().enumerate().filter(|(_, m)| m.mean_std.0.is_finite());
         chart
-            .draw_series(bars.map(|(i, m)| Rectangle::new([(i as f64 - half, 0.0), (i as f64 + half, pct(m.test_acc_selected.0))], BAR.filled())))
+            .draw_series(bars.map(|(i, m)| Rectangle::new([(i as f64 - half, 0.0), (i as f64 + half, pct(m.mean_std.0))], BAR.filled())))
             .map_err(chart_err)?;
 
         let whisker = INK.stroke_width(2);
@@ -320,7 +353,7 @@ fn chart_svg(methods: &[MethodResult], chance: Option<f64>) -> Result<String> {
         let name_style = TextStyle::from((FONT, px(15.0)).into_font()).color(&INK).pos(Pos::new(HPos::Center, VPos::Top));
         for (i, m) in methods.iter().enumerate() {
             let x = i as f64;
-            let (mean, std) = (pct(m.test_acc_selected.0), pct(m.test_acc_selected.1));
+            let (mean, std) = (pct(m.mean_std.0), pct(m.mean_std.1));
             let mut label_at = 0.0;
             if mean.is_finite() {
                 label_at = mean;
@@ -342,7 +375,7 @@ fn chart_svg(methods: &[MethodResult], chance: Option<f64>) -> Result<String> {
                 label_at = label_at.max(*v);
             }
             let (bx, by) = chart.backend_coord(&(x, label_at));
-            let text = if mean.is_finite() { RowText::new(m).acc_selected.0 } else { "n/a".into() };
+            let text = if mean.is_finite() { m.label.clone() } else { "n/a".into() };
             root.draw(&Text::new(text, (bx, by - 6), value_style.clone())).map_err(chart_err)?;
             let (nx, ny) = chart.backend_coord(&(x, 0.0));
             let row_offset = if rows == 2 && i % 2 == 1 { 20 } else { 0 };
