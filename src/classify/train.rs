@@ -189,15 +189,7 @@ pub fn check_classes(data: &RunData<'_>) -> Result<()> {
 
 /// Accuracy of `model` on `set` (eval mode, batches of 256).
 pub fn evaluate(model: &ResNet, set: &ImageSet) -> Result<f64> {
-    if set.is_empty() {
-        return Err(Error::invalid("no images to evaluate"));
-    }
-    Ok(count_correct(model, &set.pixels, &set.labels, set.side)? as f64 / set.len() as f64)
-}
-
-/// How many of `images` (RGB8, `side` px) `model` labels as `labels` say (eval mode).
-pub fn count_correct(model: &ResNet, images: &[Vec<u8>], labels: &[usize], side: usize) -> Result<usize> {
-    Ok(correct_each(model, images, labels, side)?.into_iter().filter(|&ok| ok).count())
+    Ok(scores(model, set, None)?.0)
 }
 
 /// Per image of `images` (RGB8, `side` px), whether `model` labels it as `labels` says (eval mode).
@@ -211,8 +203,8 @@ pub fn correct_each(model: &ResNet, images: &[Vec<u8>], labels: &[usize], side: 
     Ok(correct)
 }
 
-/// Test accuracy over all images, and per group when the test set has groups.
-fn test_scores(model: &ResNet, test: &ImageSet, groups: Option<&Groups>) -> Result<(f64, Option<GroupAccuracy>)> {
+/// Accuracy over all images of `test`, and per group when it has groups.
+fn scores(model: &ResNet, test: &ImageSet, groups: Option<&Groups>) -> Result<(f64, Option<GroupAccuracy>)> {
     if test.is_empty() {
         return Err(Error::invalid("no images to evaluate"));
     }
@@ -313,12 +305,12 @@ pub fn train_seed(data: &RunData<'_>, s: &ClassifierSettings, seed: u64, out: &P
     let (mut groups_selected, mut groups_last) = (None, None);
     if let Some(t) = &test {
         let last = history.len() - 1;
-        let (acc, groups) = test_scores(&model, t, data.test_groups)?;
+        let (acc, groups) = scores(&model, t, data.test_groups)?;
         history[last].test_acc = Some(acc);
         groups_last = groups;
         groups_selected = groups_last.clone();
         if let Some((epoch, snapshot)) = best.filter(|b| b.0 != last) {
-            let (acc, groups) = test_scores(&resnet::from_state(snapshot, &config, device)?, t, data.test_groups)?;
+            let (acc, groups) = scores(&resnet::from_state(snapshot, &config, device)?, t, data.test_groups)?;
             history[epoch].test_acc = Some(acc);
             groups_selected = groups;
         }

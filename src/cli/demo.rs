@@ -242,10 +242,9 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
 /// The group-shift test set at a glance: per class, warm-background images | cool ones.
 fn test_colour_grid(test: &diffii::data::dataset::Dataset, groups: Option<&Groups>) -> anyhow::Result<Grid> {
     let g = groups.ok_or_else(|| anyhow::anyhow!("the group-shift test set has no groups"))?;
-    let pick = |colour: &str| diffii::data::dataset::Dataset {
-        root: test.root.clone(),
-        classes: test.classes.clone(),
-        items: test.items.iter().zip(&g.of_item).filter(|(_, &k)| g.names[k].ends_with(colour)).map(|(it, _)| it.clone()).collect(),
+    let pick = |colour: &str| {
+        let idx: Vec<usize> = (0..test.items.len()).filter(|&i| g.names[g.of_item[i]].ends_with(colour)).collect();
+        diffii::experiment::demo::subset(test, &idx)
     };
     let png = diffii::experiment::demo::class_grid(&pick("-warm"), Some(&pick("-cool")))?;
     Ok(Grid { title: format!("test images: warm backgrounds | cool backgrounds; rows: {}", test.classes.join(", ")), png })

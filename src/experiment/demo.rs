@@ -24,7 +24,7 @@ use crate::experiment::compare::{self, CompareResults, Generators, MethodSpec, P
 use crate::experiment::report::{self, Grid, ReportInput, Stage};
 use crate::synth::pipeline::{Pipeline, PipelineSpec};
 use crate::synth::plan::Shard;
-use crate::train::concepts::{load_model, TrainOptions, TrainRequest, TrainSettings, Trainer};
+use crate::train::concepts::{load_model, TrainOptions, TrainRequest, TrainSettings, Trainer, EMBEDS_FILE, LORA_FILE};
 
 /// What the demo runs.
 pub struct Demo<'a> {
@@ -73,36 +73,23 @@ pub fn run(d: &Demo<'_>, out: &Path) -> Result<CompareResults> {
         let concepts_dir = dir.join("concepts");
         let times_path = dir.join("times.json");
         let mut times: SeedTimes = read_json(&times_path).unwrap_or_default();
-        let embeds = concepts_dir.join("learned_embeds.safetensors");
-        if !embeds.is_file() {
-            if d.progress {
-                eprintln!("[demo] seed {seed}: learning one concept token per class");
-            }
-            let t0 = Instant::now();
-            learn_concepts(d, d.concepts, seed, &concepts_dir)?;
-            times.concepts = t0.elapsed().as_secs_f64();
+        if learn_once(d, d.concepts, seed, &concepts_dir, EMBEDS_FILE, "one concept token per class", &mut times.concepts)? {
             write_json_atomic(&times_path, &times)?;
         }
         stages.push(Stage { name: format!("seed {seed}: concept learning"), seconds: times.concepts });
         let load = |concepts: PathBuf, lora: Option<PathBuf>| {
             Pipeline::load(&PipelineSpec { model: d.model.to_path_buf(), concepts: vec![concepts], class_map: None, lora, lora_scale: 1.0, device: "cpu".into(), precision: Default::default() })
         };
-        let p = load(embeds, None)?;
+        let p = load(concepts_dir.join(EMBEDS_FILE), None)?;
         let p_lora = match d.lora_concepts {
             None => None,
             Some(request) => {
                 let dir = dir.join("concepts-lora");
-                if !dir.join(crate::train::concepts::LORA_FILE).is_file() {
-                    if d.progress {
-                        eprintln!("[demo] seed {seed}: learning concept tokens with a LoRA (Diff-AUG)");
-                    }
-                    let t0 = Instant::now();
-                    learn_concepts(d, request, seed, &dir)?;
-                    times.lora_concepts = t0.elapsed().as_secs_f64();
+                if learn_once(d, request, seed, &dir, LORA_FILE, "concept tokens with a LoRA (Diff-AUG)", &mut times.lora_concepts)? {
                     write_json_atomic(&times_path, &times)?;
                 }
                 stages.push(Stage { name: format!("seed {seed}: concept + LoRA learning (diff-aug)"), seconds: times.lora_concepts });
-                Some(load(dir.join(crate::train::concepts::EMBEDS_FILE), Some(dir.join(crate::train::concepts::LORA_FILE)))?)
+                Some(load(dir.join(EMBEDS_FILE), Some(dir.join(LORA_FILE)))?)
             }
         };
         let g = Generators { plain: Some(&p), lora: p_lora.as_ref() };
@@ -134,6 +121,21 @@ pub fn run(d: &Demo<'_>, out: &Path) -> Result<CompareResults> {
     Ok(results)
 }
 
+/// Learns a seed's concepts into `dir` unless its file `done` is already there, timing the run
+/// into `seconds`; returns whether it ran.
+fn learn_once(d: &Demo<'_>, request: &TrainRequest, seed: u64, dir: &Path, done: &str, what: &str, seconds: &mut f64) -> Result<bool> {
+    if dir.join(done).is_file() {
+        return Ok(false);
+    }
+    if d.progress {
+        eprintln!("[demo] seed {seed}: learning {what}");
+    }
+    let t0 = Instant::now();
+    learn_concepts(d, request, seed, dir)?;
+    *seconds = t0.elapsed().as_secs_f64();
+    Ok(true)
+}
+
 /// Learns the concept tokens (and LoRA, if `request` asks for one) of one seed from that
 /// seed's training split.
 fn learn_concepts(d: &Demo<'_>, request: &TrainRequest, seed: u64, dir: &Path) -> Result<()> {
@@ -151,7 +153,8 @@ fn learn_concepts(d: &Demo<'_>, request: &TrainRequest, seed: u64, dir: &Path) -
     Ok(())
 }
 
-fn subset(ds: &Dataset, idx: &[usize]) -> Dataset {
+/// The items `idx` of `ds`, as a dataset of their own.
+pub fn subset(ds: &Dataset, idx: &[usize]) -> Dataset {
     Dataset { root: ds.root.clone(), classes: ds.classes.clone(), items: idx.iter().map(|&i| ds.items[i].clone()).collect() }
 }
 
