@@ -12,6 +12,10 @@ pub struct Args {
     /// diffusers SD-1.x folder whose UNet to time (e.g. the tiny fixture model).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Batch sizes for the model's UNet at its native latent size (comma-separated; 32 = a
+    /// classifier-free-guided generation batch of 16, the demo's)
+    #[arg(long, default_value = "1,2", value_delimiter = ',')]
+    pub model_batches: Vec<usize>,
     /// Also time a full-size SD-1.5-shaped UNet (synthetic weights, ~3.4 GB of memory).
     #[arg(long)]
     pub sd15: bool,
@@ -103,7 +107,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let opts = diffii::sd::loader::LoadOptions { concepts: false, precision: prec, ..Default::default() };
         let sd = diffii::sd::loader::StableDiffusion::load(model, &opts)?;
         let s = sd.unet.config.sample_size;
-        for (b, l) in [(1, s), (2, s), (2, s / 2)] {
+        let cases = a.model_batches.iter().map(|&b| (b, s)).chain([(2, s / 2)]);
+        for (b, l) in cases {
             eprintln!("[bench] {} UNet batch {b} latent {l}", model.display());
             results.push(bench::unet_step("unet (model)", &sd.unet, b, l, a.warmup, a.reps.max(5))?);
             if a.profile {

@@ -224,7 +224,7 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
         extra_grids,
         seeds: &a.seeds,
         classifier: &classifier,
-        concepts: &concepts,
+        concepts: methods.iter().any(|m| !matches!(m, MethodKind::None | MethodKind::Classic | MethodKind::DiffAug)).then_some(&concepts),
         lora_concepts: lora_concepts.as_ref(),
         methods: &resolve,
         gen_batch: a.gen_batch,

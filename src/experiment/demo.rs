@@ -38,8 +38,9 @@ pub struct Demo<'a> {
     pub extra_grids: Vec<Grid>,
     pub seeds: &'a [u64],
     pub classifier: &'a ClassifierSettings,
-    /// Concept learning (its seed is replaced by each protocol seed).
-    pub concepts: &'a TrainRequest,
+    /// Concept learning (its seed is replaced by each protocol seed); `None` when no method
+    /// generates with the model and the plain concept tokens.
+    pub concepts: Option<&'a TrainRequest>,
     /// Concept learning with a LoRA, for Diff-AUG (its seed is replaced likewise).
     pub lora_concepts: Option<&'a TrainRequest>,
     /// The methods, resolved against a seed's models (model + that seed's concepts, and with
@@ -70,17 +71,22 @@ pub fn run(d: &Demo<'_>, out: &Path) -> Result<CompareResults> {
     let mut stages = Vec::new();
     for &seed in d.seeds {
         let dir = out.join(format!("seed-{seed}"));
-        let concepts_dir = dir.join("concepts");
         let times_path = dir.join("times.json");
         let mut times: SeedTimes = read_json(&times_path).unwrap_or_default();
-        if learn_once(d, d.concepts, seed, &concepts_dir, EMBEDS_FILE, "one concept token per class", &mut times.concepts)? {
-            write_json_atomic(&times_path, &times)?;
-        }
-        stages.push(Stage { name: format!("seed {seed}: concept learning"), seconds: times.concepts });
         let load = |concepts: PathBuf, lora: Option<PathBuf>| {
             Pipeline::load(&PipelineSpec { model: d.model.to_path_buf(), concepts: vec![concepts], class_map: None, lora, lora_scale: 1.0, device: "cpu".into(), precision: Default::default() })
         };
-        let p = load(concepts_dir.join(EMBEDS_FILE), None)?;
+        let p = match d.concepts {
+            None => None,
+            Some(request) => {
+                let concepts_dir = dir.join("concepts");
+                if learn_once(d, request, seed, &concepts_dir, EMBEDS_FILE, "one concept token per class", &mut times.concepts)? {
+                    write_json_atomic(&times_path, &times)?;
+                }
+                stages.push(Stage { name: format!("seed {seed}: concept learning"), seconds: times.concepts });
+                Some(load(concepts_dir.join(EMBEDS_FILE), None)?)
+            }
+        };
         let p_lora = match d.lora_concepts {
             None => None,
             Some(request) => {
@@ -92,7 +98,7 @@ pub fn run(d: &Demo<'_>, out: &Path) -> Result<CompareResults> {
                 Some(load(dir.join(EMBEDS_FILE), Some(dir.join(LORA_FILE)))?)
             }
         };
-        let g = Generators { plain: Some(&p), lora: p_lora.as_ref() };
+        let g = Generators { plain: p.as_ref(), lora: p_lora.as_ref() };
         let methods = (d.methods)(g)?;
         let plan = Plan { methods: &methods, seeds: &[seed], classifier: d.classifier, gen_batch: d.gen_batch, filter_min: d.filter_min, test_groups: d.test_groups, shard: Shard::ALL, device: &candle_core::Device::Cpu, progress: d.progress };
         if d.progress {

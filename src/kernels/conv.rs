@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::bf16::{self, PackedA};
-use super::gemm::{sgemm, threads};
+use super::gemm::{per_item, sgemm, threads};
 use super::io::{check_per_channel, tensor, uninit, with_slices};
 use crate::error::{Error, Result};
 
@@ -93,18 +93,20 @@ pub fn conv2d(
                 (Some(bv), Some(e)) => Some(bv.iter().zip(&e[bi * cout..(bi + 1) * cout]).map(|(a, b)| a + b).collect()),
             }
         };
-        let nt = threads();
         let in_plane = h0 * w0;
         let out_plane = ho * wo;
         let mut out = uninit(b * cout * out_plane);
         if out.is_empty() {
             return out;
         }
+        // A batch runs one image per task, each product on one thread; a single image splits
+        // its products across the threads instead. Either way an image's arithmetic is the same.
+        let nt = if b > 1 { 1 } else { threads() };
+        let res_of = |bi: usize| rs.map(|r| &r[bi * cout * out_plane..(bi + 1) * cout * out_plane]);
         if direct {
-            for bi in 0..b {
-                let dst = &mut out[bi * cout * out_plane..(bi + 1) * cout * out_plane];
+            let one = |bi: usize, dst: &mut [f32]| {
                 let bvec = sample_bias(bi);
-                let acc = preload_channels(dst, out_plane, bvec.as_deref(), rs.map(|r| &r[bi * cout * out_plane..(bi + 1) * cout * out_plane]));
+                let acc = preload_channels(dst, out_plane, bvec.as_deref(), res_of(bi));
                 match packed {
                     Some(pw) => {
                         let xb = bf16::PairPlanes::from_rows(&xs[bi * cin * in_plane..], cin, in_plane, in_plane);
@@ -117,7 +119,8 @@ pub fn conv2d(
                 if inv_scale {
                     divide_slice(dst, out_scale as f32);
                 }
-            }
+            };
+            per_item(&mut out, b, one);
             return out;
         }
         // The padded input is split into stride x stride phase planes of hq x wq,
@@ -131,17 +134,21 @@ pub fn conv2d(
         let we = wq;
         let n_ext = ho * we;
         let slack = (k / s_ + 1) * wq + k;
-        let mut xp = vec![0f32; cin * plane + slack];
-        let mut ext = uninit(cout * n_ext);
         // Exactly candle's nearest rule: src = min(src_len - 1, floor(i * (src_len / dst_len))).
         let (sh, sw) = (h0 as f64 / h as f64, w0 as f64 / w as f64);
         let src_rows: Vec<usize> = (0..h).map(|i| ((i as f64 * sh) as usize).min(h0 - 1)).collect();
         let src_cols: Vec<usize> = (0..w).map(|i| ((i as f64 * sw) as usize).min(w0 - 1)).collect();
         let kk = k * k;
-        for bi in 0..b {
+        let tap_off = |t: usize| {
+            let (ty, tx) = (t / k, t % k);
+            ((ty % s_) * s_ + tx % s_) * phase + (ty / s_) * wq + tx / s_
+        };
+        // Scratch per task: the padded input (its zero border is set once and never written)
+        // and the product on the wq-wide grid.
+        let scratch = || (vec![0f32; cin * plane + slack], uninit(cout * n_ext));
+        let one = |bi: usize, dst: &mut [f32], (xp, ext): &mut (Vec<f32>, Vec<f32>)| {
             let xb = &xs[bi * cin * in_plane..(bi + 1) * cin * in_plane];
-            // Padded (and resized) copy; the zero border was set once and is never written.
-            xp[..cin * plane].par_chunks_mut(plane).enumerate().for_each(|(ci, dstp)| {
+            let pad_plane = |(ci, dstp): (usize, &mut [f32])| {
                 let src = &xb[ci * in_plane..(ci + 1) * in_plane];
                 for (y, &sy) in src_rows.iter().enumerate() {
                     let srow = &src[sy * w0..(sy + 1) * w0];
@@ -164,7 +171,12 @@ pub fn conv2d(
                         }
                     }
                 }
-            });
+            };
+            if nt > 1 {
+                xp[..cin * plane].par_chunks_mut(plane).enumerate().for_each(pad_plane);
+            } else {
+                xp[..cin * plane].chunks_mut(plane).enumerate().for_each(pad_plane);
+            }
             let bvec = sample_bias(bi);
             let acc = match bvec.as_deref() {
                 Some(bv) => {
@@ -175,14 +187,10 @@ pub fn conv2d(
                 }
                 None => false,
             };
-            let tap_off = |t: usize| {
-                let (ty, tx) = (t / k, t % k);
-                ((ty % s_) * s_ + tx % s_) * phase + (ty / s_) * wq + tx / s_
-            };
             if let Some(pw) = packed {
-                let xb = bf16::PairPlanes::from_rows(&xp, cin, plane, plane);
+                let xb = bf16::PairPlanes::from_rows(xp, cin, plane, plane);
                 let offs: Vec<usize> = (0..kk).map(tap_off).collect();
-                bf16::gemm_taps(pw, &xb, &offs, n_ext, &mut ext, n_ext, acc).expect("shapes checked above");
+                bf16::gemm_taps(pw, &xb, &offs, n_ext, ext, n_ext, acc).expect("shapes checked above");
             } else {
                 for t in 0..kk {
                     let off = tap_off(t);
@@ -208,10 +216,9 @@ pub fn conv2d(
                 }
             }
             // Compact into NCHW with the epilogue.
-            let dst = &mut out[bi * cout * out_plane..(bi + 1) * cout * out_plane];
-            let res = rs.map(|r| &r[bi * cout * out_plane..(bi + 1) * cout * out_plane]);
-            let ext_ref = &ext;
-            dst.par_chunks_mut(out_plane).enumerate().for_each(|(co, dplane)| {
+            let res = res_of(bi);
+            let ext_ref = &*ext;
+            let compact = |(co, dplane): (usize, &mut [f32])| {
                 let eplane = &ext_ref[co * n_ext..(co + 1) * n_ext];
                 for oy in 0..ho {
                     let d = &mut dplane[oy * wo..(oy + 1) * wo];
@@ -231,7 +238,17 @@ pub fn conv2d(
                         }
                     }
                 }
-            });
+            };
+            if nt > 1 {
+                dst.par_chunks_mut(out_plane).enumerate().for_each(compact);
+            } else {
+                dst.chunks_mut(out_plane).enumerate().for_each(compact);
+            }
+        };
+        if b > 1 {
+            out.par_chunks_mut(cout * out_plane).enumerate().for_each_init(scratch, |sc, (bi, dst)| one(bi, dst, sc));
+        } else {
+            one(0, &mut out, &mut scratch());
         }
         out
     })?;

@@ -1,7 +1,20 @@
-//! f32 matrix products through the `gemm` crate with explicit strides.
+//! f32 matrix products through the `gemm` crate with explicit strides, and how a batch of
+//! them shares the threads.
+use rayon::prelude::*;
 
 pub(crate) fn threads() -> usize {
     rayon::current_num_threads()
+}
+
+/// Runs `one(i, chunk)` on each of the `items` equal chunks of `out`: in parallel when there
+/// are several (each product then single-threaded, so the split never changes the arithmetic).
+pub(crate) fn per_item(out: &mut [f32], items: usize, one: impl Fn(usize, &mut [f32]) + Sync) {
+    if items > 1 {
+        let len = out.len() / items;
+        out.par_chunks_mut(len).enumerate().for_each(|(i, dst)| one(i, dst));
+    } else {
+        one(0, out);
+    }
 }
 
 /// dst[m, n] = (accumulate ? dst : 0) + scale * lhs[m, k] @ rhs[k, n], all with explicit

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::bf16::{self, PairPlanes};
 use super::conv::preload_channels;
-use super::gemm::{sgemm, threads};
+use super::gemm::{per_item, sgemm, threads};
 use super::io::{check_per_channel, tensor, uninit, with_slices};
 use crate::error::{Error, Result};
 
@@ -85,14 +85,16 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
             });
             return out;
         }
-        for i in 0..items {
-            let dst = &mut out[i * rows * out_dim..(i + 1) * rows * out_dim];
+        // Several items: one item per task, each product on one thread; a single item splits
+        // its product across the threads instead. Either way an item's arithmetic is the same.
+        let nt = if items > 1 { 1 } else { nt };
+        let one = |i: usize, dst: &mut [f32]| {
             let acc = preload_rows(dst, out_dim, bs, rs.map(|r| &r[i * rows * out_dim..(i + 1) * rows * out_dim]));
             if let Some(pw) = packed {
                 let xi = &xs[i * rows * in_dim..(i + 1) * rows * in_dim];
                 let a = bf16::PackedA::new(rows, 1, in_dim, |r, _, k| xi[r * in_dim + k]);
                 bf16::gemm_taps(&a, pw, &[0], out_dim, dst, out_dim, acc).expect("shapes checked above");
-                continue;
+                return;
             }
             unsafe {
                 sgemm(
@@ -113,7 +115,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
                     nt,
                 )
             };
-        }
+        };
+        per_item(&mut out, items, one);
         out
     })?;
     tensor(out, &out_shape)
@@ -153,15 +156,15 @@ pub fn pointwise_to_tokens(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -
         let (xs, ws) = (s[0], s[1]);
         let bs = bias.map(|_| s[2]);
         let mut out = uninit(b * hw * cout);
-        let nt = threads();
-        for bi in 0..b {
-            let dst = &mut out[bi * hw * cout..(bi + 1) * hw * cout];
-            if dst.is_empty() {
-                continue;
-            }
+        if out.is_empty() {
+            return out;
+        }
+        let nt = if b > 1 { 1 } else { threads() };
+        let one = |bi: usize, dst: &mut [f32]| {
             let acc = preload_rows(dst, cout, bs, None);
             unsafe { sgemm(hw, cout, c, dst.as_mut_ptr(), cout, 1, acc, xs[bi * c * hw..].as_ptr(), 1, hw, ws.as_ptr(), 1, c, 1.0, nt) };
-        }
+        };
+        per_item(&mut out, b, one);
         out
     })?;
     tensor(out, &[b, hw, cout])
@@ -190,15 +193,15 @@ pub fn pointwise_from_tokens(t: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
         let bs = bias.map(|_| s[2]);
         let rs = residual.map(|_| s[s.len() - 1]);
         let mut out = uninit(b * cout * hw);
-        let nt = threads();
-        for bi in 0..b {
-            let dst = &mut out[bi * cout * hw..(bi + 1) * cout * hw];
-            if dst.is_empty() {
-                continue;
-            }
+        if out.is_empty() {
+            return out;
+        }
+        let nt = if b > 1 { 1 } else { threads() };
+        let one = |bi: usize, dst: &mut [f32]| {
             let acc = preload_channels(dst, hw, bs, rs.map(|r| &r[bi * cout * hw..(bi + 1) * cout * hw]));
             unsafe { sgemm(cout, hw, c, dst.as_mut_ptr(), hw, 1, acc, ws.as_ptr(), c, 1, xs[bi * hw * c..].as_ptr(), 1, c, 1.0, nt) };
-        }
+        };
+        per_item(&mut out, b, one);
         out
     })?;
     tensor(out, &[b, cout, h, w])

@@ -1,5 +1,6 @@
 //! CPU compute kernels in f32 (and bf16 products with f32 accumulation), one module per
-//! operation: [`linear`], [`conv`], [`attention`], [`norm`], [`activation`], on top of the
+//! operation: [`linear`], [`conv`] (and its weight gradient, [`conv_grad`]), [`attention`],
+//! [`norm`], [`activation`], on top of the
 //! SIMD helpers ([`simd`]), the f32 product ([`gemm`]) and the bf16 microkernel ([`bf16`]).
 //!
 //! The kernels work on contiguous f32 slices and return new tensors that record no backward
@@ -16,6 +17,7 @@ pub mod activation;
 pub mod attention;
 pub mod bf16;
 pub mod conv;
+pub mod conv_grad;
 pub mod gemm;
 pub mod io;
 pub mod linear;

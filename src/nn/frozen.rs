@@ -11,10 +11,10 @@
 //! results are bit-identical, and its backward returns `None` for the frozen operand: candle
 //! then neither computes nor stores it. The convolution runs our fused f32 kernel forward and
 //! computes only the input gradient backward — with the same kernel, as a stride-1 convolution
-//! of the (zero-dilated, padded) output gradient with the flipped, transposed weight — instead
-//! of candle's weight gradient plus its slow generic transposed convolution. A convolution whose
+//! of the padded output gradient with the flipped, transposed weight, or for strided
+//! convolutions as a product and fold ([`kernels::conv_grad`]) — instead of candle's weight gradient plus its slow generic transposed convolution. A convolution whose
 //! weight IS trained ([`conv2d_trainable`], e.g. a classifier's) reuses that input gradient and
-//! computes the weight's with one product per batch element. Layers use these ops unless loaded
+//! computes the weight's with [`kernels::conv_grad`]. Layers use these ops unless loaded
 //! with `Weights::with_frozen_ops(false)` (benchmarks measure the difference).
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, MetalStorage, Shape, Tensor};
@@ -156,7 +156,7 @@ impl CustomOp1 for FrozenConv {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let c = &self.conv;
-        Ok(Some(input_grad(x.dims4()?, grad, &self.grad_kernel()?, c.stride, c.padding)?))
+        Ok(Some(input_grad(x.dims4()?, grad, &c.weight, || self.grad_kernel(), c.stride, c.padding)?))
     }
 }
 
@@ -168,34 +168,33 @@ fn flip_kernel(w: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// The gradient of a convolution's input of shape `x_dims` from the output gradient `grad`:
-/// a transposed convolution, computed as the stride-1 convolution of the output gradient with
-/// s-1 zeros between its entries, padded by k-1-p (plus the rows / columns the forward's floor
-/// division dropped), with the flipped kernel `flipped` (see [`flip_kernel`]). Always f32.
-fn input_grad(x_dims: (usize, usize, usize, usize), grad: &Tensor, flipped: &Tensor, s: usize, p: usize) -> candle_core::Result<Tensor> {
-    let (_, _, h, w) = x_dims;
-    let (b, cout, ho, wo) = grad.dims4()?;
-    let k = flipped.dim(3)?;
-    let g = if s == 1 {
-        grad.contiguous()?
-    } else {
-        let (hd, wd) = ((ho - 1) * s + 1, (wo - 1) * s + 1);
-        let src = grad.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut dst = vec![0f32; b * cout * hd * wd];
-        for (plane, chunk) in src.chunks(ho * wo).enumerate() {
-            for (i, row) in chunk.chunks(wo).enumerate() {
-                let base = plane * hd * wd + i * s * wd;
-                for (j, v) in row.iter().enumerate() {
-                    dst[base + j * s] = *v;
-                }
-            }
-        }
-        Tensor::from_vec(dst, (b, cout, hd, wd), grad.device())?
-    };
+/// a transposed convolution. Stride 1: the convolution of the output gradient, padded by k-1-p
+/// (plus the rows / columns the forward's floor division dropped), with the flipped kernel
+/// (`flipped`, see [`flip_kernel`]). Larger strides: [`kernels::conv_grad::conv2d_input_grad`]
+/// with the weight itself. Always f32.
+fn input_grad(
+    x_dims: (usize, usize, usize, usize),
+    grad: &Tensor,
+    weight: &Tensor,
+    flipped: impl FnOnce() -> candle_core::Result<Tensor>,
+    s: usize,
+    p: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, cin, h, w) = x_dims;
+    let (cout, k) = (weight.dim(0)?, weight.dim(3)?);
+    if s > 1 {
+        let shape = kernels::conv_grad::ConvShape { b, cin, h, w, cout, k, stride: s, pad: p };
+        let (wt, g) = (weight.to_dtype(candle_core::DType::F32)?, grad.to_dtype(candle_core::DType::F32)?);
+        let dx = kernels::io::with_slices(&[&wt, &g], |v| kernels::conv_grad::conv2d_input_grad(v[0], v[1], shape)).map_err(to_msg)?;
+        return Tensor::from_vec(dx, (b, cin, h, w), grad.device());
+    }
+    let flipped = flipped()?;
+    let g = grad.contiguous()?;
     let (_, _, gh, gw) = g.dims4()?;
     let q = k - 1 - p;
     // Output size of the padded convolution: gh + 2q + extra - k + 1 must equal h.
     let (eh, ew) = ((h + k - 1) - (gh + 2 * q), (w + k - 1) - (gw + 2 * q));
-    kernels::conv2d(&g, flipped, None, None, 1, ConvInput { upsample: None, pad: (q, q, q + eh, q + ew) }, None, 1.0, None).map_err(to_msg)
+    kernels::conv2d(&g, &flipped, None, None, 1, ConvInput { upsample: None, pad: (q, q, q + eh, q + ew) }, None, 1.0, None).map_err(to_msg)
 }
 
 /// Whether [`conv2d_trainable`] applies: a trainable f32 CPU weight (square kernel, padding the
@@ -207,7 +206,7 @@ pub fn use_trainable_conv(x: &Tensor, weight: &Tensor, stride: usize, padding: u
 
 /// `conv(x, weight)` (no bias) whose backward computes both gradients with the fused kernels:
 /// the input's as in [`conv2d_frozen`], the weight's as one product per batch element of the
-/// output gradient [cout, ho*wo] with the unfolded input [ho*wo, cin*k*k]. candle's own
+/// output gradient with the unfolded input ([`kernels::conv_grad`]). candle's own
 /// backward uses a slow generic transposed convolution for the input.
 pub fn conv2d_trainable(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, TrainableConv { stride, padding })?)
@@ -234,38 +233,13 @@ impl CustomOp2 for TrainableConv {
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (b, cin, h, wd) = x.dims4()?;
         let (cout, _, k, _) = w.dims4()?;
-        let (_, _, ho, wo) = grad.dims4()?;
         let (s, p) = (self.stride, self.padding);
-        let dx = input_grad((b, cin, h, wd), grad, &flip_kernel(w)?, s, p)?;
-        // Unfold the input: col[b, ho*wo, cin*k*k], zero outside the padded border.
-        let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let cols = cin * k * k;
-        let mut col = vec![0f32; b * ho * wo * cols];
-        for n in 0..b {
-            for oy in 0..ho {
-                for ox in 0..wo {
-                    let row = &mut col[((n * ho + oy) * wo + ox) * cols..][..cols];
-                    for c in 0..cin {
-                        for ky in 0..k {
-                            let iy = (oy * s + ky) as isize - p as isize;
-                            if iy < 0 || iy >= h as isize {
-                                continue;
-                            }
-                            for kx in 0..k {
-                                let ix = (ox * s + kx) as isize - p as isize;
-                                if ix >= 0 && ix < wd as isize {
-                                    row[(c * k + ky) * k + kx] = xs[((n * cin + c) * h + iy as usize) * wd + ix as usize];
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        let col = Tensor::from_vec(col, (b, ho * wo, cols), x.device())?;
-        let g = grad.contiguous()?.reshape((b, cout, ho * wo))?;
-        // Summed over the batch in a fixed order, so the result does not depend on threads.
-        let dw = g.matmul(&col)?.sum(0)?.reshape((cout, cin, k, k))?;
-        Ok((Some(dx), Some(dw)))
+        // A network's input (the images) needs no gradient.
+        let dx = if x.track_op() { Some(input_grad((b, cin, h, wd), grad, w, || flip_kernel(w), s, p)?) } else { None };
+        let shape = kernels::conv_grad::ConvShape { b, cin, h, w: wd, cout, k, stride: s, pad: p };
+        let (x, g) = (x.to_dtype(candle_core::DType::F32)?, grad.to_dtype(candle_core::DType::F32)?);
+        let dw = kernels::io::with_slices(&[&x, &g], |v| kernels::conv_grad::conv2d_weight_grad(v[0], v[1], shape)).map_err(to_msg)?;
+        let dw = Tensor::from_vec(dw, (cout, cin, k, k), w.device())?.to_dtype(w.dtype())?;
+        Ok((dx, Some(dw)))
     }
 }
