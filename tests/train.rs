@@ -62,6 +62,8 @@ fn settings(ds: &Dataset, steps: usize) -> TrainSettings {
         templates: vec![DEFAULT_TEMPLATE.into()],
         superclass: "bird".into(),
         init_word: "bird".into(),
+        init_embeds: None,
+        init_embeds_sha256: None,
         classes: ds.classes.clone(),
         tokens: default_tokens(ds.classes.len()),
         seed: 3,
@@ -132,6 +134,18 @@ fn loss_falls_and_frozen_weights_stay_unchanged() {
     let log = std::fs::read_to_string(out.join(LOSS_FILE)).unwrap();
     assert_eq!(log.lines().count(), 41, "header + one line per step");
     assert!(!out.join("checkpoint.safetensors").exists(), "checkpoint left behind after a finished run");
+
+    // A second run initialised from these rows (e.g. to tune a LoRA on top) starts exactly at them.
+    let mut sd2 = load(DType::F32);
+    let mut s2 = settings(&ds, 1);
+    s2.init_embeds = Some(out.join(EMBEDS_FILE));
+    let tr2 = Trainer::new(&mut sd2, &ds, s2.clone(), false).unwrap();
+    assert_eq!(bits(tr2.rows()), bits(&rows));
+    // Rows for other tokens: a clear error naming the file.
+    let mut sd3 = load(DType::F32);
+    s2.tokens = vec!["<a>".into(), "<b>".into()];
+    let e = Trainer::new(&mut sd3, &ds, s2, false).err().expect("missing tokens must be refused").to_string();
+    assert!(e.contains(EMBEDS_FILE) && e.contains("<a>"), "{e}");
 }
 
 #[test]

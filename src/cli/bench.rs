@@ -12,6 +12,12 @@ pub struct Args {
     /// diffusers SD-1.x folder whose UNet to time (e.g. the tiny fixture model).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Time the demo world stage by stage, through the commands' own code with the demo's
+    /// settings: a pretraining step of each phase, a concept-learning step, DDIM inversion and
+    /// Diff-II generation per image, a classifier training step (the shipped model and data;
+    /// --model overrides the model)
+    #[arg(long)]
+    pub demo: bool,
     /// Batch sizes for the model's UNet at its native latent size (comma-separated; 32 = a
     /// classifier-free-guided generation batch of 16, the demo's)
     #[arg(long, default_value = "1,2", value_delimiter = ',')]
@@ -180,6 +186,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             profiles.push(bench::resnet_train_profile("resnet50", &config, a.resnet50_batch, a.resnet50_size, 1)?);
         }
     }
+    if a.demo {
+        eprintln!("[bench] the demo world, stage by stage");
+        let model = a.model.clone().unwrap_or_else(|| PathBuf::from(super::demo::DEMO_MODEL));
+        let work = std::env::temp_dir().join(format!("diffii-bench-demo-{}", std::process::id()));
+        let b = diffii::measure::demo_world::DemoBench {
+            model: &model,
+            data: std::path::Path::new(diffii::data::bundle::FASHION_MNIST_SUBSET),
+            work: &work,
+            warmup: a.warmup,
+            reps: a.reps,
+            steps: 25,
+            guidance: 1.5,
+            strength: 0.3,
+            gen_batch: 16,
+        };
+        let r = diffii::measure::demo_world::run(&b);
+        let _ = std::fs::remove_dir_all(&work);
+        results.extend(r?);
+    }
     if a.sd15 {
         eprintln!("[bench] building SD-1.5-shaped UNet with synthetic weights");
         let t0 = std::time::Instant::now();
@@ -209,7 +234,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         compare_with_python(&a, python, &mut results)?;
     }
     if results.is_empty() {
-        anyhow::bail!("nothing to measure: pass --model DIR, --sd15, --classifier and/or --resnet50");
+        anyhow::bail!("nothing to measure: pass --demo, --model DIR, --sd15, --classifier and/or --resnet50");
     }
     let cpu = bench::CpuInfo::detect();
     print!("{}", cpu.line());
@@ -283,6 +308,54 @@ fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchR
             if let Some(&(_, _, _, secs)) = torch.iter().find(|(c, b, l, _)| Some(c.as_str()) == case && *b == r.batch && *l == r.latent) {
                 r.torch_seconds = Some(secs);
                 r.torch_dtype = Some(dtype.to_string());
+            }
+        }
+    }
+    if a.demo {
+        let script = a.python_script.with_file_name("bench_demo.py");
+        let json = std::env::temp_dir().join(format!("diffii-torch-demo-{}.json", std::process::id()));
+        let model = a.model.clone().unwrap_or_else(|| PathBuf::from(super::demo::DEMO_MODEL));
+        let args: Vec<String> = vec![
+            "--model".into(),
+            model.display().to_string(),
+            "--threads".into(),
+            threads.clone(),
+            "--reps".into(),
+            a.reps.to_string(),
+            "--warmup".into(),
+            a.warmup.max(1).to_string(),
+            "--json".into(),
+            json.display().to_string(),
+        ];
+        run(&script, &args)?;
+        let torch = diffii::measure::demo_world::read_torch_json(&json)?;
+        let _ = std::fs::remove_file(&json);
+        for r in results.iter_mut() {
+            if let Some(secs) = diffii::measure::demo_world::torch_seconds(&torch, &r.name) {
+                r.torch_seconds = Some(secs);
+                r.torch_dtype = Some("f32".into());
+            }
+        }
+        // The classifier step of the demo world is bench_classifier.py's small network.
+        let script = a.python_script.with_file_name("bench_classifier.py");
+        let json = std::env::temp_dir().join(format!("diffii-torch-demo-classifier-{}.json", std::process::id()));
+        let args: Vec<String> = ["--threads", &threads, "--warmup", &a.warmup.to_string(), "--reps", &a.reps.max(3).to_string(), "--classes", "10", "--depth", "1", "--batch", "64", "--size", "32", "--json"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([json.display().to_string()])
+            .collect();
+        run(&script, &args)?;
+        let torch = bench::read_torch_classifier_json(&json)?;
+        let _ = std::fs::remove_file(&json);
+        for (key, secs) in torch {
+            let name = match key.as_str() {
+                "small_train" => "demo: classifier train step",
+                "small_eval" => "demo: classifier eval",
+                _ => continue,
+            };
+            if let Some(r) = results.iter_mut().find(|r| r.name == name) {
+                r.torch_seconds = Some(secs);
+                r.torch_dtype = Some("f32".into());
             }
         }
     }

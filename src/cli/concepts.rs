@@ -57,6 +57,10 @@ pub struct Args {
     /// tokens are averaged).
     #[arg(long)]
     pub init_word: Option<String>,
+    /// Initialise the tokens from an earlier run's learned_embeds.safetensors instead of
+    /// --init-word (e.g. tokens learned alone, then tuned with --lora-rank)
+    #[arg(long)]
+    pub init_embeds: Option<PathBuf>,
     /// Prompt template with {concept} and {superclass}.
     #[arg(long, default_value = DEFAULT_TEMPLATE)]
     pub template: String,
@@ -130,6 +134,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         class_map: a.class_map.clone(),
         superclass: a.superclass.clone(),
         init_word: a.init_word.clone(),
+        init_embeds: a.init_embeds.clone(),
         templates: match a.templates {
             TemplatesArg::Single => vec![a.template.clone()],
             TemplatesArg::Imagenet => imagenet_templates(),

@@ -8,10 +8,7 @@ use diffii::data::bundle;
 use diffii::data::shift::{self, ShiftSpec};
 use diffii::experiment::report::Grid;
 use diffii::experiment::compare::{BaselineOptions, Generators, MethodKind};
-use diffii::experiment::demo::{run, Demo};
-use diffii::synth::diffii::SettingsRequest;
-use diffii::synth::invert::InversionRequest;
-use diffii::synth::plan::Count;
+use diffii::experiment::demo::{concept_request, generation_request, run, Demo};
 use diffii::train::concepts::{TrainMode, TrainRequest};
 
 use super::compare::resolve_methods;
@@ -97,9 +94,6 @@ pub struct Args {
     pub quiet: bool,
 }
 
-/// Diff-II's stage-1 suffixes in this world: the attribute words the captions used.
-const SUFFIXES: [&str; 8] = ["dark", "light", "small", "large", "narrow", "wide", "plain", "patterned"];
-
 pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
     if a.quick {
         a.seeds.truncate(1);
@@ -135,54 +129,19 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
         shots: (a.protocol != Protocol::LongTail).then_some(a.classifier.shots.unwrap_or(5)),
         imbalance: (a.protocol == Protocol::LongTail).then_some(a.classifier.imbalance.unwrap_or(0.01)),
     };
+    classifier.class_draw = a.classifier.class_draw(a.protocol == Protocol::LongTail);
     classifier.check()?;
-    let template = "an item {concept}".to_string();
-    let concepts = TrainRequest {
-        official: false,
-        class_map: None,
-        superclass: String::new(),
-        init_word: Some("item".into()),
-        templates: vec![template.clone()],
-        mode: Some(TrainMode::PerClass),
-        steps: Some(a.concept_steps),
-        batch: Some(5),
-        grad_accum: 1,
-        lr: Some(a.concept_lr),
-        weight_decay: 0.0,
-        lora_rank: None,
-        lora_alpha: None,
-        lora_lr: None,
-        resolution: None,
-        resize: diffii::data::image::ResizePolicy::Squash,
-        flip: false,
-        random_crop: false,
-        seed: 0,
-        checkpoint_every: 100,
-    };
-    let request = SettingsRequest {
-        inversion: InversionRequest {
-            official: false,
-            prompt_template: Some(template.clone()),
-            superclass: Some(String::new()),
-            size: None,
-            resize: None,
-            steps: Some(a.steps),
-        },
-        suffixes: Some(SUFFIXES.iter().map(|s| s.to_string()).collect()),
-        steps: Some(a.steps),
-        guidance: Some(a.guidance),
-        strength: Some(a.strength),
-        stage1_steps: None,
-        interp: None,
-        count: Some(Count::Expansion(a.expansion)),
-        seed: 0,
-        quantize: None,
-    };
-    // Diff-AUG learns the tokens of all classes jointly with a rank-4 LoRA of the UNet's
-    // attention projections, for as many image draws as the per-class tokens see in all.
+    let needs_plain = methods.iter().any(|m| !matches!(m, MethodKind::None | MethodKind::Classic | MethodKind::DiffAug));
+    let concepts = concept_request(a.concept_steps, a.concept_lr);
+    let request = generation_request(a.steps, a.guidance, a.strength, a.expansion);
+    // Diff-AUG tunes the tokens of all classes jointly with a rank-4 LoRA of the UNet's
+    // attention projections. Starting from the seed's learned tokens (when the plain methods
+    // learn them), half the per-class runs' image draws suffice; from the init word it gets as
+    // many as they saw in all.
+    let lora_steps = if needs_plain { a.concept_steps * pool.classes.len() / 2 } else { a.concept_steps * pool.classes.len() };
     let lora_concepts = methods.contains(&MethodKind::DiffAug).then(|| TrainRequest {
         mode: Some(TrainMode::Joint),
-        steps: Some(a.concept_steps * pool.classes.len()),
+        steps: Some(lora_steps.max(1)),
         lora_rank: Some(4),
         lora_alpha: Some(4.0),
         lora_lr: Some(1e-3),
@@ -208,7 +167,7 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
         classifier.split.val_per_class,
         pool.items.len(),
         test.items.len(),
-        model.display(),
+        model.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap_or(&model).display(),
         a.seeds,
         a.steps,
         a.guidance,
@@ -224,7 +183,7 @@ pub fn run_demo(mut a: Args) -> anyhow::Result<()> {
         extra_grids,
         seeds: &a.seeds,
         classifier: &classifier,
-        concepts: methods.iter().any(|m| !matches!(m, MethodKind::None | MethodKind::Classic | MethodKind::DiffAug)).then_some(&concepts),
+        concepts: needs_plain.then_some(&concepts),
         lora_concepts: lora_concepts.as_ref(),
         methods: &resolve,
         gen_batch: a.gen_batch,

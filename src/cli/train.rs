@@ -121,12 +121,23 @@ pub struct ClassifierArgs {
     /// Probability that a real draw is replaced by a synthetic image.
     #[arg(long, default_value_t = 0.5)]
     pub syn_p: f64,
-    /// The class of a replacement.
-    #[arg(long, value_enum, default_value = "same")]
-    pub class_draw: ClassDrawArg,
+    /// The class of a replacement (default: `inverse-frequency` for a long tail, i.e. with
+    /// --imbalance, else `same`).
+    #[arg(long, value_enum)]
+    pub class_draw: Option<ClassDrawArg>,
 }
 
 impl ClassifierArgs {
+    /// `--class-draw`, or its default for a long-tailed (`long_tail`) or other split.
+    pub fn class_draw(&self, long_tail: bool) -> ClassDraw {
+        match self.class_draw {
+            Some(ClassDrawArg::Same) => ClassDraw::Same,
+            Some(ClassDrawArg::InverseFrequency) => ClassDraw::InverseFrequency,
+            None if long_tail => ClassDraw::InverseFrequency,
+            None => ClassDraw::Same,
+        }
+    }
+
     pub fn settings(&self) -> ClassifierSettings {
         ClassifierSettings {
             arch: match self.arch {
@@ -148,10 +159,7 @@ impl ClassifierArgs {
             augment: Augment { crop_scale: (self.crop_scale, 1.0), flip: self.flip, classic: self.classic, ..Augment::default() },
             split: SplitSpec { val_per_class: self.val_per_class, shots: self.shots, imbalance: self.imbalance },
             syn_p: self.syn_p,
-            class_draw: match self.class_draw {
-                ClassDrawArg::Same => ClassDraw::Same,
-                ClassDrawArg::InverseFrequency => ClassDraw::InverseFrequency,
-            },
+            class_draw: self.class_draw(self.imbalance.is_some()),
         }
     }
 }

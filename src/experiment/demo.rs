@@ -22,9 +22,11 @@ use crate::data::image::{load_rgb8, prepare, ResizePolicy};
 use crate::error::{read_json, Error, Result};
 use crate::experiment::compare::{self, CompareResults, Generators, MethodSpec, Plan};
 use crate::experiment::report::{self, Grid, ReportInput, Stage};
+use crate::synth::diffii::SettingsRequest;
+use crate::synth::invert::InversionRequest;
 use crate::synth::pipeline::{Pipeline, PipelineSpec};
-use crate::synth::plan::Shard;
-use crate::train::concepts::{load_model, TrainOptions, TrainRequest, TrainSettings, Trainer, EMBEDS_FILE, LORA_FILE};
+use crate::synth::plan::{Count, Shard};
+use crate::train::concepts::{load_model, TrainMode, TrainOptions, TrainRequest, TrainSettings, Trainer, EMBEDS_FILE, LORA_FILE};
 
 /// What the demo runs.
 pub struct Demo<'a> {
@@ -41,7 +43,8 @@ pub struct Demo<'a> {
     /// Concept learning (its seed is replaced by each protocol seed); `None` when no method
     /// generates with the model and the plain concept tokens.
     pub concepts: Option<&'a TrainRequest>,
-    /// Concept learning with a LoRA, for Diff-AUG (its seed is replaced likewise).
+    /// Concept learning with a LoRA, for Diff-AUG (its seed is replaced likewise; it starts from
+    /// the seed's plain tokens when those are learned).
     pub lora_concepts: Option<&'a TrainRequest>,
     /// The methods, resolved against a seed's models (model + that seed's concepts, and with
     /// `lora_concepts` model + that seed's LoRA concepts).
@@ -53,6 +56,64 @@ pub struct Demo<'a> {
     /// Shown at the top of the report.
     pub title: &'a str,
     pub intro: &'a str,
+}
+
+/// The concept prompt of the demo world: its captions begin with `an item`.
+pub const TEMPLATE: &str = "an item {concept}";
+
+/// Diff-II's stage-1 suffixes in this world: the attribute words the captions used.
+pub const SUFFIXES: [&str; 8] = ["dark", "light", "small", "large", "narrow", "wide", "plain", "patterned"];
+
+/// The demo's concept learning: one token per class, each from its class's images
+/// (`steps` per class, batch 5, learning rate `lr`), initialised from `item`.
+pub fn concept_request(steps: usize, lr: f64) -> TrainRequest {
+    TrainRequest {
+        official: false,
+        class_map: None,
+        superclass: String::new(),
+        init_word: Some("item".into()),
+        init_embeds: None,
+        templates: vec![TEMPLATE.to_string()],
+        mode: Some(TrainMode::PerClass),
+        steps: Some(steps),
+        batch: Some(5),
+        grad_accum: 1,
+        lr: Some(lr),
+        weight_decay: 0.0,
+        lora_rank: None,
+        lora_alpha: None,
+        lora_lr: None,
+        resolution: None,
+        resize: ResizePolicy::Squash,
+        flip: false,
+        random_crop: false,
+        seed: 0,
+        checkpoint_every: 100,
+    }
+}
+
+/// The demo's generation settings: `steps` DDIM steps for inversion and sampling, guidance,
+/// Diff-II's strength, the attribute words as stage-1 suffixes, `expansion` images per real one.
+pub fn generation_request(steps: usize, guidance: f64, strength: f64, expansion: usize) -> SettingsRequest {
+    SettingsRequest {
+        inversion: InversionRequest {
+            official: false,
+            prompt_template: Some(TEMPLATE.to_string()),
+            superclass: Some(String::new()),
+            size: None,
+            resize: None,
+            steps: Some(steps),
+        },
+        suffixes: Some(SUFFIXES.iter().map(|s| s.to_string()).collect()),
+        steps: Some(steps),
+        guidance: Some(guidance),
+        strength: Some(strength),
+        stage1_steps: None,
+        interp: None,
+        count: Some(Count::Expansion(expansion)),
+        seed: 0,
+        quantize: None,
+    }
 }
 
 /// Time spent in one stage of one seed (kept on disk, so a resumed demo reports the original).
@@ -90,8 +151,10 @@ pub fn run(d: &Demo<'_>, out: &Path) -> Result<CompareResults> {
         let p_lora = match d.lora_concepts {
             None => None,
             Some(request) => {
+                let init_embeds = d.concepts.map(|_| dir.join("concepts").join(EMBEDS_FILE));
+                let request = TrainRequest { init_embeds, ..request.clone() };
                 let dir = dir.join("concepts-lora");
-                if learn_once(d, request, seed, &dir, LORA_FILE, "concept tokens with a LoRA (Diff-AUG)", &mut times.lora_concepts)? {
+                if learn_once(d, &request, seed, &dir, LORA_FILE, "concept tokens with a LoRA (Diff-AUG)", &mut times.lora_concepts)? {
                     write_json_atomic(&times_path, &times)?;
                 }
                 stages.push(Stage { name: format!("seed {seed}: concept + LoRA learning (diff-aug)"), seconds: times.lora_concepts });

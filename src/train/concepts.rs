@@ -126,6 +126,13 @@ pub struct TrainSettings {
     pub superclass: String,
     /// Word(s) whose token embedding (mean over its tokens) initialises every row.
     pub init_word: String,
+    /// Rows learned before (`learned_embeds.safetensors`) that initialise the tokens instead
+    /// of `init_word`, e.g. tokens learned alone, then tuned further with a LoRA. The run is
+    /// identified by the file's hash, not its path.
+    #[serde(skip)]
+    pub init_embeds: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_embeds_sha256: Option<String>,
     /// Dataset classes and their tokens, in token-id order.
     pub classes: Vec<String>,
     pub tokens: Vec<String>,
@@ -164,6 +171,8 @@ pub struct TrainRequest {
     pub superclass: String,
     /// Default: the superclass.
     pub init_word: Option<String>,
+    /// Initialise the tokens from these learned rows instead (see [`TrainSettings::init_embeds`]).
+    pub init_embeds: Option<PathBuf>,
     pub templates: Vec<String>,
     pub mode: Option<TrainMode>,
     pub steps: Option<usize>,
@@ -206,8 +215,10 @@ impl TrainSettings {
         let init_word = match r.init_word.clone().filter(|w| !w.trim().is_empty()) {
             Some(w) => w,
             None if !r.superclass.trim().is_empty() => r.superclass.clone(),
+            None if r.init_embeds.is_some() => String::new(),
             None => return Err(Error::invalid("pass --superclass (e.g. `bird`) or --init-word to initialise the tokens")),
         };
+        let init_embeds_sha256 = r.init_embeds.as_deref().map(sha256_file).transpose()?;
         for (flag, v) in [("--lr", r.lr), ("--lora-lr", r.lora_lr), ("--lora-alpha", r.lora_alpha), ("--weight-decay", Some(r.weight_decay))] {
             if let Some(v) = v.filter(|v| !v.is_finite() || *v < 0.0) {
                 return Err(Error::invalid(format!("{flag} {v} must be a finite number >= 0")));
@@ -232,6 +243,8 @@ impl TrainSettings {
             templates: r.templates.clone(),
             superclass: r.superclass.clone(),
             init_word,
+            init_embeds: r.init_embeds.clone(),
+            init_embeds_sha256,
             classes: ds.classes.clone(),
             tokens,
             seed: r.seed,
@@ -339,9 +352,11 @@ impl<'a> Trainer<'a> {
         let s = &settings;
         validate(sd, ds, s)?;
         sd.tokenizer.add_concept_tokens(&s.tokens)?;
-        let init = init_row(sd, &s.init_word)?;
         let k = s.tokens.len();
-        let rows = init.unsqueeze(0)?.repeat((k, 1))?.contiguous()?;
+        let rows = match &s.init_embeds {
+            Some(path) => learned_rows(sd, path, &s.tokens)?,
+            None => init_row(sd, &s.init_word)?.unsqueeze(0)?.repeat((k, 1))?.contiguous()?,
+        };
         let adapters = if s.lora_rank > 0 {
             lora::attach_trainable(&mut sd.unet, s.lora_rank, s.lora_alpha, s.seed)?
         } else {
@@ -643,6 +658,20 @@ fn validate(sd: &StableDiffusion, ds: &Dataset, s: &TrainSettings) -> Result<()>
 }
 
 /// The mean token embedding of `word` (its BPE tokens, without start / end / padding).
+/// The rows of `tokens` ([k, hidden]) from a `learned_embeds.safetensors`.
+fn learned_rows(sd: &StableDiffusion, path: &Path, tokens: &[String]) -> Result<Tensor> {
+    let emb = sd.text_encoder.token_embedding();
+    let c = crate::sd::concepts::Concepts::load(path, emb.dim(1)?, emb.device())?;
+    let rows = tokens
+        .iter()
+        .map(|t| match c.tokens.iter().position(|x| x == t) {
+            Some(i) => Ok(c.rows.get(i)?.to_dtype(emb.dtype())?),
+            None => Err(Error::bad_file(path, format!("has no row for token `{t}`; it must come from a run with the same classes and tokens"))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&rows, 0)?.contiguous()?)
+}
+
 pub fn init_row(sd: &StableDiffusion, word: &str) -> Result<Tensor> {
     let tk = &sd.tokenizer;
     let ids = tk.encode(word)?;
