@@ -35,15 +35,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torchvision.models.resnet import BasicBlock
+
+from timing import bench
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -96,18 +95,6 @@ class ImageNetInput(nn.Module):
         return self.model(x * self.scale + self.shift)
 
 
-def bench(fn, reps: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    ts, cs = [], []
-    load0 = os.getloadavg()[0]
-    for _ in range(max(1, reps)):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        ts.append(time.perf_counter() - t0)
-        cs.append(time.process_time() - c0)
-    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "runs_s": ts,
-            "median_cpu_s": statistics.median(cs), "loadavg_before": load0, "loadavg_after": os.getloadavg()[0]}
 
 
 def cases(model: nn.Module, classes: int, batch: int, size: int, dtype, reps: int, warmup: int) -> tuple[dict, dict]:

@@ -108,8 +108,8 @@ import json
 import math
 import os
 import random
-import statistics
-import time
+
+from timing import bench
 
 CASES = ("vae train step", "unet train step", "concept step", "ddim inversion", "diffii generation")
 PER_IMAGE = ("ddim inversion", "diffii generation")
@@ -133,20 +133,6 @@ DEMO_CLASSES = 10
 TRAINED_CLASS = 3
 
 
-def bench(fn, reps: int, warmup: int) -> dict:
-    """As bench_sd15_cpu.py: wall and process-CPU seconds per call, load average around."""
-    for _ in range(warmup):
-        fn()
-    ts, cs = [], []
-    load0 = os.getloadavg()[0]
-    for _ in range(max(1, reps)):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        ts.append(time.perf_counter() - t0)
-        cs.append(time.process_time() - c0)
-    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "runs_s": ts,
-            "median_cpu_s": statistics.median(cs), "runs_cpu_s": cs,
-            "loadavg_before": load0, "loadavg_after": os.getloadavg()[0]}
 
 
 def load_pretrain_config(model: str) -> dict:

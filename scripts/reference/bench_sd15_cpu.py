@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from timing import bench
 
 SD15_UNET = dict(
     sample_size=64,
@@ -90,22 +90,6 @@ def count_flops(fn) -> tuple[int, dict]:
     return int(fcm.get_total_flops()), by_op
 
 
-def bench(fn, reps: int, warmup: int) -> dict:
-    """Wall time (perf_counter) and process CPU time (user+sys of all threads) per run, plus the
-    1-minute load average before/after: on a shared machine wall time is inflated by other
-    processes, cpu_s / threads is then a (slightly optimistic) estimate of the uncontended wall."""
-    for _ in range(warmup):
-        fn()
-    ts, cs = [], []
-    load0 = os.getloadavg()[0]
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        ts.append(time.perf_counter() - t0)
-        cs.append(time.process_time() - c0)
-    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "runs_s": ts,
-            "median_cpu_s": statistics.median(cs), "runs_cpu_s": cs,
-            "loadavg_before": load0, "loadavg_after": os.getloadavg()[0]}
 
 
 def main() -> None:
