@@ -263,6 +263,19 @@ def main() -> None:
         words = [PREFIX] + [rng.choice(p) for p in WORD_PAIRS if rng.random() < cfg["caption_keep"]]
         return " ".join(words)
 
+    def pretrain_update(what, loss, params, opt, lr_s):
+        """`Loop::step` of src/train/pretrain/mod.rs: finite check, backward, global gradient-norm
+        clipping, AdamW step, learning-rate schedule step; returns the loss value."""
+        v = loss.item()
+        if not math.isfinite(v):
+            raise RuntimeError(f"{what} loss is not finite")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+        opt.step()
+        lr_s.step()
+        return v
+
     # ------------------------------------------------------------------ vae train step
     if "vae train step" in which:
         vae = AutoencoderKL.from_pretrained(sub("vae")).train()
@@ -281,15 +294,7 @@ def main() -> None:
             d = vae.decode(z).sample - x
             kl = 0.5 * (post.mean.pow(2) + post.logvar.exp() - 1.0 - post.logvar).mean()
             loss = d.abs().mean() + d.pow(2).mean() + cfg["kl_weight"] * kl
-            v = loss.item()
-            if not math.isfinite(v):
-                raise RuntimeError("vae loss is not finite")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-            opt.step()
-            lr_s.step()
-            last["loss"] = v
+            last["loss"] = pretrain_update("vae", loss, params, opt, lr_s)
 
         d = {"batch": b, "params": sum(p.numel() for p in params)}
         d.update(bench(vae_step, a.reps, a.warmup))
@@ -326,17 +331,8 @@ def main() -> None:
             t = torch.randint(0, T, (b,), generator=g)
             x_t = noise_sched.add_noise(z0, noise, t)
             pred = unet(x_t, t, encoder_hidden_states=te(ids)[0]).sample
-            loss = F.mse_loss(pred, noise)
-            v = loss.item()
-            if not math.isfinite(v):
-                raise RuntimeError("unet loss is not finite")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-            opt.step()
-            lr_s.step()
+            last["loss"] = pretrain_update("unet", F.mse_loss(pred, noise), params, opt, lr_s)
             ema.step(params)
-            last["loss"] = v
 
         d = {"batch": b, "params": sum(p.numel() for p in params)}
         d.update(bench(unet_step, a.reps, a.warmup))
