@@ -188,7 +188,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     if a.demo {
         eprintln!("[bench] the demo world, stage by stage");
-        let model = a.model.clone().unwrap_or_else(|| PathBuf::from(super::demo::DEMO_MODEL));
+        let model = demo_model(&a);
         let work = std::env::temp_dir().join(format!("diffii-bench-demo-{}", std::process::id()));
         let b = diffii::measure::demo_world::DemoBench {
             model: &model,
@@ -314,7 +314,7 @@ fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchR
     if a.demo {
         let script = a.python_script.with_file_name("bench_demo.py");
         let json = std::env::temp_dir().join(format!("diffii-torch-demo-{}.json", std::process::id()));
-        let model = a.model.clone().unwrap_or_else(|| PathBuf::from(super::demo::DEMO_MODEL));
+        let model = demo_model(a);
         let args: Vec<String> = vec![
             "--model".into(),
             model.display().to_string(),
@@ -337,31 +337,14 @@ fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchR
             }
         }
         // The classifier step of the demo world is bench_classifier.py's small network.
-        let script = a.python_script.with_file_name("bench_classifier.py");
-        let json = std::env::temp_dir().join(format!("diffii-torch-demo-classifier-{}.json", std::process::id()));
-        let args: Vec<String> = ["--threads", &threads, "--warmup", &a.warmup.to_string(), "--reps", &a.reps.max(3).to_string(), "--classes", "10", "--depth", "1", "--batch", "64", "--size", "32", "--json"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain([json.display().to_string()])
-            .collect();
-        run(&script, &args)?;
-        let torch = bench::read_torch_classifier_json(&json)?;
-        let _ = std::fs::remove_file(&json);
-        for (key, secs) in torch {
-            let name = match key.as_str() {
-                "small_train" => "demo: classifier train step",
-                "small_eval" => "demo: classifier eval",
-                _ => continue,
-            };
-            if let Some(r) = results.iter_mut().find(|r| r.name == name) {
-                r.torch_seconds = Some(secs);
-                r.torch_dtype = Some("f32".into());
-            }
-        }
+        let args = ["--threads", &threads, "--warmup", &a.warmup.to_string(), "--reps", &a.reps.max(3).to_string(), "--classes", "10", "--depth", "1", "--batch", "64", "--size", "32"];
+        torch_classifier(&run, a, args.iter().map(|s| s.to_string()).collect(), results, |key| match key {
+            "small_train" => Some("demo: classifier train step".to_string()),
+            "small_eval" => Some("demo: classifier eval".to_string()),
+            _ => None,
+        })?;
     }
     if a.classifier || a.resnet50 {
-        let script = a.python_script.with_file_name("bench_classifier.py");
-        let json = std::env::temp_dir().join(format!("diffii-torch-classifier-{}.json", std::process::id()));
         let mut args: Vec<String> = vec!["--threads".into(), threads.clone(), "--warmup".into(), a.warmup.to_string(), "--classes".into(), "10".into()];
         if a.classifier {
             let (d, b, s) = (a.classifier_depth, a.classifier_batch, a.classifier_size);
@@ -373,23 +356,13 @@ fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchR
             let (b, s, reps) = (a.resnet50_batch, a.resnet50_size, a.reps);
             args.extend(["--resnet50".into(), "--resnet50-batch".into(), b.to_string(), "--resnet50-size".into(), s.to_string(), "--resnet50-reps".into(), reps.to_string()]);
         }
-        args.extend(["--json".to_string(), json.display().to_string()]);
-        run(&script, &args)?;
-        let torch = bench::read_torch_classifier_json(&json)?;
-        let _ = std::fs::remove_file(&json);
-        for (key, secs) in torch {
-            let name = match key.as_str() {
-                "small_train" => format!("classifier (depth {}) train step", a.classifier_depth),
-                "small_eval" => format!("classifier (depth {}) eval", a.classifier_depth),
-                "resnet50_train" => "resnet50 train step".to_string(),
-                "resnet50_eval" => "resnet50 eval".to_string(),
-                _ => continue,
-            };
-            if let Some(r) = results.iter_mut().find(|r| r.name == name) {
-                r.torch_seconds = Some(secs);
-                r.torch_dtype = Some("f32".to_string());
-            }
-        }
+        torch_classifier(&run, a, args, results, |key| match key {
+            "small_train" => Some(format!("classifier (depth {}) train step", a.classifier_depth)),
+            "small_eval" => Some(format!("classifier (depth {}) eval", a.classifier_depth)),
+            "resnet50_train" => Some("resnet50 train step".to_string()),
+            "resnet50_eval" => Some("resnet50 eval".to_string()),
+            _ => None,
+        })?;
     }
     if let (Some(model), Some(_)) = (&a.model, &a.flow) {
         let script = a.python_script.with_file_name("ref_diffii.py");
@@ -409,4 +382,33 @@ fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchR
         }
     }
     Ok(())
+}
+
+/// Runs `scripts/reference/bench_classifier.py` with `args` and fills the PyTorch column of the
+/// result each of its cases names (`name_of`: its JSON key to our case name).
+fn torch_classifier(
+    run: &dyn Fn(&std::path::Path, &[String]) -> anyhow::Result<String>,
+    a: &Args,
+    mut args: Vec<String>,
+    results: &mut [BenchResult],
+    name_of: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<()> {
+    let script = a.python_script.with_file_name("bench_classifier.py");
+    let json = std::env::temp_dir().join(format!("diffii-torch-classifier-{}.json", std::process::id()));
+    args.extend(["--json".to_string(), json.display().to_string()]);
+    run(&script, &args)?;
+    let torch = bench::read_torch_classifier_json(&json)?;
+    let _ = std::fs::remove_file(&json);
+    for (key, secs) in torch {
+        if let Some(r) = name_of(&key).and_then(|name| results.iter_mut().find(|r| r.name == name)) {
+            r.torch_seconds = Some(secs);
+            r.torch_dtype = Some("f32".to_string());
+        }
+    }
+    Ok(())
+}
+
+/// The model `--demo` times: `--model`, or the shipped mini SD.
+fn demo_model(a: &Args) -> PathBuf {
+    a.model.clone().unwrap_or_else(|| PathBuf::from(super::demo::DEMO_MODEL))
 }

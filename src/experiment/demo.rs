@@ -132,6 +132,7 @@ pub fn run(d: &Demo<'_>, out: &Path) -> Result<CompareResults> {
     let mut stages = Vec::new();
     for &seed in d.seeds {
         let dir = out.join(format!("seed-{seed}"));
+        let concepts_dir = dir.join("concepts");
         let times_path = dir.join("times.json");
         let mut times: SeedTimes = read_json(&times_path).unwrap_or_default();
         let load = |concepts: PathBuf, lora: Option<PathBuf>| {
@@ -140,7 +141,6 @@ pub fn run(d: &Demo<'_>, out: &Path) -> Result<CompareResults> {
         let p = match d.concepts {
             None => None,
             Some(request) => {
-                let concepts_dir = dir.join("concepts");
                 if learn_once(d, request, seed, &concepts_dir, EMBEDS_FILE, "one concept token per class", &mut times.concepts)? {
                     write_json_atomic(&times_path, &times)?;
                 }
@@ -151,7 +151,7 @@ pub fn run(d: &Demo<'_>, out: &Path) -> Result<CompareResults> {
         let p_lora = match d.lora_concepts {
             None => None,
             Some(request) => {
-                let init_embeds = d.concepts.map(|_| dir.join("concepts").join(EMBEDS_FILE));
+                let init_embeds = d.concepts.map(|_| concepts_dir.join(EMBEDS_FILE));
                 let request = TrainRequest { init_embeds, ..request.clone() };
                 let dir = dir.join("concepts-lora");
                 if learn_once(d, &request, seed, &dir, LORA_FILE, "concept tokens with a LoRA (Diff-AUG)", &mut times.lora_concepts)? {

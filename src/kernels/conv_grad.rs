@@ -88,6 +88,15 @@ pub fn conv2d_weight_grad(x: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
     dw
 }
 
+/// The output columns `lo..hi` (of `wo`) whose input column `ox·s + kx − p` lies inside
+/// `[0, w)` for kernel column `kx`.
+fn inside_cols(sh: ConvShape, kx: usize, wo: usize) -> (usize, usize) {
+    let ConvShape { w, stride: s, pad: p, .. } = sh;
+    let lo = p.saturating_sub(kx).div_ceil(s).min(wo);
+    let hi = if w + p > kx { (w + p - kx - 1) / s + 1 } else { 0 }.clamp(lo, wo);
+    (lo, hi)
+}
+
 /// `col[(ci·k + ky)·k + kx][oy·wo + ox] = x[ci, oy·s + ky − p, ox·s + kx − p]` for one image.
 fn unfold_transposed(x: &[f32], col: &mut [f32], sh: ConvShape, ho: usize, wo: usize) {
     let ConvShape { cin, h, w, k, stride: s, pad: p, .. } = sh;
@@ -96,9 +105,7 @@ fn unfold_transposed(x: &[f32], col: &mut [f32], sh: ConvShape, ho: usize, wo: u
         for ky in 0..k {
             for kx in 0..k {
                 let row = &mut col[((ci * k + ky) * k + kx) * ho * wo..][..ho * wo];
-                // Output columns whose input column ox·s + kx − p lies inside [0, w).
-                let lo = p.saturating_sub(kx).div_ceil(s).min(wo);
-                let hi = if w + p > kx { (w + p - kx - 1) / s + 1 } else { 0 }.clamp(lo, wo);
+                let (lo, hi) = inside_cols(sh, kx, wo);
                 for oy in 0..ho {
                     let dst = &mut row[oy * wo..][..wo];
                     let iy = (oy * s + ky) as isize - p as isize;
@@ -157,8 +164,7 @@ fn fold(col: &[f32], x: &mut [f32], sh: ConvShape, ho: usize, wo: usize) {
         for ky in 0..k {
             for kx in 0..k {
                 let row = &col[((ci * k + ky) * k + kx) * ho * wo..][..ho * wo];
-                let lo = p.saturating_sub(kx).div_ceil(s).min(wo);
-                let hi = if w + p > kx { (w + p - kx - 1) / s + 1 } else { 0 }.clamp(lo, wo);
+                let (lo, hi) = inside_cols(sh, kx, wo);
                 for oy in 0..ho {
                     let iy = (oy * s + ky) as isize - p as isize;
                     if iy < 0 || iy >= h as isize {

@@ -56,11 +56,8 @@ pub fn run(b: &DemoBench<'_>) -> Result<Vec<BenchResult>> {
     let (concept, concepts_file) = concept_step(b, &shots_ds)?;
     out.push(concept);
     out.extend(generation(b, &shots_ds, &concepts_file)?);
-    let steps = crate::measure::bench::classifier_steps(1, pool.classes.len(), 64, 32, b.warmup, b.reps)?;
-    out.extend(steps.into_iter().map(|mut r| {
-        r.name = format!("demo: {}", r.name.replace("classifier (depth 1)", "classifier"));
-        r
-    }));
+    let classifier = crate::classify::resnet::ResNetConfig::small(pool.classes.len(), 1);
+    out.extend(crate::measure::bench::resnet_steps("demo: classifier", &classifier, 64, 32, b.warmup, b.reps)?);
     Ok(out)
 }
 
