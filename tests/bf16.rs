@@ -1,7 +1,9 @@
-//! bf16 products (`--precision bf16`): on a CPU with AVX-512 BF16, convolutions, linear layers
-//! and the UNet stay within bf16 rounding of the f32 results and do not depend on the thread
-//! count, and a bf16 model and an f32 model live side by side in one process; elsewhere,
-//! asking for bf16 is a clear error (each test then says that it checked only that).
+//! bf16 products (`--precision bf16`), on each bf16 kernel this CPU has (AVX-512 BF16, AMX
+//! tiles): convolutions and linear layers equal the exact products of the bf16-rounded inputs
+//! up to f32 summation, stay within bf16 rounding of the f32 results and do not depend on the
+//! thread count, and a bf16 model and an f32 model live side by side in one process. A kernel
+//! this CPU lacks must be refused with a clear error; each test says on stderr which kernels it
+//! ran and which it skipped for lack of the hardware.
 mod common;
 
 use candle_core::{DType, Device, Tensor};
@@ -28,28 +30,42 @@ fn one_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(f)
 }
 
-/// True when the CPU runs bf16; otherwise checks that asking for it is a clear error, and says
-/// so on stderr.
-fn supported(test: &str) -> bool {
-    if bf16::supported() {
-        return true;
+/// The bf16 kernels this CPU runs. For each one it lacks, checks that asking for it is a
+/// clear error, and says on stderr that the test skips it.
+fn kernels_here(test: &str) -> Vec<bf16::Kernel> {
+    let mut here = Vec::new();
+    for kernel in [bf16::Kernel::Avx512, bf16::Kernel::Amx] {
+        if kernel.available() {
+            eprintln!("{test}: running the {} kernel", kernel.name());
+            here.push(kernel);
+            continue;
+        }
+        let precision = Precision::Bf16(kernel);
+        let e = precision.check().err().expect("a kernel the CPU lacks must be refused").to_string();
+        assert!(e.contains("needs a CPU") && e.contains("f32"), "{e}");
+        let e = StableDiffusion::load(&common::tiny_sd(), &LoadOptions { precision, ..LoadOptions::default() })
+            .err()
+            .expect("loading at a bf16 kernel the CPU lacks must fail")
+            .to_string();
+        assert!(e.contains("needs a CPU"), "{e}");
+        eprintln!("{test}: SKIPPED the {} kernel: this CPU lacks it (checked only that it is refused with a clear error)", kernel.name());
     }
-    let e = Precision::Bf16.check().err().expect("must refuse without AVX-512 BF16").to_string();
-    assert!(e.contains("AVX-512 BF16") && e.contains("f32"), "{e}");
-    let e = StableDiffusion::load(&common::tiny_sd(), &LoadOptions { precision: Precision::Bf16, ..LoadOptions::default() })
-        .err()
-        .expect("loading at bf16 must fail without AVX-512 BF16")
-        .to_string();
-    assert!(e.contains("AVX-512 BF16"), "{e}");
-    eprintln!("{test}: this CPU lacks AVX-512 BF16; checked only that bf16 is refused with a clear error");
-    false
+    here
+}
+
+/// `t` rounded to bf16 (nearest even) and back, in f64.
+fn bf16_rounded(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F64).unwrap()
 }
 
 #[test]
 fn bf16_convolutions_stay_close_to_f32_and_are_thread_independent() {
-    if !supported("conv") {
-        return;
+    for kernel in kernels_here("conv") {
+        convolutions_on(kernel);
     }
+}
+
+fn convolutions_on(kernel: bf16::Kernel) {
     // 3x3 same, stride-2 downsample on odd sizes, 1x1, nearest upsample + pad, odd channel
     // counts, with bias, per-sample bias, residual and output scale.
     let cases = [(3, 1, (1, 1, 1, 1), None), (3, 2, (0, 0, 1, 1), None), (1, 1, (0, 0, 0, 0), None), (3, 1, (1, 1, 1, 1), Some((18, 22)))];
@@ -64,44 +80,75 @@ fn bf16_convolutions_stay_close_to_f32_and_are_thread_independent() {
             ((h + pad.0 + pad.2 - k) / stride + 1, (w + pad.1 + pad.3 - k) / stride + 1)
         };
         let res = randn(22, &[2, cout, ho, wo]);
-        let packed = kernels::conv::pack_weight(&w).unwrap();
+        let packed = kernels::conv::pack_weight(&w, kernel).unwrap();
         let run = |p: Option<&bf16::PackedA>| {
             kernels::conv2d(&x, &w, Some(&bias), Some(&extra), stride, ConvInput { upsample: up, pad }, Some(&res), 2.0, p).unwrap()
         };
         let (f, b) = (run(None), run(Some(&packed)));
         let e = rel(&b, &f);
-        eprintln!("conv case {i}: bf16 vs f32 relative error {e:.2e}");
+        eprintln!("conv case {i} ({}): bf16 vs f32 relative error {e:.2e}", kernel.name());
         assert!(e > 0.0 && e < 2e-2, "conv case {i}: {e}");
         let one = one_thread(|| run(Some(&packed)));
         assert_eq!(bits(&one), bits(&b), "conv case {i}: result depends on the thread count");
+        // The exact products of the rounded inputs (bias, residual and scale in f64 as well):
+        // only f32 summation separates the kernel from them.
+        if up.is_none() {
+            let (x64, w64) = (bf16_rounded(&x), bf16_rounded(&w));
+            let x64 = x64.pad_with_zeros(2, pad.0, pad.2).unwrap().pad_with_zeros(3, pad.1, pad.3).unwrap();
+            let conv = x64.conv2d(&w64, 0, stride, 1, 1).unwrap();
+            let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let sum = conv
+                .broadcast_add(&f64_of(&bias).reshape((1, cout, 1, 1)).unwrap())
+                .unwrap()
+                .broadcast_add(&f64_of(&extra).reshape((2, cout, 1, 1)).unwrap())
+                .unwrap();
+            let exact = ((sum + f64_of(&res)).unwrap() / 2.0).unwrap();
+            let e = rel(&b.to_dtype(DType::F64).unwrap(), &exact);
+            assert!(e < 1e-5, "conv case {i} ({}): {e:.2e} from the exact product of the rounded inputs", kernel.name());
+        }
     }
 }
 
 #[test]
 fn bf16_linear_stays_close_to_f32_and_is_thread_independent() {
-    if !supported("linear") {
-        return;
+    for kernel in kernels_here("linear") {
+        // Odd sizes: partial row and column blocks, an odd k and k pairs short of a k block;
+        // and a product of several k blocks.
+        for (items, rows, k, out) in [(3, 45, 67, 53), (2, 77, 96, 40)] {
+            let x = randn(30, &[items, rows, k]);
+            let w = (randn(31, &[out, k]) * 0.1).unwrap();
+            let (bias, res) = (randn(32, &[out]), randn(33, &[items, rows, out]));
+            let packed = kernels::linear::pack_weight(&w, kernel).unwrap();
+            let run = |p: Option<&kernels::linear::PackedLinear>| kernels::linear(&x, &w, Some(&bias), Some(&res), p).unwrap();
+            let (f, b) = (run(None), run(Some(&packed)));
+            let e = rel(&b, &f);
+            eprintln!("linear {k}x{out} ({}): bf16 vs f32 relative error {e:.2e}", kernel.name());
+            assert!(e > 0.0 && e < 2e-2, "linear: {e}");
+            assert_eq!(bits(&one_thread(|| run(Some(&packed)))), bits(&b), "linear: result depends on the thread count");
+            let exact = bf16_rounded(&x)
+                .broadcast_matmul(&bf16_rounded(&w).t().unwrap())
+                .unwrap()
+                .broadcast_add(&bias.to_dtype(DType::F64).unwrap())
+                .unwrap();
+            let exact = (exact + res.to_dtype(DType::F64).unwrap()).unwrap();
+            let e = rel(&b.to_dtype(DType::F64).unwrap(), &exact);
+            assert!(e < 1e-5, "linear ({}): {e:.2e} from the exact product of the rounded inputs", kernel.name());
+        }
+        // A packed weight of another shape is refused, not misread.
+        let (x, w) = (randn(30, &[3, 45, 67]), randn(31, &[53, 67]));
+        let other = kernels::linear::pack_weight(&randn(34, &[52, 67]), kernel).unwrap();
+        assert!(kernels::linear(&x, &w, None, None, Some(&other)).is_err());
     }
-    let x = randn(30, &[3, 45, 67]);
-    let w = (randn(31, &[53, 67]) * 0.1).unwrap();
-    let (bias, res) = (randn(32, &[53]), randn(33, &[3, 45, 53]));
-    let packed = kernels::linear::pack_weight(&w).unwrap();
-    let run = |p: Option<&bf16::PairPlanes>| kernels::linear(&x, &w, Some(&bias), Some(&res), p).unwrap();
-    let (f, b) = (run(None), run(Some(&packed)));
-    let e = rel(&b, &f);
-    eprintln!("linear: bf16 vs f32 relative error {e:.2e}");
-    assert!(e > 0.0 && e < 2e-2, "linear: {e}");
-    assert_eq!(bits(&one_thread(|| run(Some(&packed)))), bits(&b), "linear: result depends on the thread count");
-    // A packed weight of another shape is refused, not misread.
-    let other = kernels::linear::pack_weight(&randn(34, &[52, 67])).unwrap();
-    assert!(kernels::linear(&x, &w, None, None, Some(&other)).is_err());
 }
 
 #[test]
 fn an_f32_and_a_bf16_model_live_in_one_process() {
-    if !supported("two models") {
-        return;
+    for kernel in kernels_here("two models") {
+        two_models(Precision::Bf16(kernel));
     }
+}
+
+fn two_models(bf16_precision: Precision) {
     let load = |precision| StableDiffusion::load(&common::tiny_sd(), &LoadOptions { precision, ..LoadOptions::default() }).unwrap();
     let r = common::ref_tensors();
     let ctx = Tensor::cat(&[&r["text_emb_uncond"], &r["text_emb_b"]], 0).unwrap();
@@ -109,20 +156,40 @@ fn an_f32_and_a_bf16_model_live_in_one_process() {
     // The f32 model alone, then both models interleaved: each gives its own result, the f32
     // one bit for bit what it gives alone.
     let alone = load(Precision::F32).unet.forward_t(x, 500, &ctx).unwrap();
-    let (f32_model, bf16_model) = (load(Precision::F32), load(Precision::Bf16));
+    let (f32_model, bf16_model) = (load(Precision::F32), load(bf16_precision));
     let b1 = bf16_model.unet.forward_t(x, 500, &ctx).unwrap();
     let f = f32_model.unet.forward_t(x, 500, &ctx).unwrap();
     let b2 = bf16_model.unet.forward_t(x, 500, &ctx).unwrap();
     assert_eq!(bits(&f), bits(&alone), "the f32 model is affected by the bf16 model next to it");
     assert_eq!(bits(&b1), bits(&b2), "the bf16 model is affected by the f32 model next to it");
     let e = rel(&b1, &f);
-    eprintln!("tiny UNet: bf16 vs f32 relative error {e:.2e}");
+    eprintln!("tiny UNet ({}): bf16 vs f32 relative error {e:.2e}", bf16_precision.name());
     assert!(e > 0.0 && e < 3e-2, "unet: {e}");
-    assert_eq!(bf16_model.precision, Precision::Bf16);
+    assert_eq!(bf16_model.precision, bf16_precision);
     // The text encoder and VAE carry the precision too.
     let side = f32_model.vae.config.spatial_factor() * f32_model.unet.config.sample_size;
     let img = (randn(40, &[1, 3, side, side]) * 0.5).unwrap();
     let (zf, zb) = (f32_model.vae.encode_latent(&img).unwrap(), bf16_model.vae.encode_latent(&img).unwrap());
     let e = rel(&zb, &zf);
     assert!(e > 0.0 && e < 5e-2, "vae: {e}");
+}
+
+#[test]
+fn bf16_attention_stays_close_to_f32_and_is_thread_independent() {
+    for kernel in kernels_here("attention") {
+        // Odd head size and key count (partial k blocks and column blocks), with and without a
+        // mask; cross-attention shaped (77 keys) and self-attention shaped.
+        for (n, m, heads, d, masked) in [(45, 77, 3, 13, true), (70, 70, 2, 40, false)] {
+            let q = randn(50, &[2, n, heads * d]);
+            let k = randn(51, &[2, m, heads * d]);
+            let v = randn(52, &[2, m, heads * d]);
+            let mask = masked.then(|| (randn(53, &[n, m]) * 2.0).unwrap());
+            let run = |kr| kernels::attention(&q, &k, &v, heads, mask.as_ref(), kr).unwrap();
+            let (f, b) = (run(None), run(Some(kernel)));
+            let e = rel(&b, &f);
+            eprintln!("attention {n}x{m}, {heads} heads of {d} ({}): bf16 vs f32 relative error {e:.2e}", kernel.name());
+            assert!(e > 0.0 && e < 3e-2, "attention: {e}");
+            assert_eq!(bits(&one_thread(|| run(Some(kernel)))), bits(&b), "attention: result depends on the thread count");
+        }
+    }
 }

@@ -945,13 +945,13 @@ fn attention_kernel_matches_per_head_softmax_of_scaled_scores_times_v() {
         let mask = attention_mask(s + 4, kind, n, m);
         let mo = mask.as_ref();
         let what = format!("attention b {b}, n {n}, m {m}, {heads} heads of {d}, mask {kind:?}");
-        let got = kernels::attention(&q, &k, &v, heads, mo).unwrap();
+        let got = kernels::attention(&q, &k, &v, heads, mo, None).unwrap();
         // f64 -inf masks stay -inf; f32::MIN stays finite in both.
         worst = worst
             .max(check(&what, &got, |dt| ref_attention(&cast(&q, dt), &cast(&k, dt), &cast(&v, dt), heads, cast_opt(mo, dt).as_ref())));
         // nn::attention: the kernel in both modes for f32 inputs; its composed path for f64.
         for mode in [Mode::Infer, Mode::Train] {
-            let layer = nn::attention(&q, &k, &v, heads, mo, mode).unwrap();
+            let layer = nn::attention(&q, &k, &v, heads, mo, mode, Precision::F32).unwrap();
             assert_same_bits(&format!("{what}: nn::attention {mode:?} vs the kernel"), &layer, &got);
         }
         let c64 = nn::attention(
@@ -961,6 +961,7 @@ fn attention_kernel_matches_per_head_softmax_of_scaled_scores_times_v() {
             heads,
             cast_opt(mo, DType::F64).as_ref(),
             Mode::Infer,
+            Precision::F32,
         )
         .unwrap();
         worst = worst.max(assert_close(&format!("{what} [vs nn::attention composed f64]"), &got, &c64, TOL));
@@ -1049,8 +1050,8 @@ fn kernels_give_the_same_bits_for_any_thread_count() {
         ("group_norm + silu", Box::new(|| kernels::group_norm(&gn, 5, &gg, &gb, 1e-6, true).unwrap())),
         ("geglu", Box::new(|| kernels::geglu(&h).unwrap())),
         ("silu", Box::new(|| kernels::silu(&gn).unwrap())),
-        ("attention", Box::new(|| kernels::attention(&q, &k, &v, 3, None).unwrap())),
-        ("attention + mask", Box::new(|| kernels::attention(&q, &k, &v, 3, Some(&mask)).unwrap())),
+        ("attention", Box::new(|| kernels::attention(&q, &k, &v, 3, None, None).unwrap())),
+        ("attention + mask", Box::new(|| kernels::attention(&q, &k, &v, 3, Some(&mask), None).unwrap())),
         ("softmax_last_dim", Box::new(|| kernels::softmax_last_dim(&sm).unwrap())),
     ];
     for (name, f) in &cases {
@@ -1123,8 +1124,8 @@ fn kernels_give_the_same_bits_for_any_batch_size() {
     let k = randn(41, &[3, 77, 3 * 5], 1.0);
     let v = randn(42, &[3, 77, 3 * 5], 1.0);
     let mask = randn(43, &[133, 77], 1.0);
-    let whole = kernels::attention(&q, &k, &v, 3, Some(&mask)).unwrap();
-    each("attention", &whole, 3, &|i| kernels::attention(&item(&q, i), &item(&k, i), &item(&v, i), 3, Some(&mask)).unwrap());
+    let whole = kernels::attention(&q, &k, &v, 3, Some(&mask), None).unwrap();
+    each("attention", &whole, 3, &|i| kernels::attention(&item(&q, i), &item(&k, i), &item(&v, i), 3, Some(&mask), None).unwrap());
     // Row-wise kernels: a row of a 77-row batch vs the row alone.
     let h = randn(50, &[77, 2 * 33], 2.0);
     let whole = kernels::geglu(&h).unwrap();
@@ -1173,9 +1174,9 @@ fn kernels_reject_mismatched_shapes() {
     );
     let q = randn(15, &[3, 7, 15], 1.0);
     let k = randn(16, &[3, 11, 15], 1.0);
-    expect_err("attention: 4 heads of 15", kernels::attention(&q, &k, &k, 4, None));
-    expect_err("attention: mask [11, 7] for 7 queries x 11 keys", kernels::attention(&q, &k, &k, 3, Some(&randn(17, &[11, 7], 1.0))));
-    expect_err("attention: k / v of different lengths", kernels::attention(&q, &k, &q, 3, None));
+    expect_err("attention: 4 heads of 15", kernels::attention(&q, &k, &k, 4, None, None));
+    expect_err("attention: mask [11, 7] for 7 queries x 11 keys", kernels::attention(&q, &k, &k, 3, Some(&randn(17, &[11, 7], 1.0)), None));
+    expect_err("attention: k / v of different lengths", kernels::attention(&q, &k, &q, 3, None, None));
     expect_err("pointwise_to_tokens: weight [7, 4]", kernels::pointwise_to_tokens(&xc, &randn(18, &[7, 4], 1.0), None));
     expect_err(
         "pointwise_from_tokens: 63 tokens as 7x8",
@@ -1221,7 +1222,7 @@ fn nan_inputs_give_nan() {
     assert!(s.iter().all(|v| v.is_nan()), "softmax([0, NaN, 1]) = {s:?}");
     let q = from_vec(vec![f32::NAN, 1.0], &[1, 1, 2]);
     let kv = from_vec(vec![1.0, 0.5, -1.0, 2.0], &[1, 2, 2]);
-    let a = kernels::attention(&q, &kv, &kv, 1, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let a = kernels::attention(&q, &kv, &kv, 1, None, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(a.iter().all(|v| v.is_nan()), "attention with a NaN query = {a:?}");
 }
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""CPU timing of FULL-SIZE SD-1.5 components with random weights (nothing is downloaded).
+"""Timing of FULL-SIZE SD-1.5 components with random weights (nothing is downloaded), on the
+CPU or (--device cuda) a GPU.
 
 Builds SD-1.5's UNet2DConditionModel, CLIP ViT-L/14 text encoder and AutoencoderKL from
 their configs (written out below), counts parameters, counts FLOPs with
@@ -7,11 +8,16 @@ torch.utils.flop_counter.FlopCounterMode (matmul / conv / attention only; elemen
 norms and softmax are not counted) and times forwards in float32 (or, with --dtype bf16, with
 model and inputs converted by .to(torch.bfloat16)) under torch.inference_mode with
 torch.set_num_threads(--threads).  Each timing is repeated --reps times after --warmup
-untimed runs; the median (and min/max) are reported.
+untimed runs; the median (and min/max) are reported.  On a GPU each call ends with
+torch.cuda.synchronize(), and --dtype f16 is available.
+
+UNet cases: unet64 (batch 2, 64x64), unet32 (batch 2, 32x32), unet64b1 (batch 1, 64x64), or any
+unet_b<B>_l<L> (batch B, L x L latent).
 
 Usage:
     .venv-ref/bin/python scripts/reference/bench_sd15_cpu.py [--threads 2] [--reps 5] [--warmup 1]
-        [--only unet64,unet32,unet64b1,text,vae_enc,vae_dec] [--dtype f32|bf16] [--json OUT.json]
+        [--only unet64,unet32,unet64b1,text,vae_enc,vae_dec] [--dtype f32|bf16|f16]
+        [--device cpu|cuda] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -99,33 +105,60 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--only", default="unet64,unet32,unet64b1,text,vae_enc,vae_dec")
     ap.add_argument("--no-flops", action="store_true")
-    ap.add_argument("--dtype", choices=("f32", "bf16"), default="f32")
+    ap.add_argument("--dtype", choices=("f32", "bf16", "f16"), default="f32")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     which = set(args.only.split(","))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    dev = torch.device(args.device)
     res: dict = {"threads": args.threads, "torch": torch.__version__,
-                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "dtype": args.dtype}
+                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "dtype": args.dtype,
+                 "device": args.device}
+    if dev.type == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(dev)
+        # Like our side, f32 products are true f32 (no TF32).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    def synced(f):
+        if dev.type != "cuda":
+            return f
+
+        def g():
+            out = f()
+            torch.cuda.synchronize(dev)
+            return out
+
+        return g
+
+    legacy = {"unet64": (2, 64), "unet32": (2, 32), "unet64b1": (1, 64)}
+    unet_cases = []
+    for name in args.only.split(","):
+        if name in legacy:
+            unet_cases.append((name, *legacy[name]))
+        elif name.startswith("unet_b"):
+            b, l = name[len("unet_b"):].split("_l")
+            unet_cases.append((name, int(b), int(l)))
 
     def report(name, d):
         res[name] = d
         print(name, json.dumps({k: v for k, v in d.items() if k != "flops_by_op"}), flush=True)
 
-    if which & {"unet64", "unet32", "unet64b1"}:
+    if unet_cases:
         from diffusers import UNet2DConditionModel
 
         t0 = time.perf_counter()
-        unet = UNet2DConditionModel(**SD15_UNET).eval().to(dtype)
+        unet = UNet2DConditionModel(**SD15_UNET).eval().to(dev, dtype)
         report("unet_build", {"params": nparams(unet), "build_s": time.perf_counter() - t0})
-        for name, b, s in (("unet64", 2, 64), ("unet32", 2, 32), ("unet64b1", 1, 64)):
-            if name not in which:
-                continue
-            x = torch.randn(b, 4, s, s).to(dtype)
-            e = torch.randn(b, 77, 768).to(dtype)
-            t = torch.tensor([501])
+        for name, b, s in unet_cases:
+            x = torch.randn(b, 4, s, s).to(dev, dtype)
+            e = torch.randn(b, 77, 768).to(dev, dtype)
+            t = torch.tensor([501], device=dev)
 
+            @synced
             def f(x=x, e=e, t=t):
                 with torch.inference_mode():
                     return unet(x, t, encoder_hidden_states=e).sample
@@ -142,9 +175,10 @@ def main() -> None:
     if "text" in which:
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        te = CLIPTextModel(CLIPTextConfig(**SD15_CLIP_TEXT)).eval().to(dtype)
-        ids = torch.randint(0, 49406, (2, 77))
+        te = CLIPTextModel(CLIPTextConfig(**SD15_CLIP_TEXT)).eval().to(dev, dtype)
+        ids = torch.randint(0, 49406, (2, 77)).to(dev)
 
+        @synced
         def f():
             with torch.inference_mode():
                 return te(ids)[0]
@@ -159,11 +193,12 @@ def main() -> None:
     if which & {"vae_enc", "vae_dec"}:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL(**SD15_VAE).eval().to(dtype)
+        vae = AutoencoderKL(**SD15_VAE).eval().to(dev, dtype)
         res["vae_params"] = nparams(vae)
         if "vae_enc" in which:
-            x = torch.randn(1, 3, 512, 512).clamp(-1, 1).to(dtype)
+            x = torch.randn(1, 3, 512, 512).clamp(-1, 1).to(dev, dtype)
 
+            @synced
             def f():
                 with torch.inference_mode():
                     return vae.encode(x).latent_dist.mean
@@ -174,8 +209,9 @@ def main() -> None:
             d.update(bench(f, max(1, args.reps // 2 + 1), args.warmup))
             report("vae_encode_512", d)
         if "vae_dec" in which:
-            z = torch.randn(1, 4, 64, 64).to(dtype)
+            z = torch.randn(1, 4, 64, 64).to(dev, dtype)
 
+            @synced
             def f():
                 with torch.inference_mode():
                     return vae.decode(z).sample

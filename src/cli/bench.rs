@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use candle_core::{DType, Device};
+use candle_core::DType;
 use diffii::measure::bench::{self, BenchResult};
-use diffii::nn::Mode;
+use diffii::nn::{Mode, Precision};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -99,13 +99,25 @@ pub struct Args {
     /// accumulation; needs AVX-512 BF16).
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: super::common::PrecisionArg,
+    /// Also time one whole Diff-II generation at SD-1.5 shapes with --sd15 (synthetic weights,
+    /// two random 512 px images): encoding, --sd15-flow-steps inversion steps of each image,
+    /// slerp, as many guided two-stage sampling steps, decoding.
+    #[arg(long)]
+    pub sd15_flow: bool,
+    /// DDIM steps of the --sd15-flow inversions and of its sampling.
+    #[arg(long, default_value_t = 50)]
+    pub sd15_flow_steps: usize,
+    /// Where the SD-1.5-shaped cases run: cpu, cuda or cuda:N (a `--features cuda` build; the
+    /// other cases always run on the CPU). With --compare-python, PyTorch runs there too.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let dev = Device::Cpu;
+    let dev = diffii::sd::loader::parse_device(&a.device)?;
     let prec: diffii::nn::Precision = a.precision.into();
     let mut results: Vec<BenchResult> = Vec::new();
     let mut profiles: Vec<bench::Profile> = Vec::new();
@@ -216,11 +228,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         };
         let unet = bench::synthetic_sd15_unet(dtype, prec, &dev)?;
         eprintln!("[bench] built in {:.1} s", t0.elapsed().as_secs_f64());
+        if a.sd15_flow {
+            let clip = bench::synthetic_sd15_text_encoder(DType::F32, prec, &dev, Mode::Infer, true)?;
+            let vae = bench::synthetic_sd15_vae(DType::F32, prec, &dev)?;
+            let n = a.sd15_flow_steps;
+            eprintln!("[bench] whole SD-1.5 Diff-II generation, {n} + {n} inversion steps, {n} guided steps, 512 px");
+            results.push(bench::sd15_flow("diffii flow sd15 (synthetic)", &clip, &vae, &unet, n, n, a.warmup, a.reps)?);
+        }
         for &l in &a.sd15_latents {
             for &b in &a.sd15_batches {
                 eprintln!("[bench] SD-1.5 UNet batch {b} latent {l}");
                 let mut r = bench::unet_step("unet sd15 (synthetic)", &unet, b, l, a.warmup, a.reps)?;
-                if b == 2 && l == 64 {
+                if b == 2 && l == 64 && dev.is_cpu() {
                     r.torch_seconds = Some(bench::TORCH_SD15_B2_64_SECONDS);
                 }
                 results.push(r);
@@ -277,18 +296,25 @@ fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchR
     };
     let threads = rayon::current_num_threads().to_string();
     // The SD-1.5 cases we run in bf16 (--precision bf16: every fused product; --dtype bf16: the
-    // UNet's weights and activations) are timed in PyTorch in bf16 as well, the rest in f32.
-    let bf16 = |r: &BenchResult| a.precision == super::common::PrecisionArg::Bf16 || (a.dtype == "bf16" && r.name.starts_with("unet"));
-    for dtype in ["f32", "bf16"] {
+    // UNet's weights and activations) are timed in PyTorch in bf16 as well, a UNet in f16 in
+    // f16, the rest in f32.
+    let torch_dtype = |r: &BenchResult| {
+        if Precision::from(a.precision) != Precision::F32 {
+            "bf16"
+        } else if r.name.starts_with("unet") && a.dtype != "f32" {
+            a.dtype.as_str()
+        } else {
+            "f32"
+        }
+    };
+    for dtype in ["f32", "bf16", "f16"] {
         let mut only = Vec::new();
-        for r in results.iter().filter(|r| r.name.contains("sd15") && (bf16(r) == (dtype == "bf16"))) {
+        for r in results.iter().filter(|r| r.name.contains("sd15") && torch_dtype(r) == dtype) {
             let key = match (r.name.split(" sd15").next().unwrap_or(""), r.batch, r.latent) {
-                ("unet", 2, 64) => "unet64",
-                ("unet", 2, 32) => "unet32",
-                ("unet", 1, 64) => "unet64b1",
-                ("text encoder", 2, _) => "text",
-                ("vae encode", ..) => "vae_enc",
-                ("vae decode", ..) => "vae_dec",
+                ("unet", b, l) => format!("unet_b{b}_l{l}"),
+                ("text encoder", 2, _) => "text".into(),
+                ("vae encode", ..) => "vae_enc".into(),
+                ("vae decode", ..) => "vae_dec".into(),
                 _ => continue,
             };
             only.push(key);
@@ -297,13 +323,13 @@ fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchR
             continue;
         }
         let json = std::env::temp_dir().join(format!("diffii-torch-bench-{}.json", std::process::id()));
-        let args = ["--threads", &threads, "--reps", &a.reps.to_string(), "--no-flops", "--dtype", dtype, "--only", &only.join(",")];
+        let args = ["--threads", &threads, "--reps", &a.reps.to_string(), "--no-flops", "--dtype", dtype, "--device", &a.device, "--only", &only.join(",")];
         let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         args.extend(["--json".to_string(), json.display().to_string()]);
         run(&a.python_script, &args)?;
         let torch = bench::read_torch_json(&json)?;
         let _ = std::fs::remove_file(&json);
-        for r in results.iter_mut().filter(|r| r.name.contains("sd15") && (bf16(r) == (dtype == "bf16"))) {
+        for r in results.iter_mut().filter(|r| r.name.contains("sd15") && torch_dtype(r) == dtype) {
             let case = ["unet", "text encoder", "vae encode", "vae decode"].into_iter().find(|c| r.name.starts_with(c));
             if let Some(&(_, _, _, secs)) = torch.iter().find(|(c, b, l, _)| Some(c.as_str()) == case && *b == r.batch && *l == r.latent) {
                 r.torch_seconds = Some(secs);

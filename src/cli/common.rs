@@ -6,6 +6,7 @@ use clap::ValueEnum;
 use diffii::data::dataset::Dataset;
 use diffii::data::image::ResizePolicy;
 use diffii::data::pixels::Quantize;
+use diffii::kernels::bf16::Kernel;
 use diffii::nn::Precision;
 use diffii::synth::diffii::{read_suffixes, Settings, SettingsRequest};
 use diffii::synth::driver::{RunOptions, Summary};
@@ -35,7 +36,8 @@ pub struct ModelArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Product precision on the CPU: f32, or bf16 (inputs of every convolution and linear layer
-    /// rounded to bf16, f32 accumulation; ~1.3x faster, needs AVX-512 BF16).
+    /// rounded to bf16, f32 accumulation; needs AVX-512 BF16 or AMX) on the fastest bf16 kernel
+    /// of this CPU (AMX tiles where present), or bf16-avx512 / bf16-amx to choose the kernel.
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: PrecisionArg,
 }
@@ -44,13 +46,19 @@ pub struct ModelArgs {
 pub enum PrecisionArg {
     F32,
     Bf16,
+    #[value(name = "bf16-avx512")]
+    Bf16Avx512,
+    #[value(name = "bf16-amx")]
+    Bf16Amx,
 }
 
 impl From<PrecisionArg> for Precision {
     fn from(p: PrecisionArg) -> Self {
         match p {
             PrecisionArg::F32 => Precision::F32,
-            PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::Bf16 => Precision::bf16(),
+            PrecisionArg::Bf16Avx512 => Precision::Bf16(Kernel::Avx512),
+            PrecisionArg::Bf16Amx => Precision::Bf16(Kernel::Amx),
         }
     }
 }

@@ -19,10 +19,15 @@ pub struct Args {
     /// the tolerances are those of a float32 port, so expect FAIL lines).
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: super::common::PrecisionArg,
+    /// Where the model runs: cpu, cuda or cuda:N (a `--features cuda` build). The tolerances
+    /// are the same on every device.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let opts = parity::Options { skip_teacher_forced: a.skip_teacher_forced, precision: a.precision.into() };
+    let device = diffii::sd::loader::parse_device(&a.device)?;
+    let opts = parity::Options { skip_teacher_forced: a.skip_teacher_forced, precision: a.precision.into(), device };
     let start = std::time::Instant::now();
     let report = parity::run(&a.model, &a.reference, &opts, |stage| eprintln!("[parity] {stage}"))
         .with_context(|| format!("parity of {} against {}", a.model.display(), a.reference.display()))?;

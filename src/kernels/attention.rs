@@ -1,9 +1,12 @@
 //! Attention: softmax(scale * Q K^T + mask) V without materialising all scores. Work is split
 //! into (batch, head, block of query rows) tasks; each computes its block's full score rows
 //! (block x m, in a per-thread scratch buffer), an exact max-subtracted softmax, and P V.
+//! Both products run in f32, or with bf16 inputs (Q, K, the probabilities and V rounded to
+//! bf16, f32 accumulation) on a [`bf16::Kernel`]; the softmax is f32 either way.
 use candle_core::Tensor;
 use rayon::prelude::*;
 
+use super::bf16::{self, PackedA, PairPlanes};
 use super::gemm::sgemm;
 use super::simd::{dispatch, exp_v, Vf, LANES, S1};
 use super::io::{tensor, uninit, with_slices, SendPtr};
@@ -94,8 +97,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// Multi-head attention on token-major inputs: `q` [b, n, heads*d], `k`/`v` [b, m, heads*d],
 /// optional additive `mask` [n, m] (broadcast over batch and heads). Returns [b, n, heads*d].
-/// Inference only.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+/// With `bf16_kernel` the two products take bf16 inputs. Inference only.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, bf16_kernel: Option<bf16::Kernel>) -> Result<Tensor> {
     let (b, n, inner) = q.dims3()?;
     let (bk, m, inner_k) = k.dims3()?;
     if bk != b || inner_k != inner || v.dims() != k.dims() || heads == 0 || inner % heads != 0 {
@@ -121,6 +124,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
         let mut out = uninit(b * n * inner);
         if out.is_empty() || m == 0 {
             out.fill(0.0);
+            return out;
+        }
+        if let Some(kernel) = bf16_kernel {
+            attention_bf16(kernel, qs, ks, vs, ms, &mut out, (b, n, m, heads, d), bq, scale);
             return out;
         }
         let optr = SendPtr(out.as_mut_ptr());
@@ -178,4 +185,70 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
         out
     })?;
     tensor(out, &[b, n, inner])
+}
+
+/// The bf16 products of [`attention`]: K^T and V of each (batch, head) are packed once as the
+/// right operands; each query block packs its Q rows and, after the f32 softmax, its
+/// probabilities as the left operands. Same task split and softmax as the f32 path.
+#[allow(clippy::too_many_arguments)]
+fn attention_bf16(
+    kernel: bf16::Kernel,
+    qs: &[f32],
+    ks: &[f32],
+    vs: &[f32],
+    ms: Option<&[f32]>,
+    out: &mut [f32],
+    (b, n, m, heads, d): (usize, usize, usize, usize, usize),
+    bq: usize,
+    scale: f32,
+) {
+    let inner = heads * d;
+    let nblocks = n.div_ceil(bq);
+    let planes: Vec<(PairPlanes, PairPlanes)> = (0..b * heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (bi, hi) = (bh / heads, bh % heads);
+            let at = |key: usize, c: usize| (bi * m + key) * inner + hi * d + c;
+            let kt = PairPlanes::from_fn(d, m, |c, key| ks[at(key, c)]);
+            let vp = PairPlanes::from_fn(m, d, |key, c| vs[at(key, c)]);
+            (kt, vp)
+        })
+        .collect();
+    let optr = SendPtr(out.as_mut_ptr());
+    (0..b * heads * nblocks).into_par_iter().for_each(|task| {
+        let optr = optr;
+        let (bh, blk) = (task / nblocks, task % nblocks);
+        let (bi, hi) = (bh / heads, bh % heads);
+        let (kt, vp) = &planes[bh];
+        let q0 = blk * bq;
+        let rows = bq.min(n - q0);
+        SCRATCH.with(|sc| {
+            let mut sc = sc.borrow_mut();
+            if sc.len() < rows * m + rows + rows * d {
+                sc.resize(rows * m + rows + rows * d, 0.0);
+            }
+            let (sbuf, rest) = sc.split_at_mut(rows * m);
+            let (sums, obuf) = rest.split_at_mut(rows);
+            let (sums, obuf) = (&mut sums[..rows], &mut obuf[..rows * d]);
+            let a = PackedA::from_rows(kernel, rows, d, &qs[(bi * n + q0) * inner + hi * d..], inner);
+            bf16::gemm_taps(&a, kt, &[0], m, sbuf, m, false).expect("packed to these shapes");
+            for v in sbuf.iter_mut() {
+                *v *= scale;
+            }
+            if let Some(mk) = ms {
+                add_mask(sbuf, &mk[q0 * m..(q0 + rows) * m]);
+            }
+            softmax_rows(sbuf, m, sums);
+            let p = PackedA::from_rows(kernel, rows, m, sbuf, m);
+            bf16::gemm_taps(&p, vp, &[0], d, obuf, d, false).expect("packed to these shapes");
+            for (r, &sum) in sums.iter().enumerate() {
+                // SAFETY: row r of this task's (batch, head, block) lies inside `out`; tasks
+                // write disjoint (row, head) ranges.
+                let row = unsafe { std::slice::from_raw_parts_mut(optr.0.add((bi * n + q0 + r) * inner + hi * d), d) };
+                for (x, &o) in row.iter_mut().zip(&obuf[r * d..(r + 1) * d]) {
+                    *x = o / sum;
+                }
+            }
+        });
+    });
 }

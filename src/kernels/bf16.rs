@@ -1,6 +1,7 @@
-//! bf16 products with f32 accumulation for CPUs with AVX-512 BF16 (`vdpbf16ps`), used by the
-//! convolution and linear kernels when a layer's precision is bf16 (`--precision bf16`) and it
-//! hands them its packed weight.
+//! bf16 products with f32 accumulation, used by the convolution and linear kernels when a
+//! layer's precision is bf16 (`--precision bf16`) and it hands them its packed weight. Two
+//! kernels ([`Kernel`]): AVX-512 BF16 (`vdpbf16ps`, AMD Zen 4 and later, Intel Sapphire Rapids
+//! and later), and AMX tiles ([`super::amx`], Intel Sapphire Rapids and later), chosen at run time.
 //!
 //! Operands are rounded to bf16 (round to nearest even, as PyTorch's `.to(torch.bfloat16)`);
 //! every product of a pair of bf16 values is exact in f32 and sums are accumulated in f32, so
@@ -15,6 +16,7 @@
 //! do not depend on the number of threads.
 use rayon::prelude::*;
 
+use super::amx;
 use super::io::SendPtr;
 use crate::error::{Error, Result};
 
@@ -23,7 +25,39 @@ pub const MR: usize = 8;
 /// Columns of B per microkernel call (two zmm registers of f32).
 pub const NR: usize = 32;
 
-/// Whether this CPU can run the bf16 kernels.
+/// Which bf16 product kernel a packed operand is laid out for and runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// `vdpbf16ps` on zmm registers: an MR x NR register block.
+    Avx512,
+    /// AMX tile products: 32 x 32 blocks in four accumulator tiles.
+    Amx,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs (AMX where present), if any.
+    pub fn best() -> Option<Kernel> {
+        [Kernel::Amx, Kernel::Avx512].into_iter().find(|k| k.available())
+    }
+
+    /// Whether this CPU (and OS) can run the kernel.
+    pub fn available(self) -> bool {
+        match self {
+            Kernel::Avx512 => supported(),
+            Kernel::Amx => super::amx::available(),
+        }
+    }
+
+    /// The name in tables and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Avx512 => "avx512-bf16",
+            Kernel::Amx => "amx",
+        }
+    }
+}
+
+/// Whether this CPU can run the AVX-512 BF16 kernel.
 pub fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -39,50 +73,155 @@ fn bf16(x: f32) -> u16 {
     half::bf16::from_f32(x).to_bits()
 }
 
+/// `dst[i] = bf16(src[i])`, rounded to nearest even. With AVX-512 BF16 (every CPU that runs a
+/// bf16 kernel) 16 values per instruction, which flushes subnormal inputs to zero; both kernels'
+/// products treat subnormal bf16 inputs as zero anyway, so the results are the same as with
+/// the scalar conversion.
+fn to_bf16(src: &[f32], dst: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if supported() {
+        // SAFETY: the CPU has AVX-512 F and BF16 (checked).
+        unsafe { to_bf16_avx512(src, dst) };
+        return;
+    }
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = bf16(x);
+    }
+}
+
+/// `dst[2 i] = bf16(lo[i])`, `dst[2 i + 1] = bf16(hi[i])` (0 without `hi`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn interleave_avx512(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let n = lo.len().min(dst.len() / 2);
+    // Element 2i takes bf16 i of the low half (lo), element 2i + 1 bf16 i of the high half (hi).
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    let mut i = 0;
+    while i < n {
+        let m: __mmask16 = if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as u16 };
+        let l = _mm512_maskz_loadu_ps(m, lo.as_ptr().add(i));
+        let h = match hi {
+            Some(hi) => _mm512_maskz_loadu_ps(m, hi.as_ptr().add(i)),
+            None => _mm512_setzero_ps(),
+        };
+        let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(h, l));
+        let pairs = _mm512_permutexvar_epi16(idx, both);
+        let m2: __mmask32 = if n - i >= 16 { u32::MAX } else { (1u32 << (2 * (n - i))) - 1 };
+        _mm512_mask_storeu_epi16(dst.as_mut_ptr().add(2 * i) as *mut i16, m2, pairs);
+        i += 16;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    while i < n {
+        let m: __mmask16 = if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as u16 };
+        let v = _mm512_maskz_loadu_ps(m, src.as_ptr().add(i));
+        let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+        _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(i) as *mut i16, m, h);
+        i += 16;
+    }
+}
+
 fn pair(lo: f32, hi: f32) -> u32 {
     bf16(lo) as u32 | (bf16(hi) as u32) << 16
 }
 
-/// A left operand packed for the microkernel: row blocks of MR, then taps, then k pairs, then
-/// MR pair values. Rows beyond `m` and the odd k are zero.
+/// A left operand packed for one [`Kernel`]. For AVX-512: row blocks of MR, then taps, then k
+/// pairs, then MR pair values. For AMX: row blocks of 32, then taps, then blocks of 16 k pairs,
+/// then 32 rows of 16 pair values (two A tiles). Rows beyond `m`, the odd k and the k pairs
+/// beyond `k_pairs` are zero.
 pub struct PackedA {
     data: Vec<u32>,
     pub m: usize,
     pub taps: usize,
     pub k_pairs: usize,
+    pub kernel: Kernel,
 }
 
 impl PackedA {
     /// `get(row, tap, k)` gives the f32 value.
-    pub fn new(m: usize, taps: usize, k: usize, get: impl Fn(usize, usize, usize) -> f32 + Sync) -> Self {
+    pub fn new(kernel: Kernel, m: usize, taps: usize, k: usize, get: impl Fn(usize, usize, usize) -> f32 + Sync) -> Self {
         let k_pairs = k.div_ceil(2);
-        let block = taps * k_pairs * MR;
-        let mut data = vec![0u32; m.div_ceil(MR) * block];
+        let value = |row: usize, t: usize, p: usize| {
+            let lo = get(row, t, 2 * p);
+            let hi = if 2 * p + 1 < k { get(row, t, 2 * p + 1) } else { 0.0 };
+            pair(lo, hi)
+        };
+        let (rows_per_block, block) = Self::block_shape(kernel, taps, k_pairs);
+        let mut data = vec![0u32; m.div_ceil(rows_per_block) * block];
         data.par_chunks_mut(block).enumerate().for_each(|(mb, blk)| {
+            let rows = rows_per_block.min(m - mb * rows_per_block);
             for t in 0..taps {
                 for p in 0..k_pairs {
-                    for r in 0..MR {
-                        let row = mb * MR + r;
-                        if row >= m {
-                            continue;
-                        }
-                        let lo = get(row, t, 2 * p);
-                        let hi = if 2 * p + 1 < k { get(row, t, 2 * p + 1) } else { 0.0 };
-                        blk[(t * k_pairs + p) * MR + r] = pair(lo, hi);
+                    for r in 0..rows {
+                        let at = match kernel {
+                            Kernel::Avx512 => (t * k_pairs + p) * MR + r,
+                            Kernel::Amx => {
+                                let kblocks = k_pairs.div_ceil(amx::KB);
+                                ((t * kblocks + p / amx::KB) * amx::BLOCK + r) * amx::KB + p % amx::KB
+                            }
+                        };
+                        blk[at] = value(mb * rows_per_block + r, t, p);
                     }
                 }
             }
         });
-        PackedA { data, m, taps, k_pairs }
+        PackedA { data, m, taps, k_pairs, kernel }
+    }
+
+    /// From `m` contiguous rows of `k` values (one tap), rows `row_stride` apart in `src`: the
+    /// same result as [`new`](Self::new), packed faster where the layout keeps a row's pairs
+    /// together (AMX: a tile row is 32 consecutive values of one row).
+    pub fn from_rows(kernel: Kernel, m: usize, k: usize, src: &[f32], row_stride: usize) -> Self {
+        if kernel != Kernel::Amx {
+            return Self::new(kernel, m, 1, k, |r, _, kk| src[r * row_stride + kk]);
+        }
+        let k_pairs = k.div_ceil(2);
+        let kblocks = k_pairs.div_ceil(amx::KB);
+        let (rows_per_block, block) = Self::block_shape(kernel, 1, k_pairs);
+        let mut data = vec![0u32; m.div_ceil(rows_per_block) * block];
+        data.par_chunks_mut(block).enumerate().for_each(|(mb, blk)| {
+            let mut row = vec![0u16; kblocks * amx::KB * 2];
+            for r in 0..rows_per_block.min(m - mb * rows_per_block) {
+                let at = (mb * rows_per_block + r) * row_stride;
+                to_bf16(&src[at..at + k], &mut row[..k]);
+                for kb in 0..kblocks {
+                    let tile_row = &mut blk[(kb * amx::BLOCK + r) * amx::KB..][..amx::KB];
+                    for (pi, d) in tile_row.iter_mut().enumerate() {
+                        let j = 2 * (kb * amx::KB + pi);
+                        *d = row[j] as u32 | (row[j + 1] as u32) << 16;
+                    }
+                }
+            }
+        });
+        PackedA { data, m, taps: 1, k_pairs, kernel }
+    }
+
+    /// (rows per block, u32 values per block) of the layout for `kernel`.
+    fn block_shape(kernel: Kernel, taps: usize, k_pairs: usize) -> (usize, usize) {
+        match kernel {
+            Kernel::Avx512 => (MR, taps * k_pairs * MR),
+            Kernel::Amx => (amx::BLOCK, taps * k_pairs.div_ceil(amx::KB) * amx::BLOCK * amx::KB),
+        }
     }
 
     fn block(&self, mb: usize) -> *const u32 {
-        self.data[mb * self.taps * self.k_pairs * MR..].as_ptr()
+        let (_, len) = Self::block_shape(self.kernel, self.taps, self.k_pairs);
+        self.data[mb * len..].as_ptr()
     }
 }
 
 /// A right operand in pair-interleaved planes: element (k, pos) at `(k / 2 * plane + pos) * 2
-/// + k % 2`, with zeroed slack after the end so that full-width loads never leave the buffer.
+/// + k % 2`, with zeroed pair rows up to a multiple of 16 (the k depth of an AMX tile) and
+/// zeroed slack after them, so that full-width loads never leave the buffer.
 pub struct PairPlanes {
     pub data: Vec<u16>,
     pub plane: usize,
@@ -93,11 +232,26 @@ impl PairPlanes {
     /// Zeroed planes for `k` rows of `plane` positions.
     pub fn zeros(k: usize, plane: usize) -> Self {
         let k_pairs = k.div_ceil(2);
-        PairPlanes { data: vec![0u16; (k_pairs * plane + plane + 2 * NR) * 2], plane, k_pairs }
+        let rows = k_pairs.next_multiple_of(amx::KB);
+        PairPlanes { data: vec![0u16; (rows * plane + plane + 2 * NR) * 2], plane, k_pairs }
     }
 
-    /// From `k` rows of `plane` f32 values each, rows `row_stride` apart in `src`.
+    /// From `k` rows of `plane` f32 values each, rows `row_stride` apart in `src`: the same
+    /// result as [`from_fn`](Self::from_fn), two rows interleaved per 16 columns by AVX-512
+    /// where the CPU has it (see [`to_bf16`] on subnormals).
     pub fn from_rows(src: &[f32], k: usize, plane: usize, row_stride: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if supported() {
+            let mut pp = Self::zeros(k, plane);
+            let len = pp.k_pairs * plane * 2;
+            pp.data[..len].par_chunks_mut(plane * 2).enumerate().for_each(|(p, dst)| {
+                let lo = &src[2 * p * row_stride..][..plane];
+                let hi = (2 * p + 1 < k).then(|| &src[(2 * p + 1) * row_stride..][..plane]);
+                // SAFETY: the CPU has AVX-512 F, BW and BF16 (checked); slices as sized.
+                unsafe { interleave_avx512(lo, hi, dst) };
+            });
+            return pp;
+        }
         Self::from_fn(k, plane, |row, pos| src[row * row_stride + pos])
     }
 
@@ -135,12 +289,16 @@ pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
     if a.m == 0 || n == 0 {
         return Ok(());
     }
-    if !supported() {
-        return Err(Error::invalid("bf16 products need a CPU with AVX-512 BF16; use f32"));
+    if !a.kernel.available() {
+        return Err(Error::invalid(format!("bf16 products with the {} kernel need a CPU that has it; use f32", a.kernel.name())));
     }
     let max_off = offs.iter().copied().max().unwrap_or(0);
     if max_off + n.div_ceil(NR) * NR > 2 * b.plane + NR * 2 || dst.len() < (a.m - 1) * dst_rs + n {
         return Err(Error::invalid("bf16 gemm: operands too small for the requested block"));
+    }
+    if a.kernel == Kernel::Amx {
+        gemm_taps_amx(a, b, offs, n, dst, dst_rs, accumulate);
+        return Ok(());
     }
     let (mbs, nbs) = (a.m.div_ceil(MR), n.div_ceil(NR));
     let dptr = SendPtr(dst.as_mut_ptr());
@@ -164,6 +322,67 @@ pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
         }
     });
     Ok(())
+}
+
+/// [`gemm_taps`] on AMX tiles. A task is a group of 32-row blocks times a run of 32-column
+/// blocks, columns outer so that a column block of B is reused across the group's rows, and the
+/// tile configuration and task overhead are paid once per many tile products (a linear
+/// layer's k is often only ten tile depths). Full blocks accumulate in place in `dst`; edge
+/// blocks go through a zero-padded copy, with the same order of additions. amx::BLOCK == NR,
+/// so the slack that covers the AVX-512 kernel's column blocks covers these.
+fn gemm_taps_amx(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool) {
+    const { assert!(amx::BLOCK == NR) };
+    const ROW_GROUP: usize = 4;
+    let (mbs, nbs) = (a.m.div_ceil(amx::BLOCK), n.div_ceil(amx::BLOCK));
+    let kblocks = a.k_pairs.div_ceil(amx::KB);
+    let groups = mbs.div_ceil(ROW_GROUP);
+    // Column runs: enough tasks to balance the threads, each as long as that allows.
+    let runs = (4 * rayon::current_num_threads()).div_ceil(groups).clamp(1, nbs);
+    let run_len = nbs.div_ceil(runs);
+    let runs = nbs.div_ceil(run_len);
+    let dptr = SendPtr(dst.as_mut_ptr());
+    let bptr = Ptr(b.data.as_ptr());
+    (0..groups * runs).into_par_iter().for_each(|task| {
+        let (bptr, d) = (bptr, dptr);
+        let (group, run) = (task / runs, task % runs);
+        let mut edge = [0f32; amx::BLOCK * amx::BLOCK];
+        // SAFETY: AMX is available (checked by the caller); A holds taps * kblocks tile pairs
+        // per row block; B's pair rows are padded with zeros to whole k blocks, and its slack
+        // covers the columns (checked by the caller); full blocks lie inside dst. Tasks write
+        // disjoint blocks of dst.
+        #[cfg(target_arch = "x86_64")]
+        let tiles = unsafe { amx::Tiles::configure() };
+        for nb in run * run_len..nbs.min((run + 1) * run_len) {
+            let cols = amx::BLOCK.min(n - nb * amx::BLOCK);
+            for mb in group * ROW_GROUP..mbs.min((group + 1) * ROW_GROUP) {
+                let rows = amx::BLOCK.min(a.m - mb * amx::BLOCK);
+                let corner = unsafe { d.0.add(mb * amx::BLOCK * dst_rs + nb * amx::BLOCK) };
+                let full = rows == amx::BLOCK && cols == amx::BLOCK;
+                if !full {
+                    edge.fill(0.0);
+                    if accumulate {
+                        for r in 0..rows {
+                            let src = unsafe { std::slice::from_raw_parts(corner.add(r * dst_rs), cols) };
+                            edge[r * amx::BLOCK..r * amx::BLOCK + cols].copy_from_slice(src);
+                        }
+                    }
+                }
+                let (c, c_rs) = if full { (corner, dst_rs) } else { (edge.as_mut_ptr(), amx::BLOCK) };
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    amx::block(&tiles, a.block(mb), kblocks, bptr.0.add(2 * nb * amx::BLOCK), offs, b.plane * 4, c, c_rs * 4, accumulate)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (bptr, kblocks, c, c_rs);
+                if !full {
+                    for r in 0..rows {
+                        let out = unsafe { std::slice::from_raw_parts_mut(corner.add(r * dst_rs), cols) };
+                        out.copy_from_slice(&edge[r * amx::BLOCK..r * amx::BLOCK + cols]);
+                    }
+                }
+            }
+        }
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -211,5 +430,31 @@ unsafe fn micro_avx512(
         let d = dst.add(r * dst_rs);
         _mm512_mask_storeu_ps(d, m0, accr[0]);
         _mm512_mask_storeu_ps(d.add(16), m1, accr[1]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32 * 0.7311).sin() * 3.0) * if i % 7 == 0 { 1e-3 } else { 1.0 }).collect()
+    }
+
+    #[test]
+    fn fast_packings_equal_the_generic_ones() {
+        // Odd k (a zero high half), a plane that is not a multiple of 16, rows with a stride.
+        let (k, plane, stride) = (7, 37, 41);
+        let src = data(k * stride);
+        let fast = PairPlanes::from_rows(&src, k, plane, stride);
+        let generic = PairPlanes::from_fn(k, plane, |r, p| src[r * stride + p]);
+        assert_eq!(fast.data, generic.data);
+        for kernel in [Kernel::Avx512, Kernel::Amx] {
+            let (m, k) = (45, 67);
+            let src = data(m * 70);
+            let fast = PackedA::from_rows(kernel, m, k, &src, 70);
+            let generic = PackedA::new(kernel, m, 1, k, |r, _, kk| src[r * 70 + kk]);
+            assert_eq!(fast.data, generic.data, "{kernel:?}");
+        }
     }
 }

@@ -288,8 +288,9 @@ fn divide_slice(x: &mut [f32], div: f32) {
     }
 }
 
-/// `weight` [cout, cin, k, k] packed for the bf16 path of [`conv2d`] (done once per layer).
-pub fn pack_weight(weight: &Tensor) -> Result<PackedA> {
+/// `weight` [cout, cin, k, k] packed for the bf16 path of [`conv2d`] on `kernel` (done once per
+/// layer).
+pub fn pack_weight(weight: &Tensor, kernel: bf16::Kernel) -> Result<PackedA> {
     let (cout, cin, kh, kw) = weight.dims4()?;
-    with_slices(&[weight], |s| PackedA::new(cout, kh * kw, cin, |co, t, ci| s[0][(co * cin + ci) * kh * kw + t]))
+    with_slices(&[weight], |s| PackedA::new(kernel, cout, kh * kw, cin, |co, t, ci| s[0][(co * cin + ci) * kh * kw + t]))
 }

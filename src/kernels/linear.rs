@@ -39,7 +39,7 @@ fn preload_rows(dst: &mut [f32], cols: usize, bias: Option<&[f32]>, residual: Op
 /// own item) times `weight` [out, in]^T, plus `bias` [out] and `residual` (shaped like the
 /// output). With `packed` (the weight from [`pack_weight`]) the products take bf16 inputs with
 /// f32 accumulation. Inference only (no backward).
-pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, packed: Option<&PairPlanes>) -> Result<Tensor> {
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, packed: Option<&PackedLinear>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let in_dim = *dims.last().ok_or_else(|| Error::invalid("linear: scalar input"))?;
     let (out_dim, w_in) = weight.dims2()?;
@@ -62,7 +62,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
         ts.push(r);
     }
     if let Some(pw) = packed {
-        if (pw.k_pairs, pw.plane) != (in_dim.div_ceil(2), out_dim) {
+        if (pw.planes.k_pairs, pw.planes.plane) != (in_dim.div_ceil(2), out_dim) {
             return Err(Error::invalid(format!("linear: packed weight does not match {:?}", weight.dims())));
         }
     }
@@ -92,8 +92,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
             let acc = preload_rows(dst, out_dim, bs, rs.map(|r| &r[i * rows * out_dim..(i + 1) * rows * out_dim]));
             if let Some(pw) = packed {
                 let xi = &xs[i * rows * in_dim..(i + 1) * rows * in_dim];
-                let a = bf16::PackedA::new(rows, 1, in_dim, |r, _, k| xi[r * in_dim + k]);
-                bf16::gemm_taps(&a, pw, &[0], out_dim, dst, out_dim, acc).expect("shapes checked above");
+                let a = bf16::PackedA::from_rows(pw.kernel, rows, in_dim, xi, in_dim);
+                bf16::gemm_taps(&a, &pw.planes, &[0], out_dim, dst, out_dim, acc).expect("shapes checked above");
                 return;
             }
             unsafe {
@@ -207,8 +207,16 @@ pub fn pointwise_from_tokens(t: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
     tensor(out, &[b, cout, h, w])
 }
 
-/// `weight` [out, in] packed for the bf16 path of [`linear`] (done once per layer).
-pub fn pack_weight(weight: &Tensor) -> Result<PairPlanes> {
+/// A linear layer's weight packed for the bf16 path of [`linear`]: the right operand, and the
+/// kernel the inputs are packed for per call.
+pub struct PackedLinear {
+    pub planes: PairPlanes,
+    pub kernel: bf16::Kernel,
+}
+
+/// `weight` [out, in] packed for the bf16 path of [`linear`] on `kernel` (done once per layer).
+pub fn pack_weight(weight: &Tensor, kernel: bf16::Kernel) -> Result<PackedLinear> {
     let (out_dim, in_dim) = weight.dims2()?;
-    with_slices(&[weight], |s| PairPlanes::from_fn(in_dim, out_dim, |i, o| s[0][o * in_dim + i]))
+    let planes = with_slices(&[weight], |s| PairPlanes::from_fn(in_dim, out_dim, |i, o| s[0][o * in_dim + i]))?;
+    Ok(PackedLinear { planes, kernel })
 }

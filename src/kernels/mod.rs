@@ -14,6 +14,7 @@
 //! element and head for attention), whose summation order depends only on the product's
 //! (m, n, k); reductions (norm statistics, softmax sums) run in a fixed order inside one task.
 pub mod activation;
+pub mod amx;
 pub mod attention;
 pub mod bf16;
 pub mod conv;

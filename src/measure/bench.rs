@@ -130,7 +130,7 @@ pub fn synthetic_sd15_unet_mode(dtype: DType, precision: Precision, device: &Dev
 /// Times `reps` UNet calls (after `warmup` untimed ones) on a batch of `batch` latents of
 /// `latent` x `latent` with a 77-token context.
 pub fn unet_step(name: &str, unet: &UNet, batch: usize, latent: usize, warmup: usize, reps: usize) -> Result<BenchResult> {
-    let dev = Device::Cpu;
+    let dev = unet.device().clone();
     let c = &unet.config;
     let dtype = unet.dtype();
     let x = seeded_randn(1, &[batch, c.in_channels, latent, latent], &dev)?.to_dtype(dtype)?;
@@ -154,7 +154,7 @@ pub fn ti_step(
     reps: usize,
 ) -> Result<BenchResult> {
     use crate::train::diffusion::{noise_prediction_loss, Batch};
-    let dev = Device::Cpu;
+    let dev = unet.device().clone();
     let dtype = unet.dtype();
     let c = &unet.config;
     let hidden = clip.config.hidden_size;
@@ -199,6 +199,14 @@ pub fn read_torch_json(path: &std::path::Path) -> Result<Vec<(String, usize, usi
             out.push((case.to_string(), batch, latent, s));
         }
     }
+    // Any other UNet case: unet_b<B>_l<L>.
+    for (key, d) in v.as_object().into_iter().flatten() {
+        let Some((b, l)) = key.strip_prefix("unet_b").and_then(|r| r.split_once("_l")) else { continue };
+        let (Ok(b), Ok(l)) = (b.parse::<usize>(), l.parse::<usize>()) else { continue };
+        if let Some(s) = d.get("median_s").and_then(|s| s.as_f64()) {
+            out.push(("unet".to_string(), b, l, s));
+        }
+    }
     Ok(out)
 }
 
@@ -224,7 +232,10 @@ pub fn table(results: &[BenchResult]) -> String {
         let (ts, ratio) = match r.torch_seconds {
             // Decimals that keep sub-0.1 s PyTorch figures readable; bf16 PyTorch runs are marked.
             Some(t) => {
-                let mark = if r.torch_dtype.as_deref() == Some("bf16") { " bf16" } else { "" };
+                let mark = match r.torch_dtype.as_deref() {
+                    Some(d) if d != "f32" => format!(" {d}"),
+                    _ => String::new(),
+                };
                 (format!("{t:.3}{mark}"), format!("{:.2}x", r.seconds / t))
             }
             None => ("-".into(), "-".into()),
@@ -245,14 +256,14 @@ pub fn describe(t: &Tensor) -> String {
 /// Times `reps` VAE decodes (after `warmup` untimed ones) of a batch of `batch` latents of
 /// `latent` x `latent`. FLOPs are counted like the UNet's.
 pub fn vae_decode_step(name: &str, vae: &crate::sd::vae::Vae, batch: usize, latent: usize, warmup: usize, reps: usize) -> Result<BenchResult> {
-    let dev = Device::Cpu;
+    let dev = vae.device().clone();
     let z = seeded_randn(3, &[batch, vae.config.latent_channels, latent, latent], &dev)?;
     timed(name, batch, latent, warmup, reps, || vae.decode(&z))
 }
 
 /// Times VAE encodes (posterior moments) of `batch` random images of `side` x `side` pixels.
 pub fn vae_encode_step(name: &str, vae: &crate::sd::vae::Vae, batch: usize, side: usize, warmup: usize, reps: usize) -> Result<BenchResult> {
-    let x = (seeded_randn(7, &[batch, 3, side, side], &Device::Cpu)?.tanh())?;
+    let x = (seeded_randn(7, &[batch, 3, side, side], vae.device())?.tanh())?;
     let latent = side / vae.config.spatial_factor();
     timed(name, batch, latent, warmup, reps, || Ok(vae.encode(&x)?.0))
 }
@@ -262,15 +273,56 @@ pub fn text_encoder_step(name: &str, clip: &crate::sd::clip::ClipTextEncoder, ba
     let n = clip.config.max_position_embeddings;
     let vocab = clip.config.vocab_size as u32;
     let ids: Vec<u32> = (0..batch * n).map(|i| (i as u32 * 7919) % vocab).collect();
-    let ids = Tensor::from_vec(ids, (batch, n), &Device::Cpu)?;
+    let ids = Tensor::from_vec(ids, (batch, n), clip.device())?;
     timed(name, batch, 0, warmup, reps, || clip.forward(&ids, None))
+}
+
+/// Times one whole Diff-II generation at SD-1.5 shapes (synthetic weights, two random 512 px
+/// images): text encoding of the three prompts, VAE encoding of both images, `inv_steps` DDIM
+/// inversion steps of each (conditional branch, batch 1), slerp at t = 0.5, `steps` two-stage
+/// guided DDIM steps (guidance 7.5, batch 2 per call; stage 1 = the first 30 %), decoding.
+/// The UNet runs at its own dtype; the text encoder and VAE at theirs.
+#[allow(clippy::too_many_arguments)]
+pub fn sd15_flow(
+    name: &str,
+    clip: &crate::sd::clip::ClipTextEncoder,
+    vae: &crate::sd::vae::Vae,
+    unet: &UNet,
+    inv_steps: usize,
+    steps: usize,
+    warmup: usize,
+    reps: usize,
+) -> Result<BenchResult> {
+    use crate::schedule::ddim::{Ddim, DdimConfig};
+    use crate::schedule::sampling::ddim_invert;
+    use crate::synth::diffii::{sample_two_stage, TwoStage};
+    let sched = Ddim::new(DdimConfig::sd15())?;
+    let n = clip.config.max_position_embeddings;
+    let vocab = clip.config.vocab_size as u32;
+    let ids: Vec<u32> = (0..3 * n).map(|i| (i as u32 * 7919 + i as u32 / n as u32 * 104729) % vocab).collect();
+    let ids = Tensor::from_vec(ids, (3, n), clip.device())?;
+    let images = (seeded_randn(8, &[2, 3, 512, 512], vae.device())?.tanh())?;
+    let dtype = unet.dtype();
+    timed(name, 1, 64, warmup, reps, || {
+        let emb = clip.forward(&ids, None)?.to_device(unet.device())?.to_dtype(dtype)?;
+        let (uncond, stage1, stage2) = (emb.narrow(0, 0, 1)?, emb.narrow(0, 1, 1)?, emb.narrow(0, 2, 1)?);
+        let mut inverted = Vec::new();
+        for i in 0..2 {
+            let z0 = vae.encode_latent(&images.narrow(0, i, 1)?)?.to_device(unet.device())?.to_dtype(dtype)?;
+            inverted.push(ddim_invert(&sched, &z0, inv_steps, |x, _, t| unet.forward_t(x, t, &stage2), |_| {})?);
+        }
+        let (z, _) = crate::synth::interpolate::slerp(&inverted[0], &inverted[1], 0.5, 0.9995)?;
+        let cond = TwoStage { uncond: &uncond, stage1: &stage1, stage2: &stage2, stage1_steps: steps * 3 / 10, guidance: 7.5 };
+        let z = sample_two_stage(unet, &sched, &z, &cond, steps, |_| {})?;
+        vae.decode_latent(&z.to_device(vae.device())?.to_dtype(DType::F32)?)
+    })
 }
 
 /// Times the whole Diff-II flow of a reference run (`diffii parity --skip-teacher-forced`:
 /// model load, text encoding, VAE encoding, both inversions, interpolation, two-stage guided
 /// sampling, decoding, plus the cheap comparisons), and fails if any tensor is off.
 pub fn flow(name: &str, model: &std::path::Path, reference: &std::path::Path, precision: Precision, reps: usize) -> Result<BenchResult> {
-    let opts = crate::measure::parity::Options { skip_teacher_forced: true, precision };
+    let opts = crate::measure::parity::Options { skip_teacher_forced: true, precision, device: Device::Cpu };
     timed(name, 1, 0, 0, reps, || {
         let report = crate::measure::parity::run(model, reference, &opts, |_| {})?;
         if !report.all_ok() {

@@ -153,12 +153,21 @@ fn diff_stats(name: &str, ours: &Tensor, reference: &Tensor) -> Result<(f64, f64
 }
 
 /// Options for [`run`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Options {
     /// Skip the teacher-forced trajectories (half the UNet calls).
     pub skip_teacher_forced: bool,
     /// Product precision of the model's layers.
     pub precision: crate::nn::Precision,
+    /// Where the model runs (the reference tensors are loaded there too; comparisons are made
+    /// in f64 on the CPU).
+    pub device: Device,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { skip_teacher_forced: false, precision: Default::default(), device: Device::Cpu }
+    }
 }
 
 /// Recomputes every stage of the reference run at `reference` with the model at `model` and
@@ -167,7 +176,7 @@ pub fn run(model: &Path, reference: &Path, opts: &Options, mut progress: impl Fn
     let cfg_path = reference.join("ref_diffii.json");
     let st_path = reference.join("ref_diffii.safetensors");
     let cfg = read_json::<RefJson>(&cfg_path)?.config;
-    let dev = Device::Cpu;
+    let dev = opts.device.clone();
     let r = candle_core::safetensors::load(&st_path, &dev)
         .map_err(|e| Error::bad_file(&st_path, format!("not a readable safetensors file: {e}")))?;
     let get = |k: &str| -> Result<Tensor> {
@@ -176,7 +185,7 @@ pub fn run(model: &Path, reference: &Path, opts: &Options, mut progress: impl Fn
     let mut rep = Report::default();
 
     progress("load model");
-    let sd = StableDiffusion::load(model, &LoadOptions { precision: opts.precision, ..LoadOptions::default() })?;
+    let sd = StableDiffusion::load(model, &LoadOptions { precision: opts.precision, device: dev.clone(), ..LoadOptions::default() })?;
     let sched = Ddim::new(sd.scheduler.clone())?;
 
     // ---- tokens and concept rows --------------------------------------------------------

@@ -49,7 +49,7 @@ impl CustomOp3 for AttentionOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         const OP: &str = "fused attention";
         let (q, k, v) = (kernels::io::op_input(s1, l1, OP)?, kernels::io::op_input(s2, l2, OP)?, kernels::io::op_input(s3, l3, OP)?);
-        kernels::io::op_output(kernels::attention(&q, &k, &v, self.heads, self.mask.as_ref()), OP)
+        kernels::io::op_output(kernels::attention(&q, &k, &v, self.heads, self.mask.as_ref(), None), OP)
     }
 
     fn bwd(

@@ -63,7 +63,7 @@ impl Conv2d {
     fn packed(&self) -> Result<Option<Arc<PackedA>>> {
         Ok(match self.precision {
             Precision::F32 => None,
-            Precision::Bf16 => Some(self.packed.get(&self.weight, kernels::conv::pack_weight)?),
+            Precision::Bf16(kernel) => Some(self.packed.get(&self.weight, |w| kernels::conv::pack_weight(w, kernel))?),
         })
     }
 

@@ -11,7 +11,7 @@ use super::weights::Weights;
 use crate::error::Result;
 use crate::instrument::flops;
 use crate::instrument::profile::{scope, Class};
-use crate::kernels::{self, bf16::PairPlanes};
+use crate::kernels::{self, linear::PackedLinear};
 
 /// `nn.Linear`: y = x W^T + b, for inputs of any rank (the last dim is the feature dim),
 /// plus an optional unmerged low-rank adapter.
@@ -23,7 +23,7 @@ pub struct Linear {
     pub precision: Precision,
     /// Skip the frozen weight's gradient when training through this layer (see [`frozen`]).
     pub frozen_ops: bool,
-    packed: PackedWeight<PairPlanes>,
+    packed: PackedWeight<PackedLinear>,
 }
 
 /// An unmerged LoRA update: the layer computes `x W^T + b + scale (x down^T) up^T`. Training
@@ -52,10 +52,10 @@ impl Linear {
     }
 
     /// The bf16-packed weight when this layer runs its products in bf16.
-    fn packed(&self) -> Result<Option<Arc<PairPlanes>>> {
+    fn packed(&self) -> Result<Option<Arc<PackedLinear>>> {
         Ok(match self.precision {
             Precision::F32 => None,
-            Precision::Bf16 => Some(self.packed.get(&self.weight, kernels::linear::pack_weight)?),
+            Precision::Bf16(kernel) => Some(self.packed.get(&self.weight, |w| kernels::linear::pack_weight(w, kernel))?),
         })
     }
 

@@ -68,6 +68,11 @@ impl ClipTextEncoder {
         })
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.token_embedding.device()
+    }
+
     /// The frozen base token-embedding table [vocab, hidden].
     pub fn token_embedding(&self) -> &Tensor {
         &self.token_embedding
@@ -113,7 +118,7 @@ impl ClipTextEncoder {
         let heads = self.config.num_attention_heads;
         for l in &self.layers {
             let h = l.layer_norm1.forward(&x)?;
-            let a = attention(&l.q_proj.forward(&h)?, &l.k_proj.forward(&h)?, &l.v_proj.forward(&h)?, heads, Some(&mask), self.mode)?;
+            let a = attention(&l.q_proj.forward(&h)?, &l.k_proj.forward(&h)?, &l.v_proj.forward(&h)?, heads, Some(&mask), self.mode, l.q_proj.precision)?;
             x = (x + l.out_proj.forward(&a)?)?;
             let h = l.layer_norm2.forward(&x)?;
             let h = l.fc2.forward(&self.config.act.forward(&l.fc1.forward(&h)?)?)?;

@@ -228,6 +228,11 @@ impl UNet {
         self.dtype
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &candle_core::Device {
+        self.conv_in.weight.device()
+    }
+
     /// Every attention projection (`to_q`, `to_k`, `to_v`, `to_out.0`) with its checkpoint
     /// module path, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`: the
     /// layers LoRA adapters attach to.

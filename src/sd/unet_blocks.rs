@@ -185,7 +185,7 @@ impl CrossAttention {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        self.to_out.forward_residual(&attention(&q, &k, &v, self.heads, None, self.mode)?, residual)
+        self.to_out.forward_residual(&attention(&q, &k, &v, self.heads, None, self.mode, self.to_q.precision)?, residual)
     }
 
     /// The four projections, for attaching adapters (LoRA) by name.
@@ -423,7 +423,7 @@ impl SpatialSelfAttention {
             let hn = self.group_norm.forward(x)?;
             let proj = |l: &Linear| l.pointwise().to_tokens(&hn);
             let (q, k, v) = (proj(&self.to_q)?, proj(&self.to_k)?, proj(&self.to_v)?);
-            let a = attention(&q, &k, &v, 1, None, self.mode)?;
+            let a = attention(&q, &k, &v, 1, None, self.mode, self.to_q.precision)?;
             return self.to_out.pointwise().from_tokens(&a, h, w, Some(x));
         }
         let hn = self.group_norm.forward(x)?;
@@ -431,7 +431,7 @@ impl SpatialSelfAttention {
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
-        let out = self.to_out.forward(&attention(&q, &k, &v, 1, None, self.mode)?)?;
+        let out = self.to_out.forward(&attention(&q, &k, &v, 1, None, self.mode, self.to_q.precision)?)?;
         let out = scope(Class::Layout, || out.transpose(1, 2)?.reshape((b, c, h, w)))?;
         Ok(scope(Class::Elementwise, || out + x)?)
     }

@@ -71,6 +71,11 @@ pub struct Vae {
 }
 
 impl Vae {
+    /// The device the weights live on.
+    pub fn device(&self) -> &candle_core::Device {
+        self.dec_conv_in.weight.device()
+    }
+
     /// `w` must accept both attention namings; [`crate::sd::loader`] registers the aliases.
     pub fn load(w: &Weights, config: &VaeConfig, mode: Mode) -> Result<Self> {
         let c = config;

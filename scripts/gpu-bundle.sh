@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Prepares, on a CPU machine with Rust, everything scripts/gpu-check.sh needs on a GPU machine
+# that has the NVIDIA driver, CUDA 13 and PyTorch but no Rust toolchain and no network:
+#
+#   target/gpu-bundle/diffii.gz     the CUDA build (scripts/build-cuda.sh), stripped, gzipped
+#   target/gpu-bundle/fixtures/     the tiny SD model and its reference run (for parity)
+#   target/gpu-bundle/wheels/       diffusers and what it needs beyond a PyTorch install
+#                                   (pure Python), for the same-run PyTorch comparison
+#
+# About 25 MB in all. Copy the repository (or just scripts/ and target/gpu-bundle/) to the GPU
+# machine and run scripts/gpu-check.sh there. Needs what build-cuda.sh needs (set CUDA_HOME to
+# a toolkit; see its header), and pip with access to PyPI for the wheels.
+#
+#   scripts/gpu-bundle.sh [--fixtures DIR] [--python PY]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+fixtures="${DIFFII_FIXTURES:-../shared/fixtures}"
+python="python3"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --fixtures) fixtures="$2"; shift 2 ;;
+    --python) python="$2"; shift 2 ;;
+    *) echo "unknown argument $1 (use --fixtures DIR, --python PY)" >&2; exit 2 ;;
+  esac
+done
+for d in tiny-sd tiny-sd-ref; do
+  [ -d "$fixtures/$d" ] || { echo "$fixtures/$d not found: pass --fixtures DIR (the folder holding tiny-sd/ and tiny-sd-ref/)" >&2; exit 1; }
+done
+scripts/build-cuda.sh
+out=target/gpu-bundle
+rm -rf "$out.tmp" && mkdir -p "$out.tmp/fixtures" "$out.tmp/wheels"
+strip -o "$out.tmp/diffii" target/cuda/release/diffii
+gzip -9 "$out.tmp/diffii"
+cp -r "$fixtures/tiny-sd" "$fixtures/tiny-sd-ref" "$out.tmp/fixtures/"
+# The GPU image's Python (3.12) has torch, transformers, huggingface_hub, safetensors, numpy,
+# Pillow, regex and requests; diffusers and importlib_metadata travel.
+"$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux2014_x86_64 -d "$out.tmp/wheels" diffusers==0.42.1 importlib_metadata
+rm -rf "$out" && mv "$out.tmp" "$out"
+du -sh "$out"
+echo "bundle ready in $out: on the GPU machine run scripts/gpu-check.sh --bundle $out --out DIR"

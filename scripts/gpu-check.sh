@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The GPU check: run on a Linux x86-64 machine with an NVIDIA GPU (compute capability >= 8.0),
+# its driver, and a Python whose PyTorch has CUDA 13; no Rust toolchain and no network needed.
+# Prepare the bundle first, on a CPU machine: scripts/gpu-bundle.sh.
+#
+#   scripts/gpu-check.sh [--bundle target/gpu-bundle] [--out DIR] [--python python3] [--reps N]
+#
+# It runs, writing each step's output to DIR (default gpu-check-out/) and to the terminal:
+#   1. parity.txt          diffii parity of the tiny fixture with --device cuda, at the CPU's
+#                          tolerances (exit status 1 when a tensor is outside them)
+#   2. bench-f32.txt/json  SD-1.5-shaped UNet steps at 64x64 latents, batch 1 / 4 / 8, the text
+#                          encoder (batch 2), VAE encode / decode at 512 px, and one whole 512 px
+#                          Diff-II generation (50 + 50 inversion steps, 50 guided steps;
+#                          synthetic weights), f32 (no TF32 on either side); with PyTorch +
+#                          diffusers on the same shapes in the same run for every case but the
+#                          whole generation (diffusers has no Diff-II pipeline)
+#   3. bench-f16.*, bench-bf16.*  the UNet cases and the whole generation with the UNet in f16
+#                          and in bf16 (text encoder and VAE stay f32), PyTorch likewise
+# Images per second at batch B = B / the UNet step's seconds, times steps per image.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bundle=target/gpu-bundle
+out=gpu-check-out
+python=python3
+reps=5
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bundle) bundle="$2"; shift 2 ;;
+    --out) out="$2"; shift 2 ;;
+    --python) python="$2"; shift 2 ;;
+    --reps) reps="$2"; shift 2 ;;
+    *) echo "unknown argument $1 (use --bundle DIR, --out DIR, --python PY, --reps N)" >&2; exit 2 ;;
+  esac
+done
+[ -f "$bundle/diffii.gz" ] || { echo "$bundle/diffii.gz not found: make the bundle with scripts/gpu-bundle.sh on a CPU machine" >&2; exit 1; }
+mkdir -p "$out"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+bin="$work/diffii"
+gunzip -c "$bundle/diffii.gz" >"$bin" && chmod +x "$bin"
+
+# CUDA libraries: cuBLAS, cuRAND, NVRTC and the runtime from PyTorch's wheels (or a system
+# toolkit), the driver's libcuda from wherever the driver put it.
+site="$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+libdirs="$(find "$site/nvidia" /usr/local/cuda/lib64 \( -name 'libcublas.so.*' -o -name 'libcurand.so.*' -o -name 'libnvrtc.so.*' -o -name 'libcudart.so.*' \) \
+  -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)"
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64; do
+  [ -e "$d/libcuda.so.1" ] && libdirs="$libdirs:$d"
+done
+export LD_LIBRARY_PATH="$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if ldd "$bin" | grep -q "not found"; then
+  ldd "$bin" | grep "not found" >&2
+  echo "CUDA libraries missing (looked in $site/nvidia and /usr/local/cuda/lib64): install PyTorch with CUDA 13, or set LD_LIBRARY_PATH" >&2
+  exit 1
+fi
+"$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" "$bundle"/wheels/*.whl \
+  || { echo "installing the bundled wheels failed" >&2; exit 1; }
+export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
+  "$python" -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "| diffusers", diffusers.__version__, "| transformers", transformers.__version__)'
+  "$bin" --version
+} 2>&1 | tee "$out/environment.txt"
+
+status=0
+step() {
+  local name="$1"; shift
+  echo "== $name: $*" | tee "$out/$name.txt"
+  "$@" 2>&1 | tee -a "$out/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || { echo "== $name failed (exit $rc)" | tee -a "$out/$name.txt"; status=1; }
+}
+fx="$bundle/fixtures"
+step parity "$bin" parity --model "$fx/tiny-sd" --reference "$fx/tiny-sd-ref" --device cuda
+common=(--sd15 --device cuda --sd15-latents 64 --sd15-batches 1,4,8 --sd15-flow --reps "$reps" --warmup 2
+  --compare-python "$python" --python-script scripts/reference/bench_sd15_cpu.py)
+step bench-f32 "$bin" bench "${common[@]}" --text-vae --sd15-vae --json "$out/bench-f32.json"
+step bench-f16 "$bin" bench "${common[@]}" --dtype f16 --json "$out/bench-f16.json"
+step bench-bf16 "$bin" bench "${common[@]}" --dtype bf16 --json "$out/bench-bf16.json"
+exit $status
