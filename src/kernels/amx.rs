@@ -94,20 +94,19 @@ impl Drop for Tiles {
     }
 }
 
-/// `C (+)= sum over taps t and k blocks kb of A[t, kb] B[t, kb]` for one 32 x 32 block of f32
-/// `c`, rows `c_row_bytes` apart: C starts from its current values when `load`, else from
-/// zero, and the products are added in the order taps, k blocks. `a` points at the block's
-/// packed A: for each (tap, k block), 32 rows of 16 u32 pairs. Tap t's B starts at
-/// `b + 2 * offs[t]` (k pair 0, first column); k pair rows are `b_row_bytes` apart, and each
-/// k block reads 16 rows of 32 columns from there.
+/// `C (+)= sum over kb < nk of A[kb] B[kb]` for one 32 x 32 block of f32 `c`, rows
+/// `c_row_bytes` apart: C starts from its current values when `load`, else from zero, and the
+/// products are added in k-block order. `a` points at the first k block's two A tiles (32 rows
+/// of 16 u32 pairs each, k blocks consecutive); `b` at B's first pair row and first column, pair
+/// rows `b_row_bytes` apart, each k block reading 16 rows of 32 columns. Storing C and loading
+/// it again is exact, so a product split into several calls sums in the same order.
 ///
 /// # Safety
 /// The tiles must be configured on this thread; every access must stay inside the operands
-/// (offs.len() * kblocks * 2 KiB of A; 16 * kblocks rows of 128 bytes from each tap's B; 32
-/// rows of 128 bytes of C).
+/// (nk * 2 KiB of A; 16 * nk rows of 128 bytes of B; 32 rows of 128 bytes of C).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn block(_tiles: &Tiles, a: *const u32, kblocks: usize, b: *const u16, offs: &[usize], b_row_bytes: usize, c: *mut f32, c_row_bytes: usize, load: bool) {
+pub unsafe fn block(_tiles: &Tiles, a: *const u32, nk: usize, b: *const u8, b_row_bytes: usize, c: *mut f32, c_row_bytes: usize, load: bool) {
     use std::arch::asm;
     let row = 64usize;
     let c = c as *mut u8;
@@ -124,30 +123,27 @@ pub unsafe fn block(_tiles: &Tiles, a: *const u32, kblocks: usize, b: *const u16
     } else {
         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
     }
-    let mut ap = a;
-    for &off in offs {
-        let mut bp = b.add(2 * off) as *const u8;
-        for _ in 0..kblocks {
-            asm!(
-                "tileloadd tmm4, [{a0} + {row}*1]",
-                "tileloadd tmm5, [{a1} + {row}*1]",
-                "tileloadd tmm6, [{b0} + {bs}*1]",
-                "tileloadd tmm7, [{b1} + {bs}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                a0 = in(reg) ap,
-                a1 = in(reg) ap.add(16 * KB),
-                b0 = in(reg) bp,
-                b1 = in(reg) bp.add(64),
-                row = in(reg) row,
-                bs = in(reg) b_row_bytes,
-                options(nostack, readonly),
-            );
-            ap = ap.add(2 * 16 * KB);
-            bp = bp.add(KB * b_row_bytes);
-        }
+    let (mut ap, mut bp) = (a, b);
+    for _ in 0..nk {
+        asm!(
+            "tileloadd tmm4, [{a0} + {row}*1]",
+            "tileloadd tmm5, [{a1} + {row}*1]",
+            "tileloadd tmm6, [{b0} + {bs}*1]",
+            "tileloadd tmm7, [{b1} + {bs}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a0 = in(reg) ap,
+            a1 = in(reg) ap.add(16 * KB),
+            b0 = in(reg) bp,
+            b1 = in(reg) bp.add(64),
+            row = in(reg) row,
+            bs = in(reg) b_row_bytes,
+            options(nostack, readonly),
+        );
+        ap = ap.add(2 * 16 * KB);
+        bp = bp.add(KB * b_row_bytes);
     }
     asm!(
         "tilestored [{c00} + {s}*1], tmm0",

@@ -210,7 +210,7 @@ fn attention_bf16(
             let (bi, hi) = (bh / heads, bh % heads);
             let at = |key: usize, c: usize| (bi * m + key) * inner + hi * d + c;
             let kt = PairPlanes::from_fn(d, m, |c, key| ks[at(key, c)]);
-            let vp = PairPlanes::from_fn(m, d, |key, c| vs[at(key, c)]);
+            let vp = PairPlanes::from_rows(&vs[at(0, 0)..], m, d, inner);
             (kt, vp)
         })
         .collect();
@@ -230,17 +230,16 @@ fn attention_bf16(
             let (sbuf, rest) = sc.split_at_mut(rows * m);
             let (sums, obuf) = rest.split_at_mut(rows);
             let (sums, obuf) = (&mut sums[..rows], &mut obuf[..rows * d]);
-            let a = PackedA::from_rows(kernel, rows, d, &qs[(bi * n + q0) * inner + hi * d..], inner);
-            bf16::gemm_taps(&a, kt, &[0], m, sbuf, m, false).expect("packed to these shapes");
-            for v in sbuf.iter_mut() {
-                *v *= scale;
-            }
+            // The scale is applied to Q before rounding (as a bf16 model's scaled query would be).
+            let q = &qs[(bi * n + q0) * inner + hi * d..];
+            let a = PackedA::new(kernel, rows, 1, d, |r, _, c| q[r * inner + c] * scale);
+            bf16::gemm_taps(&a, kt, &[0], m, sbuf, m, false, false).expect("packed to these shapes");
             if let Some(mk) = ms {
                 add_mask(sbuf, &mk[q0 * m..(q0 + rows) * m]);
             }
             softmax_rows(sbuf, m, sums);
             let p = PackedA::from_rows(kernel, rows, m, sbuf, m);
-            bf16::gemm_taps(&p, vp, &[0], d, obuf, d, false).expect("packed to these shapes");
+            bf16::gemm_taps(&p, vp, &[0], d, obuf, d, false, false).expect("packed to these shapes");
             for (r, &sum) in sums.iter().enumerate() {
                 // SAFETY: row r of this task's (batch, head, block) lies inside `out`; tasks
                 // write disjoint (row, head) ranges.

@@ -189,16 +189,15 @@ impl PackedA {
         let (rows_per_block, block) = Self::block_shape(kernel, 1, k_pairs);
         let mut data = vec![0u32; m.div_ceil(rows_per_block) * block];
         data.par_chunks_mut(block).enumerate().for_each(|(mb, blk)| {
-            let mut row = vec![0u16; kblocks * amx::KB * 2];
+            // A row's bf16 values, two per u32 in little-endian order: exactly the pairs.
+            let mut row = vec![0u32; kblocks * amx::KB];
             for r in 0..rows_per_block.min(m - mb * rows_per_block) {
                 let at = (mb * rows_per_block + r) * row_stride;
-                to_bf16(&src[at..at + k], &mut row[..k]);
+                // SAFETY: a u32 buffer viewed as twice as many u16 values.
+                let halves = unsafe { std::slice::from_raw_parts_mut(row.as_mut_ptr() as *mut u16, row.len() * 2) };
+                to_bf16(&src[at..at + k], &mut halves[..k]);
                 for kb in 0..kblocks {
-                    let tile_row = &mut blk[(kb * amx::BLOCK + r) * amx::KB..][..amx::KB];
-                    for (pi, d) in tile_row.iter_mut().enumerate() {
-                        let j = 2 * (kb * amx::KB + pi);
-                        *d = row[j] as u32 | (row[j + 1] as u32) << 16;
-                    }
+                    blk[(kb * amx::BLOCK + r) * amx::KB..][..amx::KB].copy_from_slice(&row[kb * amx::KB..(kb + 1) * amx::KB]);
                 }
             }
         });
@@ -275,14 +274,26 @@ impl PairPlanes {
 
 }
 
+/// Runs `f(0..n)`, on the thread pool when `parallel`.
+fn for_tasks(n: usize, parallel: bool, f: impl Fn(usize) + Sync + Send) {
+    if parallel {
+        (0..n).into_par_iter().for_each(f);
+    } else {
+        (0..n).for_each(f);
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Ptr<T>(*const T);
 unsafe impl<T> Send for Ptr<T> {}
 unsafe impl<T> Sync for Ptr<T> {}
 
 /// `dst[r, j] (+)= sum over taps t and k of A[r, t, k] * B[k, offs[t] + j]` for r < a.m and
-/// j < n, with B in `b`'s pair planes and dst rows `dst_rs` apart.
-pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool) -> Result<()> {
+/// j < n, with B in `b`'s pair planes and dst rows `dst_rs` apart. `parallel` spreads the
+/// blocks over the threads; callers that already run one product per thread pass false (the
+/// result is the same either way).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, parallel: bool) -> Result<()> {
     if offs.len() != a.taps || b.k_pairs != a.k_pairs {
         return Err(Error::invalid(format!("bf16 gemm: {} taps / {} k pairs vs {} offsets / {} k pairs", a.taps, a.k_pairs, offs.len(), b.k_pairs)));
     }
@@ -297,13 +308,13 @@ pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
         return Err(Error::invalid("bf16 gemm: operands too small for the requested block"));
     }
     if a.kernel == Kernel::Amx {
-        gemm_taps_amx(a, b, offs, n, dst, dst_rs, accumulate);
+        gemm_taps_amx(a, b, offs, n, dst, dst_rs, accumulate, parallel);
         return Ok(());
     }
     let (mbs, nbs) = (a.m.div_ceil(MR), n.div_ceil(NR));
     let dptr = SendPtr(dst.as_mut_ptr());
     let bptr = Ptr(b.data.as_ptr());
-    (0..mbs * nbs).into_par_iter().for_each(|task| {
+    for_tasks(mbs * nbs, parallel, |task| {
         let (bptr, d) = (bptr, dptr);
         let (mb, nb) = (task / nbs, task % nbs);
         let rows = MR.min(a.m - mb * MR);
@@ -325,60 +336,77 @@ pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
 }
 
 /// [`gemm_taps`] on AMX tiles. A task is a group of 32-row blocks times a run of 32-column
-/// blocks, columns outer so that a column block of B is reused across the group's rows, and the
-/// tile configuration and task overhead are paid once per many tile products (a linear
-/// layer's k is often only ten tile depths). Full blocks accumulate in place in `dst`; edge
-/// blocks go through a zero-padded copy, with the same order of additions. amx::BLOCK == NR,
-/// so the slack that covers the AVX-512 kernel's column blocks covers these.
-fn gemm_taps_amx(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool) {
+/// blocks. The (tap, k block) sequence is cut into chunks of at most KC k blocks, whose A tiles
+/// (KC * 2 KiB) stay in the L1 cache while the chunk is applied to every column block of the
+/// run; each output block is stored after a chunk and loaded again for the next, which is
+/// exact, so the order of additions is that of one pass (taps, then k blocks). Full blocks
+/// accumulate in place in `dst`; edge blocks go through a zero-padded copy, one pass each.
+/// amx::BLOCK == NR, so the slack that covers the AVX-512 kernel's column blocks covers these.
+#[allow(clippy::too_many_arguments)]
+fn gemm_taps_amx(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, parallel: bool) {
     const { assert!(amx::BLOCK == NR) };
     const ROW_GROUP: usize = 4;
+    const KC: usize = 8;
     let (mbs, nbs) = (a.m.div_ceil(amx::BLOCK), n.div_ceil(amx::BLOCK));
     let kblocks = a.k_pairs.div_ceil(amx::KB);
+    // (tap, first k block, k blocks) of each chunk.
+    let chunks: Vec<(usize, usize, usize)> =
+        (0..offs.len()).flat_map(|t| (0..kblocks).step_by(KC).map(move |k0| (t, k0, KC.min(kblocks - k0)))).collect();
     let groups = mbs.div_ceil(ROW_GROUP);
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
     // Column runs: enough tasks to balance the threads, each as long as that allows.
-    let runs = (4 * rayon::current_num_threads()).div_ceil(groups).clamp(1, nbs);
+    let runs = if threads > 1 { (4 * threads).div_ceil(groups).clamp(1, nbs) } else { 1 };
     let run_len = nbs.div_ceil(runs);
     let runs = nbs.div_ceil(run_len);
     let dptr = SendPtr(dst.as_mut_ptr());
     let bptr = Ptr(b.data.as_ptr());
-    (0..groups * runs).into_par_iter().for_each(|task| {
+    let b_row_bytes = b.plane * 4;
+    let tile_pair = 2 * amx::BLOCK / 2 * amx::KB;
+    for_tasks(groups * runs, parallel, |task| {
         let (bptr, d) = (bptr, dptr);
         let (group, run) = (task / runs, task % runs);
+        let cols_of = |nb: usize| amx::BLOCK.min(n - nb * amx::BLOCK);
+        let nb_range = run * run_len..nbs.min((run + 1) * run_len);
         let mut edge = [0f32; amx::BLOCK * amx::BLOCK];
-        // SAFETY: AMX is available (checked by the caller); A holds taps * kblocks tile pairs
-        // per row block; B's pair rows are padded with zeros to whole k blocks, and its slack
-        // covers the columns (checked by the caller); full blocks lie inside dst. Tasks write
-        // disjoint blocks of dst.
+        // SAFETY (the unsafe blocks below): AMX is available (checked by the caller); A holds
+        // taps * kblocks tile pairs per row block; B's pair rows are padded with zeros to whole
+        // k blocks, and its slack covers the columns (checked by the caller); full blocks lie
+        // inside dst. Tasks write disjoint blocks of dst.
         #[cfg(target_arch = "x86_64")]
         let tiles = unsafe { amx::Tiles::configure() };
-        for nb in run * run_len..nbs.min((run + 1) * run_len) {
-            let cols = amx::BLOCK.min(n - nb * amx::BLOCK);
-            for mb in group * ROW_GROUP..mbs.min((group + 1) * ROW_GROUP) {
-                let rows = amx::BLOCK.min(a.m - mb * amx::BLOCK);
-                let corner = unsafe { d.0.add(mb * amx::BLOCK * dst_rs + nb * amx::BLOCK) };
-                let full = rows == amx::BLOCK && cols == amx::BLOCK;
-                if !full {
-                    edge.fill(0.0);
-                    if accumulate {
-                        for r in 0..rows {
-                            let src = unsafe { std::slice::from_raw_parts(corner.add(r * dst_rs), cols) };
-                            edge[r * amx::BLOCK..r * amx::BLOCK + cols].copy_from_slice(src);
-                        }
+        #[cfg(target_arch = "x86_64")]
+        let apply = |mb: usize, nb: usize, &(t, k0, nk): &(usize, usize, usize), c: *mut f32, c_rs: usize, load: bool| unsafe {
+            let a_at = a.block(mb).add((t * kblocks + k0) * tile_pair);
+            let b_at = (bptr.0.add(2 * (offs[t] + nb * amx::BLOCK)) as *const u8).add(k0 * amx::KB * b_row_bytes);
+            amx::block(&tiles, a_at, nk, b_at, b_row_bytes, c, c_rs * 4, load);
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let apply = |_: usize, _: usize, _: &(usize, usize, usize), _: *mut f32, _: usize, _: bool| unreachable!("AMX is x86-64 only");
+        for mb in group * ROW_GROUP..mbs.min((group + 1) * ROW_GROUP) {
+            let rows = amx::BLOCK.min(a.m - mb * amx::BLOCK);
+            let corner = |nb: usize| unsafe { d.0.add(mb * amx::BLOCK * dst_rs + nb * amx::BLOCK) };
+            if rows == amx::BLOCK {
+                for (ci, chunk) in chunks.iter().enumerate() {
+                    for nb in nb_range.clone().filter(|&nb| cols_of(nb) == amx::BLOCK) {
+                        apply(mb, nb, chunk, corner(nb), dst_rs, accumulate || ci > 0);
                     }
                 }
-                let (c, c_rs) = if full { (corner, dst_rs) } else { (edge.as_mut_ptr(), amx::BLOCK) };
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    amx::block(&tiles, a.block(mb), kblocks, bptr.0.add(2 * nb * amx::BLOCK), offs, b.plane * 4, c, c_rs * 4, accumulate)
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let _ = (bptr, kblocks, c, c_rs);
-                if !full {
+            }
+            for nb in nb_range.clone().filter(|&nb| rows < amx::BLOCK || cols_of(nb) < amx::BLOCK) {
+                let cols = cols_of(nb);
+                edge.fill(0.0);
+                if accumulate {
                     for r in 0..rows {
-                        let out = unsafe { std::slice::from_raw_parts_mut(corner.add(r * dst_rs), cols) };
-                        out.copy_from_slice(&edge[r * amx::BLOCK..r * amx::BLOCK + cols]);
+                        let src = unsafe { std::slice::from_raw_parts(corner(nb).add(r * dst_rs), cols) };
+                        edge[r * amx::BLOCK..r * amx::BLOCK + cols].copy_from_slice(src);
                     }
+                }
+                for (ci, chunk) in chunks.iter().enumerate() {
+                    apply(mb, nb, chunk, edge.as_mut_ptr(), amx::BLOCK, accumulate || ci > 0);
+                }
+                for r in 0..rows {
+                    let out = unsafe { std::slice::from_raw_parts_mut(corner(nb).add(r * dst_rs), cols) };
+                    out.copy_from_slice(&edge[r * amx::BLOCK..r * amx::BLOCK + cols]);
                 }
             }
         }

@@ -110,7 +110,7 @@ pub fn conv2d(
                 match packed {
                     Some(pw) => {
                         let xb = bf16::PairPlanes::from_rows(&xs[bi * cin * in_plane..], cin, in_plane, in_plane);
-                        bf16::gemm_taps(pw, &xb, &[0], out_plane, dst, out_plane, acc).expect("shapes checked above");
+                        bf16::gemm_taps(pw, &xb, &[0], out_plane, dst, out_plane, acc, nt > 1).expect("shapes checked above");
                     }
                     None => unsafe {
                         sgemm(cout, out_plane, cin, dst.as_mut_ptr(), out_plane, 1, acc, ws.as_ptr(), cin, 1, xs[bi * cin * in_plane..].as_ptr(), in_plane, 1, 1.0, nt)
@@ -190,7 +190,7 @@ pub fn conv2d(
             if let Some(pw) = packed {
                 let xb = bf16::PairPlanes::from_rows(xp, cin, plane, plane);
                 let offs: Vec<usize> = (0..kk).map(tap_off).collect();
-                bf16::gemm_taps(pw, &xb, &offs, n_ext, ext, n_ext, acc).expect("shapes checked above");
+                bf16::gemm_taps(pw, &xb, &offs, n_ext, ext, n_ext, acc, nt > 1).expect("shapes checked above");
             } else {
                 for t in 0..kk {
                     let off = tap_off(t);

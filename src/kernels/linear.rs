@@ -93,7 +93,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
             if let Some(pw) = packed {
                 let xi = &xs[i * rows * in_dim..(i + 1) * rows * in_dim];
                 let a = bf16::PackedA::from_rows(pw.kernel, rows, in_dim, xi, in_dim);
-                bf16::gemm_taps(&a, &pw.planes, &[0], out_dim, dst, out_dim, acc).expect("shapes checked above");
+                bf16::gemm_taps(&a, &pw.planes, &[0], out_dim, dst, out_dim, acc, nt > 1).expect("shapes checked above");
                 return;
             }
             unsafe {

@@ -15,12 +15,9 @@ use crate::nn::{Mode, Precision};
 use crate::sd::unet::UNet;
 use crate::nn::weights::Weights;
 
-/// This machine class's fp32 peak (2 cores, AVX-512), GFLOP/s.
+/// The reference for the %peak column: the f32 FMA peak of two AVX-512 cores at 2.6 GHz
+/// (2 x 2 FMA units x 16 lanes x 2 flops x 2.6 GHz), GFLOP/s.
 pub const CPU_PEAK_GFLOPS: f64 = 333.0;
-
-/// PyTorch 2.15 on the same CPU: SD-1.5 UNet, batch 2, 64x64 latent (one CFG step at 512 px).
-pub const TORCH_SD15_B2_64_SECONDS: f64 = 7.2;
-pub const TORCH_SD15_B2_64_GFLOPS: f64 = 224.0;
 
 /// One measured configuration.
 #[derive(Debug, Clone, Serialize)]

@@ -68,7 +68,7 @@ pub struct Settings {
     pub model_sha256: String,
     pub concepts_sha256: String,
     pub lora_sha256: Option<String>,
-    /// Product precision of the model's layers: "f32", or "bf16" (see [`crate::nn::Precision`]).
+    /// Product precision of the model's layers: "f32", "bf16" or "bf16-amx" (see [`crate::nn::Precision`]).
     #[serde(default = "default_precision")]
     pub precision: String,
 }

@@ -33,7 +33,7 @@ pub struct Inversion {
     pub size: usize,
     pub resize: ResizePolicy,
     pub steps: usize,
-    /// The model's product precision name ("f32" or "bf16").
+    /// The model's product precision name ("f32", "bf16" or "bf16-amx").
     pub precision: String,
 }
 
