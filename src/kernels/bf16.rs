@@ -61,7 +61,12 @@ impl Kernel {
 pub fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16")
+        // BW and VL for the 16-bit stores and shuffles of the packing; every CPU with AVX-512
+        // BF16 has them.
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -91,7 +96,7 @@ fn to_bf16(src: &[f32], dst: &mut [u16]) {
 
 /// `dst[2 i] = bf16(lo[i])`, `dst[2 i + 1] = bf16(hi[i])` (0 without `hi`).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn interleave_avx512(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u16]) {
     use std::arch::x86_64::*;
     let n = lo.len().min(dst.len() / 2);
@@ -116,7 +121,7 @@ unsafe fn interleave_avx512(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u16]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [u16]) {
     use std::arch::x86_64::*;
     let n = src.len().min(dst.len());
