@@ -366,7 +366,8 @@ fn gemm_taps_amx(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
     let dptr = SendPtr(dst.as_mut_ptr());
     let bptr = Ptr(b.data.as_ptr());
     let b_row_bytes = b.plane * 4;
-    let tile_pair = 2 * amx::BLOCK / 2 * amx::KB;
+    // u32 values per (tap, k block): two A tiles of 16 rows x 16 pairs.
+    let tile_pair = amx::BLOCK * amx::KB;
     for_tasks(groups * runs, parallel, |task| {
         let (bptr, d) = (bptr, dptr);
         let (group, run) = (task / runs, task % runs);
