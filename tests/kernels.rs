@@ -767,6 +767,22 @@ fn assert_body_matches_tail(name: &str, xs: &[f32], f: impl Fn(&mut [f32])) {
 }
 
 #[test]
+fn quick_gelu_kernel_and_layer_give_candle_composition_bytes() {
+    // The text encoder's activation: the fused pass must give exactly the bytes of candle's
+    // `x * sigmoid(x * 1.702)`, over a sweep that crosses the task chunks and reaches exp's
+    // overflow (large negative x) and the special values; and the layer picks it when inferring.
+    let mut xs: Vec<f32> = SPECIAL.iter().copied().chain([-100.0, 100.0, -88.5, 88.5, -200.0]).collect();
+    xs.extend((0..18513 - xs.len()).map(|i| -100.0 + 200.0 * i as f32 / 18000.0));
+    let x = from_vec(xs, &[3, 33, 11, 17]);
+    let composed = (&x * candle_nn::ops::sigmoid(&(&x * 1.702).unwrap()).unwrap()).unwrap();
+    assert_same_bits("quick_gelu kernel vs candle's composition", &kernels::activation::quick_gelu(&x).unwrap(), &composed);
+    assert_same_bits("quick_gelu layer vs candle's composition", &Activation::QuickGelu.forward(&x).unwrap(), &composed);
+    let y = randn(7100, &[2, 77, 300], 3.0);
+    let composed = (&y * candle_nn::ops::sigmoid(&(&y * 1.702).unwrap()).unwrap()).unwrap();
+    assert_same_bits("quick_gelu on a text-encoder-shaped input", &kernels::activation::quick_gelu(&y).unwrap(), &composed);
+}
+
+#[test]
 fn silu_kernel_matches_candle_silu_elementwise() {
     // A sweep over [-100, 100] plus special values; 18513 elements cross the 16384-element
     // task chunks. Bound per element against f64: |got - want| <= 1e-6 |want| + 1e-30.

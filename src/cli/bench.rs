@@ -164,6 +164,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let clip = bench::synthetic_sd15_text_encoder(DType::F32, prec, &dev, Mode::Infer, true)?;
         eprintln!("[bench] SD-1.5 text encoder");
         results.push(bench::text_encoder_step("text encoder sd15", &clip, 2, a.warmup, a.reps)?);
+        if a.profile {
+            profiles.push(bench::text_encoder_profile("text encoder sd15", &clip, 2, a.reps.max(5))?);
+        }
     }
     if a.sd15 && a.sd15_vae {
         let vae = bench::synthetic_sd15_vae(DType::F32, prec, &dev)?;

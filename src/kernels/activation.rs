@@ -1,4 +1,4 @@
-//! Elementwise activations: GEGLU, SiLU.
+//! Elementwise activations: GEGLU, SiLU, QuickGELU.
 use candle_core::Tensor;
 use rayon::prelude::*;
 
@@ -61,6 +61,26 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     let out = with_slices(&[x], |s| {
         let mut out = uninit(s[0].len());
         out.par_chunks_mut(16384).zip(s[0].par_chunks(16384)).for_each(|(d, src)| silu_slices(src, d));
+        out
+    })?;
+    tensor(out, &dims)
+}
+
+/// QuickGELU, x * sigmoid(1.702 x), in one pass with exactly the arithmetic of candle's
+/// composition (`x * sigmoid(x * 1.702)`: an affine `x * 1.702 + 0`, sigmoid as
+/// `1 / (exp(-z) + 1)` with the same `expf`, a product), so the bytes are candle's.
+/// Inference only.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let m = 1.702f64 as f32;
+    let out = with_slices(&[x], |s| {
+        let mut out = uninit(s[0].len());
+        out.par_chunks_mut(16384).zip(s[0].par_chunks(16384)).for_each(|(d, src)| {
+            for (o, &v) in d.iter_mut().zip(src) {
+                let z = v * m + 0.0;
+                *o = v * ((-z).exp() + 1.0).recip();
+            }
+        });
         out
     })?;
     tensor(out, &dims)

@@ -265,13 +265,24 @@ pub fn vae_encode_step(name: &str, vae: &crate::sd::vae::Vae, batch: usize, side
     timed(name, batch, latent, warmup, reps, || Ok(vae.encode(&x)?.0))
 }
 
-/// Times text-encoder calls on `batch` prompts of the full context length.
-pub fn text_encoder_step(name: &str, clip: &crate::sd::clip::ClipTextEncoder, batch: usize, warmup: usize, reps: usize) -> Result<BenchResult> {
+/// `batch` prompts of the full context length, as token ids.
+fn prompt_ids(clip: &crate::sd::clip::ClipTextEncoder, batch: usize) -> Result<Tensor> {
     let n = clip.config.max_position_embeddings;
     let vocab = clip.config.vocab_size as u32;
     let ids: Vec<u32> = (0..batch * n).map(|i| (i as u32 * 7919) % vocab).collect();
-    let ids = Tensor::from_vec(ids, (batch, n), clip.device())?;
+    Ok(Tensor::from_vec(ids, (batch, n), clip.device())?)
+}
+
+/// Times text-encoder calls on `batch` prompts of the full context length.
+pub fn text_encoder_step(name: &str, clip: &crate::sd::clip::ClipTextEncoder, batch: usize, warmup: usize, reps: usize) -> Result<BenchResult> {
+    let ids = prompt_ids(clip, batch)?;
     timed(name, batch, 0, warmup, reps, || clip.forward(&ids, None))
+}
+
+/// [`profile_call`] of the text encoder on `batch` prompts of the full context length.
+pub fn text_encoder_profile(name: &str, clip: &crate::sd::clip::ClipTextEncoder, batch: usize, reps: usize) -> Result<Profile> {
+    let ids = prompt_ids(clip, batch)?;
+    profile_call(name, batch, 0, reps, || clip.forward(&ids, None))
 }
 
 /// Times one whole Diff-II generation at SD-1.5 shapes (synthetic weights, two random 512 px

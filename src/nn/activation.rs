@@ -37,6 +37,7 @@ impl Activation {
             Activation::Silu => x.silu()?,
             Activation::Gelu => x.gelu_erf()?,
             Activation::GeluTanh => x.gelu()?,
+            Activation::QuickGelu if kernels::fast_ok(&[x]) => kernels::activation::quick_gelu(x)?,
             Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
         })
     }
