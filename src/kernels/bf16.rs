@@ -44,7 +44,7 @@ impl Kernel {
     pub fn available(self) -> bool {
         match self {
             Kernel::Avx512 => supported(),
-            Kernel::Amx => super::amx::available(),
+            Kernel::Amx => amx::available(),
         }
     }
 
@@ -161,6 +161,7 @@ impl PackedA {
             pair(lo, hi)
         };
         let (rows_per_block, block) = Self::block_shape(kernel, taps, k_pairs);
+        let kblocks = k_pairs.div_ceil(amx::KB);
         let mut data = vec![0u32; m.div_ceil(rows_per_block) * block];
         data.par_chunks_mut(block).enumerate().for_each(|(mb, blk)| {
             let rows = rows_per_block.min(m - mb * rows_per_block);
@@ -169,10 +170,7 @@ impl PackedA {
                     for r in 0..rows {
                         let at = match kernel {
                             Kernel::Avx512 => (t * k_pairs + p) * MR + r,
-                            Kernel::Amx => {
-                                let kblocks = k_pairs.div_ceil(amx::KB);
-                                ((t * kblocks + p / amx::KB) * amx::BLOCK + r) * amx::KB + p % amx::KB
-                            }
+                            Kernel::Amx => ((t * kblocks + p / amx::KB) * amx::BLOCK + r) * amx::KB + p % amx::KB,
                         };
                         blk[at] = value(mb * rows_per_block + r, t, p);
                     }

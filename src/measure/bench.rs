@@ -127,12 +127,17 @@ pub fn synthetic_sd15_unet_mode(dtype: DType, precision: Precision, device: &Dev
 /// Times `reps` UNet calls (after `warmup` untimed ones) on a batch of `batch` latents of
 /// `latent` x `latent` with a 77-token context.
 pub fn unet_step(name: &str, unet: &UNet, batch: usize, latent: usize, warmup: usize, reps: usize) -> Result<BenchResult> {
-    let dev = unet.device().clone();
-    let c = &unet.config;
-    let dtype = unet.dtype();
-    let x = seeded_randn(1, &[batch, c.in_channels, latent, latent], &dev)?.to_dtype(dtype)?;
-    let ctx = seeded_randn(2, &[batch, 77, c.down[0].cross_attention_dim], &dev)?.to_dtype(dtype)?;
+    let (x, ctx) = unet_inputs(unet, batch, latent)?;
     timed(name, batch, latent, warmup, reps, || unet.forward_t(&x, 500, &ctx))
+}
+
+/// Random latents [batch, c, latent, latent] and a 77-token context for `unet`, on its device
+/// and in its dtype.
+fn unet_inputs(unet: &UNet, batch: usize, latent: usize) -> Result<(Tensor, Tensor)> {
+    let (c, dev, dtype) = (&unet.config, unet.device(), unet.dtype());
+    let x = seeded_randn(1, &[batch, c.in_channels, latent, latent], dev)?.to_dtype(dtype)?;
+    let ctx = seeded_randn(2, &[batch, 77, c.down[0].cross_attention_dim], dev)?.to_dtype(dtype)?;
+    Ok((x, ctx))
 }
 
 /// Times one textual-inversion step — text encoder forward from concept rows that require
@@ -253,9 +258,13 @@ pub fn describe(t: &Tensor) -> String {
 /// Times `reps` VAE decodes (after `warmup` untimed ones) of a batch of `batch` latents of
 /// `latent` x `latent`. FLOPs are counted like the UNet's.
 pub fn vae_decode_step(name: &str, vae: &crate::sd::vae::Vae, batch: usize, latent: usize, warmup: usize, reps: usize) -> Result<BenchResult> {
-    let dev = vae.device().clone();
-    let z = seeded_randn(3, &[batch, vae.config.latent_channels, latent, latent], &dev)?;
+    let z = decode_input(vae, batch, latent)?;
     timed(name, batch, latent, warmup, reps, || vae.decode(&z))
+}
+
+/// Random latents [batch, c, latent, latent] for `vae`'s decoder, on its device.
+fn decode_input(vae: &crate::sd::vae::Vae, batch: usize, latent: usize) -> Result<Tensor> {
+    seeded_randn(3, &[batch, vae.config.latent_channels, latent, latent], vae.device())
 }
 
 /// Times VAE encodes (posterior moments) of `batch` random images of `side` x `side` pixels.
@@ -288,7 +297,8 @@ pub fn text_encoder_profile(name: &str, clip: &crate::sd::clip::ClipTextEncoder,
 /// Times one whole Diff-II generation at SD-1.5 shapes (synthetic weights, two random 512 px
 /// images): text encoding of the three prompts, VAE encoding of both images, `inv_steps` DDIM
 /// inversion steps of each (conditional branch, batch 1), slerp at t = 0.5, `steps` two-stage
-/// guided DDIM steps (guidance 7.5, batch 2 per call; stage 1 = the first 30 %), decoding.
+/// guided DDIM steps (guidance 7.5, batch 2 per call; stage 1 by Diff-II's strength 0.3),
+/// decoding.
 /// The UNet runs at its own dtype; the text encoder and VAE at theirs.
 #[allow(clippy::too_many_arguments)]
 pub fn sd15_flow(
@@ -303,12 +313,10 @@ pub fn sd15_flow(
 ) -> Result<BenchResult> {
     use crate::schedule::ddim::{Ddim, DdimConfig};
     use crate::schedule::sampling::ddim_invert;
-    use crate::synth::diffii::{sample_two_stage, TwoStage};
+    use crate::synth::diffii::{sample_two_stage, stage1_steps_for_strength, TwoStage};
     let sched = Ddim::new(DdimConfig::sd15())?;
-    let n = clip.config.max_position_embeddings;
-    let vocab = clip.config.vocab_size as u32;
-    let ids: Vec<u32> = (0..3 * n).map(|i| (i as u32 * 7919 + i as u32 / n as u32 * 104729) % vocab).collect();
-    let ids = Tensor::from_vec(ids, (3, n), clip.device())?;
+    let stage1_steps = stage1_steps_for_strength(&sched.set_timesteps(steps)?.timesteps, sched.num_train_timesteps(), 0.3);
+    let ids = prompt_ids(clip, 3)?;
     let images = (seeded_randn(8, &[2, 3, 512, 512], vae.device())?.tanh())?;
     let dtype = unet.dtype();
     timed(name, 1, 64, warmup, reps, || {
@@ -320,7 +328,7 @@ pub fn sd15_flow(
             inverted.push(ddim_invert(&sched, &z0, inv_steps, |x, _, t| unet.forward_t(x, t, &stage2), |_| {})?);
         }
         let (z, _) = crate::synth::interpolate::slerp(&inverted[0], &inverted[1], 0.5, 0.9995)?;
-        let cond = TwoStage { uncond: &uncond, stage1: &stage1, stage2: &stage2, stage1_steps: steps * 3 / 10, guidance: 7.5 };
+        let cond = TwoStage { uncond: &uncond, stage1: &stage1, stage2: &stage2, stage1_steps, guidance: 7.5 };
         let z = sample_two_stage(unet, &sched, &z, &cond, steps, |_| {})?;
         vae.decode_latent(&z.to_device(vae.device())?.to_dtype(DType::F32)?)
     })
@@ -413,17 +421,13 @@ pub fn profile_call(name: &str, batch: usize, latent: usize, reps: usize, mut f:
 
 /// Profiles a UNet step like [`unet_step`].
 pub fn unet_profile(name: &str, unet: &UNet, batch: usize, latent: usize, reps: usize) -> Result<Profile> {
-    let dev = Device::Cpu;
-    let c = &unet.config;
-    let dtype = unet.dtype();
-    let x = seeded_randn(1, &[batch, c.in_channels, latent, latent], &dev)?.to_dtype(dtype)?;
-    let ctx = seeded_randn(2, &[batch, 77, c.down[0].cross_attention_dim], &dev)?.to_dtype(dtype)?;
+    let (x, ctx) = unet_inputs(unet, batch, latent)?;
     profile_call(name, batch, latent, reps, || unet.forward_t(&x, 500, &ctx))
 }
 
 /// Profiles a VAE decode like [`vae_decode_step`].
 pub fn vae_decode_profile(name: &str, vae: &crate::sd::vae::Vae, batch: usize, latent: usize, reps: usize) -> Result<Profile> {
-    let z = seeded_randn(3, &[batch, vae.config.latent_channels, latent, latent], &Device::Cpu)?;
+    let z = decode_input(vae, batch, latent)?;
     profile_call(name, batch, latent, reps, || vae.decode(&z))
 }
 
