@@ -88,17 +88,30 @@ fn frozen_conv_input_gradient_matches_candle_conv() {
 
 #[test]
 fn trainable_conv_matches_candle_conv_values_and_both_gradients() {
-    for (i, &(b, cin, cout, h, w, k, stride, pad)) in
-        [(2, 3, 5, 7, 9, 3, 1, 1), (1, 4, 3, 8, 8, 3, 2, 1), (3, 2, 4, 5, 6, 1, 1, 0), (2, 3, 2, 9, 7, 3, 2, 0), (1, 5, 6, 6, 6, 1, 2, 0)]
-            .iter()
-            .enumerate()
-    {
+    // Both forwards (per-tap products and the unfolded input), with stride-1 same-width cases
+    // (k = 3, p = 1; k = 5, p = 2) that take the unfolding's row-shift path.
+    let cases = [
+        (2, 3, 5, 7, 9, 3, 1, 1),
+        (1, 4, 3, 8, 8, 3, 2, 1),
+        (3, 2, 4, 5, 6, 1, 1, 0),
+        (2, 3, 2, 9, 7, 3, 2, 0),
+        (1, 5, 6, 6, 6, 1, 2, 0),
+        (2, 3, 4, 6, 11, 5, 1, 2),
+        (1, 2, 3, 2, 3, 3, 1, 1),
+        (2, 16, 8, 8, 8, 3, 1, 1),
+    ];
+    for (i, (&(b, cin, cout, h, w, k, stride, pad), unfold)) in cases.iter().flat_map(|c| [(c, false), (c, true)]).enumerate() {
         let x = Var::from_tensor(&randn(40 + i as u64, &[b, cin, h, w])).unwrap();
         let wt = Var::from_tensor(&(randn(50 + i as u64, &[cout, cin, k, k]) * 0.3).unwrap()).unwrap();
         assert!(frozen::use_trainable_conv(x.as_tensor(), wt.as_tensor(), stride, pad));
-        let ours = frozen::conv2d_trainable(x.as_tensor(), wt.as_tensor(), stride, pad).unwrap();
+        let ours = frozen::conv2d_trainable(x.as_tensor(), wt.as_tensor(), stride, pad, unfold).unwrap();
         let theirs = x.as_tensor().conv2d(wt.as_tensor(), pad, stride, 1, 1).unwrap();
         assert!(rel(&ours, &theirs) < 1e-5, "case {i}: forward {}", rel(&ours, &theirs));
+        if unfold {
+            // The inference op and the trainable op's forward are the same product.
+            let inference = frozen::conv2d_unfolded(&x.as_tensor().detach(), &wt.as_tensor().detach(), stride, pad).unwrap();
+            assert_eq!(inference.flatten_all().unwrap().to_vec1::<f32>().unwrap(), ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "case {i}");
+        }
         // A loss that weights every output differently, so every gradient entry is tested.
         let weights = randn(60 + i as u64, ours.dims());
         let g_ours = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
@@ -122,12 +135,17 @@ fn fused_batch_norm_training_matches_the_composed_path() {
         let bn = BatchNorm2d::new(g.as_tensor().clone(), b.as_tensor().clone(), Tensor::zeros(c, dt, &Device::Cpu).unwrap(), Tensor::ones(c, dt, &Device::Cpu).unwrap()).unwrap();
         (x, g, b, bn)
     };
-    // f32 takes the fused op; f64 the composed candle ops (the reference).
+    // f32 takes the fused op; f64 the composed candle ops (the reference); with and without
+    // the ReLU fused into the norm (about half the outputs are cut by it).
+    for relu in [false, true] {
     let (x, g, b, bn) = make(DType::F32);
     let (xr, gr, br, bnr) = make(DType::F64);
     let weights = randn(73, &[n, c, h, w]);
-    let y = bn.forward(x.as_tensor(), true).unwrap();
-    let yr = bnr.forward(xr.as_tensor(), true).unwrap();
+    let (y, yr) = if relu {
+        (bn.forward_relu(x.as_tensor(), true).unwrap(), bnr.forward_relu(xr.as_tensor(), true).unwrap())
+    } else {
+        (bn.forward(x.as_tensor(), true).unwrap(), bnr.forward(xr.as_tensor(), true).unwrap())
+    };
     assert!(rel(&y, &yr.to_dtype(DType::F32).unwrap()) < 1e-5, "forward {}", rel(&y, &yr.to_dtype(DType::F32).unwrap()));
     let grads = (&y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
     let grads_r = (&yr * &weights.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
@@ -137,4 +155,29 @@ fn fused_batch_norm_training_matches_the_composed_path() {
     }
     let ((m, v), (mr, vr)) = (bn.running_stats().unwrap(), bnr.running_stats().unwrap());
     assert!(rel(&m, &mr.to_dtype(DType::F32).unwrap()) < 1e-6 && rel(&v, &vr.to_dtype(DType::F32).unwrap()) < 1e-6, "running statistics");
+    // Evaluation mode: the fused scale-shift(-ReLU) pass against the f64 broadcast ops.
+    let (e, er) = if relu {
+        (bn.forward_relu(&x.as_tensor().detach(), false).unwrap(), bnr.forward_relu(&xr.as_tensor().detach(), false).unwrap())
+    } else {
+        (bn.forward(&x.as_tensor().detach(), false).unwrap(), bnr.forward(&xr.as_tensor().detach(), false).unwrap())
+    };
+    assert!(rel(&e, &er.to_dtype(DType::F32).unwrap()) < 1e-6, "relu {relu}: evaluation {}", rel(&e, &er.to_dtype(DType::F32).unwrap()));
+    }
+}
+
+#[test]
+fn fused_add_relu_matches_candle_ops_values_and_gradients() {
+    let a = Var::from_tensor(&randn(80, &[2, 3, 5, 7])).unwrap();
+    let b = Var::from_tensor(&randn(81, &[2, 3, 5, 7])).unwrap();
+    let weights = randn(82, &[2, 3, 5, 7]);
+    let ours = diffii::nn::activation::add_relu(a.as_tensor(), b.as_tensor()).unwrap();
+    let theirs = (a.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
+    assert_eq!(ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(), theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let g = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    // The reference gradient: the weights where a + b > 0 (no sum is exactly 0 here).
+    let mask = (a.as_tensor() + b.as_tensor()).unwrap().gt(0.0).unwrap().to_dtype(DType::F32).unwrap();
+    let expected = (&weights * &mask).unwrap();
+    for v in [&a, &b] {
+        assert_eq!(g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
 }

@@ -187,7 +187,7 @@ impl ResNetConfig {
 /// A bias-free k x k convolution with padding k / 2 (torchvision's).
 fn conv(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
     let weight = w.get(&[cout, cin, k, k], "weight")?;
-    Ok(Conv2d::new(weight, None, stride, k / 2))
+    Ok(Conv2d::new(weight, None, stride, k / 2).unfolded())
 }
 
 /// PyTorch's `MaxPool2d(3, stride=2, padding=1)` of a non-negative (post-ReLU) tensor, as the
@@ -240,16 +240,13 @@ impl ResBlock {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, (c, bn)) in self.layers.iter().enumerate() {
-            h = bn.forward(&c.forward(&h)?, train)?;
-            if i + 1 < self.layers.len() {
-                h = h.relu()?;
-            }
+            h = if i + 1 < self.layers.len() { bn.forward_relu(&c.forward(&h)?, train)? } else { bn.forward(&c.forward(&h)?, train)? };
         }
         let skip = match &self.downsample {
             Some((c, bn)) => bn.forward(&c.forward(x)?, train)?,
             None => x.clone(),
         };
-        Ok((h + skip)?.relu()?)
+        crate::nn::activation::add_relu(&h, &skip)
     }
 
     fn norms<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a BatchNorm2d)>) {
@@ -299,7 +296,7 @@ impl ResNet {
                 x.broadcast_mul(&scale)?.broadcast_add(&shift)?
             }
         };
-        let mut h = self.bn1.forward(&self.conv1.forward(&x)?, train)?.relu()?;
+        let mut h = self.bn1.forward_relu(&self.conv1.forward(&x)?, train)?;
         if self.config.stem == Stem::ImageNet {
             h = max_pool_3x3_s2(&h)?;
         }

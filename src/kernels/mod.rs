@@ -1,5 +1,5 @@
 //! CPU compute kernels in f32 (and bf16 products with f32 accumulation), one module per
-//! operation: [`linear`], [`conv`] (and its weight gradient, [`conv_grad`]), [`attention`],
+//! operation: [`linear`], [`conv`] (and, through unfolded inputs, small-channel convolutions and the gradients, [`conv_unfold`]), [`attention`],
 //! [`norm`], [`activation`], on top of the
 //! SIMD helpers ([`simd`]), the f32 product ([`gemm`]) and the bf16 microkernel ([`bf16`]).
 //!
@@ -18,7 +18,7 @@ pub mod amx;
 pub mod attention;
 pub mod bf16;
 pub mod conv;
-pub mod conv_grad;
+pub mod conv_unfold;
 pub mod gemm;
 pub mod io;
 pub mod linear;

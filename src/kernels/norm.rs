@@ -1,4 +1,6 @@
-//! GroupNorm (+ SiLU), one task per (batch element, group).
+//! GroupNorm (+ SiLU), one task per (batch element, group); BatchNorm's training statistics,
+//! normalisation (+ ReLU) and backward, one task per channel or channel plane; a per-channel
+//! scale and shift (+ ReLU), the evaluation-mode batch norm.
 use candle_core::Tensor;
 use rayon::prelude::*;
 
@@ -95,4 +97,169 @@ pub fn group_norm(x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps:
         out
     })?;
     tensor(out, &dims)
+}
+
+/// `x` [b, c, h, w] (any rank with the channels second) `* scale[c] + shift[c]`, rounded after
+/// the product and after the sum like two broadcast ops, then `max(., 0)` when `relu`; one
+/// task per channel plane.
+pub fn scale_shift_channels(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    if dims.len() < 2 {
+        return Err(Error::invalid(format!("scale_shift_channels: input {dims:?} has no channel axis")));
+    }
+    let c = dims[1];
+    check_per_channel("scale_shift_channels", "scale", Some(scale), c)?;
+    check_per_channel("scale_shift_channels", "shift", Some(shift), c)?;
+    let plane: usize = dims[2..].iter().product();
+    let out = with_slices(&[x, scale, shift], |s| {
+        let (xs, sc, sh) = (s[0], s[1], s[2]);
+        let mut out = uninit(xs.len());
+        if plane > 0 {
+            out.par_chunks_mut(plane).zip(xs.par_chunks(plane)).enumerate().for_each(|(p, (dst, src))| {
+                let (a, t) = (sc[p % c], sh[p % c]);
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    let y = v * a + t;
+                    *d = if relu { y.max(0.0) } else { y };
+                }
+            });
+        }
+        out
+    })?;
+    tensor(out, &dims)
+}
+
+/// Lanes of the batch-norm sums: each plane is summed in 4096-element blocks of 16 f32 lanes
+/// (the lanes and the tail then added in order, each block's sum accumulated in f64), with
+/// separate multiplies and adds, so every CPU gives the same bits.
+const BN_LANES: usize = 16;
+const BN_BLOCK: usize = 4096;
+
+/// The two sums of `f` over the elements of the equally long `inputs`, in the fixed order
+/// described at [`BN_LANES`].
+#[inline(always)]
+fn bn_sums<const N: usize>(inputs: [&[f32]; N], f: impl Fn([f32; N]) -> (f32, f32)) -> (f64, f64) {
+    let n = inputs[0].len();
+    let mut total = (0f64, 0f64);
+    for start in (0..n).step_by(BN_BLOCK) {
+        let end = (start + BN_BLOCK).min(n);
+        let body = start + (end - start) / BN_LANES * BN_LANES;
+        let (mut a, mut b) = ([0f32; BN_LANES], [0f32; BN_LANES]);
+        for i in (start..body).step_by(BN_LANES) {
+            let chunks: [&[f32; BN_LANES]; N] = std::array::from_fn(|j| inputs[j][i..i + BN_LANES].try_into().expect("lane chunk"));
+            for l in 0..BN_LANES {
+                let (u, v) = f(std::array::from_fn(|j| chunks[j][l]));
+                a[l] += u;
+                b[l] += v;
+            }
+        }
+        let (mut sa, mut sb) = (0f32, 0f32);
+        for (u, v) in a.iter().zip(&b) {
+            sa += u;
+            sb += v;
+        }
+        #[allow(clippy::needless_range_loop)]
+        for i in body..end {
+            let (u, v) = f(std::array::from_fn(|j| inputs[j][i]));
+            sa += u;
+            sb += v;
+        }
+        total.0 += sa as f64;
+        total.1 += sb as f64;
+    }
+    total
+}
+
+#[inline(always)]
+fn bn_plane_sums_imp<V: Vf>(x: &[f32], mean: f32) -> (f64, f64) {
+    // (Σ x, Σ (x - mean)²); with mean = 0 the second is unused.
+    bn_sums([x], |[v]| {
+        let d = v - mean;
+        (v, d * d)
+    })
+}
+dispatch!(fn bn_plane_sums(x: &[f32], mean: f32) -> (f64, f64) => bn_plane_sums_imp);
+
+#[inline(always)]
+fn bn_grad_sums_imp<V: Vf>(dy: &[f32], x: &[f32], y: &[f32], relu: bool, mean: f32) -> (f64, f64) {
+    // (Σ dy, Σ dy (x - mean)), dy zeroed where the ReLU output is 0.
+    assert!(x.len() == dy.len() && y.len() == dy.len());
+    bn_sums([dy, x, y], |[g, xv, yv]| {
+        let d = if relu && yv <= 0.0 { 0.0 } else { g };
+        (d, d * (xv - mean))
+    })
+}
+dispatch!(fn bn_grad_sums(dy: &[f32], x: &[f32], y: &[f32], relu: bool, mean: f32) -> (f64, f64) => bn_grad_sums_imp);
+
+/// Per channel of `x` [n, c, hw]: the batch mean (rounded to f32) and the biased variance
+/// about it, `Σ (x - mean)² / (n·hw)`. One task per channel; the planes are summed in batch
+/// order, so the result does not depend on the thread count.
+pub fn batch_norm_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f32, f64)> {
+    assert_eq!(x.len(), n * c * hw, "batch_norm_stats: input size");
+    let count = (n * hw) as f64;
+    let planes = |ch: usize| (0..n).map(move |b| &x[(b * c + ch) * hw..][..hw]);
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mean = (planes(ch).map(|p| bn_plane_sums(p, 0.0).0).sum::<f64>() / count) as f32;
+            (mean, planes(ch).map(|p| bn_plane_sums(p, mean).1).sum::<f64>() / count)
+        })
+        .collect()
+}
+
+/// `y = (x - mean[ch]) · scale[ch] + shift[ch]` over `x` [n, c, hw] (`max(y, 0)` when
+/// `relu`), one task per plane.
+pub fn batch_norm_apply(x: &[f32], c: usize, hw: usize, mean: &[f32], scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
+    let mut out = uninit(x.len());
+    if hw > 0 {
+        out.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(p, (dst, src))| {
+            let ch = p % c;
+            let (m, a, t) = (mean[ch], scale[ch], shift[ch]);
+            for (d, &v) in dst.iter_mut().zip(src) {
+                let y = (v - m) * a + t;
+                *d = if relu { y.max(0.0) } else { y };
+            }
+        });
+    }
+    out
+}
+
+/// Batch norm's backward over `x` [n, c, hw] with the statistics of [`batch_norm_stats`]
+/// (`rstd = 1 / sqrt(var + eps)`), for the output gradient `dy`, masked where the output `y`
+/// is 0 when the layer ends in a ReLU. Returns (dx, dgamma, dbeta):
+/// dbeta = Σ dy, dgamma = Σ dy · xhat, dx = gamma · rstd / m · (m dy - dbeta - xhat dgamma)
+/// with xhat = (x - mean) rstd and m = n·hw. Sums one task per channel, dx one per plane.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_backward(x: &[f32], dy: &[f32], y: &[f32], relu: bool, n: usize, c: usize, hw: usize, mean: &[f32], rstd: &[f64], gamma: &[f32]) -> (Vec<f32>, Vec<f64>, Vec<f64>) {
+    assert!(x.len() == n * c * hw && dy.len() == x.len() && y.len() == x.len(), "batch_norm_backward: sizes");
+    let count = (n * hw) as f64;
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut dbeta, mut dcentred) = (0f64, 0f64);
+            for b in 0..n {
+                let r = (b * c + ch) * hw..(b * c + ch + 1) * hw;
+                let (s, t) = bn_grad_sums(&dy[r.clone()], &x[r.clone()], &y[r], relu, mean[ch]);
+                dbeta += s;
+                dcentred += t;
+            }
+            (dcentred * rstd[ch], dbeta)
+        })
+        .collect();
+    let mut dx = uninit(x.len());
+    if hw > 0 {
+        dx.par_chunks_mut(hw).enumerate().for_each(|(p, dst)| {
+            let ch = p % c;
+            let (dgamma, dbeta) = sums[ch];
+            let gr = gamma[ch] as f64 * rstd[ch];
+            let (a, d, e) = (gr as f32, (gr * rstd[ch] * dgamma / count) as f32, (gr * dbeta / count) as f32);
+            let m = mean[ch];
+            let r = p * hw..(p + 1) * hw;
+            for ((o, (&g, &xv)), &yv) in dst.iter_mut().zip(dy[r.clone()].iter().zip(&x[r.clone()])).zip(&y[r]) {
+                let g = if relu && yv <= 0.0 { 0.0 } else { g };
+                *o = (a * g - d * (xv - m)) - e;
+            }
+        });
+    }
+    let (dgamma, dbeta) = sums.into_iter().unzip();
+    (dx, dgamma, dbeta)
 }

@@ -11,9 +11,11 @@
 //!   N·H·W), computed from detached values so no graph hangs off the buffers;
 //! - evaluation: the same with `running_mean` / `running_var` in place of the batch statistics.
 //!
-//! On f32 CPU tensors the training path is one custom op: statistics in one pass with f64
-//! sums and batch norm's backward written out (a small network's step is otherwise dominated by
-//! candle's strided reductions and broadcasts). Other dtypes and devices use a composition of
+//! On f32 CPU tensors the training path is one custom op, with the ReLU that follows a norm in
+//! a ResNet fused into it ([`BatchNorm2d::forward_relu`]): statistics, normalisation and batch
+//! norm's backward written out in [`crate::kernels::norm`] (a small network's step is otherwise
+//! dominated by candle's strided reductions and broadcasts); evaluation is one scale-and-shift
+//! pass. Other dtypes and devices use a composition of
 //! candle ops that all have a backward pass (sums, squares, square roots, broadcast
 //! arithmetic); `tests/fused_grad.rs` checks the two against each other, values and gradients.
 //!
@@ -128,6 +130,15 @@ impl BatchNorm2d {
     /// Normalises NCHW `x`: with batch statistics (and a running-statistics update) when
     /// `train`, with the running statistics otherwise.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act(x, train, false)
+    }
+
+    /// `relu(self.forward(x, train))`, in the same pass on f32 CPU tensors.
+    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act(x, train, true)
+    }
+
+    fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let (n, c, h, w) = match x.dims() {
             [n, c, h, w] => (*n, *c, *h, *w),
             d => return Err(Error::invalid(format!("batch norm expects NCHW input, got shape {d:?}"))),
@@ -136,7 +147,7 @@ impl BatchNorm2d {
             return Err(Error::invalid(format!("batch norm over {} channels got input with {c} channels", self.channels)));
         }
         if !train {
-            return scope(Class::Elementwise, || self.forward_eval(x));
+            return scope(Class::Elementwise, || self.forward_eval(x, relu));
         }
         let count = n * h * w;
         if count <= 1 {
@@ -148,35 +159,28 @@ impl BatchNorm2d {
             )));
         }
         if crate::kernels::fast_dtype_ok(&[x, &self.weight, &self.bias]) {
-            return scope(Class::Elementwise, || self.forward_train_fused(x));
+            return scope(Class::Elementwise, || self.forward_train_fused(x, relu));
         }
-        scope(Class::Elementwise, || self.forward_train(x, count))
+        let y = scope(Class::Elementwise, || self.forward_train(x, count))?;
+        Ok(if relu { y.relu()? } else { y })
     }
 
-    /// The training forward for f32 CPU tensors as one custom op: statistics in one pass with
-    /// f64 sums, and a backward written out (the composed path's strided reductions and
-    /// broadcasts dominate a small network's step). Same maths as [`Self::forward_train`].
-    fn forward_train_fused(&self, x: &Tensor) -> Result<Tensor> {
+    /// The training forward for f32 CPU tensors as one custom op (statistics from
+    /// [`crate::kernels::norm::batch_norm_stats`], a backward written out): same maths as
+    /// [`Self::forward_train`], then the ReLU when `relu`. The bytes do not depend on the
+    /// thread count.
+    fn forward_train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         let hw = h * w;
         let count = (n * hw) as f64;
-        let xs = x.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let (mut mean, mut var) = (vec![0f64; c], vec![0f64; c]);
-        for (ch, m) in mean.iter_mut().enumerate() {
-            let sum: f64 = (0..n).map(|b| xs[(b * c + ch) * hw..][..hw].iter().map(|&v| v as f64).sum::<f64>()).sum();
-            *m = sum / count;
-        }
-        for (ch, v) in var.iter_mut().enumerate() {
-            let m = mean[ch];
-            let ss: f64 = (0..n).map(|b| xs[(b * c + ch) * hw..][..hw].iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>()).sum();
-            *v = ss / count;
-        }
+        let stats = crate::kernels::io::with_slices(&[&x.detach()], |v| crate::kernels::norm::batch_norm_stats(v[0], n, c, hw))?;
+        let (mean, var): (Vec<f32>, Vec<f64>) = stats.into_iter().unzip();
         let rstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        let op = FusedTrain { mean: mean.clone(), rstd };
+        let op = FusedTrain { mean: mean.clone(), rstd, relu };
         let y = x.contiguous()?.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, op)?;
         let m = self.momentum;
         let dev = self.weight.device();
-        let batch_mean = Tensor::from_vec(mean.iter().map(|&v| v as f32).collect::<Vec<_>>(), c, dev)?;
+        let batch_mean = Tensor::from_vec(mean, c, dev)?;
         let unbiased = Tensor::from_vec(var.iter().map(|&v| (v * count / (count - 1.0)) as f32).collect::<Vec<_>>(), c, dev)?;
         let mut g = self.lock();
         let new_mean = ((&g.0 * (1.0 - m))? + (batch_mean * m)?)?;
@@ -214,24 +218,30 @@ impl BatchNorm2d {
         Ok(y)
     }
 
-    fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward_eval(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let (mean, var) = self.running_stats()?;
         let dtype = x.dtype();
         let cs = self.channel_shape();
         // Folded into one scale and shift per channel: one pass over x instead of four.
         let scale = (&self.weight / (var + self.eps)?.sqrt()?)?;
         let shift = (&self.bias - (mean * &scale)?)?;
-        Ok(x.broadcast_mul(&scale.to_dtype(dtype)?.reshape(cs)?)?.broadcast_add(&shift.to_dtype(dtype)?.reshape(cs)?)?)
+        if crate::kernels::fast_ok(&[x, &scale, &shift]) {
+            // The same two roundings as the broadcast ops below, and the ReLU, in one pass.
+            return crate::kernels::norm::scale_shift_channels(x, &scale, &shift, relu);
+        }
+        let y = x.broadcast_mul(&scale.to_dtype(dtype)?.reshape(cs)?)?.broadcast_add(&shift.to_dtype(dtype)?.reshape(cs)?)?;
+        Ok(if relu { y.relu()? } else { y })
     }
 }
 
-/// `y = (x - mean) rstd gamma + beta` per channel with the batch statistics given; its backward
-/// is batch norm's, including the statistics' dependence on x:
-/// dx = gamma rstd / n (n dy - sum(dy) - xhat sum(dy xhat)), dgamma = sum(dy xhat),
-/// dbeta = sum(dy) (sums over N, H, W; accumulated in f64).
+/// `y = (x - mean) rstd gamma + beta` per channel with the batch statistics given, then
+/// `max(y, 0)` when `relu`; its backward is batch norm's, including the statistics'
+/// dependence on x, applied to the gradient masked where the ReLU output is 0 (PyTorch's
+/// `threshold_backward`); see [`crate::kernels::norm::batch_norm_backward`].
 struct FusedTrain {
-    mean: Vec<f64>,
+    mean: Vec<f32>,
     rstd: Vec<f64>,
+    relu: bool,
 }
 
 impl candle_core::CustomOp3 for FusedTrain {
@@ -251,51 +261,19 @@ impl candle_core::CustomOp3 for FusedTrain {
         const OP: &str = "batch norm";
         use crate::kernels::io::op_slice;
         let (xs, gamma, beta) = (op_slice(s1, l1, OP)?, op_slice(s2, l2, OP)?, op_slice(s3, l3, OP)?);
-        let (n, c, h, w) = l1.shape().dims4()?;
-        let hw = h * w;
-        let mut out = vec![0f32; xs.len()];
-        for b in 0..n {
-            for ch in 0..c {
-                let (a, sh) = (self.rstd[ch] * gamma[ch] as f64, beta[ch] as f64);
-                let m = self.mean[ch];
-                let base = (b * c + ch) * hw;
-                for i in base..base + hw {
-                    out[i] = ((xs[i] as f64 - m) * a + sh) as f32;
-                }
-            }
-        }
+        let (_, c, h, w) = l1.shape().dims4()?;
+        let scale: Vec<f32> = (0..c).map(|ch| (self.rstd[ch] * gamma[ch] as f64) as f32).collect();
+        let out = crate::kernels::norm::batch_norm_apply(xs, c, h * w, &self.mean, &scale, beta, self.relu);
         Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, gamma: &Tensor, _beta: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, gamma: &Tensor, _beta: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, h, w) = x.dims4()?;
-        let hw = h * w;
-        let count = (n * hw) as f64;
-        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let dy = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let g = gamma.to_vec1::<f32>()?;
-        let (mut dgamma, mut dbeta) = (vec![0f64; c], vec![0f64; c]);
-        for b in 0..n {
-            for ch in 0..c {
-                let base = (b * c + ch) * hw;
-                for i in base..base + hw {
-                    let xhat = (xs[i] as f64 - self.mean[ch]) * self.rstd[ch];
-                    dbeta[ch] += dy[i] as f64;
-                    dgamma[ch] += dy[i] as f64 * xhat;
-                }
-            }
-        }
-        let mut dx = vec![0f32; xs.len()];
-        for b in 0..n {
-            for ch in 0..c {
-                let k = g[ch] as f64 * self.rstd[ch] / count;
-                let base = (b * c + ch) * hw;
-                for i in base..base + hw {
-                    let xhat = (xs[i] as f64 - self.mean[ch]) * self.rstd[ch];
-                    dx[i] = (k * (count * dy[i] as f64 - dbeta[ch] - xhat * dgamma[ch])) as f32;
-                }
-            }
-        }
+        let to_msg = |e: crate::error::Error| candle_core::Error::Msg(format!("batch norm backward: {e}"));
+        let (dx, dgamma, dbeta) = crate::kernels::io::with_slices(&[x, grad, res, gamma], |v| {
+            crate::kernels::norm::batch_norm_backward(v[0], v[1], v[2], self.relu, n, c, h * w, &self.mean, &self.rstd, v[3])
+        })
+        .map_err(to_msg)?;
         let dev = x.device();
         let to = |v: Vec<f64>| Tensor::from_vec(v.into_iter().map(|x| x as f32).collect::<Vec<_>>(), c, dev);
         Ok((Some(Tensor::from_vec(dx, (n, c, h, w), dev)?), Some(to(dgamma)?), Some(to(dbeta)?)))

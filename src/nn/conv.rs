@@ -27,6 +27,10 @@ pub struct Conv2d {
     pub precision: Precision,
     /// Skip the frozen weight's gradient when training through this layer (see [`frozen`]).
     pub frozen_ops: bool,
+    /// Run the f32 product as one product per image over the unfolded input
+    /// ([`kernels::conv_unfold`]), which pays at few input channels (a classifier's), instead
+    /// of one product per kernel tap. The two sum in different orders.
+    pub unfold: bool,
     packed: PackedWeight<PackedA>,
     /// The flipped, transposed kernel that propagates gradients to the input when the weight
     /// is frozen (made on first use, see [`frozen::conv2d_frozen`]).
@@ -49,6 +53,7 @@ impl Conv2d {
             padding,
             precision: Precision::F32,
             frozen_ops: true,
+            unfold: false,
             packed: PackedWeight::default(),
             grad_kernel: Default::default(),
         }
@@ -57,6 +62,11 @@ impl Conv2d {
     /// The same layer with its products at `precision`.
     pub fn with_precision(self, precision: Precision) -> Self {
         Conv2d { precision, ..self }
+    }
+
+    /// The same layer with its f32 products over the unfolded input (see [`Conv2d::unfold`]).
+    pub fn unfolded(self) -> Self {
+        Conv2d { unfold: true, ..self }
     }
 
     /// The bf16-packed weight when this layer runs its products in bf16.
@@ -90,8 +100,20 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_ext(x, self.plain_input(), None, None, 1.0)
+    }
+
+    /// The layer's own symmetric padding, no resizing.
+    fn plain_input(&self) -> ConvInput {
         let p = self.padding;
-        self.forward_ext(x, ConvInput { upsample: None, pad: (p, p, p, p) }, None, None, 1.0)
+        ConvInput { upsample: None, pad: (p, p, p, p) }
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        Ok(match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?,
+            None => y,
+        })
     }
 
     /// `(conv(prepare(x)) + bias + extra_bias[b] + residual) / out_scale`, where `prepare`
@@ -108,6 +130,14 @@ impl Conv2d {
         out_scale: f64,
     ) -> Result<Tensor> {
         let extras_fast = extra_bias.is_none_or(|t| kernels::fast_ok(&[t])) && residual.is_none_or(|r| kernels::fast_ok(&[r]));
+        let plain = extra_bias.is_none() && residual.is_none() && out_scale == 1.0 && input == self.plain_input();
+        if self.fast(x) && extras_fast && self.unfold && plain && self.precision == Precision::F32 {
+            let y = scope(Class::Conv, || frozen::conv2d_unfolded(x, &self.weight, self.stride, self.padding))?;
+            let (b, cout, ho, wo) = y.dims4()?;
+            let (_, cin, kh, kw) = self.weight.dims4()?;
+            flops::add(b * ho * wo * cout * cin * kh * kw);
+            return scope(Class::Elementwise, || self.add_bias(y));
+        }
         if self.fast(x) && extras_fast {
             let (cout, cin, kh, kw) = self.weight.dims4()?;
             let packed = self.packed()?;
@@ -160,7 +190,7 @@ impl Conv2d {
             return Ok(y);
         }
         let y = scope(Class::Conv, || -> Result<Tensor> { Ok(if self.frozen_ops && frozen::use_trainable_conv(x, &self.weight, self.stride, self.padding) {
-            let y = frozen::conv2d_trainable(x, &self.weight, self.stride, self.padding)?;
+            let y = frozen::conv2d_trainable(x, &self.weight, self.stride, self.padding, self.unfold)?;
             let (b, _, ho, wo) = y.dims4()?;
             flops::add(b * ho * wo * cout * cin * kh * kw);
             y
@@ -176,9 +206,6 @@ impl Conv2d {
             flops::add(b * ho * wo * cout * cin * kh * kw);
             y
         }) })?;
-        scope(Class::Elementwise, || Ok(match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, cout, 1, 1))?)?,
-            None => y,
-        }))
+        scope(Class::Elementwise, || self.add_bias(y))
     }
 }

@@ -12,9 +12,9 @@
 //! then neither computes nor stores it. The convolution runs our fused f32 kernel forward and
 //! computes only the input gradient backward — with the same kernel, as a stride-1 convolution
 //! of the padded output gradient with the flipped, transposed weight, or for strided
-//! convolutions as a product and fold ([`kernels::conv_grad`]) — instead of candle's weight gradient plus its slow generic transposed convolution. A convolution whose
+//! convolutions as a product and fold ([`kernels::conv_unfold`]) — instead of candle's weight gradient plus its slow generic transposed convolution. A convolution whose
 //! weight IS trained ([`conv2d_trainable`], e.g. a classifier's) reuses that input gradient and
-//! computes the weight's with [`kernels::conv_grad`]. Layers use these ops unless loaded
+//! computes the weight's with [`kernels::conv_unfold`]. Layers use these ops unless loaded
 //! with `Weights::with_frozen_ops(false)` (benchmarks measure the difference).
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, MetalStorage, Shape, Tensor};
@@ -170,7 +170,7 @@ fn flip_kernel(w: &Tensor) -> candle_core::Result<Tensor> {
 /// The gradient of a convolution's input of shape `x_dims` from the output gradient `grad`:
 /// a transposed convolution. Stride 1: the convolution of the output gradient, padded by k-1-p
 /// (plus the rows / columns the forward's floor division dropped), with the flipped kernel
-/// (`flipped`, see [`flip_kernel`]). Larger strides: [`kernels::conv_grad::conv2d_input_grad`]
+/// (`flipped`, see [`flip_kernel`]). Larger strides: [`kernels::conv_unfold::conv2d_input_grad`]
 /// with the weight itself. Always f32.
 fn input_grad(
     x_dims: (usize, usize, usize, usize),
@@ -183,9 +183,9 @@ fn input_grad(
     let (b, cin, h, w) = x_dims;
     let (cout, k) = (weight.dim(0)?, weight.dim(3)?);
     if s > 1 {
-        let shape = kernels::conv_grad::ConvShape { b, cin, h, w, cout, k, stride: s, pad: p };
+        let shape = kernels::conv_unfold::ConvShape { b, cin, h, w, cout, k, stride: s, pad: p };
         let (wt, g) = (weight.to_dtype(candle_core::DType::F32)?, grad.to_dtype(candle_core::DType::F32)?);
-        let dx = kernels::io::with_slices(&[&wt, &g], |v| kernels::conv_grad::conv2d_input_grad(v[0], v[1], shape)).map_err(to_msg)?;
+        let dx = kernels::io::with_slices(&[&wt, &g], |v| kernels::conv_unfold::conv2d_input_grad(v[0], v[1], shape)).map_err(to_msg)?;
         return Tensor::from_vec(dx, (b, cin, h, w), grad.device());
     }
     let flipped = flipped()?;
@@ -206,15 +206,35 @@ pub fn use_trainable_conv(x: &Tensor, weight: &Tensor, stride: usize, padding: u
 
 /// `conv(x, weight)` (no bias) whose backward computes both gradients with the fused kernels:
 /// the input's as in [`conv2d_frozen`], the weight's as one product per batch element of the
-/// output gradient with the unfolded input ([`kernels::conv_grad`]). candle's own
+/// output gradient with the unfolded input ([`kernels::conv_unfold`]). candle's own
 /// backward uses a slow generic transposed convolution for the input.
-pub fn conv2d_trainable(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, TrainableConv { stride, padding })?)
+/// With `unfold`, the forward is [`kernels::conv_unfold::conv2d_unfolded`].
+pub fn conv2d_trainable(x: &Tensor, weight: &Tensor, stride: usize, padding: usize, unfold: bool) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, TrainableConv { stride, padding, unfold })?)
+}
+
+/// `conv(x, weight)` (no bias, symmetric `padding`) over the unfolded input
+/// ([`kernels::conv_unfold::conv2d_unfolded`]), f32 CPU tensors, inference only.
+pub fn conv2d_unfolded(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let shape = unfold_shape(x.dims(), weight.dims(), stride, padding)?;
+    let (ho, wo) = shape.out_hw();
+    let y = kernels::io::with_slices(&[x, weight], |v| kernels::conv_unfold::conv2d_unfolded(v[0], v[1], shape))?;
+    kernels::io::tensor(y, &[shape.b, shape.cout, ho, wo])
+}
+
+fn unfold_shape(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<kernels::conv_unfold::ConvShape> {
+    match (x, w) {
+        (&[b, cin, h, wd], &[cout, wcin, k, kw]) if wcin == cin && kw == k && stride > 0 && h + 2 * pad >= k && wd + 2 * pad >= k => {
+            Ok(kernels::conv_unfold::ConvShape { b, cin, h, w: wd, cout, k, stride, pad })
+        }
+        _ => Err(crate::error::Error::invalid(format!("conv2d: input {x:?}, weight {w:?}, stride {stride}, padding {pad}"))),
+    }
 }
 
 struct TrainableConv {
     stride: usize,
     padding: usize,
+    unfold: bool,
 }
 
 impl CustomOp2 for TrainableConv {
@@ -224,8 +244,15 @@ impl CustomOp2 for TrainableConv {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         const OP: &str = "trainable conv";
-        let (x, w) = (kernels::io::op_input(s1, l1, OP)?, kernels::io::op_input(s2, l2, OP)?);
         let p = self.padding;
+        if self.unfold {
+            // Straight from candle's storage to ours: no copies in or out.
+            let shape = unfold_shape(l1.dims(), l2.dims(), self.stride, p).map_err(to_msg)?;
+            let (ho, wo) = shape.out_hw();
+            let y = kernels::conv_unfold::conv2d_unfolded(kernels::io::op_slice(s1, l1, OP)?, kernels::io::op_slice(s2, l2, OP)?, shape);
+            return Ok((CpuStorage::F32(y), Shape::from((shape.b, shape.cout, ho, wo))));
+        }
+        let (x, w) = (kernels::io::op_input(s1, l1, OP)?, kernels::io::op_input(s2, l2, OP)?);
         let input = ConvInput { upsample: None, pad: (p, p, p, p) };
         kernels::io::op_output(kernels::conv2d(&x, &w, None, None, self.stride, input, None, 1.0, None), OP)
     }
@@ -235,10 +262,18 @@ impl CustomOp2 for TrainableConv {
         let (cout, _, k, _) = w.dims4()?;
         let (s, p) = (self.stride, self.padding);
         // A network's input (the images) needs no gradient.
-        let dx = if x.track_op() { Some(input_grad((b, cin, h, wd), grad, w, || flip_kernel(w), s, p)?) } else { None };
-        let shape = kernels::conv_grad::ConvShape { b, cin, h, w: wd, cout, k, stride: s, pad: p };
+        let dx = if !x.track_op() {
+            None
+        } else if self.unfold && s == 1 && 2 * p + 1 == k {
+            // The stride-1 input gradient is the same-size convolution of the output gradient
+            // with the flipped kernel, here through the same unfolded product as the forward.
+            Some(conv2d_unfolded(&grad.contiguous()?, &flip_kernel(w)?, 1, k - 1 - p).map_err(to_msg)?)
+        } else {
+            Some(input_grad((b, cin, h, wd), grad, w, || flip_kernel(w), s, p)?)
+        };
+        let shape = kernels::conv_unfold::ConvShape { b, cin, h, w: wd, cout, k, stride: s, pad: p };
         let (x, g) = (x.to_dtype(candle_core::DType::F32)?, grad.to_dtype(candle_core::DType::F32)?);
-        let dw = kernels::io::with_slices(&[&x, &g], |v| kernels::conv_grad::conv2d_weight_grad(v[0], v[1], shape)).map_err(to_msg)?;
+        let dw = kernels::io::with_slices(&[&x, &g], |v| kernels::conv_unfold::conv2d_weight_grad(v[0], v[1], shape)).map_err(to_msg)?;
         let dw = Tensor::from_vec(dw, (cout, cin, k, k), w.device())?.to_dtype(w.dtype())?;
         Ok((dx, Some(dw)))
     }

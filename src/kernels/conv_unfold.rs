@@ -1,16 +1,19 @@
-//! Gradients of a 2-D convolution (no dilation, one group) through unfolded inputs: the
-//! weight's, for trained convolutions such as a classifier's,
+//! A 2-D convolution (no dilation, one group) through unfolded inputs: the forward product for
+//! convolutions with few input channels (a classifier's), and the gradients — the weight's, for
+//! trained convolutions,
 //! `dW[co, ci, ky, kx] = Σ_{n, oy, ox} g[n, co, oy, ox] · x[n, ci, oy·s + ky − p, ox·s + kx − p]`
 //! (zero outside the image), and the input's for strided convolutions, where the alternative
 //! (a stride-1 convolution of the zero-dilated output gradient) would spend s² times the
 //! products on zeros.
 //!
-//! Per image it is one product of the output gradient `[cout, ho·wo]` with the unfolded input,
-//! built transposed (`[cin·k·k, ho·wo]`: each row a shifted copy of one input plane, so the
-//! unfolding is row copies rather than a gather per element). Images are taken in fixed groups
-//! of [`GROUP`], one rayon task and one small unfolding buffer per group, and the groups'
-//! partial sums are added in group order: the result depends on the batch, never on the number
-//! of threads.
+//! The unfolded input of an image is built transposed (`[cin·k·k, ho·wo]`: each row a shifted
+//! copy of one input plane, so the unfolding is row copies rather than a gather per element).
+//! The forward is then one product `W [cout, cin·k·k]` by it per image: with 16 input channels
+//! that is one product with a depth of 144 instead of nine of depth 16 (as [`super::conv`]
+//! runs them), each of which reads and writes the whole output. For the weight's gradient,
+//! images are taken in fixed groups of [`GROUP`], one rayon task and one small unfolding buffer
+//! per group, and the groups' partial sums are added in group order: the result depends on the
+//! batch, never on the number of threads. Everything else is one task per image.
 use rayon::prelude::*;
 
 use super::gemm::sgemm;
@@ -38,6 +41,36 @@ impl ConvShape {
         let o = |n: usize| (n + 2 * self.pad - self.k) / self.stride + 1;
         (o(self.h), o(self.w))
     }
+}
+
+/// The convolution of `x` (`[b, cin, h, w]`) with `wt` (`[cout, cin, k, k]`), no bias, as
+/// `[b, cout, ho, wo]`: per image, one product of the weight with the unfolded input (a 1x1
+/// stride-1 convolution multiplies the input itself).
+pub fn conv2d_unfolded(x: &[f32], wt: &[f32], sh: ConvShape) -> Vec<f32> {
+    let ConvShape { b, cin, h, w, cout, k, stride, pad } = sh;
+    let (ho, wo) = sh.out_hw();
+    let (hw, ckk) = (ho * wo, cin * k * k);
+    assert_eq!(x.len(), b * cin * h * w, "unfolded conv: input size");
+    assert_eq!(wt.len(), cout * ckk, "unfolded conv: weight size");
+    let mut out = uninit(b * cout * hw);
+    if out.is_empty() {
+        return out;
+    }
+    let plain = k == 1 && stride == 1 && pad == 0;
+    out.par_chunks_mut(cout * hw).zip(x.par_chunks(cin * h * w)).for_each_init(
+        || if plain { Vec::new() } else { uninit(ckk * hw) },
+        |col, (dst, xn)| {
+            let src = if plain {
+                xn
+            } else {
+                unfold_transposed(xn, col, sh, ho, wo);
+                &col[..]
+            };
+            // SAFETY: dst is cout x hw, wt is cout x ckk, src is ckk x hw; distinct buffers.
+            unsafe { sgemm(cout, hw, ckk, dst.as_mut_ptr(), hw, 1, false, wt.as_ptr(), ckk, 1, src.as_ptr(), hw, 1, 1.0, 1) };
+        },
+    );
+    out
 }
 
 /// `dW` as `[cout, cin, k, k]` from the input `x` (`[b, cin, h, w]`) and the output gradient
@@ -100,6 +133,9 @@ fn inside_cols(sh: ConvShape, kx: usize, wo: usize) -> (usize, usize) {
 /// `col[(ci·k + ky)·k + kx][oy·wo + ox] = x[ci, oy·s + ky − p, ox·s + kx − p]` for one image.
 fn unfold_transposed(x: &[f32], col: &mut [f32], sh: ConvShape, ho: usize, wo: usize) {
     let ConvShape { cin, h, w, k, stride: s, pad: p, .. } = sh;
+    if s == 1 && wo == w {
+        return unfold_same_width(x, col, sh, ho);
+    }
     for ci in 0..cin {
         let plane = &x[ci * h * w..][..h * w];
         for ky in 0..k {
@@ -119,10 +155,48 @@ fn unfold_transposed(x: &[f32], col: &mut [f32], sh: ConvShape, ho: usize, wo: u
                     if s == 1 {
                         let ix0 = lo + kx - p;
                         dst[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
-                    } else {
-                        for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
-                            *d = src[ox * s + kx - p];
+                    } else if hi > lo {
+                        let ix0 = lo * s + kx - p;
+                        for (d, &v) in dst[lo..hi].iter_mut().zip(src[ix0..].iter().step_by(s)) {
+                            *d = v;
                         }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`unfold_transposed`] for stride 1 and an output as wide as the input (`2p = k - 1`):
+/// the rows of a kernel tap are then one shifted copy of the plane, whose entries that
+/// wrapped around a row edge (one column per unit of `|kx - p|`) are zeroed afterwards.
+fn unfold_same_width(x: &[f32], col: &mut [f32], sh: ConvShape, ho: usize) {
+    let ConvShape { cin, h, w, k, pad: p, .. } = sh;
+    let hw = ho * w;
+    for ci in 0..cin {
+        let plane = &x[ci * h * w..][..h * w];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &mut col[((ci * k + ky) * k + kx) * hw..][..hw];
+                // Output rows oy whose input row oy + ky - p lies inside the image.
+                let oy_lo = p.saturating_sub(ky).min(ho);
+                let oy_hi = (h + p).saturating_sub(ky).clamp(oy_lo, ho);
+                row[..oy_lo * w].fill(0.0);
+                row[oy_hi * w..].fill(0.0);
+                if oy_hi > oy_lo {
+                    // dst index oy*w + ox reads src (oy + ky - p)*w + ox + kx - p: one offset.
+                    let (dst0, dst1) = (oy_lo * w, oy_hi * w);
+                    let shift = (ky * w + kx) as isize - (p * w + p) as isize;
+                    // Clip the copy to the plane; the clipped entries are edge columns, zeroed below.
+                    let lo = dst0.max((-shift).max(0) as usize);
+                    let hi = (dst1 as isize).min((h * w) as isize - shift).max(lo as isize) as usize;
+                    row[dst0..lo].fill(0.0);
+                    row[hi..dst1].fill(0.0);
+                    row[lo..hi].copy_from_slice(&plane[(lo as isize + shift) as usize..(hi as isize + shift) as usize]);
+                    let (c_lo, c_hi) = inside_cols(sh, kx, w);
+                    for oy in oy_lo..oy_hi {
+                        row[oy * w..oy * w + c_lo].fill(0.0);
+                        row[oy * w + c_hi..(oy + 1) * w].fill(0.0);
                     }
                 }
             }
