@@ -240,7 +240,9 @@ impl ResBlock {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, (c, bn)) in self.layers.iter().enumerate() {
-            h = if i + 1 < self.layers.len() { bn.forward_relu(&c.forward(&h)?, train)? } else { bn.forward(&c.forward(&h)?, train)? };
+            let y = c.forward(&h)?;
+            // A ReLU follows every norm but the last, which comes after the skip is added.
+            h = if i + 1 < self.layers.len() { bn.forward_relu(&y, train)? } else { bn.forward(&y, train)? };
         }
         let skip = match &self.downsample {
             Some((c, bn)) => bn.forward(&c.forward(x)?, train)?,
@@ -306,13 +308,13 @@ impl ResNet {
         Ok(h.mean(D::Minus1)?.mean(D::Minus1)?)
     }
 
-    /// Logits [b, classes] of images [b, 3, h, w]; `train` uses batch statistics in the norms
-    /// and updates their running statistics.
     /// Where the model's weights are.
     pub fn device(&self) -> Device {
         self.conv1.weight.device().clone()
     }
 
+    /// Logits [b, classes] of images [b, 3, h, w]; `train` uses batch statistics in the norms
+    /// and updates their running statistics.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.fc.forward(&self.features(x, train)?)
     }

@@ -28,8 +28,9 @@ pub struct Conv2d {
     /// Skip the frozen weight's gradient when training through this layer (see [`frozen`]).
     pub frozen_ops: bool,
     /// Run the f32 product as one product per image over the unfolded input
-    /// ([`kernels::conv_unfold`]), which pays at few input channels (a classifier's), instead
-    /// of one product per kernel tap. The two sum in different orders.
+    /// ([`kernels::conv_unfold`]) instead of one product per kernel tap: the classifiers' choice,
+    /// where few input channels make each tap's product shallow. The two sum in different
+    /// orders.
     pub unfold: bool,
     packed: PackedWeight<PackedA>,
     /// The flipped, transposed kernel that propagates gradients to the input when the weight
