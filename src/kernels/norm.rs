@@ -1,6 +1,7 @@
-//! GroupNorm (+ SiLU), one task per (batch element, group); BatchNorm's training statistics,
-//! normalisation (+ ReLU) and backward, one task per channel or channel plane; a per-channel
-//! scale and shift (+ ReLU), the evaluation-mode batch norm.
+//! GroupNorm (+ SiLU), one task per (batch element, group); BatchNorm's training statistics and
+//! backward, one task per channel or channel plane; a per-channel affine map (+ ReLU), which is
+//! BatchNorm's normalisation in training (centred on the batch mean) and in evaluation (a
+//! folded scale and shift).
 use candle_core::Tensor;
 use rayon::prelude::*;
 
@@ -100,8 +101,8 @@ pub fn group_norm(x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps:
 }
 
 /// `x` [b, c, h, w] (any rank with the channels second) `* scale[c] + shift[c]`, rounded after
-/// the product and after the sum like two broadcast ops, then `max(., 0)` when `relu`; one
-/// task per channel plane.
+/// the product and after the sum like two broadcast ops, then `max(., 0)` when `relu`
+/// ([`channel_affine`] without a centre).
 pub fn scale_shift_channels(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     if dims.len() < 2 {
@@ -111,20 +112,7 @@ pub fn scale_shift_channels(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bo
     check_per_channel("scale_shift_channels", "scale", Some(scale), c)?;
     check_per_channel("scale_shift_channels", "shift", Some(shift), c)?;
     let plane: usize = dims[2..].iter().product();
-    let out = with_slices(&[x, scale, shift], |s| {
-        let (xs, sc, sh) = (s[0], s[1], s[2]);
-        let mut out = uninit(xs.len());
-        if plane > 0 {
-            out.par_chunks_mut(plane).zip(xs.par_chunks(plane)).enumerate().for_each(|(p, (dst, src))| {
-                let (a, t) = (sc[p % c], sh[p % c]);
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    let y = v * a + t;
-                    *d = if relu { y.max(0.0) } else { y };
-                }
-            });
-        }
-        out
-    })?;
+    let out = with_slices(&[x, scale, shift], |s| channel_affine(s[0], c, plane, None, s[1], s[2], relu))?;
     tensor(out, &dims)
 }
 
@@ -206,16 +194,19 @@ pub fn batch_norm_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f32, f
         .collect()
 }
 
-/// `y = (x - mean[ch]) · scale[ch] + shift[ch]` over `x` [n, c, hw] (`max(y, 0)` when
-/// `relu`), one task per plane.
-pub fn batch_norm_apply(x: &[f32], c: usize, hw: usize, mean: &[f32], scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
+/// `y = (x - centre[ch]) · scale[ch] + shift[ch]` over `x` [n, c, plane] (without `centre`,
+/// `x · scale[ch] + shift[ch]`), then `max(y, 0)` when `relu`; one task per plane.
+pub fn channel_affine(x: &[f32], c: usize, plane: usize, centre: Option<&[f32]>, scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
     let mut out = uninit(x.len());
-    if hw > 0 {
-        out.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(p, (dst, src))| {
+    if plane > 0 {
+        out.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(p, (dst, src))| {
             let ch = p % c;
-            let (m, a, t) = (mean[ch], scale[ch], shift[ch]);
+            let (m, a, t) = (centre.map(|m| m[ch]), scale[ch], shift[ch]);
             for (d, &v) in dst.iter_mut().zip(src) {
-                let y = (v - m) * a + t;
+                let y = match m {
+                    Some(m) => (v - m) * a + t,
+                    None => v * a + t,
+                };
                 *d = if relu { y.max(0.0) } else { y };
             }
         });

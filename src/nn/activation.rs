@@ -99,8 +99,17 @@ impl candle_core::CustomOp2 for AddRelu {
 
     fn bwd(&self, _a: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // PyTorch's threshold_backward: the gradient passes where the output is positive.
-        let g = kernels::io::with_slices(&[res, grad], |v| v[0].iter().zip(v[1]).map(|(&y, &g)| if y > 0.0 { g } else { 0.0 }).collect::<Vec<f32>>())
-            .map_err(|e| candle_core::Error::Msg(format!("add-relu backward: {e}")))?;
+        use rayon::prelude::*;
+        let g = kernels::io::with_slices(&[res, grad], |v| {
+            let mut g = kernels::io::uninit(v[0].len());
+            g.par_chunks_mut(1 << 14).zip(v[0].par_chunks(1 << 14).zip(v[1].par_chunks(1 << 14))).for_each(|(d, (y, g))| {
+                for ((d, &y), &g) in d.iter_mut().zip(y).zip(g) {
+                    *d = if y > 0.0 { g } else { 0.0 };
+                }
+            });
+            g
+        })
+        .map_err(|e| candle_core::Error::Msg(format!("add-relu backward: {e}")))?;
         let g = Tensor::from_vec(g, res.shape(), res.device())?;
         Ok((Some(g.clone()), Some(g)))
     }
