@@ -553,6 +553,37 @@ fn conv2d_kernel_matches_candle_conv_for_every_input_and_epilogue() {
     eprintln!("conv2d kernel: max relative error {worst:.2e} (tolerance {TOL:.0e})");
 }
 
+/// A weight stored tap-major is read in its own order, with the output channels along the
+/// vector lanes: same maths, same summation order per element, so the same bits. The extra
+/// cases reach several 16-channel blocks with a tail (cout 40), a depth above gemm's 512-deep
+/// blocks (cin 600) and a 2x2 image (the deepest UNet level at a 16x16 latent).
+#[test]
+fn conv2d_tap_major_weight_gives_the_same_bits() {
+    let extra = [
+        ConvCase { b: 1, cin: 600, cout: 40, hw: (2, 2), k: 3, stride: 1, input: plain(1) },
+        ConvCase { b: 3, cin: 48, cout: 64, hw: (9, 8), k: 3, stride: 2, input: plain(1) },
+        ConvCase { b: 1, cin: 32, cout: 17, hw: (4, 4), k: 3, stride: 1, input: up(8, 8, 1) },
+    ];
+    let mut n = 0;
+    for (i, c) in CONV_CASES.iter().chain(&extra).enumerate().filter(|(_, c)| c.k > 1) {
+        let d = conv_data(4000 + 100 * i as u64, c);
+        let wt = kernels::conv::tap_major(&d.w).unwrap();
+        assert_eq!(wt.dims(), d.w.dims());
+        assert_same_bits("tap_major keeps the values", &wt.contiguous().unwrap(), &d.w);
+        for &(use_bias, use_extra, use_res, scale) in &EPILOGUES {
+            let (b, e, r) = (use_bias.then_some(&d.bias), use_extra.then_some(&d.extra), use_res.then_some(&d.res));
+            let what = format!("conv2d {c:?}, bias {use_bias}, extra bias {use_extra}, residual {use_res}, out_scale {scale}");
+            let want = kernels::conv2d(&d.x, &d.w, b, e, c.stride, c.input, r, scale, None).unwrap();
+            for threads in [1, 2] {
+                let got = with_threads(threads, || kernels::conv2d(&d.x, &wt, b, e, c.stride, c.input, r, scale, None).unwrap());
+                assert_same_bits(&format!("{what}, tap-major weight, {threads} threads"), &got, &want);
+            }
+            n += 1;
+        }
+    }
+    eprintln!("conv2d with a tap-major weight: {n} cases bit-identical to the usual layout");
+}
+
 #[test]
 fn conv2d_layer_matches_its_composed_paths() {
     let mut worst = 0f64;

@@ -22,7 +22,8 @@ pub struct ConvInput {
 /// `x` [b, cin, h, w], `weight` [cout, cin, k, k], `bias` [cout], `extra_bias` [b, cout]:
 /// convolution with `stride`, input prepared per `input`, then
 /// `(conv + bias + extra_bias + residual) / out_scale`. With `packed` (the weight from
-/// [`pack_weight`]) the products take bf16 inputs with f32 accumulation. Inference only.
+/// [`pack_weight`]) the products take bf16 inputs with f32 accumulation; a weight stored
+/// [`tap_major`] is read in place. Inference only.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d(
     x: &Tensor,
@@ -67,6 +68,12 @@ pub fn conv2d(
         }
     }
     let direct = k == 1 && stride == 1 && input.upsample.is_none() && input.pad == (0, 0, 0, 0);
+    // A tap-major weight (see [`tap_major`]) is read through its storage order, [k, k, cin, cout].
+    let hwio = weight.permute((2, 3, 1, 0))?;
+    let tap_major = k > 1 && hwio.is_contiguous();
+    let weight = if tap_major { &hwio } else { weight };
+    // The f32 product of a tap-major weight leaves its result pixel-major, [pixel, cout].
+    let channels_last = tap_major && packed.is_none();
     let mut ts: Vec<&Tensor> = vec![x, weight];
     ts.extend(bias);
     ts.extend(extra_bias);
@@ -191,6 +198,39 @@ pub fn conv2d(
                 let xb = bf16::PairPlanes::from_rows(xp, cin, plane, plane);
                 let offs: Vec<usize> = (0..kk).map(tap_off).collect();
                 bf16::gemm_taps(pw, &xb, &offs, n_ext, ext, n_ext, acc, nt > 1).expect("shapes checked above");
+            } else if channels_last {
+                // Output channels run along the vector lanes and the pixels are broadcast: each
+                // tap's weight is read once, in order, however few the pixels, and no lane idles
+                // at small latents. Each output element sees the same operations in the same
+                // order as in the pixel-major product below, so the bytes are the same.
+                let ext_t = &mut ext[..];
+                if let Some(bv) = bvec.as_deref() {
+                    for row in ext_t.chunks_exact_mut(cout) {
+                        row.copy_from_slice(bv);
+                    }
+                }
+                for t in 0..kk {
+                    let off = tap_off(t);
+                    unsafe {
+                        sgemm(
+                            cout,
+                            n_ext,
+                            cin,
+                            ext_t.as_mut_ptr(),
+                            1,
+                            cout,
+                            acc || t > 0,
+                            ws[t * cin * cout..].as_ptr(),
+                            1,
+                            cout,
+                            xp[off..].as_ptr(),
+                            plane,
+                            1,
+                            1.0,
+                            nt,
+                        )
+                    };
+                }
             } else {
                 for t in 0..kk {
                     let off = tap_off(t);
@@ -218,6 +258,36 @@ pub fn conv2d(
             // Compact into NCHW with the epilogue.
             let res = res_of(bi);
             let ext_ref = &*ext;
+            if channels_last {
+                // Blocks of CB channels: each pixel's CB values are one cache line of the result.
+                const CB: usize = 16;
+                let compact_t = |(blk, dblk): (usize, &mut [f32])| {
+                    let c0 = blk * CB;
+                    let cn = dblk.len() / out_plane;
+                    for oy in 0..ho {
+                        for ox in 0..wo {
+                            let e = &ext_ref[(oy * we + ox) * cout + c0..][..cn];
+                            let o = oy * wo + ox;
+                            for (c, &ev) in e.iter().enumerate() {
+                                let mut v = match res {
+                                    Some(r) => r[(c0 + c) * out_plane + o] + ev,
+                                    None => ev,
+                                };
+                                if inv_scale {
+                                    v /= out_scale as f32;
+                                }
+                                dblk[c * out_plane + o] = v;
+                            }
+                        }
+                    }
+                };
+                if nt > 1 {
+                    dst.par_chunks_mut(CB * out_plane).enumerate().for_each(compact_t);
+                } else {
+                    dst.chunks_mut(CB * out_plane).enumerate().for_each(compact_t);
+                }
+                return;
+            }
             let compact = |(co, dplane): (usize, &mut [f32])| {
                 let eplane = &ext_ref[co * n_ext..(co + 1) * n_ext];
                 for oy in 0..ho {
@@ -286,6 +356,17 @@ fn divide_slice(x: &mut [f32], div: f32) {
     for v in x.iter_mut() {
         *v /= div;
     }
+}
+
+/// The same weight [cout, cin, k, k] stored tap-major, as [k, k, cin, cout] in memory (a
+/// permuted view, so every op still sees the usual shape). [`conv2d`] then runs its f32
+/// products with the output channels along the vector lanes and reads each tap's weights in
+/// order: at small latents, where a convolution has few pixels per weight, this is what bounds
+/// it. The results are the same bytes as with the usual layout. Candle's own ops copy such a
+/// tensor to the usual layout each call, so it suits frozen weights on the fast path only.
+pub fn tap_major(weight: &Tensor) -> Result<Tensor> {
+    weight.dims4()?;
+    Ok(weight.permute((2, 3, 1, 0))?.contiguous()?.permute((3, 2, 0, 1))?)
 }
 
 /// `weight` [cout, cin, k, k] packed for the bf16 path of [`conv2d`] on `kernel` (done once per

@@ -20,6 +20,8 @@ pub use crate::kernels::ConvInput;
 /// `nn.Conv2d` with square kernel, stride and symmetric padding.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
+    /// [cout, cin, k, k]; a frozen f32 CPU weight of kernel > 1 is loaded stored tap-major
+    /// ([`kernels::conv::tap_major`]), which the fast convolution reads in place.
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub stride: usize,
@@ -40,7 +42,10 @@ pub struct Conv2d {
 
 impl Conv2d {
     pub fn load(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
-        let weight = w.get(&[cout, cin, k, k], "weight")?;
+        let mut weight = w.get(&[cout, cin, k, k], "weight")?;
+        if k > 1 && !weight.is_variable() && kernels::fast_dtype_ok(&[&weight]) {
+            weight = kernels::conv::tap_major(&weight)?;
+        }
         let bias = Some(w.get(&[cout], "bias")?);
         Ok(Conv2d { frozen_ops: w.frozen_ops(), ..Self::new(weight, bias, stride, padding).with_precision(w.precision()) })
     }
