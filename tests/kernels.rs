@@ -375,6 +375,48 @@ fn linear_layer_matches_its_composed_paths() {
     eprintln!("nn::Linear: max relative error {worst:.2e} (tolerance {TOL:.0e})");
 }
 
+/// A weight stored input-major is read in place: the same bits as the usual layout on the fast
+/// path (items of several rows, one-row items, one item split across threads) and on the
+/// composed training path (forward and the input's gradient through a frozen weight). The
+/// shapes add the text encoder's 77 rows, a depth above gemm's 512-deep blocks and output
+/// sizes off the 16-lane grid.
+#[test]
+fn linear_in_major_weight_gives_the_same_bits() {
+    let cases: [(&[usize], usize); 6] = [(&[2, 77, 96], 80), (&[1, 77, 600], 40), (&[3, 5, 33], 13), (&[4, 37], 48), (&[2, 16, 64], 256), (&[1, 1, 1], 1)];
+    for (i, &(shape, out_dim)) in LINEAR_CASES.iter().chain(&cases).enumerate() {
+        let s = 5000 + 100 * i as u64;
+        let in_dim = *shape.last().unwrap();
+        let x = randn(s + 1, shape, 1.0);
+        let w = randn(s + 2, &[out_dim, in_dim], 1.0 / (in_dim as f64).sqrt());
+        let bias = randn(s + 3, &[out_dim], 0.5);
+        let mut out_shape = shape.to_vec();
+        *out_shape.last_mut().unwrap() = out_dim;
+        let res = randn(s + 4, &out_shape, 1.0);
+        let wt = kernels::linear::in_major(&w).unwrap();
+        assert_eq!(wt.dims(), w.dims());
+        assert_same_bits("in_major keeps the values", &wt.contiguous().unwrap(), &w);
+        let what = format!("linear x {shape:?} -> {out_dim}, input-major weight");
+        for threads in [1, 2] {
+            let want = with_threads(threads, || kernels::linear(&x, &w, Some(&bias), Some(&res), None).unwrap());
+            let got = with_threads(threads, || kernels::linear(&x, &wt, Some(&bias), Some(&res), None).unwrap());
+            assert_same_bits(&format!("{what}, {threads} threads"), &got, &want);
+        }
+        let layer = Linear::new(w.clone(), Some(bias.clone()), Precision::F32);
+        let layer_t = Linear::new(w.clone(), Some(bias.clone()), Precision::F32).in_major().unwrap();
+        assert_same_bits(&format!("{what}, nn::Linear"), &layer_t.forward(&x).unwrap(), &layer.forward(&x).unwrap());
+        let run = |l: &Linear| {
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = l.forward(xv.as_tensor()).unwrap();
+            assert!(y.track_op(), "{what}: expected the composed path");
+            let g = (y.clone() * &res).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, g.get(xv.as_tensor()).unwrap().clone())
+        };
+        let ((y, gx), (y_t, gx_t)) = (run(&layer), run(&layer_t));
+        assert_same_bits(&format!("{what}, composed forward"), &y_t, &y);
+        assert_same_bits(&format!("{what}, gradient of the input"), &gx_t, &gx);
+    }
+}
+
 /// (batch, c, h, w, cout)
 const POINTWISE_CASES: [(usize, usize, usize, usize, usize); 5] =
     [(1, 3, 1, 1, 5), (3, 5, 3, 5, 7), (1, 13, 7, 9, 33), (3, 33, 11, 6, 13), (3, 7, 1, 17, 1)];

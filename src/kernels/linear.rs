@@ -38,7 +38,8 @@ fn preload_rows(dst: &mut [f32], cols: usize, bias: Option<&[f32]>, residual: Op
 /// `x` [items, rows, in] (rank >= 3: items = dim 0) or [rows, in] (rank 2: every row is its
 /// own item) times `weight` [out, in]^T, plus `bias` [out] and `residual` (shaped like the
 /// output). With `packed` (the weight from [`pack_weight`]) the products take bf16 inputs with
-/// f32 accumulation. Inference only (no backward).
+/// f32 accumulation; a weight stored [`in_major`] is read in place. Inference only (no
+/// backward).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, packed: Option<&PackedLinear>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let in_dim = *dims.last().ok_or_else(|| Error::invalid("linear: scalar input"))?;
@@ -65,6 +66,11 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
         if (pw.planes.k_pairs, pw.planes.plane) != (in_dim.div_ceil(2), out_dim) {
             return Err(Error::invalid(format!("linear: packed weight does not match {:?}", weight.dims())));
         }
+    }
+    let wt = weight.t()?;
+    let in_major = packed.is_none() && reads_in_major(rows, in_dim, out_dim) && wt.is_contiguous() && !weight.is_contiguous();
+    if in_major {
+        ts[1] = &wt;
     }
     let out = with_slices(&ts, |s| {
         let (xs, ws) = (s[0], s[1]);
@@ -96,6 +102,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
                 bf16::gemm_taps(&a, &pw.planes, &[0], out_dim, dst, out_dim, acc, nt > 1).expect("shapes checked above");
                 return;
             }
+            // The weight's strides as the [in, out] right-hand side.
+            let (w_rs, w_cs) = if in_major { (out_dim, 1) } else { (1, in_dim) };
             unsafe {
                 sgemm(
                     rows,
@@ -109,8 +117,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
                     in_dim,
                     1,
                     ws.as_ptr(),
-                    1,
-                    in_dim,
+                    w_rs,
+                    w_cs,
                     1.0,
                     nt,
                 )
@@ -120,6 +128,23 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
         out
     })?;
     tensor(out, &out_shape)
+}
+
+/// The same weight [out, in] stored input-major, as [in, out] in memory (a transposed view, so
+/// every op still sees the usual shape). [`linear`] then reads it in place instead of repacking
+/// it into gemm's panels on every call, which costs as much as the product itself when an item
+/// has few rows (the text encoder's 77 tokens). The results are the same bytes.
+pub fn in_major(weight: &Tensor) -> Result<Tensor> {
+    weight.dims2()?;
+    Ok(weight.t()?.contiguous()?.t()?)
+}
+
+/// Whether products of `rows` rows with an [out, in] weight read an input-major weight in place
+/// (forward and backward) and keep the usual layout's bytes. gemm sums one-row products and
+/// products with at most 256 outputs in kernels of their own, whose order depends on the
+/// layout; those read the usual layout, from a copy.
+pub fn reads_in_major(rows: usize, in_dim: usize, out_dim: usize) -> bool {
+    rows > 1 && rows * in_dim.min(out_dim) > 256
 }
 
 /// (rows per item, items) of an input of shape `dims`: a rank-3+ input is a batch of items of

@@ -46,6 +46,16 @@ impl Linear {
         Ok(Linear { frozen_ops: w.frozen_ops(), ..Linear::new(weight, bias, w.precision()) })
     }
 
+    /// The same layer with its weight stored input-major ([`kernels::linear::in_major`]) when
+    /// it is a frozen f32 CPU tensor: for layers whose inputs have many rows per batch item, where
+    /// the fast product then reads the weight in place. Other paths see the same values.
+    pub fn in_major(self) -> Result<Self> {
+        if self.weight.is_variable() || !kernels::fast_dtype_ok(&[&self.weight]) {
+            return Ok(self);
+        }
+        Ok(Linear { weight: kernels::linear::in_major(&self.weight)?, ..self })
+    }
+
     /// A layer from given tensors (weight [out, in]).
     pub fn new(weight: Tensor, bias: Option<Tensor>, precision: Precision) -> Self {
         Linear { weight, bias, adapter: None, precision, frozen_ops: true, packed: PackedWeight::default() }
@@ -105,7 +115,10 @@ impl Linear {
         let (out_dim, _) = self.weight.dims2()?;
         flops::add(x.elem_count() / in_dim * in_dim * out_dim);
         // A 2-D matmul against the transposed weight avoids broadcasting the weight per batch.
-        let wt = self.weight.t()?;
+        // Small products take the usual layout whichever way the weight is stored (see
+        // `reads_in_major`): their bytes would depend on it.
+        let rows_per_item = if x.rank() >= 3 { x.elem_count() / in_dim.max(1) / x.dim(0)?.max(1) } else { 1 };
+        let wt = if kernels::linear::reads_in_major(rows_per_item, in_dim, out_dim) { self.weight.t()? } else { self.weight.contiguous()?.t()? };
         // A frozen weight's gradient is neither computed nor kept (see `nn::frozen`).
         let y = per_item_rows(x, out_dim, |a| {
             if self.frozen_ops && frozen::use_frozen_rhs(a, &wt) {

@@ -35,7 +35,8 @@ pub struct ClipTextEncoder {
 
 impl ClipTextEncoder {
     /// `w` is the text encoder's file; keys are read under `text_model.` (the loader registers
-    /// the alias for checkpoints saved without that prefix).
+    /// the alias for checkpoints saved without that prefix). Its linear layers see 77 rows per
+    /// prompt and keep frozen weights input-major ([`Linear::in_major`]).
     pub fn load(w: &Weights, config: &ClipConfig, mode: Mode) -> Result<Self> {
         let c = config;
         let h = c.hidden_size;
@@ -48,13 +49,13 @@ impl ClipTextEncoder {
                 let wa = wl.pp("self_attn");
                 Ok(EncoderLayer {
                     layer_norm1: LayerNorm::load(&wl.pp("layer_norm1"), h, eps, mode)?,
-                    q_proj: Linear::load(&wa.pp("q_proj"), h, h, true)?,
-                    k_proj: Linear::load(&wa.pp("k_proj"), h, h, true)?,
-                    v_proj: Linear::load(&wa.pp("v_proj"), h, h, true)?,
-                    out_proj: Linear::load(&wa.pp("out_proj"), h, h, true)?,
+                    q_proj: Linear::load(&wa.pp("q_proj"), h, h, true)?.in_major()?,
+                    k_proj: Linear::load(&wa.pp("k_proj"), h, h, true)?.in_major()?,
+                    v_proj: Linear::load(&wa.pp("v_proj"), h, h, true)?.in_major()?,
+                    out_proj: Linear::load(&wa.pp("out_proj"), h, h, true)?.in_major()?,
                     layer_norm2: LayerNorm::load(&wl.pp("layer_norm2"), h, eps, mode)?,
-                    fc1: Linear::load(&wl.pp("mlp").pp("fc1"), h, c.intermediate_size, true)?,
-                    fc2: Linear::load(&wl.pp("mlp").pp("fc2"), c.intermediate_size, h, true)?,
+                    fc1: Linear::load(&wl.pp("mlp").pp("fc1"), h, c.intermediate_size, true)?.in_major()?,
+                    fc2: Linear::load(&wl.pp("mlp").pp("fc2"), c.intermediate_size, h, true)?.in_major()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

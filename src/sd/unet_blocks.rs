@@ -166,10 +166,10 @@ impl CrossAttention {
     pub fn load(w: &Weights, query_dim: usize, context_dim: usize, heads: usize, dim_head: usize, mode: Mode) -> Result<Self> {
         let inner = heads * dim_head;
         Ok(CrossAttention {
-            to_q: Linear::load(&w.pp("to_q"), query_dim, inner, false)?,
-            to_k: Linear::load(&w.pp("to_k"), context_dim, inner, false)?,
-            to_v: Linear::load(&w.pp("to_v"), context_dim, inner, false)?,
-            to_out: Linear::load(&w.pp("to_out").pp(0), inner, query_dim, true)?,
+            to_q: Linear::load(&w.pp("to_q"), query_dim, inner, false)?.in_major()?,
+            to_k: Linear::load(&w.pp("to_k"), context_dim, inner, false)?.in_major()?,
+            to_v: Linear::load(&w.pp("to_v"), context_dim, inner, false)?.in_major()?,
+            to_out: Linear::load(&w.pp("to_out").pp(0), inner, query_dim, true)?.in_major()?,
             heads,
             mode,
         })
@@ -205,8 +205,8 @@ impl FeedForward {
     pub fn load(w: &Weights, dim: usize, mult: usize) -> Result<Self> {
         let inner = dim * mult;
         Ok(FeedForward {
-            proj: Linear::load(&w.pp("net").pp(0).pp("proj"), dim, inner * 2, true)?,
-            out: Linear::load(&w.pp("net").pp(2), inner, dim, true)?,
+            proj: Linear::load(&w.pp("net").pp(0).pp("proj"), dim, inner * 2, true)?.in_major()?,
+            out: Linear::load(&w.pp("net").pp(2), inner, dim, true)?.in_major()?,
         })
     }
 
