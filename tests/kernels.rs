@@ -596,15 +596,19 @@ fn conv2d_kernel_matches_candle_conv_for_every_input_and_epilogue() {
 }
 
 /// A weight stored tap-major is read in its own order, with the output channels along the
-/// vector lanes: same maths, same summation order per element, so the same bits. The extra
-/// cases reach several 16-channel blocks with a tail (cout 40), a depth above gemm's 512-deep
-/// blocks (cin 600) and a 2x2 image (the deepest UNet level at a 16x16 latent).
+/// vector lanes (or, on large maps, as the pixel-major product's strided operand): same maths,
+/// same summation order per element, so the same bits. The extra cases reach several 16-channel
+/// blocks with a tail (cout 40), a depth above gemm's 512-deep blocks (cin 600), a 2x2 image
+/// (the deepest UNet level at a 16x16 latent) and maps large enough for the pixel-major path.
 #[test]
 fn conv2d_tap_major_weight_gives_the_same_bits() {
     let extra = [
         ConvCase { b: 1, cin: 600, cout: 40, hw: (2, 2), k: 3, stride: 1, input: plain(1) },
         ConvCase { b: 3, cin: 48, cout: 64, hw: (9, 8), k: 3, stride: 2, input: plain(1) },
         ConvCase { b: 1, cin: 32, cout: 17, hw: (4, 4), k: 3, stride: 1, input: up(8, 8, 1) },
+        // Over 512 output pixels: the pixel-major product reads the tap-major weight.
+        ConvCase { b: 2, cin: 20, cout: 24, hw: (24, 26), k: 3, stride: 1, input: plain(1) },
+        ConvCase { b: 1, cin: 9, cout: 5, hw: (56, 48), k: 3, stride: 2, input: ConvInput { upsample: None, pad: (0, 0, 1, 1) } },
     ];
     let mut n = 0;
     for (i, c) in CONV_CASES.iter().chain(&extra).enumerate().filter(|(_, c)| c.k > 1) {

@@ -10,6 +10,12 @@ use super::gemm::{per_item, sgemm, threads};
 use super::io::{check_per_channel, tensor, uninit, with_slices};
 use crate::error::{Error, Result};
 
+/// Up to this many output pixels (on the padded grid) a convolution with a tap-major weight runs
+/// its f32 products with the output channels along the vector lanes; above it, with the pixels
+/// there (no transpose of the result). On SD-1.5 shapes the first is faster at 16x16 and below,
+/// the second from 32x32 (the VAE's large maps most of all). Both give the same bytes.
+const CHANNELS_LAST_MAX_PIXELS: usize = 512;
+
 /// How a convolution's input is prepared: nearest-upsampled to a size first, then padded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvInput {
@@ -72,8 +78,9 @@ pub fn conv2d(
     let hwio = weight.permute((2, 3, 1, 0))?;
     let tap_major = k > 1 && hwio.is_contiguous();
     let weight = if tap_major { &hwio } else { weight };
-    // The f32 product of a tap-major weight leaves its result pixel-major, [pixel, cout].
-    let channels_last = tap_major && packed.is_none();
+    // The f32 product of a tap-major weight runs channel-major when the image has few pixels and
+    // leaves its result as [pixel, cout] (see below).
+    let channels_last = tap_major && packed.is_none() && ho * wp_real.div_ceil(stride) <= CHANNELS_LAST_MAX_PIXELS;
     let mut ts: Vec<&Tensor> = vec![x, weight];
     ts.extend(bias);
     ts.extend(extra_bias);
@@ -201,8 +208,8 @@ pub fn conv2d(
             } else if channels_last {
                 // Output channels run along the vector lanes and the pixels are broadcast: each
                 // tap's weight is read once, in order, however few the pixels, and no lane idles
-                // at small latents. Each output element sees the same operations in the same
-                // order as in the pixel-major product below, so the bytes are the same.
+                // on a 2x2 map. Each output element sees the same operations in the same order as
+                // in the pixel-major product below, so the bytes are the same.
                 let ext_t = &mut ext[..];
                 if let Some(bv) = bvec.as_deref() {
                     for row in ext_t.chunks_exact_mut(cout) {
@@ -232,8 +239,11 @@ pub fn conv2d(
                     };
                 }
             } else {
+                // (offset of tap t, row stride, column stride) of its [cout, cin] weight matrix.
+                let w_at = |t: usize| if tap_major { (t * cin * cout, 1, cout) } else { (t, cin * kk, kk) };
                 for t in 0..kk {
                     let off = tap_off(t);
+                    let (w_off, w_rs, w_cs) = w_at(t);
                     unsafe {
                         sgemm(
                             cout,
@@ -243,9 +253,9 @@ pub fn conv2d(
                             n_ext,
                             1,
                             acc || t > 0,
-                            ws[t..].as_ptr(),
-                            cin * kk,
-                            kk,
+                            ws[w_off..].as_ptr(),
+                            w_rs,
+                            w_cs,
                             xp[off..].as_ptr(),
                             plane,
                             1,

@@ -13,6 +13,9 @@
 //! threads. Matrix products go through the `gemm` crate once per batch element (per batch
 //! element and head for attention), whose summation order depends only on the product's
 //! (m, n, k); reductions (norm statistics, softmax sums) run in a fixed order inside one task.
+//! Frozen weights may be stored in the order the products read them (convolutions tap-major,
+//! [`conv::tap_major`]; linear layers input-major, [`linear::in_major`]); gemm then sums each
+//! output element in the same order, so the bytes do not depend on the storage either.
 pub mod activation;
 pub mod amx;
 pub mod attention;
