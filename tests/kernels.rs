@@ -324,18 +324,24 @@ fn ref_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
 const LINEAR_CASES: [(&[usize], usize); 7] =
     [(&[1, 5], 7), (&[7, 13], 5), (&[1, 77, 33], 13), (&[3, 7, 5], 3), (&[3, 1, 33], 7), (&[3, 5, 7, 13], 5), (&[1, 1, 1], 1)];
 
+/// (x, weight [out, in], bias, residual) for a linear case, seeded.
+fn linear_data(seed: u64, shape: &[usize], out_dim: usize) -> (Tensor, Tensor, Tensor, Tensor) {
+    let in_dim = *shape.last().unwrap();
+    let mut out_shape = shape.to_vec();
+    *out_shape.last_mut().unwrap() = out_dim;
+    (
+        randn(seed + 1, shape, 1.0),
+        randn(seed + 2, &[out_dim, in_dim], 1.0 / (in_dim as f64).sqrt()),
+        randn(seed + 3, &[out_dim], 0.5),
+        randn(seed + 4, &out_shape, 1.0),
+    )
+}
+
 #[test]
 fn linear_kernel_matches_matmul_plus_bias_plus_residual() {
     let mut worst = 0f64;
     for (i, &(shape, out_dim)) in LINEAR_CASES.iter().enumerate() {
-        let s = 100 * i as u64;
-        let in_dim = *shape.last().unwrap();
-        let x = randn(s + 1, shape, 1.0);
-        let w = randn(s + 2, &[out_dim, in_dim], 1.0 / (in_dim as f64).sqrt());
-        let bias = randn(s + 3, &[out_dim], 0.5);
-        let mut out_shape = shape.to_vec();
-        *out_shape.last_mut().unwrap() = out_dim;
-        let res = randn(s + 4, &out_shape, 1.0);
+        let (x, w, bias, res) = linear_data(100 * i as u64, shape, out_dim);
         for (use_bias, use_res) in [(false, false), (true, false), (false, true), (true, true)] {
             let (b, r) = (use_bias.then_some(&bias), use_res.then_some(&res));
             let got = kernels::linear(&x, &w, b, r, None).unwrap();
@@ -384,14 +390,7 @@ fn linear_layer_matches_its_composed_paths() {
 fn linear_in_major_weight_gives_the_same_bits() {
     let cases: [(&[usize], usize); 6] = [(&[2, 77, 96], 80), (&[1, 77, 600], 40), (&[3, 5, 33], 13), (&[4, 37], 48), (&[2, 16, 64], 256), (&[1, 1, 1], 1)];
     for (i, &(shape, out_dim)) in LINEAR_CASES.iter().chain(&cases).enumerate() {
-        let s = 5000 + 100 * i as u64;
-        let in_dim = *shape.last().unwrap();
-        let x = randn(s + 1, shape, 1.0);
-        let w = randn(s + 2, &[out_dim, in_dim], 1.0 / (in_dim as f64).sqrt());
-        let bias = randn(s + 3, &[out_dim], 0.5);
-        let mut out_shape = shape.to_vec();
-        *out_shape.last_mut().unwrap() = out_dim;
-        let res = randn(s + 4, &out_shape, 1.0);
+        let (x, w, bias, res) = linear_data(5000 + 100 * i as u64, shape, out_dim);
         let wt = kernels::linear::in_major(&w).unwrap();
         assert_eq!(wt.dims(), w.dims());
         assert_same_bits("in_major keeps the values", &wt.contiguous().unwrap(), &w);
