@@ -48,7 +48,9 @@ impl Linear {
 
     /// The same layer with its weight stored input-major ([`kernels::linear::in_major`]) when
     /// it is a frozen f32 CPU tensor: for layers whose inputs have many rows per batch item, where
-    /// the fast product then reads the weight in place. Other paths see the same values.
+    /// the fast product then reads the weight in place. Other paths see the same values, but
+    /// [`Linear::pointwise`] projections and candle's own ops copy it back to the usual layout
+    /// on every call: not for layers used that way.
     pub fn in_major(self) -> Result<Self> {
         if self.weight.is_variable() || !kernels::fast_dtype_ok(&[&self.weight]) {
             return Ok(self);
