@@ -424,7 +424,10 @@ pub fn apply_lora(unet: &mut UNet, lora: &Lora, scale: f64) -> Result<usize> {
         let w = &mut projs[i].1.weight;
         let delta = e.delta(scale)?.to_device(w.device())?;
         // Summed in f32 so half-precision weights lose nothing beyond their own rounding.
-        *w = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
+        let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
+        // The sum comes out in the usual layout; an input-major weight stays input-major.
+        let in_major = !w.is_contiguous() && w.t()?.is_contiguous();
+        *w = if in_major { crate::kernels::linear::in_major(&merged)? } else { merged };
     }
     Ok(plan.len())
 }
