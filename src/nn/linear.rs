@@ -58,6 +58,17 @@ impl Linear {
         Ok(Linear { weight: kernels::linear::in_major(&self.weight)?, ..self })
     }
 
+    /// Adds `delta` [out, in] to the weight (a merged LoRA update), summed in f32 so that
+    /// half-precision weights lose nothing beyond their own rounding. An input-major weight
+    /// stays input-major.
+    pub fn add_to_weight(&mut self, delta: &Tensor) -> Result<()> {
+        let w = &self.weight;
+        let merged = (w.to_dtype(candle_core::DType::F32)? + delta)?.to_dtype(w.dtype())?;
+        let in_major = !w.is_contiguous() && w.t()?.is_contiguous();
+        self.weight = if in_major { kernels::linear::in_major(&merged)? } else { merged };
+        Ok(())
+    }
+
     /// A layer from given tensors (weight [out, in]).
     pub fn new(weight: Tensor, bias: Option<Tensor>, precision: Precision) -> Self {
         Linear { weight, bias, adapter: None, precision, frozen_ops: true, packed: PackedWeight::default() }

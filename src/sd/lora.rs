@@ -421,13 +421,9 @@ pub fn apply_lora(unet: &mut UNet, lora: &Lora, scale: f64) -> Result<usize> {
         plan.push(i);
     }
     for (e, &i) in lora.entries.iter().zip(&plan) {
-        let w = &mut projs[i].1.weight;
-        let delta = e.delta(scale)?.to_device(w.device())?;
-        // Summed in f32 so half-precision weights lose nothing beyond their own rounding.
-        let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
-        // The sum comes out in the usual layout; an input-major weight stays input-major.
-        let in_major = !w.is_contiguous() && w.t()?.is_contiguous();
-        *w = if in_major { crate::kernels::linear::in_major(&merged)? } else { merged };
+        let lin = &mut projs[i].1;
+        let delta = e.delta(scale)?.to_device(lin.weight.device())?;
+        lin.add_to_weight(&delta)?;
     }
     Ok(plan.len())
 }
