@@ -193,6 +193,12 @@ pub fn conv2d(
             }
             let bvec = sample_bias(bi);
             let acc = match bvec.as_deref() {
+                Some(bv) if channels_last => {
+                    for row in ext.chunks_exact_mut(cout) {
+                        row.copy_from_slice(bv);
+                    }
+                    true
+                }
                 Some(bv) => {
                     for (row, &bv) in ext.chunks_exact_mut(n_ext).zip(bv) {
                         row.fill(bv);
@@ -205,40 +211,12 @@ pub fn conv2d(
                 let xb = bf16::PairPlanes::from_rows(xp, cin, plane, plane);
                 let offs: Vec<usize> = (0..kk).map(tap_off).collect();
                 bf16::gemm_taps(pw, &xb, &offs, n_ext, ext, n_ext, acc, nt > 1).expect("shapes checked above");
-            } else if channels_last {
-                // Output channels run along the vector lanes and the pixels are broadcast: each
-                // tap's weight is read once, in order, however few the pixels, and no lane idles
-                // on a 2x2 map. Each output element sees the same operations in the same order as
-                // in the pixel-major product below, so the bytes are the same.
-                let ext_t = &mut ext[..];
-                if let Some(bv) = bvec.as_deref() {
-                    for row in ext_t.chunks_exact_mut(cout) {
-                        row.copy_from_slice(bv);
-                    }
-                }
-                for t in 0..kk {
-                    let off = tap_off(t);
-                    unsafe {
-                        sgemm(
-                            cout,
-                            n_ext,
-                            cin,
-                            ext_t.as_mut_ptr(),
-                            1,
-                            cout,
-                            acc || t > 0,
-                            ws[t * cin * cout..].as_ptr(),
-                            1,
-                            cout,
-                            xp[off..].as_ptr(),
-                            plane,
-                            1,
-                            1.0,
-                            nt,
-                        )
-                    };
-                }
             } else {
+                // Channel-major, the result is [pixel, cout]: the output channels run along the
+                // vector lanes and the pixels are broadcast, so each tap's weight is read once, in
+                // order, however few the pixels, and no lane idles on a 2x2 map. Each output
+                // element sees the same operations in the same order either way: same bytes.
+                let (d_rs, d_cs) = if channels_last { (1, cout) } else { (n_ext, 1) };
                 // (offset of tap t, row stride, column stride) of its [cout, cin] weight matrix.
                 let w_at = |t: usize| if tap_major { (t * cin * cout, 1, cout) } else { (t, cin * kk, kk) };
                 for t in 0..kk {
@@ -250,8 +228,8 @@ pub fn conv2d(
                             n_ext,
                             cin,
                             ext.as_mut_ptr(),
-                            n_ext,
-                            1,
+                            d_rs,
+                            d_cs,
                             acc || t > 0,
                             ws[w_off..].as_ptr(),
                             w_rs,

@@ -68,7 +68,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
         }
     }
     let wt = weight.t()?;
-    let in_major = packed.is_none() && reads_in_major(rows, in_dim, out_dim) && wt.is_contiguous() && !weight.is_contiguous();
+    let in_major = packed.is_none() && reads_in_major(rows, in_dim, out_dim) && is_in_major(weight);
     if in_major {
         ts[1] = &wt;
     }
@@ -139,6 +139,11 @@ pub fn in_major(weight: &Tensor) -> Result<Tensor> {
     Ok(weight.t()?.contiguous()?.t()?)
 }
 
+/// Whether `weight` [out, in] is stored input-major (as [`in_major`] makes it).
+pub fn is_in_major(weight: &Tensor) -> bool {
+    !weight.is_contiguous() && weight.t().is_ok_and(|t| t.is_contiguous())
+}
+
 /// Whether products of `rows` rows with an [out, in] weight read an input-major weight in place
 /// (forward and backward) and keep the usual layout's bytes. gemm sums one-row products and
 /// products with at most 256 outputs in kernels of their own, whose order depends on the
@@ -149,7 +154,7 @@ pub fn reads_in_major(rows: usize, in_dim: usize, out_dim: usize) -> bool {
 
 /// (rows per item, items) of an input of shape `dims`: a rank-3+ input is a batch of items of
 /// `dims[1..-1]` rows each; a 2-D input is items of one row.
-fn row_blocks(dims: &[usize]) -> (usize, usize) {
+pub(crate) fn row_blocks(dims: &[usize]) -> (usize, usize) {
     let in_dim = dims.last().copied().unwrap_or(0);
     let total_rows = dims.iter().product::<usize>() / in_dim.max(1);
     let rows = if dims.len() >= 3 { total_rows / dims[0].max(1) } else { 1 };

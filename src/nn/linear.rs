@@ -64,8 +64,7 @@ impl Linear {
     pub fn add_to_weight(&mut self, delta: &Tensor) -> Result<()> {
         let w = &self.weight;
         let merged = (w.to_dtype(candle_core::DType::F32)? + delta)?.to_dtype(w.dtype())?;
-        let in_major = !w.is_contiguous() && w.t()?.is_contiguous();
-        self.weight = if in_major { kernels::linear::in_major(&merged)? } else { merged };
+        self.weight = if kernels::linear::is_in_major(w) { kernels::linear::in_major(&merged)? } else { merged };
         Ok(())
     }
 
@@ -130,7 +129,7 @@ impl Linear {
         // A 2-D matmul against the transposed weight avoids broadcasting the weight per batch.
         // Small products take the usual layout whichever way the weight is stored (see
         // `reads_in_major`): their bytes would depend on it.
-        let rows_per_item = if x.rank() >= 3 { x.elem_count() / in_dim.max(1) / x.dim(0)?.max(1) } else { 1 };
+        let (rows_per_item, _) = kernels::linear::row_blocks(x.dims());
         let wt = if kernels::linear::reads_in_major(rows_per_item, in_dim, out_dim) { self.weight.t()? } else { self.weight.contiguous()?.t()? };
         // A frozen weight's gradient is neither computed nor kept (see `nn::frozen`).
         let y = per_item_rows(x, out_dim, |a| {
