@@ -181,3 +181,41 @@ fn fused_add_relu_matches_candle_ops_values_and_gradients() {
         assert_eq!(g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
 }
+
+#[test]
+fn trainable_geglu_has_the_bits_of_candles_composition_forward_and_backward() {
+    // Random rows (odd inner, a row count that crosses the op's task chunks) and a row of
+    // special gates and values: zeros of both signs, saturating and tiny gates, huge values.
+    let special: Vec<f32> = vec![0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 3.0, -3.0, 6.0, -6.0, 12.0, -12.0, 40.0, -40.0, 1e20, -1e20];
+    let n = special.len();
+    let values: Vec<f32> = (0..n).map(|i| [1.0f32, -0.0, 2.5e30, -1.5][i % 4]).collect();
+    let cases = [
+        randn(90, &[3, 1030, 2 * 37]),
+        Tensor::from_vec(values.into_iter().chain(special.iter().copied()).collect::<Vec<_>>(), (1, 2 * n), &Device::Cpu).unwrap(),
+    ];
+    for (i, h) in cases.iter().enumerate() {
+        let h = Var::from_tensor(h).unwrap();
+        let out_dims = {
+            let mut d = h.dims().to_vec();
+            *d.last_mut().unwrap() /= 2;
+            d
+        };
+        // The special row's output gradient alternates -1, +1, so a gate of +0.0 (first) and of
+        // -0.0 (second) each make a -0.0 product: the stored gradient must still match.
+        let weights = if i == 0 {
+            randn(91, &out_dims)
+        } else {
+            Tensor::from_vec((0..n).map(|j| if j % 2 == 0 { -1f32 } else { 1.0 }).collect::<Vec<_>>(), out_dims.as_slice(), &Device::Cpu).unwrap()
+        };
+        let ours = diffii::nn::activation::geglu_trainable(h.as_tensor()).unwrap();
+        let theirs = diffii::nn::activation::geglu_composed(h.as_tensor()).unwrap();
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(bits(&ours), bits(&theirs), "case {i}: forward bits differ");
+        let go = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let gt = (&theirs * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (bits(go.get(h.as_tensor()).unwrap()), bits(gt.get(h.as_tensor()).unwrap()));
+        if let Some(j) = a.iter().zip(&b).position(|(p, q)| p != q) {
+            panic!("case {i}: gradient bits differ at {j}: {} vs {}", f32::from_bits(a[j]), f32::from_bits(b[j]));
+        }
+    }
+}

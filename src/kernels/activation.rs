@@ -49,6 +49,74 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     tensor(out, &dims)
 }
 
+/// candle 0.11's `gelu_erf` on one f32, operation for operation (`(erf(v / sqrt 2) + 1) * 0.5 * v`
+/// with libm's `erff`, which candle calls).
+#[inline(always)]
+fn gelu_erf_exact(v: f32) -> f32 {
+    (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v
+}
+
+/// The derivative of [`gelu_erf_exact`] as candle 0.11's backward computes it, one candle op per
+/// line there (`backprop.rs`, `UnaryOp::GeluErf`): `0.5 + 0.398942 exp(-x²/2) x + 0.5
+/// erf(x / sqrt 2)`, where each scalar-tensor product or sum is an affine `v * mul + add` in
+/// f32 and `x / sqrt 2` multiplies by `(1 / sqrt 2)` rounded from f64.
+#[inline(always)]
+fn gelu_erf_grad_exact(x: f32) -> f32 {
+    let neg_half_square = (-(x * x)) * 0.5 + 0.0;
+    let scaled_exp_arg = (neg_half_square.exp() * 0.398942f64 as f32 + 0.0) * x;
+    let arg_scaled_sqrt = x * (1. / 2f64.sqrt()) as f32 + 0.0;
+    let erf_scaled_sqrt = candle_core::cpu::erf::erf_f32(arg_scaled_sqrt) * 0.5 + 0.0;
+    (scaled_exp_arg * 1.0 + 0.5) + erf_scaled_sqrt
+}
+
+/// Rows of 2 * `inner` values (value half, gate half) per task, so a task has enough work.
+fn geglu_task_rows(inner: usize) -> usize {
+    (16384 / inner.max(1)).max(1)
+}
+
+/// GEGLU for training: the bytes of candle's composition `value * gelu_erf(gate)` (see
+/// [`geglu_backward`]) in one pass. [`geglu`] is faster but uses a vectorised erf with other
+/// roundings.
+pub fn geglu_exact(h: &[f32], inner: usize) -> Vec<f32> {
+    let mut out = uninit(h.len() / 2);
+    if inner > 0 {
+        let rows = geglu_task_rows(inner);
+        out.par_chunks_mut(rows * inner).zip(h.par_chunks(rows * 2 * inner)).for_each(|(o, hh)| {
+            for (orow, hrow) in o.chunks_exact_mut(inner).zip(hh.chunks_exact(2 * inner)) {
+                let (value, gate) = hrow.split_at(inner);
+                for ((o, &v), &g) in orow.iter_mut().zip(value).zip(gate) {
+                    *o = v * gelu_erf_exact(g);
+                }
+            }
+        });
+    }
+    out
+}
+
+/// The gradient of [`geglu_exact`] with respect to `h`, given the output's gradient `grad`,
+/// in one pass, with the bytes candle's backward of the composition gives: the value half
+/// `grad * gelu_erf(gate)`, the gate half `(grad * value) * gelu_erf'(gate)`. (Where the
+/// composition's gradient is +0.0 this may be -0.0; candle adds every gradient into a zero
+/// tensor, which makes it +0.0 for both.)
+pub fn geglu_exact_backward(h: &[f32], grad: &[f32], inner: usize) -> Vec<f32> {
+    let mut dh = uninit(h.len());
+    if inner > 0 {
+        let rows = geglu_task_rows(inner);
+        dh.par_chunks_mut(rows * 2 * inner).zip(h.par_chunks(rows * 2 * inner)).zip(grad.par_chunks(rows * inner)).for_each(|((d, hh), gg)| {
+            for ((drow, hrow), grow) in d.chunks_exact_mut(2 * inner).zip(hh.chunks_exact(2 * inner)).zip(gg.chunks_exact(inner)) {
+                let (value, gate) = hrow.split_at(inner);
+                let (dvalue, dgate) = drow.split_at_mut(inner);
+                for j in 0..inner {
+                    let (v, g, dy) = (value[j], gate[j], grow[j]);
+                    dvalue[j] = dy * gelu_erf_exact(g);
+                    dgate[j] = (dy * v) * gelu_erf_grad_exact(g);
+                }
+            }
+        });
+    }
+    dh
+}
+
 #[inline(always)]
 fn silu_slices_imp<V: Vf>(src: &[f32], dst: &mut [f32]) {
     map_into::<V>(src, dst, silu_v, silu_v);

@@ -50,12 +50,24 @@ impl Module for Activation {
 }
 
 /// GEGLU: `h` [..., 2*inner] -> value * gelu_erf(gate), value / gate the two halves of the last
-/// dim; one fused pass when nothing tracks gradients, differentiable ops otherwise.
+/// dim; one fused pass when nothing tracks gradients, a differentiable op with the bytes of
+/// [`geglu_composed`] on f32 CPU tensors otherwise.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
     if kernels::fast_ok(&[h]) {
         return scope(Class::Elementwise, || kernels::geglu(h));
     }
-    geglu_composed(h)
+    geglu_trainable(h)
+}
+
+/// [`geglu_composed`]'s values and gradient, to the bit, in one pass each way on f32 CPU
+/// tensors (candle's composition takes two narrows, a GELU and a product forward, and about
+/// fifteen passes backward: the GELU derivative alone is nine ops); composed elsewhere.
+pub fn geglu_trainable(h: &Tensor) -> Result<Tensor> {
+    let two = h.dim(candle_core::D::Minus1)?;
+    if !kernels::fast_dtype_ok(&[h]) || two % 2 != 0 {
+        return geglu_composed(h);
+    }
+    Ok(scope(Class::Elementwise, || h.contiguous()?.apply_op1(Geglu { inner: two / 2 }))?)
 }
 
 /// [`geglu`] always composed of differentiable candle ops (exact erf GELU).
@@ -66,6 +78,29 @@ pub fn geglu_composed(h: &Tensor) -> Result<Tensor> {
         let gate = h.narrow(candle_core::D::Minus1, half, half)?;
         Ok((value * gate.gelu_erf()?)?)
     })
+}
+
+struct Geglu {
+    inner: usize,
+}
+
+impl candle_core::CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+
+    fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let h = kernels::io::op_slice(s, l, "geglu")?;
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().expect("geglu_trainable checked the last dim") = self.inner;
+        Ok((candle_core::CpuStorage::F32(kernels::activation::geglu_exact(h, self.inner)), dims.into()))
+    }
+
+    fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dh = kernels::io::with_slices(&[h, grad], |v| kernels::activation::geglu_exact_backward(v[0], v[1], self.inner))
+            .map_err(|e| candle_core::Error::Msg(format!("geglu backward: {e}")))?;
+        Ok(Some(Tensor::from_vec(dh, h.shape(), h.device())?))
+    }
 }
 
 /// `relu(a + b)` (a residual block's end). On f32 CPU tensors one custom op: one pass forward,

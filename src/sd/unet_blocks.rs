@@ -232,7 +232,7 @@ impl FeedForward {
 
     fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
-        self.out.forward(&crate::nn::activation::geglu_composed(&h)?)
+        self.out.forward(&crate::nn::activation::geglu_trainable(&h)?)
     }
 }
 
