@@ -33,19 +33,22 @@ fn ignore_file_size_signal() {
 #[cfg(not(unix))]
 fn ignore_file_size_signal() {}
 
-/// candle's matrix product asks for the thread count on every call, and while
+/// candle's matrix product asks for its thread count on every call, and while
 /// `RAYON_NUM_THREADS` is unset it counts the physical cores by reading and parsing
 /// `/proc/cpuinfo` each time (`num_cpus::get_physical`): measured, 30-50 % of a demo
 /// concept-learning step on a 2-core machine, and more where `/proc/cpuinfo` lists many cores.
-/// Set once here, to the count rayon's pool uses by default (what `available_parallelism`
-/// allows: affinity masks and cgroup quotas included), the lookup is a string parse. Results do
-/// not depend on the thread count, so no output changes. A value the user set is kept.
+/// Unless the user set the variable, it is set here once, before any thread exists, to that same
+/// physical-core count, and rayon's pool, which would otherwise read it too, is built with the
+/// count it uses by default (`available_parallelism`: logical CPUs, affinity masks and cgroup
+/// quotas included). Both thread counts stay what they were; results do not depend on them.
 fn fix_thread_count() {
     let set = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok());
     if set.is_some_and(|n| n > 0) {
         return;
     }
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Before any thread exists, so no other thread can be reading the environment.
-    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    std::env::set_var("RAYON_NUM_THREADS", num_cpus::get_physical().max(1).to_string());
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Fails only if the pool already exists, which it cannot at this point.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(logical).build_global();
 }
