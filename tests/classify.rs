@@ -355,3 +355,21 @@ fn an_unavailable_device_is_refused_before_any_work() {
     }
     assert!(!out.exists(), "nothing is written before the device is known");
 }
+
+#[test]
+fn the_inference_copy_of_a_trainable_classifier_gives_the_same_logits_to_the_bit() {
+    use diffii::classify::resnet::{inference_copy, init_weights, trainable, ResNetConfig};
+    let dev = candle_core::Device::Cpu;
+    for config in [ResNetConfig::small(10, 1), ResNetConfig::small(3, 2)] {
+        let (model, weights) = trainable(init_weights(&config, 3).unwrap(), &config, &dev).unwrap();
+        // A training step first, so that the running statistics are not the initial ones.
+        let x = diffii::rng::seeded_randn(5, &[6, 3, 32, 32], &dev).unwrap();
+        model.forward(&x, true).unwrap();
+        let tracked = model.forward(&x, false).unwrap();
+        let copy = inference_copy(&model, &weights).unwrap();
+        let fast = copy.forward(&x, false).unwrap();
+        assert!(!fast.track_op());
+        let bits = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&tracked), bits(&fast));
+    }
+}

@@ -426,6 +426,14 @@ pub fn from_state(state: HashMap<String, Tensor>, config: &ResNetConfig, device:
     Ok(model)
 }
 
+/// The model as it stands, for evaluation: the same parameters and running statistics (shared,
+/// not copied) as plain tensors, so that nothing records a backward graph and the forward takes
+/// the fused inference kernels (PyTorch's `no_grad`). Its logits are the trainable model's
+/// `forward(x, false)` to the bit.
+pub fn inference_copy(model: &ResNet, w: &Weights) -> Result<ResNet> {
+    from_state(state(model, w)?.into_iter().collect(), &model.config, &model.device())
+}
+
 /// Every tensor of the model as it stands (parameters from `w`'s variables, running
 /// statistics from the norms), for saving.
 pub fn state(model: &ResNet, w: &Weights) -> Result<Vec<(String, Tensor)>> {

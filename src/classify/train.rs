@@ -288,7 +288,7 @@ pub fn train_seed(data: &RunData<'_>, s: &ClassifierSettings, seed: u64, out: &P
             pb.inc(1);
             pb.set_message(format!("loss {l:.3}"));
         }
-        let val_acc = if val.is_empty() { None } else { Some(evaluate(&model, &val)?) };
+        let val_acc = if val.is_empty() { None } else { Some(evaluate(&resnet::inference_copy(&model, &weights)?, &val)?) };
         // The test set is only needed at the selected epoch (the first best validation
         // accuracy) and the last one: a copy of the model at each new best is kept and both are
         // evaluated once at the end, instead of a test pass at every improvement.
@@ -305,7 +305,7 @@ pub fn train_seed(data: &RunData<'_>, s: &ClassifierSettings, seed: u64, out: &P
     let (mut groups_selected, mut groups_last) = (None, None);
     if let Some(t) = &test {
         let last = history.len() - 1;
-        let (acc, groups) = scores(&model, t, data.test_groups)?;
+        let (acc, groups) = scores(&resnet::inference_copy(&model, &weights)?, t, data.test_groups)?;
         history[last].test_acc = Some(acc);
         groups_last = groups;
         groups_selected = groups_last.clone();

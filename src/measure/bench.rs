@@ -464,6 +464,7 @@ pub fn resnet50_steps(classes: usize, batch: usize, size: usize, warmup: usize, 
 /// backward, SGD (lr 0.01, momentum 0.9, weight decay 5e-4 on every parameter, Nesterov).
 struct ResNetBench {
     model: crate::classify::resnet::ResNet,
+    weights: crate::nn::Weights,
     vars: Vec<candle_core::Var>,
     opt: crate::train::sgd::Sgd,
     x: Tensor,
@@ -482,7 +483,7 @@ impl ResNetBench {
         let x = seeded_randn(7, &[batch, 3, size, size], &dev)?;
         let labels: Vec<usize> = (0..batch).map(|i| i % classes).collect();
         let target = crate::classify::loss::one_hot(&labels, classes, &dev)?;
-        Ok(ResNetBench { model, vars, opt, x, target })
+        Ok(ResNetBench { model, weights, vars, opt, x, target })
     }
 
     /// One training step; returns the loss.
@@ -499,7 +500,10 @@ impl ResNetBench {
 pub fn resnet_steps(label: &str, config: &crate::classify::resnet::ResNetConfig, batch: usize, size: usize, warmup: usize, reps: usize) -> Result<Vec<BenchResult>> {
     let mut b = ResNetBench::new(config, batch, size)?;
     let train = timed(&format!("{label} train step"), batch, size, warmup, reps, || b.train_step())?;
-    let eval = timed(&format!("{label} eval"), batch, size, warmup, reps, || b.model.forward(&b.x, false))?;
+    // Evaluation as training evaluates (PyTorch: `eval()` under `no_grad`): the parameters as
+    // plain tensors, taken once.
+    let model = crate::classify::resnet::inference_copy(&b.model, &b.weights)?;
+    let eval = timed(&format!("{label} eval"), batch, size, warmup, reps, || model.forward(&b.x, false))?;
     Ok(vec![train, eval])
 }
 
