@@ -75,7 +75,7 @@ fn geglu_task_rows(inner: usize) -> usize {
 }
 
 /// GEGLU for training: the bytes of candle's composition `value * gelu_erf(gate)` (see
-/// [`geglu_backward`]) in one pass. [`geglu`] is faster but uses a vectorised erf with other
+/// [`geglu_exact_backward`]) in one pass. [`geglu`] is faster but uses a vectorised erf with other
 /// roundings.
 pub fn geglu_exact(h: &[f32], inner: usize) -> Vec<f32> {
     let mut out = uninit(h.len() / 2);
