@@ -219,3 +219,71 @@ fn trainable_geglu_has_the_bits_of_candles_composition_forward_and_backward() {
         }
     }
 }
+
+#[test]
+fn per_channel_bias_and_scale_have_the_bits_of_candles_broadcasts_forward_and_backward() {
+    // NCHW with the parameter on the channel dim (a conv bias, a group norm's scale and shift),
+    // and token matrices with it on the last dim (a linear bias, a layer norm's): candle's
+    // backward sums these with its strided reduction; the custom ops must give its bits.
+    let bits = |t: &Tensor| {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<u32>>()
+    };
+    for (i, (dims, axis)) in [
+        (vec![3, 37, 5, 7], 1),
+        (vec![2, 17, 300], 2),
+        (vec![40, 33], 1),
+        (vec![2, 16, 1, 1], 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = 100 + 10 * i as u64;
+        // Large-valued gradients over many magnitudes, so a changed summation order changes bits.
+        let x = Var::from_tensor(&randn(seed, &dims)).unwrap();
+        let w = Var::from_tensor(&randn(seed + 1, &[dims[axis]])).unwrap();
+        let b = Var::from_tensor(&randn(seed + 2, &[dims[axis]])).unwrap();
+        let r = (randn(seed + 3, &dims).exp().unwrap() * 1000.0).unwrap();
+        let ours = diffii::nn::channel::add(
+            &diffii::nn::channel::mul(x.as_tensor(), w.as_tensor(), axis).unwrap(),
+            b.as_tensor(),
+            axis,
+        )
+        .unwrap();
+        let mut shape = vec![1; dims.len()];
+        shape[axis] = dims[axis];
+        let theirs = x
+            .as_tensor()
+            .broadcast_mul(&w.as_tensor().reshape(shape.as_slice()).unwrap())
+            .unwrap()
+            .broadcast_add(&b.as_tensor().reshape(shape.as_slice()).unwrap())
+            .unwrap();
+        assert_eq!(bits(&ours), bits(&theirs), "case {i}: forward bits differ");
+        let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gt = (&theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("x", &x), ("scale", &w), ("bias", &b)] {
+            let (a, c) = (
+                bits(go.get(v.as_tensor()).unwrap()),
+                bits(gt.get(v.as_tensor()).unwrap()),
+            );
+            assert_eq!(a.len(), c.len(), "case {i}: d{name} sizes differ");
+            if let Some(j) = a.iter().zip(&c).position(|(p, q)| p != q) {
+                panic!(
+                    "case {i}: d{name} bits differ at {j}: {} vs {}",
+                    f32::from_bits(a[j]),
+                    f32::from_bits(c[j])
+                );
+            }
+        }
+    }
+}

@@ -20,6 +20,7 @@ pub mod activation;
 pub mod amx;
 pub mod attention;
 pub mod bf16;
+pub mod channel;
 pub mod conv;
 pub mod conv_unfold;
 pub mod gemm;

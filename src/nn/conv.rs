@@ -117,7 +117,7 @@ impl Conv2d {
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?,
+            Some(bias) => super::channel::add(&y, bias, 1)?,
             None => y,
         })
     }

@@ -140,7 +140,7 @@ impl Linear {
             }
         })?;
         Ok(match &self.bias {
-            Some(b) => scope(Class::Elementwise, || y.broadcast_add(b))?,
+            Some(b) => super::channel::add(&y, b, y.rank() - 1)?,
             None => y,
         })
     }

@@ -15,6 +15,7 @@ pub mod activation;
 pub mod attention;
 pub mod attention_grad;
 pub mod batchnorm;
+pub mod channel;
 pub mod conv;
 pub mod frozen;
 pub mod linear;

@@ -3,6 +3,7 @@
 use candle_core::{DType, Tensor, D};
 
 use super::activation::Activation;
+use super::channel;
 use super::mode::Mode;
 use super::weights::Weights;
 use crate::error::Result;
@@ -47,7 +48,7 @@ impl GroupNorm {
 
     fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let (b, c) = (dims[0], dims[1]);
+        let b = dims[0];
         let dtype = x.dtype();
         let internal = if matches!(dtype, DType::F16 | DType::BF16) { DType::F32 } else { dtype };
         let n = x.elem_count() / (b * self.groups);
@@ -56,9 +57,7 @@ impl GroupNorm {
         let xc = xg.broadcast_sub(&mean)?;
         let var = (xc.sqr()?.sum_keepdim(2)? / n as f64)?;
         let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?.reshape(dims.as_slice())?;
-        let mut wshape = vec![1; dims.len()];
-        wshape[1] = c;
-        Ok(xn.broadcast_mul(&self.weight.reshape(wshape.as_slice())?)?.broadcast_add(&self.bias.reshape(wshape.as_slice())?)?)
+        channel::add(&channel::mul(&xn, &self.weight, 1)?, &self.bias, 1)
     }
 }
 
@@ -91,7 +90,9 @@ impl LayerNorm {
                 let mean = (x.sum_keepdim(D::Minus1)? / dim)?;
                 let xc = x.broadcast_sub(&mean)?;
                 let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / dim)?;
-                xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?
+                let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+                let last = xn.rank() - 1;
+                channel::add(&channel::mul(&xn, &self.weight, last)?, &self.bias, last)?
             }
         })
     }
