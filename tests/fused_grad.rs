@@ -287,3 +287,44 @@ fn per_channel_bias_and_scale_have_the_bits_of_candles_broadcasts_forward_and_ba
         }
     }
 }
+
+#[test]
+fn a_trainable_linear_layer_has_the_bits_of_candles_per_item_products_forward_and_backward() {
+    // Batches of token rows (one product per item; enough items that the order in which the
+    // weight's per-item gradients are added shows in the bits) and a 2-D batch (every row an
+    // item), with and without a bias.
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    for (i, (dims, out, bias)) in [(vec![9, 13, 24], 20, true), (vec![5, 64, 32], 48, false), (vec![7, 40], 24, true)].into_iter().enumerate() {
+        let seed = 200 + 10 * i as u64;
+        let in_dim = *dims.last().unwrap();
+        let x = Var::from_tensor(&randn(seed, &dims)).unwrap();
+        let w = Var::from_tensor(&(randn(seed + 1, &[out, in_dim]) * 0.2).unwrap()).unwrap();
+        let b = Var::from_tensor(&randn(seed + 2, &[out])).unwrap();
+        let layer = diffii::nn::Linear::new(w.as_tensor().clone(), bias.then(|| b.as_tensor().clone()), diffii::nn::Precision::F32);
+        let ours = layer.forward(x.as_tensor()).unwrap();
+        // The composition the layer used before: per item, a narrow and candle's matmul.
+        let rows = x.elem_count() / in_dim;
+        let items = if dims.len() >= 3 { dims[0] } else { rows };
+        let x2 = x.as_tensor().reshape((rows, in_dim)).unwrap();
+        let wt = w.as_tensor().t().unwrap();
+        let parts: Vec<Tensor> = (0..items).map(|j| x2.narrow(0, j * (rows / items), rows / items).unwrap().matmul(&wt).unwrap()).collect();
+        let mut out_dims = dims.clone();
+        *out_dims.last_mut().unwrap() = out;
+        let mut theirs = Tensor::cat(&parts, 0).unwrap().reshape(out_dims.as_slice()).unwrap();
+        if bias {
+            theirs = theirs.broadcast_add(b.as_tensor()).unwrap();
+        }
+        assert_eq!(bits(&ours), bits(&theirs), "case {i}: forward bits differ");
+        let r = (randn(seed + 3, &out_dims).exp().unwrap() * 100.0).unwrap();
+        let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gt = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let vars: Vec<(&str, &Var)> = if bias { vec![("x", &x), ("weight", &w), ("bias", &b)] } else { vec![("x", &x), ("weight", &w)] };
+        for (name, v) in vars {
+            let (a, c) = (bits(go.get(v.as_tensor()).unwrap()), bits(gt.get(v.as_tensor()).unwrap()));
+            assert_eq!(a.len(), c.len(), "case {i}: d{name} sizes differ");
+            if let Some(j) = a.iter().zip(&c).position(|(p, q)| p != q) {
+                panic!("case {i}: d{name} bits differ at {j}: {} vs {}", f32::from_bits(a[j]), f32::from_bits(c[j]));
+            }
+        }
+    }
+}

@@ -131,6 +131,14 @@ impl Linear {
         // `reads_in_major`): their bytes would depend on it.
         let (rows_per_item, _) = kernels::linear::row_blocks(x.dims());
         let wt = if kernels::linear::reads_in_major(rows_per_item, in_dim, out_dim) { self.weight.t()? } else { self.weight.contiguous()?.t()? };
+        // A trainable weight: the same products, recorded as one op (see `PerItemProduct`).
+        if wt.track_op() && kernels::fast_dtype_ok(&[x, &wt]) && item_split(x.dims()).0 > 1 {
+            let y = per_item_product_trainable(x, &wt)?;
+            return Ok(match &self.bias {
+                Some(b) => super::channel::add(&y, b, y.rank() - 1)?,
+                None => y,
+            });
+        }
         // A frozen weight's gradient is neither computed nor kept (see `nn::frozen`).
         let y = per_item_rows(x, out_dim, |a| {
             if self.frozen_ops && frozen::use_frozen_rhs(a, &wt) {
@@ -153,10 +161,9 @@ impl Linear {
 fn per_item_rows(x: &Tensor, out_dim: usize, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let dims = x.dims();
     let in_dim = dims[dims.len() - 1];
-    let rows = x.elem_count() / in_dim;
+    let (items, per) = item_split(dims);
+    let rows = items * per;
     let x2 = x.reshape((rows, in_dim))?;
-    let items = if dims.len() >= 3 { dims[0] } else { rows };
-    let per = rows / items.max(1);
     let y = scope(Class::Linear, || -> Result<Tensor> {
         if items <= 1 {
             return f(&x2);
@@ -167,6 +174,76 @@ fn per_item_rows(x: &Tensor, out_dim: usize, f: impl Fn(&Tensor) -> Result<Tenso
     let mut out_shape = dims.to_vec();
     *out_shape.last_mut().unwrap() = out_dim;
     Ok(y.reshape(out_shape)?)
+}
+
+/// (batch items, rows per item) of an input [..., in] as [`per_item_rows`] splits it: the
+/// first dim is the batch when there are three or more, otherwise every row is an item.
+fn item_split(dims: &[usize]) -> (usize, usize) {
+    let in_dim = dims[dims.len() - 1];
+    let rows = dims.iter().product::<usize>() / in_dim.max(1);
+    let items = if dims.len() >= 3 { dims[0] } else { rows };
+    (items, rows / items.max(1))
+}
+
+/// `x [..., in] · wt [in, out]` through [`per_item_rows`] with candle's matmul, the values and
+/// both gradients to the bit, but recorded as one op. Composed, every item's narrow and
+/// product is a graph node, and candle's backward pads each item's input gradient with zeros
+/// to the whole batch and adds it into an accumulator: work that grows with the square of the
+/// batch and dominated a pretraining step's backward pass.
+fn per_item_product_trainable(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let (in_dim, out_dim) = wt.dims2()?;
+    let (items, per) = item_split(dims);
+    let y = per_item_rows(&x.detach(), out_dim, |a| Ok(a.matmul(&wt.detach())?))?;
+    let x2 = x.reshape((items * per, in_dim))?;
+    let y2 = y.reshape((items * per, out_dim))?;
+    Ok(scope(Class::Linear, || x2.apply_op3(wt, &y2, PerItemProduct { items, per }))?.reshape(y.shape())?)
+}
+
+/// The op of [`per_item_product_trainable`]: its arguments are the input rows, the weight and
+/// the already computed product (which the forward passes on). The backward replays candle's:
+/// each item's `grad_i wt^T` for the input, and for the weight each item's `x_i^T grad_i`,
+/// added in the order candle's backward visits the items' products (the last item first).
+struct PerItemProduct {
+    items: usize,
+    per: usize,
+}
+
+impl candle_core::CustomOp3 for PerItemProduct {
+    fn name(&self) -> &'static str {
+        "per-item-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        Ok((candle_core::CpuStorage::F32(kernels::io::op_slice(s3, l3, "per-item-product")?.to_vec()), l3.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, wt: &Tensor, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let track_x = x.track_op();
+        let (g, x, wt) = (grad.contiguous()?, x.detach(), wt.detach());
+        let item = |t: &Tensor, i: usize| t.narrow(0, i * self.per, self.per);
+        let dx = match track_x {
+            true => Some(Tensor::cat(&(0..self.items).map(|i| item(&g, i)?.matmul(&wt.t()?)).collect::<candle_core::Result<Vec<_>>>()?, 0)?),
+            false => None,
+        };
+        let mut dw: Option<Tensor> = None;
+        for i in (0..self.items).rev() {
+            let d = item(&x, i)?.t()?.matmul(&item(&g, i)?)?;
+            dw = Some(match dw {
+                Some(acc) => (acc + d)?,
+                None => d,
+            });
+        }
+        Ok((dx, dw, None))
+    }
 }
 
 impl Adapter {
