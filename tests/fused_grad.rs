@@ -328,3 +328,28 @@ fn a_trainable_linear_layer_has_the_bits_of_candles_per_item_products_forward_an
         }
     }
 }
+
+#[test]
+fn a_trained_lora_adapter_has_the_bits_of_candles_per_item_products_forward_and_backward() {
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    let (items, per, in_dim, out, rank) = (7, 13, 24, 20, 4);
+    let x = Var::from_tensor(&randn(300, &[items, per, in_dim])).unwrap();
+    let down = Var::from_tensor(&randn(301, &[rank, in_dim])).unwrap();
+    let up = Var::from_tensor(&randn(302, &[out, rank])).unwrap();
+    let adapter = diffii::nn::Adapter { down: down.as_tensor().clone(), up: up.as_tensor().clone(), scale: 0.5 };
+    let ours = adapter.forward(x.as_tensor()).unwrap();
+    let x2 = x.as_tensor().reshape((items * per, in_dim)).unwrap();
+    let (dt, ut) = (down.as_tensor().t().unwrap(), up.as_tensor().t().unwrap());
+    let parts: Vec<Tensor> = (0..items).map(|j| x2.narrow(0, j * per, per).unwrap().matmul(&dt).unwrap().matmul(&ut).unwrap()).collect();
+    let theirs = (Tensor::cat(&parts, 0).unwrap().reshape((items, per, out)).unwrap() * 0.5).unwrap();
+    assert_eq!(bits(&ours), bits(&theirs), "forward bits differ");
+    let r = (randn(303, &[items, per, out]).exp().unwrap() * 100.0).unwrap();
+    let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gt = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in [("x", &x), ("down", &down), ("up", &up)] {
+        let (a, c) = (bits(go.get(v.as_tensor()).unwrap()), bits(gt.get(v.as_tensor()).unwrap()));
+        if let Some(j) = a.iter().zip(&c).position(|(p, q)| p != q) {
+            panic!("d{name} bits differ at {j}: {} vs {}", f32::from_bits(a[j]), f32::from_bits(c[j]));
+        }
+    }
+}

@@ -253,7 +253,12 @@ impl Adapter {
         let (out_dim, r) = self.up.dims2()?;
         flops::add(x.elem_count() / in_dim * r * (in_dim + out_dim));
         let (dt, ut) = (self.down.t()?, self.up.t()?);
-        let y = per_item_rows(x, out_dim, |a| Ok(a.matmul(&dt)?.matmul(&ut)?))?;
+        // Trained: the two products as two ops, with the bits of the per-item composition.
+        let y = if dt.track_op() && ut.track_op() && kernels::fast_dtype_ok(&[x, &dt, &ut]) && item_split(x.dims()).0 > 1 {
+            per_item_product_trainable(&per_item_product_trainable(x, &dt)?, &ut)?
+        } else {
+            per_item_rows(x, out_dim, |a| Ok(a.matmul(&dt)?.matmul(&ut)?))?
+        };
         Ok((y * self.scale)?)
     }
 }
