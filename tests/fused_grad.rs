@@ -353,3 +353,52 @@ fn a_trained_lora_adapter_has_the_bits_of_candles_per_item_products_forward_and_
         }
     }
 }
+
+#[test]
+fn trainable_silu_has_the_bits_of_candles_silu_forward_and_backward() {
+    let special: Vec<f32> = vec![0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 20.0, -20.0, 90.0, -90.0, 110.0, -110.0, 1e20, -1e20, 3.3, -7.1];
+    let cases = [randn(400, &[3, 17, 33, 5]), (randn(401, &[2, 1000]) * 30.0).unwrap(), Tensor::from_vec(special.clone(), special.len(), &Device::Cpu).unwrap()];
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    for (i, x) in cases.iter().enumerate() {
+        let x = Var::from_tensor(x).unwrap();
+        let ours = diffii::nn::Activation::Silu.forward(x.as_tensor()).unwrap();
+        let theirs = x.as_tensor().silu().unwrap();
+        assert_eq!(bits(&ours), bits(&theirs), "case {i}: forward bits differ");
+        let r = randn(402 + i as u64, x.dims());
+        let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gt = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (bits(go.get(x.as_tensor()).unwrap()), bits(gt.get(x.as_tensor()).unwrap()));
+        if let Some(j) = a.iter().zip(&b).position(|(p, q)| p != q) {
+            panic!("case {i}: gradient bits differ at {j}: {} vs {}", f32::from_bits(a[j]), f32::from_bits(b[j]));
+        }
+    }
+}
+
+#[test]
+fn trainable_group_norm_has_the_bits_of_its_candle_composition_forward_and_backward() {
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    // Rows long enough for candle's vectorised row sums, odd lengths for their tails, a constant
+    // group (zero variance), offsets that make the centring lossy.
+    let constant = Tensor::ones((1, 4, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    let cases = [(randn(500, &[3, 32, 9, 11]) + 3.0).unwrap(), (randn(501, &[2, 6, 5, 7]) * 100.0).unwrap(), constant];
+    for (i, x) in cases.iter().enumerate() {
+        let c = x.dim(1).unwrap();
+        let groups = if c % 8 == 0 { 8 } else { 2 };
+        let x = Var::from_tensor(x).unwrap();
+        let w = Var::from_tensor(&randn(510 + i as u64, &[c])).unwrap();
+        let b = Var::from_tensor(&randn(520 + i as u64, &[c])).unwrap();
+        let gn = diffii::nn::GroupNorm { weight: w.as_tensor().clone(), bias: b.as_tensor().clone(), groups, eps: 1e-5 };
+        let ours = gn.forward(x.as_tensor()).unwrap();
+        let theirs = gn.forward_composed(x.as_tensor()).unwrap();
+        assert_eq!(bits(&ours), bits(&theirs), "case {i}: forward bits differ");
+        let r = (randn(530 + i as u64, x.dims()).exp().unwrap() * 10.0).unwrap();
+        let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gt = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
+            let (a, c) = (bits(go.get(v.as_tensor()).unwrap()), bits(gt.get(v.as_tensor()).unwrap()));
+            if let Some(j) = a.iter().zip(&c).position(|(p, q)| p != q) {
+                panic!("case {i}: d{name} bits differ at {j}: {} vs {}", f32::from_bits(a[j]), f32::from_bits(c[j]));
+            }
+        }
+    }
+}

@@ -117,6 +117,32 @@ pub fn geglu_exact_backward(h: &[f32], grad: &[f32], inner: usize) -> Vec<f32> {
     dh
 }
 
+/// SiLU for training: candle's f32 `x / (1 + exp(-x))` with the same `expf`, so the same bits.
+pub fn silu_exact(x: &[f32]) -> Vec<f32> {
+    let mut out = uninit(x.len());
+    out.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(d, s)| {
+        for (d, &v) in d.iter_mut().zip(s) {
+            *d = v / (1.0 + (-v).exp());
+        }
+    });
+    out
+}
+
+/// The gradient of [`silu_exact`] given its input `x`, output `y` and the output's gradient,
+/// with the bytes of candle 0.11's backward (`backprop.rs`, `UnaryOp::Silu`), one candle op per
+/// step there: `s = recip(exp(-x) + 1)`, `grad * (s * (1 - y) + y)`, where a scalar sum is an
+/// affine `v * 1 + 1` and `1 - y` is the affine `y * -1 + 1`.
+pub fn silu_exact_backward(x: &[f32], y: &[f32], grad: &[f32]) -> Vec<f32> {
+    let mut dx = uninit(x.len());
+    dx.par_chunks_mut(16384).zip(x.par_chunks(16384).zip(y.par_chunks(16384)).zip(grad.par_chunks(16384))).for_each(|(d, ((x, y), g))| {
+        for (((d, &x), &y), &g) in d.iter_mut().zip(x).zip(y).zip(g) {
+            let s = 1.0 / ((-x).exp() * 1.0 + 1.0);
+            *d = g * (s * (y * -1.0 + 1.0) + y);
+        }
+    });
+    dx
+}
+
 #[inline(always)]
 fn silu_slices_imp<V: Vf>(src: &[f32], dst: &mut [f32]) {
     map_into::<V>(src, dst, silu_v, silu_v);

@@ -254,3 +254,82 @@ pub fn batch_norm_backward(x: &[f32], dy: &[f32], y: &[f32], relu: bool, n: usiz
     let (dgamma, dbeta) = sums.into_iter().unzip();
     (dx, dgamma, dbeta)
 }
+
+/// candle's contiguous last-dim sum (`sum_keepdim` over the last dim calls this per row): the
+/// same function, so the same order and bits on every CPU.
+fn candle_row_sum(row: &[f32]) -> f32 {
+    use candle_core::cpu::kernels::VecOps;
+    let mut s = 0f32;
+    // SAFETY: `row` holds `row.len()` values and `s` is a valid destination.
+    unsafe { f32::vec_reduce_sum(row.as_ptr(), &mut s, row.len()) };
+    s
+}
+
+/// A row's statistics as the composed norms compute them: `mean = sum * (1/n)`, the
+/// centred values, `std = sqrt(sum(xc²) * (1/n) + eps)` (each scalar step an f32 affine).
+fn exact_row_stats(x: &[f32], xc: &mut [f32], eps: f32) -> f32 {
+    let inv_n = (1.0 / x.len() as f64) as f32;
+    let mean = candle_row_sum(x) * inv_n + 0.0;
+    for (c, &v) in xc.iter_mut().zip(x) {
+        *c = v - mean;
+    }
+    let sq: Vec<f32> = xc.iter().map(|&c| c * c).collect();
+    let var = candle_row_sum(&sq) * inv_n + 0.0;
+    (var * 1.0 + eps).sqrt()
+}
+
+/// GroupNorm or LayerNorm without the affine, for training: `x` viewed as `[rows, n]` (a row =
+/// one batch element's group, or one token), normalised with the bits of the composition of
+/// candle ops the layers use elsewhere (`nn::norm`'s composed paths: row sums, scalar affines,
+/// `sqr`, `sqrt`, a broadcast subtraction and division).
+pub fn normalize_exact(x: &[f32], n: usize, eps: f64) -> Vec<f32> {
+    let mut out = uninit(x.len());
+    if n == 0 {
+        return out;
+    }
+    out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, x)| {
+        let std = exact_row_stats(x, o, eps as f32);
+        for v in o.iter_mut() {
+            *v /= std;
+        }
+    });
+    out
+}
+
+/// The gradient of [`normalize_exact`] given the output's gradient `grad`, with the bytes of
+/// candle 0.11's backward through that composition (`backprop.rs`), step for step: the
+/// division gives `grad / std` to the centred values and `-(grad * xc) / (std * std)` to the
+/// broadcast std, summed per row; `sqrt` gives `(g / std) * 0.5`; the affines scale by their
+/// factor; `sqr` gives `(xc * g) * 2`; the subtraction gives the centred values' gradient to
+/// the input and its negation, summed, to the mean. Each accumulation starts from candle's
+/// zero tensor (`0 + a`), which also fixes the sign of zero results.
+pub fn normalize_exact_backward(x: &[f32], grad: &[f32], n: usize, eps: f64) -> Vec<f32> {
+    let mut dx = uninit(x.len());
+    if n == 0 {
+        return dx;
+    }
+    let inv_n = (1.0 / n as f64) as f32;
+    dx.par_chunks_mut(n).zip(x.par_chunks(n).zip(grad.par_chunks(n))).for_each(|(d, (x, g))| {
+        let mut xc = vec![0f32; n];
+        let std = exact_row_stats(x, &mut xc, eps as f32);
+        let std_sq = std * std;
+        // The broadcast std's gradient, then its row sum.
+        let mut tmp: Vec<f32> = g.iter().zip(&xc).map(|(&g, &c)| 0.0 - (g * c) / std_sq).collect();
+        let std_grad = 0.0 + candle_row_sum(&tmp);
+        // Back through sqrt, `+ eps` (factor 1) and `* (1/n)` to the squares' row sum.
+        let ve_grad = 0.0 + ((std_grad / std) * 0.5 + 0.0);
+        let var_grad = 0.0 + (ve_grad * 1.0 + 0.0);
+        let sq_sum_grad = 0.0 + (var_grad * inv_n + 0.0);
+        // The centred values' gradient (from the division and from the square) in `d`.
+        for (((d, &g), &c), t) in d.iter_mut().zip(g).zip(&xc).zip(tmp.iter_mut()) {
+            *d = (0.0 + g / std) + ((c * sq_sum_grad) * 2.0 + 0.0);
+            *t = 0.0 - *d;
+        }
+        let mean_grad = 0.0 + candle_row_sum(&tmp);
+        let sum_grad = 0.0 + (mean_grad * inv_n + 0.0);
+        for d in d.iter_mut() {
+            *d = (0.0 + *d) + sum_grad;
+        }
+    });
+    dx
+}

@@ -34,6 +34,7 @@ impl Activation {
 
     fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
+            Activation::Silu if x.track_op() && kernels::fast_dtype_ok(&[x]) => x.contiguous()?.apply_op1(SiluExact)?,
             Activation::Silu => x.silu()?,
             Activation::Gelu => x.gelu_erf()?,
             Activation::GeluTanh => x.gelu()?,
@@ -78,6 +79,27 @@ pub fn geglu_composed(h: &Tensor) -> Result<Tensor> {
         let gate = h.narrow(candle_core::D::Minus1, half, half)?;
         Ok((value * gate.gelu_erf()?)?)
     })
+}
+
+/// SiLU with a gradient, one pass each way, with the bits of candle's `silu` and its backward
+/// (about eight passes: [`kernels::activation::silu_exact_backward`]).
+struct SiluExact;
+
+impl candle_core::CustomOp1 for SiluExact {
+    fn name(&self) -> &'static str {
+        "silu-exact"
+    }
+
+    fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = kernels::io::op_slice(s, l, "silu")?;
+        Ok((candle_core::CpuStorage::F32(kernels::activation::silu_exact(x)), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dx = kernels::io::with_slices(&[x, y, grad], |v| kernels::activation::silu_exact_backward(v[0], v[1], v[2]))
+            .map_err(|e| candle_core::Error::Msg(format!("silu backward: {e}")))?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
 }
 
 struct Geglu {

@@ -35,7 +35,7 @@ impl GroupNorm {
         if kernels::fast_ok(&[x, &self.weight, &self.bias]) {
             return scope(Class::GroupNorm, || kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, false));
         }
-        scope(Class::GroupNorm, || self.forward_composed(x))
+        scope(Class::GroupNorm, || self.forward_trainable(x))
     }
 
     /// `act(forward(x))`, fused into one pass on the fast path when `act` is SiLU.
@@ -46,7 +46,19 @@ impl GroupNorm {
         act.forward(&self.forward(x)?)
     }
 
-    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
+    /// While `x` tracks gradients (f32 on the CPU): [`forward_composed`](Self::forward_composed)'s
+    /// values and gradients to the bit, with the normalisation as one op.
+    fn forward_trainable(&self, x: &Tensor) -> Result<Tensor> {
+        if !(x.track_op() && kernels::fast_dtype_ok(&[x])) {
+            return self.forward_composed(x);
+        }
+        let n = x.elem_count() / (x.dim(0)? * self.groups);
+        let xn = x.contiguous()?.apply_op1(NormalizeRows { n, eps: self.eps })?;
+        channel::add(&channel::mul(&xn, &self.weight, 1)?, &self.bias, 1)
+    }
+
+    /// Composed of differentiable candle ops (statistics in f32 for half-precision input).
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let b = dims[0];
         let dtype = x.dtype();
@@ -58,6 +70,33 @@ impl GroupNorm {
         let var = (xc.sqr()?.sum_keepdim(2)? / n as f64)?;
         let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?.reshape(dims.as_slice())?;
         channel::add(&channel::mul(&xn, &self.weight, 1)?, &self.bias, 1)
+    }
+}
+
+/// The normalisation (before the affine) of [`GroupNorm`]'s composition over rows of `n`
+/// contiguous values (a batch element's group), as one op on f32 CPU tensors with the
+/// composition's bits forward and backward ([`kernels::norm::normalize_exact`]). Composed, it
+/// is about a dozen graph nodes, each a pass forward and several backward.
+struct NormalizeRows {
+    /// Values per (batch element, group).
+    n: usize,
+    eps: f64,
+}
+
+impl candle_core::CustomOp1 for NormalizeRows {
+    fn name(&self) -> &'static str {
+        "normalize-rows"
+    }
+
+    fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = kernels::io::op_slice(s, l, "group norm")?;
+        Ok((candle_core::CpuStorage::F32(kernels::norm::normalize_exact(x, self.n, self.eps)), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dx = kernels::io::with_slices(&[x, grad], |v| kernels::norm::normalize_exact_backward(v[0], v[1], self.n, self.eps))
+            .map_err(|e| candle_core::Error::Msg(format!("group norm backward: {e}")))?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
 
@@ -86,6 +125,9 @@ impl LayerNorm {
             true => candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?,
             false => {
                 // Composition of differentiable ops (candle_nn::ops::layer_norm has no backward).
+                // Not the one-op normalisation of `GroupNorm`: `x` feeds two of these ops and
+                // usually a residual too, and candle adds the three gradients in an order that
+                // one op's single gradient cannot reproduce to the bit.
                 let dim = x.dim(D::Minus1)? as f64;
                 let mean = (x.sum_keepdim(D::Minus1)? / dim)?;
                 let xc = x.broadcast_sub(&mean)?;
