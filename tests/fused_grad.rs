@@ -220,71 +220,45 @@ fn trainable_geglu_has_the_bits_of_candles_composition_forward_and_backward() {
     }
 }
 
+/// Panics at the first element where `ours` and `theirs` differ in bits.
+fn assert_same_bits(ours: &Tensor, theirs: &Tensor, what: &str) {
+    assert_eq!(ours.dims(), theirs.dims(), "{what}: shapes differ");
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect::<Vec<u32>>();
+    let (a, b) = (bits(ours), bits(theirs));
+    if let Some(j) = a.iter().zip(&b).position(|(p, q)| p != q) {
+        panic!("{what}: bits differ at {j}: {} vs {}", f32::from_bits(a[j]), f32::from_bits(b[j]));
+    }
+}
+
+/// `ours` and `theirs` (the same function of `vars`) agree to the bit, and so do the gradients
+/// of `sum(out * weights)` with respect to every variable.
+fn assert_same_bits_forward_and_backward(ours: &Tensor, theirs: &Tensor, weights: &Tensor, vars: &[(&str, &Var)], case: &str) {
+    assert_same_bits(ours, theirs, &format!("{case}: forward"));
+    let go = (ours * weights).unwrap().sum_all().unwrap().backward().unwrap();
+    let gt = (theirs * weights).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in vars {
+        assert_same_bits(go.get(v.as_tensor()).unwrap(), gt.get(v.as_tensor()).unwrap(), &format!("{case}: d{name}"));
+    }
+}
+
 #[test]
 fn per_channel_bias_and_scale_have_the_bits_of_candles_broadcasts_forward_and_backward() {
     // NCHW with the parameter on the channel dim (a conv bias, a group norm's scale and shift),
     // and token matrices with it on the last dim (a linear bias, a layer norm's): candle's
     // backward sums these with its strided reduction; the custom ops must give its bits.
-    let bits = |t: &Tensor| {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect::<Vec<u32>>()
-    };
-    for (i, (dims, axis)) in [
-        (vec![3, 37, 5, 7], 1),
-        (vec![2, 17, 300], 2),
-        (vec![40, 33], 1),
-        (vec![2, 16, 1, 1], 1),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, (dims, axis)) in [(vec![3, 37, 5, 7], 1), (vec![2, 17, 300], 2), (vec![40, 33], 1), (vec![2, 16, 1, 1], 1)].into_iter().enumerate() {
         let seed = 100 + 10 * i as u64;
-        // Large-valued gradients over many magnitudes, so a changed summation order changes bits.
         let x = Var::from_tensor(&randn(seed, &dims)).unwrap();
         let w = Var::from_tensor(&randn(seed + 1, &[dims[axis]])).unwrap();
         let b = Var::from_tensor(&randn(seed + 2, &[dims[axis]])).unwrap();
+        // Gradients over many magnitudes, so a changed summation order changes the bits.
         let r = (randn(seed + 3, &dims).exp().unwrap() * 1000.0).unwrap();
-        let ours = diffii::nn::channel::add(
-            &diffii::nn::channel::mul(x.as_tensor(), w.as_tensor(), axis).unwrap(),
-            b.as_tensor(),
-            axis,
-        )
-        .unwrap();
+        let ours = diffii::nn::channel::add(&diffii::nn::channel::mul(x.as_tensor(), w.as_tensor(), axis).unwrap(), b.as_tensor(), axis).unwrap();
         let mut shape = vec![1; dims.len()];
         shape[axis] = dims[axis];
-        let theirs = x
-            .as_tensor()
-            .broadcast_mul(&w.as_tensor().reshape(shape.as_slice()).unwrap())
-            .unwrap()
-            .broadcast_add(&b.as_tensor().reshape(shape.as_slice()).unwrap())
-            .unwrap();
-        assert_eq!(bits(&ours), bits(&theirs), "case {i}: forward bits differ");
-        let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gt = (&theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (name, v) in [("x", &x), ("scale", &w), ("bias", &b)] {
-            let (a, c) = (
-                bits(go.get(v.as_tensor()).unwrap()),
-                bits(gt.get(v.as_tensor()).unwrap()),
-            );
-            assert_eq!(a.len(), c.len(), "case {i}: d{name} sizes differ");
-            if let Some(j) = a.iter().zip(&c).position(|(p, q)| p != q) {
-                panic!(
-                    "case {i}: d{name} bits differ at {j}: {} vs {}",
-                    f32::from_bits(a[j]),
-                    f32::from_bits(c[j])
-                );
-            }
-        }
+        let (ws, bs) = (w.as_tensor().reshape(shape.as_slice()).unwrap(), b.as_tensor().reshape(shape.as_slice()).unwrap());
+        let theirs = x.as_tensor().broadcast_mul(&ws).unwrap().broadcast_add(&bs).unwrap();
+        assert_same_bits_forward_and_backward(&ours, &theirs, &r, &[("x", &x), ("scale", &w), ("bias", &b)], &format!("case {i}"));
     }
 }
 
@@ -293,7 +267,6 @@ fn a_trainable_linear_layer_has_the_bits_of_candles_per_item_products_forward_an
     // Batches of token rows (one product per item; enough items that the order in which the
     // weight's per-item gradients are added shows in the bits) and a 2-D batch (every row an
     // item), with and without a bias.
-    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
     for (i, (dims, out, bias)) in [(vec![9, 13, 24], 20, true), (vec![5, 64, 32], 48, false), (vec![7, 40], 24, true)].into_iter().enumerate() {
         let seed = 200 + 10 * i as u64;
         let in_dim = *dims.last().unwrap();
@@ -311,27 +284,18 @@ fn a_trainable_linear_layer_has_the_bits_of_candles_per_item_products_forward_an
         let mut out_dims = dims.clone();
         *out_dims.last_mut().unwrap() = out;
         let mut theirs = Tensor::cat(&parts, 0).unwrap().reshape(out_dims.as_slice()).unwrap();
+        let mut vars = vec![("x", &x), ("weight", &w)];
         if bias {
             theirs = theirs.broadcast_add(b.as_tensor()).unwrap();
+            vars.push(("bias", &b));
         }
-        assert_eq!(bits(&ours), bits(&theirs), "case {i}: forward bits differ");
         let r = (randn(seed + 3, &out_dims).exp().unwrap() * 100.0).unwrap();
-        let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gt = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let vars: Vec<(&str, &Var)> = if bias { vec![("x", &x), ("weight", &w), ("bias", &b)] } else { vec![("x", &x), ("weight", &w)] };
-        for (name, v) in vars {
-            let (a, c) = (bits(go.get(v.as_tensor()).unwrap()), bits(gt.get(v.as_tensor()).unwrap()));
-            assert_eq!(a.len(), c.len(), "case {i}: d{name} sizes differ");
-            if let Some(j) = a.iter().zip(&c).position(|(p, q)| p != q) {
-                panic!("case {i}: d{name} bits differ at {j}: {} vs {}", f32::from_bits(a[j]), f32::from_bits(c[j]));
-            }
-        }
+        assert_same_bits_forward_and_backward(&ours, &theirs, &r, &vars, &format!("case {i}"));
     }
 }
 
 #[test]
 fn a_trained_lora_adapter_has_the_bits_of_candles_per_item_products_forward_and_backward() {
-    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
     let (items, per, in_dim, out, rank) = (7, 13, 24, 20, 4);
     let x = Var::from_tensor(&randn(300, &[items, per, in_dim])).unwrap();
     let down = Var::from_tensor(&randn(301, &[rank, in_dim])).unwrap();
@@ -342,41 +306,24 @@ fn a_trained_lora_adapter_has_the_bits_of_candles_per_item_products_forward_and_
     let (dt, ut) = (down.as_tensor().t().unwrap(), up.as_tensor().t().unwrap());
     let parts: Vec<Tensor> = (0..items).map(|j| x2.narrow(0, j * per, per).unwrap().matmul(&dt).unwrap().matmul(&ut).unwrap()).collect();
     let theirs = (Tensor::cat(&parts, 0).unwrap().reshape((items, per, out)).unwrap() * 0.5).unwrap();
-    assert_eq!(bits(&ours), bits(&theirs), "forward bits differ");
     let r = (randn(303, &[items, per, out]).exp().unwrap() * 100.0).unwrap();
-    let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let gt = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    for (name, v) in [("x", &x), ("down", &down), ("up", &up)] {
-        let (a, c) = (bits(go.get(v.as_tensor()).unwrap()), bits(gt.get(v.as_tensor()).unwrap()));
-        if let Some(j) = a.iter().zip(&c).position(|(p, q)| p != q) {
-            panic!("d{name} bits differ at {j}: {} vs {}", f32::from_bits(a[j]), f32::from_bits(c[j]));
-        }
-    }
+    assert_same_bits_forward_and_backward(&ours, &theirs, &r, &[("x", &x), ("down", &down), ("up", &up)], "adapter");
 }
 
 #[test]
 fn trainable_silu_has_the_bits_of_candles_silu_forward_and_backward() {
     let special: Vec<f32> = vec![0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 20.0, -20.0, 90.0, -90.0, 110.0, -110.0, 1e20, -1e20, 3.3, -7.1];
     let cases = [randn(400, &[3, 17, 33, 5]), (randn(401, &[2, 1000]) * 30.0).unwrap(), Tensor::from_vec(special.clone(), special.len(), &Device::Cpu).unwrap()];
-    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
     for (i, x) in cases.iter().enumerate() {
         let x = Var::from_tensor(x).unwrap();
         let ours = diffii::nn::Activation::Silu.forward(x.as_tensor()).unwrap();
         let theirs = x.as_tensor().silu().unwrap();
-        assert_eq!(bits(&ours), bits(&theirs), "case {i}: forward bits differ");
-        let r = randn(402 + i as u64, x.dims());
-        let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gt = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let (a, b) = (bits(go.get(x.as_tensor()).unwrap()), bits(gt.get(x.as_tensor()).unwrap()));
-        if let Some(j) = a.iter().zip(&b).position(|(p, q)| p != q) {
-            panic!("case {i}: gradient bits differ at {j}: {} vs {}", f32::from_bits(a[j]), f32::from_bits(b[j]));
-        }
+        assert_same_bits_forward_and_backward(&ours, &theirs, &randn(402 + i as u64, x.dims()), &[("x", &x)], &format!("case {i}"));
     }
 }
 
 #[test]
 fn trainable_group_norm_has_the_bits_of_its_candle_composition_forward_and_backward() {
-    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
     // Rows long enough for candle's vectorised row sums, odd lengths for their tails, a constant
     // group (zero variance), offsets that make the centring lossy.
     let constant = Tensor::ones((1, 4, 3, 3), DType::F32, &Device::Cpu).unwrap();
@@ -390,15 +337,7 @@ fn trainable_group_norm_has_the_bits_of_its_candle_composition_forward_and_backw
         let gn = diffii::nn::GroupNorm { weight: w.as_tensor().clone(), bias: b.as_tensor().clone(), groups, eps: 1e-5 };
         let ours = gn.forward(x.as_tensor()).unwrap();
         let theirs = gn.forward_composed(x.as_tensor()).unwrap();
-        assert_eq!(bits(&ours), bits(&theirs), "case {i}: forward bits differ");
         let r = (randn(530 + i as u64, x.dims()).exp().unwrap() * 10.0).unwrap();
-        let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gt = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
-            let (a, c) = (bits(go.get(v.as_tensor()).unwrap()), bits(gt.get(v.as_tensor()).unwrap()));
-            if let Some(j) = a.iter().zip(&c).position(|(p, q)| p != q) {
-                panic!("case {i}: d{name} bits differ at {j}: {} vs {}", f32::from_bits(a[j]), f32::from_bits(c[j]));
-            }
-        }
+        assert_same_bits_forward_and_backward(&ours, &theirs, &r, &[("x", &x), ("weight", &w), ("bias", &b)], &format!("case {i}"));
     }
 }
