@@ -295,6 +295,22 @@ fn a_trainable_linear_layer_has_the_bits_of_candles_per_item_products_forward_an
 }
 
 #[test]
+fn a_frozen_linear_layer_under_a_tracked_input_has_the_bits_of_candles_per_item_products() {
+    // Textual inversion's case: the weight is a plain tensor, only the input's gradient exists.
+    let (items, per, in_dim, out) = (6, 11, 40, 24);
+    let x = Var::from_tensor(&randn(250, &[items, per, in_dim])).unwrap();
+    let w = (randn(251, &[out, in_dim]) * 0.2).unwrap();
+    let b = randn(252, &[out]);
+    let layer = diffii::nn::Linear::new(w.clone(), Some(b.clone()), diffii::nn::Precision::F32);
+    let ours = layer.forward(x.as_tensor()).unwrap();
+    let x2 = x.as_tensor().reshape((items * per, in_dim)).unwrap();
+    let parts: Vec<Tensor> = (0..items).map(|j| x2.narrow(0, j * per, per).unwrap().matmul(&w.t().unwrap()).unwrap()).collect();
+    let theirs = Tensor::cat(&parts, 0).unwrap().reshape((items, per, out)).unwrap().broadcast_add(&b).unwrap();
+    let r = (randn(253, &[items, per, out]).exp().unwrap() * 100.0).unwrap();
+    assert_same_bits_forward_and_backward(&ours, &theirs, &r, &[("x", &x)], "frozen");
+}
+
+#[test]
 fn a_trained_lora_adapter_has_the_bits_of_candles_per_item_products_forward_and_backward() {
     let (items, per, in_dim, out, rank) = (7, 13, 24, 20, 4);
     let x = Var::from_tensor(&randn(300, &[items, per, in_dim])).unwrap();

@@ -131,9 +131,11 @@ impl Linear {
         // `reads_in_major`): their bytes would depend on it.
         let (rows_per_item, _) = kernels::linear::row_blocks(x.dims());
         let wt = if kernels::linear::reads_in_major(rows_per_item, in_dim, out_dim) { self.weight.t()? } else { self.weight.contiguous()?.t()? };
-        // A trainable weight: the same products, recorded as one op (see `PerItemProduct`).
-        if wt.track_op() && kernels::fast_dtype_ok(&[x, &wt]) && item_split(x.dims()).0 > 1 {
-            let y = per_item_product_trainable(x, &wt)?;
+        // A trained weight, or a frozen one under a tracked input: the same products, recorded
+        // as one op (see `PerItemProduct`; a frozen weight gets no gradient there either).
+        let tracked = wt.track_op() || (self.frozen_ops && x.track_op());
+        if tracked && kernels::fast_dtype_ok(&[x, &wt]) && item_split(x.dims()).0 > 1 {
+            let y = per_item_product_op(x, &wt)?;
             return Ok(match &self.bias {
                 Some(b) => super::channel::add(&y, b, y.rank() - 1)?,
                 None => y,
@@ -186,11 +188,12 @@ fn item_split(dims: &[usize]) -> (usize, usize) {
 }
 
 /// `x [..., in] · wt [in, out]` through [`per_item_rows`] with candle's matmul, the values and
-/// both gradients to the bit, but recorded as one op. Composed, every item's narrow and
-/// product is a graph node, and candle's backward pads each item's input gradient with zeros
-/// to the whole batch and adds it into an accumulator: work that grows with the square of the
-/// batch and dominated a pretraining step's backward pass.
-fn per_item_product_trainable(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
+/// gradients to the bit (the weight's only when it tracks one, as [`frozen::matmul_frozen_rhs`]
+/// per item would), but recorded as one op. Composed, every item's narrow and product is a
+/// graph node, and candle's backward pads each item's input gradient with zeros to the whole
+/// batch and adds it into an accumulator: work that grows with the square of the batch and
+/// dominated a pretraining step's backward pass.
+fn per_item_product_op(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
     let (in_dim, out_dim) = wt.dims2()?;
     let (items, per) = item_split(dims);
@@ -200,7 +203,7 @@ fn per_item_product_trainable(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
     Ok(scope(Class::Linear, || x2.apply_op3(wt, &y2, PerItemProduct { items, per }))?.reshape(y.shape())?)
 }
 
-/// The op of [`per_item_product_trainable`]: its arguments are the input rows, the weight and
+/// The op of [`per_item_product_op`]: its arguments are the input rows, the weight and
 /// the already computed product (which the forward passes on). The backward replays candle's:
 /// each item's `grad_i wt^T` for the input, and for the weight each item's `x_i^T grad_i`,
 /// added in the order candle's backward visits the items' products (the last item first).
@@ -227,7 +230,7 @@ impl candle_core::CustomOp3 for PerItemProduct {
     }
 
     fn bwd(&self, x: &Tensor, wt: &Tensor, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let track_x = x.track_op();
+        let (track_x, track_w) = (x.track_op(), wt.track_op());
         let (g, x, wt) = (grad.contiguous()?, x.detach(), wt.detach());
         let item = |t: &Tensor, i: usize| t.narrow(0, i * self.per, self.per);
         let dx = match track_x {
@@ -235,7 +238,8 @@ impl candle_core::CustomOp3 for PerItemProduct {
             false => None,
         };
         let mut dw: Option<Tensor> = None;
-        for i in (0..self.items).rev() {
+        // A frozen weight's gradient is neither computed nor kept (see `nn::frozen`).
+        for i in (0..self.items).rev().filter(|_| track_w) {
             let d = item(&x, i)?.t()?.matmul(&item(&g, i)?)?;
             dw = Some(match dw {
                 Some(acc) => (acc + d)?,
@@ -255,7 +259,7 @@ impl Adapter {
         let (dt, ut) = (self.down.t()?, self.up.t()?);
         // Trained: the two products as two ops, with the bits of the per-item composition.
         let y = if dt.track_op() && ut.track_op() && kernels::fast_dtype_ok(&[x, &dt, &ut]) && item_split(x.dims()).0 > 1 {
-            per_item_product_trainable(&per_item_product_trainable(x, &dt)?, &ut)?
+            per_item_product_op(&per_item_product_op(x, &dt)?, &ut)?
         } else {
             per_item_rows(x, out_dim, |a| Ok(a.matmul(&dt)?.matmul(&ut)?))?
         };
