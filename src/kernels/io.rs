@@ -77,6 +77,13 @@ pub(crate) fn op_output(result: Result<Tensor>, op: &str) -> candle_core::Result
     }
 }
 
+/// A custom op's gradient shaped like `like`, computed by `f` from the contiguous f32 data of
+/// `inputs`; an error names the op.
+pub(crate) fn op_grad(like: &Tensor, inputs: &[&Tensor], op: &str, f: impl FnOnce(&[&[f32]]) -> Vec<f32>) -> candle_core::Result<Tensor> {
+    let g = with_slices(inputs, f).map_err(|e| candle_core::Error::Msg(format!("{op} backward: {e}")))?;
+    Tensor::from_vec(g, like.shape(), like.device())
+}
+
 /// A `Vec<f32>` of length `n` whose contents the caller overwrites completely.
 #[allow(clippy::uninit_vec)]
 pub(crate) fn uninit(n: usize) -> Vec<f32> {

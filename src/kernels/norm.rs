@@ -278,10 +278,10 @@ fn exact_row_stats(x: &[f32], xc: &mut [f32], eps: f32) -> f32 {
     (var * 1.0 + eps).sqrt()
 }
 
-/// GroupNorm or LayerNorm without the affine, for training: `x` viewed as `[rows, n]` (a row =
-/// one batch element's group, or one token), normalised with the bits of the composition of
-/// candle ops the layers use elsewhere (`nn::norm`'s composed paths: row sums, scalar affines,
-/// `sqr`, `sqrt`, a broadcast subtraction and division).
+/// GroupNorm without the affine, for training: `x` viewed as `[rows, n]` (a row = one batch
+/// element's group), normalised with the bits of the composition of candle ops the layer uses
+/// elsewhere (`nn::GroupNorm::forward_composed`: row sums, scalar affines, `sqr`, `sqrt`, a
+/// broadcast subtraction and division).
 pub fn normalize_exact(x: &[f32], n: usize, eps: f64) -> Vec<f32> {
     let mut out = uninit(x.len());
     if n == 0 {

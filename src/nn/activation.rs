@@ -96,9 +96,7 @@ impl candle_core::CustomOp1 for SiluExact {
     }
 
     fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dx = kernels::io::with_slices(&[x, y, grad], |v| kernels::activation::silu_exact_backward(v[0], v[1], v[2]))
-            .map_err(|e| candle_core::Error::Msg(format!("silu backward: {e}")))?;
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        Ok(Some(kernels::io::op_grad(x, &[x, y, grad], "silu", |v| kernels::activation::silu_exact_backward(v[0], v[1], v[2]))?))
     }
 }
 
@@ -119,9 +117,7 @@ impl candle_core::CustomOp1 for Geglu {
     }
 
     fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dh = kernels::io::with_slices(&[h, grad], |v| kernels::activation::geglu_exact_backward(v[0], v[1], self.inner))
-            .map_err(|e| candle_core::Error::Msg(format!("geglu backward: {e}")))?;
-        Ok(Some(Tensor::from_vec(dh, h.shape(), h.device())?))
+        Ok(Some(kernels::io::op_grad(h, &[h, grad], "geglu", |v| kernels::activation::geglu_exact_backward(v[0], v[1], self.inner))?))
     }
 }
 
@@ -157,7 +153,7 @@ impl candle_core::CustomOp2 for AddRelu {
     fn bwd(&self, _a: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // PyTorch's threshold_backward: the gradient passes where the output is positive.
         use rayon::prelude::*;
-        let g = kernels::io::with_slices(&[res, grad], |v| {
+        let g = kernels::io::op_grad(res, &[res, grad], "add-relu", |v| {
             let mut g = kernels::io::uninit(v[0].len());
             g.par_chunks_mut(1 << 14).zip(v[0].par_chunks(1 << 14).zip(v[1].par_chunks(1 << 14))).for_each(|(d, (y, g))| {
                 for ((d, &y), &g) in d.iter_mut().zip(y).zip(g) {
@@ -165,9 +161,7 @@ impl candle_core::CustomOp2 for AddRelu {
                 }
             });
             g
-        })
-        .map_err(|e| candle_core::Error::Msg(format!("add-relu backward: {e}")))?;
-        let g = Tensor::from_vec(g, res.shape(), res.device())?;
+        })?;
         Ok((Some(g.clone()), Some(g)))
     }
 }

@@ -81,32 +81,16 @@ impl candle_core::CustomOp2 for Channel {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let err = |e: Error| candle_core::Error::Msg(format!("per-channel backward: {e}"));
-        let channels = p.elem_count();
-        let (dx, dp) = match self.op {
+        use kernels::channel::{channel_map, channel_sums, channel_sums_of_products};
+        let (channels, inner) = (p.elem_count(), self.inner);
+        Ok(match self.op {
             // candle's: the output gradient itself for x, its per-channel sums for p.
-            ChannelOp::Add => {
-                let dp = kernels::io::with_slices(&[grad], |v| {
-                    kernels::channel::channel_sums(v[0], channels, self.inner)
-                })
-                .map_err(err)?;
-                (grad.clone(), dp)
-            }
+            ChannelOp::Add => (Some(grad.clone()), Some(kernels::io::op_grad(p, &[grad], "per-channel", |v| channel_sums(v[0], channels, inner))?)),
             // candle's: grad * p for x; for p the product grad * x, then its per-channel sums.
-            ChannelOp::Mul => kernels::io::with_slices(&[grad, x, p], |v| {
-                let dx = Tensor::from_vec(
-                    kernels::channel::channel_map(v[0], v[2], self.inner, ChannelOp::Mul),
-                    x.shape(),
-                    x.device(),
-                );
-                (
-                    dx,
-                    kernels::channel::channel_sums_of_products(v[0], v[1], channels, self.inner),
-                )
-            })
-            .map_err(err)
-            .and_then(|(dx, dp)| Ok((dx?, dp)))?,
-        };
-        Ok((Some(dx), Some(Tensor::from_vec(dp, p.shape(), p.device())?)))
+            ChannelOp::Mul => (
+                Some(kernels::io::op_grad(x, &[grad, p], "per-channel", |v| channel_map(v[0], v[1], inner, ChannelOp::Mul))?),
+                Some(kernels::io::op_grad(p, &[grad, x], "per-channel", |v| channel_sums_of_products(v[0], v[1], channels, inner))?),
+            ),
+        })
     }
 }

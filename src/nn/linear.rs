@@ -129,26 +129,23 @@ impl Linear {
         // A 2-D matmul against the transposed weight avoids broadcasting the weight per batch.
         // Small products take the usual layout whichever way the weight is stored (see
         // `reads_in_major`): their bytes would depend on it.
-        let (rows_per_item, _) = kernels::linear::row_blocks(x.dims());
+        let (rows_per_item, items) = kernels::linear::row_blocks(x.dims());
         let wt = if kernels::linear::reads_in_major(rows_per_item, in_dim, out_dim) { self.weight.t()? } else { self.weight.contiguous()?.t()? };
         // A trained weight, or a frozen one under a tracked input: the same products, recorded
         // as one op (see `PerItemProduct`; a frozen weight gets no gradient there either).
         let tracked = wt.track_op() || (self.frozen_ops && x.track_op());
-        if tracked && kernels::fast_dtype_ok(&[x, &wt]) && item_split(x.dims()).0 > 1 {
-            let y = per_item_product_op(x, &wt)?;
-            return Ok(match &self.bias {
-                Some(b) => super::channel::add(&y, b, y.rank() - 1)?,
-                None => y,
-            });
-        }
-        // A frozen weight's gradient is neither computed nor kept (see `nn::frozen`).
-        let y = per_item_rows(x, out_dim, |a| {
-            if self.frozen_ops && frozen::use_frozen_rhs(a, &wt) {
-                frozen::matmul_frozen_rhs(a, &wt)
-            } else {
-                Ok(a.matmul(&wt)?)
-            }
-        })?;
+        let y = if tracked && kernels::fast_dtype_ok(&[x, &wt]) && items > 1 {
+            per_item_product_op(x, &wt)?
+        } else {
+            // A frozen weight's gradient is neither computed nor kept (see `nn::frozen`).
+            per_item_rows(x, out_dim, |a| {
+                if self.frozen_ops && frozen::use_frozen_rhs(a, &wt) {
+                    frozen::matmul_frozen_rhs(a, &wt)
+                } else {
+                    Ok(a.matmul(&wt)?)
+                }
+            })?
+        };
         Ok(match &self.bias {
             Some(b) => super::channel::add(&y, b, y.rank() - 1)?,
             None => y,
@@ -163,7 +160,7 @@ impl Linear {
 fn per_item_rows(x: &Tensor, out_dim: usize, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let dims = x.dims();
     let in_dim = dims[dims.len() - 1];
-    let (items, per) = item_split(dims);
+    let (per, items) = kernels::linear::row_blocks(dims);
     let rows = items * per;
     let x2 = x.reshape((rows, in_dim))?;
     let y = scope(Class::Linear, || -> Result<Tensor> {
@@ -178,15 +175,6 @@ fn per_item_rows(x: &Tensor, out_dim: usize, f: impl Fn(&Tensor) -> Result<Tenso
     Ok(y.reshape(out_shape)?)
 }
 
-/// (batch items, rows per item) of an input [..., in] as [`per_item_rows`] splits it: the
-/// first dim is the batch when there are three or more, otherwise every row is an item.
-fn item_split(dims: &[usize]) -> (usize, usize) {
-    let in_dim = dims[dims.len() - 1];
-    let rows = dims.iter().product::<usize>() / in_dim.max(1);
-    let items = if dims.len() >= 3 { dims[0] } else { rows };
-    (items, rows / items.max(1))
-}
-
 /// `x [..., in] · wt [in, out]` through [`per_item_rows`] with candle's matmul, the values and
 /// gradients to the bit (the weight's only when it tracks one, as [`frozen::matmul_frozen_rhs`]
 /// per item would), but recorded as one op. Composed, every item's narrow and product is a
@@ -196,7 +184,7 @@ fn item_split(dims: &[usize]) -> (usize, usize) {
 fn per_item_product_op(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
     let (in_dim, out_dim) = wt.dims2()?;
-    let (items, per) = item_split(dims);
+    let (per, items) = kernels::linear::row_blocks(dims);
     let y = per_item_rows(&x.detach(), out_dim, |a| Ok(a.matmul(&wt.detach())?))?;
     let x2 = x.reshape((items * per, in_dim))?;
     let y2 = y.reshape((items * per, out_dim))?;
@@ -239,12 +227,14 @@ impl candle_core::CustomOp3 for PerItemProduct {
         };
         let mut dw: Option<Tensor> = None;
         // A frozen weight's gradient is neither computed nor kept (see `nn::frozen`).
-        for i in (0..self.items).rev().filter(|_| track_w) {
-            let d = item(&x, i)?.t()?.matmul(&item(&g, i)?)?;
-            dw = Some(match dw {
-                Some(acc) => (acc + d)?,
-                None => d,
-            });
+        if track_w {
+            for i in (0..self.items).rev() {
+                let d = item(&x, i)?.t()?.matmul(&item(&g, i)?)?;
+                dw = Some(match dw {
+                    Some(acc) => (acc + d)?,
+                    None => d,
+                });
+            }
         }
         Ok((dx, dw, None))
     }
@@ -258,7 +248,7 @@ impl Adapter {
         flops::add(x.elem_count() / in_dim * r * (in_dim + out_dim));
         let (dt, ut) = (self.down.t()?, self.up.t()?);
         // Trained: the two products as two ops, with the bits of the per-item composition.
-        let y = if dt.track_op() && ut.track_op() && kernels::fast_dtype_ok(&[x, &dt, &ut]) && item_split(x.dims()).0 > 1 {
+        let y = if dt.track_op() && ut.track_op() && kernels::fast_dtype_ok(&[x, &dt, &ut]) && kernels::linear::row_blocks(x.dims()).1 > 1 {
             per_item_product_op(&per_item_product_op(x, &dt)?, &ut)?
         } else {
             per_item_rows(x, out_dim, |a| Ok(a.matmul(&dt)?.matmul(&ut)?))?

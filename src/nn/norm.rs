@@ -94,9 +94,7 @@ impl candle_core::CustomOp1 for NormalizeRows {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dx = kernels::io::with_slices(&[x, grad], |v| kernels::norm::normalize_exact_backward(v[0], v[1], self.n, self.eps))
-            .map_err(|e| candle_core::Error::Msg(format!("group norm backward: {e}")))?;
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        Ok(Some(kernels::io::op_grad(x, &[x, grad], "group norm", |v| kernels::norm::normalize_exact_backward(v[0], v[1], self.n, self.eps))?))
     }
 }
 
