@@ -1350,3 +1350,15 @@ fn kernels_reject_mis_sized_per_channel_parameters() {
     expect_err("group_norm, gamma / beta [2] for 6 channels", &|| kernels::group_norm(&g, 3, &short, &short, 1e-5, false));
     assert!(failures.is_empty(), "mis-sized parameters not rejected:\n{}", failures.join("\n"));
 }
+
+#[test]
+fn flipped_transposed_kernel_matches_transpose_and_reversal() {
+    for &(cout, cin, k) in &[(5, 3, 3), (4, 7, 1), (2, 2, 5), (1, 6, 7)] {
+        let w = randn(11, &[cout, cin, k, k], 1.0);
+        let rev = Tensor::new((0..k as u32).rev().collect::<Vec<_>>(), &Device::Cpu).unwrap();
+        let want = w.transpose(0, 1).unwrap().contiguous().unwrap().index_select(&rev, 2).unwrap().index_select(&rev, 3).unwrap();
+        let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = from_vec(kernels::conv::flipped_transposed(&v, cout, cin, k), &[cin, cout, k, k]);
+        assert_eq!(bits(&got), bits(&want), "[{cout}, {cin}, {k}, {k}]");
+    }
+}

@@ -160,11 +160,11 @@ impl CustomOp1 for FrozenConv {
     }
 }
 
-/// The flipped, transposed kernel [cin, cout, k, k] of a weight [cout, cin, k, k].
+/// The flipped, transposed kernel [cin, cout, k, k] of a weight [cout, cin, k, k] (f32, CPU).
 fn flip_kernel(w: &Tensor) -> candle_core::Result<Tensor> {
-    let k = w.dim(3)?;
-    let rev = Tensor::new((0..k as u32).rev().collect::<Vec<_>>(), w.device())?;
-    w.transpose(0, 1)?.contiguous()?.index_select(&rev, 2)?.contiguous()?.index_select(&rev, 3)?.contiguous()
+    let (cout, cin, k, _) = w.dims4()?;
+    let v = kernels::io::with_slices(&[w], |v| kernels::conv::flipped_transposed(v[0], cout, cin, k)).map_err(to_msg)?;
+    Tensor::from_vec(v, (cin, cout, k, k), w.device())
 }
 
 /// The gradient of a convolution's input of shape `x_dims` from the output gradient `grad`:
