@@ -22,12 +22,12 @@ pub fn derive(parts: &[&[u8]]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// The first 8 bytes of [`derive`] as a little-endian u64.
+/// The first 8 bytes of [`derive`](fn@derive) as a little-endian u64.
 pub fn derive_u64(parts: &[&[u8]]) -> u64 {
     u64::from_le_bytes(derive(parts)[..8].try_into().expect("8 bytes"))
 }
 
-/// A ChaCha8 generator seeded with the whole of [`derive`].
+/// A ChaCha8 generator seeded with the whole of [`derive`](fn@derive).
 pub fn derive_rng(parts: &[&[u8]]) -> ChaCha8Rng {
     ChaCha8Rng::from_seed(derive(parts))
 }

@@ -261,7 +261,7 @@ fn grids_of_methods(d: &Demo<'_>, out: &Path) -> Result<Vec<Grid>> {
 }
 
 /// A PNG with one row per class: the real images of `real` (as many as the largest class
-/// has, up to [`PER_ROW`]), a gap, then up to [`PER_ROW`] images of `synthetic`.
+/// has, up to `PER_ROW`), a gap, then up to `PER_ROW` images of `synthetic`.
 pub fn class_grid(real: &Dataset, synthetic: Option<&Dataset>) -> Result<Vec<u8>> {
     const SIDE: usize = 32;
     const GAP: usize = 12;

@@ -240,7 +240,7 @@ impl PairPlanes {
 
     /// From `k` rows of `plane` f32 values each, rows `row_stride` apart in `src`: the same
     /// result as [`from_fn`](Self::from_fn), two rows interleaved per 16 columns by AVX-512
-    /// where the CPU has it (see [`to_bf16`] on subnormals).
+    /// where the CPU has it (see `to_bf16` on subnormals).
     pub fn from_rows(src: &[f32], k: usize, plane: usize, row_stride: usize) -> Self {
         #[cfg(target_arch = "x86_64")]
         if supported() {

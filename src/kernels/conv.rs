@@ -25,7 +25,7 @@ pub struct ConvInput {
     pub pad: (usize, usize, usize, usize),
 }
 
-/// `x` [b, cin, h, w], `weight` [cout, cin, k, k], `bias` [cout], `extra_bias` [b, cout]:
+/// `x` [b, cin, h, w], `weight` [cout, cin, k, k], `bias` \[cout\], `extra_bias` [b, cout]:
 /// convolution with `stride`, input prepared per `input`, then
 /// `(conv + bias + extra_bias + residual) / out_scale`. With `packed` (the weight from
 /// [`pack_weight`]) the products take bf16 inputs with f32 accumulation; a weight stored

@@ -36,7 +36,7 @@ fn preload_rows(dst: &mut [f32], cols: usize, bias: Option<&[f32]>, residual: Op
 }
 
 /// `x` [items, rows, in] (rank >= 3: items = dim 0) or [rows, in] (rank 2: every row is its
-/// own item) times `weight` [out, in]^T, plus `bias` [out] and `residual` (shaped like the
+/// own item) times `weight` [out, in]^T, plus `bias` \[out\] and `residual` (shaped like the
 /// output). With `packed` (the weight from [`pack_weight`]) the products take bf16 inputs with
 /// f32 accumulation; a weight stored [`in_major`] is read in place. Inference only (no
 /// backward).
@@ -170,7 +170,7 @@ pub fn rowwise(dims: &[usize]) -> bool {
 }
 
 /// Token features from an NCHW map through a pointwise layer: `x` [b, c, h, w], `weight`
-/// [cout, c] (or [cout, c, 1, 1]), `bias` [cout] -> [b, h*w, cout]; the transpose is folded
+/// [cout, c] (or [cout, c, 1, 1]), `bias` \[cout\] -> [b, h*w, cout]; the transpose is folded
 /// into the product's strides. Inference only.
 pub fn pointwise_to_tokens(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
@@ -201,7 +201,7 @@ pub fn pointwise_to_tokens(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -
 }
 
 /// The inverse: `t` [b, h*w, c] through a pointwise layer (`weight` [cout, c] or
-/// [cout, c, 1, 1], `bias` [cout]) into NCHW [b, cout, h, w], plus `residual` (NCHW).
+/// [cout, c, 1, 1], `bias` \[cout\]) into NCHW [b, cout, h, w], plus `residual` (NCHW).
 /// Inference only.
 pub fn pointwise_from_tokens(t: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, h: usize, w: usize) -> Result<Tensor> {
     let (b, hw, c) = t.dims3()?;

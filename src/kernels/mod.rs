@@ -1,5 +1,5 @@
 //! CPU compute kernels in f32 (and bf16 products with f32 accumulation), one module per
-//! operation: [`linear`], [`conv`] (and, through unfolded inputs, small-channel convolutions and the gradients, [`conv_unfold`]), [`attention`],
+//! operation: [`linear`](mod@linear), [`conv`] (and, through unfolded inputs, small-channel convolutions and the gradients, [`conv_unfold`]), [`attention`](mod@attention),
 //! [`norm`], [`activation`], on top of the
 //! SIMD helpers ([`simd`]), the f32 product ([`gemm`]) and the bf16 microkernel ([`bf16`]).
 //!

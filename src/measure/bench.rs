@@ -495,7 +495,7 @@ impl ResNetBench {
     }
 }
 
-/// The training step and evaluation forward of any ResNet (see [`ResNetBench`]): cases
+/// The training step and evaluation forward of any ResNet (see `ResNetBench`): cases
 /// "`label` train step" and "`label` eval".
 pub fn resnet_steps(label: &str, config: &crate::classify::resnet::ResNetConfig, batch: usize, size: usize, warmup: usize, reps: usize) -> Result<Vec<BenchResult>> {
     let mut b = ResNetBench::new(config, batch, size)?;

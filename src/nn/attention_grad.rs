@@ -3,7 +3,7 @@
 //! Composed of candle ops, `softmax(Q K^T / sqrt(d) + mask) V` keeps every layer's score and
 //! probability tensors ([b, heads, n, m], the largest in the graph) alive until backward, and
 //! runs a dozen passes over them. This op runs the fused inference kernel
-//! ([`kernels::attention`]) forward, keeps only q, k, v, and recomputes the probabilities in
+//! ([`kernels::attention`](fn@crate::kernels::attention)) forward, keeps only q, k, v, and recomputes the probabilities in
 //! its backward (as FlashAttention does, Dao et al. 2022, §3.1):
 //!
 //! `P = softmax(S)`, `dV = P^T dO`, `dP = dO V^T`, `dS = P ∘ (dP - rowsum(dP ∘ P))`,

@@ -39,7 +39,7 @@ pub struct Adapter {
 }
 
 impl Linear {
-    /// Loads `weight` [out, in] (and `bias` [out]) at the precision of `w`.
+    /// Loads `weight` [out, in] (and `bias` \[out\]) at the precision of `w`.
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.get(&[out_dim, in_dim], "weight")?;
         let bias = if bias { Some(w.get(&[out_dim], "bias")?) } else { None };
