@@ -76,6 +76,12 @@ pub fn conv2d_unfolded(x: &[f32], wt: &[f32], sh: ConvShape) -> Vec<f32> {
 /// `dW` as `[cout, cin, k, k]` from the input `x` (`[b, cin, h, w]`) and the output gradient
 /// `g` (`[b, cout, ho, wo]`), both contiguous.
 pub fn conv2d_weight_grad(x: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
+    let (ho, wo) = sh.out_hw();
+    weight_grad_rows_apart(x, g, sh, spread_stride(ho * wo))
+}
+
+/// [`conv2d_weight_grad`] with the unfolded input's rows `ld` apart (`ld >= ho·wo`).
+fn weight_grad_rows_apart(x: &[f32], g: &[f32], sh: ConvShape, ld: usize) -> Vec<f32> {
     let ConvShape { b, cin, h, w, cout, k, .. } = sh;
     let (ho, wo) = sh.out_hw();
     let (hw, ckk) = (ho * wo, cin * k * k);
@@ -84,7 +90,6 @@ pub fn conv2d_weight_grad(x: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
     let partials: Vec<Vec<f32>> = (0..b.div_ceil(GROUP))
         .into_par_iter()
         .map(|grp| {
-            let ld = spread_stride(hw);
             let mut col = uninit(ckk * ld);
             let mut acc = vec![0f32; cout * ckk];
             for (i, n) in (grp * GROUP..b.min((grp + 1) * GROUP)).enumerate() {
@@ -282,31 +287,6 @@ mod tests {
             .collect()
     }
 
-    /// The weight gradient with the unfolded input in contiguous `[ckk, hw]` rows, as it was
-    /// first written: the padded rows must give the same bits.
-    fn weight_grad_rows(x: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
-        let ConvShape { b, cin, h, w, cout, k, .. } = sh;
-        let (ho, wo) = sh.out_hw();
-        let (hw, ckk) = (ho * wo, cin * k * k);
-        let mut dw: Option<Vec<f32>> = None;
-        for grp in 0..b.div_ceil(GROUP) {
-            let mut col = vec![0f32; ckk * hw];
-            let mut acc = vec![0f32; cout * ckk];
-            for (i, n) in (grp * GROUP..b.min((grp + 1) * GROUP)).enumerate() {
-                unfold_transposed(&x[n * cin * h * w..][..cin * h * w], &mut col, sh, ho, wo, hw);
-                // SAFETY: as in conv2d_weight_grad, with col read transposed.
-                unsafe {
-                    sgemm(cout, ckk, hw, acc.as_mut_ptr(), ckk, 1, i > 0, g[n * cout * hw..].as_ptr(), hw, 1, col.as_ptr(), 1, hw, 1.0, 1)
-                };
-            }
-            match dw.as_mut() {
-                None => dw = Some(acc),
-                Some(d) => d.iter_mut().zip(&acc).for_each(|(d, v)| *d += v),
-            }
-        }
-        dw.unwrap()
-    }
-
     #[test]
     fn weight_gradient_is_the_same_bits_as_the_row_layout_and_close_to_the_sum() {
         let shapes = [
@@ -323,7 +303,8 @@ mod tests {
             let x = values(sh.b * sh.cin * sh.h * sh.w, 1);
             let g = values(sh.b * sh.cout * ho * wo, 2);
             let got = conv2d_weight_grad(&x, &g, sh);
-            let want = weight_grad_rows(&x, &g, sh);
+            // Contiguous rows, as the gradient was first written: the padding must not change a bit.
+            let want = weight_grad_rows_apart(&x, &g, sh, ho * wo);
             assert!(
                 got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{sh:?}: weight gradient bits differ from the contiguous layout's"
