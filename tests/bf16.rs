@@ -115,7 +115,7 @@ fn bf16_linear_stays_close_to_f32_and_is_thread_independent() {
         // Odd sizes: partial row and column blocks, an odd k and k pairs short of a k block;
         // a product of several k blocks; and one of more k blocks than the AMX kernel takes in
         // one pass (it splits them, which must not change the result).
-        for (items, rows, k, out) in [(3, 45, 67, 53), (2, 77, 96, 40), (1, 64, 600, 70)] {
+        for (items, rows, k, out) in [(3, 45, 67, 53), (2, 77, 96, 40), (1, 64, 600, 70), (1, 300, 40, 70)] {
             let x = randn(30, &[items, rows, k]);
             let w = (randn(31, &[out, k]) * 0.1).unwrap();
             let (bias, res) = (randn(32, &[out]), randn(33, &[items, rows, out]));

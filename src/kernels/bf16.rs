@@ -181,26 +181,33 @@ impl PackedA {
     }
 
     /// From `m` contiguous rows of `k` values (one tap), rows `row_stride` apart in `src`: the
-    /// same result as [`new`](Self::new), packed faster where the layout keeps a row's pairs
-    /// together (AMX: a tile row is 32 consecutive values of one row).
+    /// same result as [`new`](Self::new), packed faster: each row is converted 16 values at a
+    /// time (see `to_bf16` on subnormals), then its pairs are placed.
     pub fn from_rows(kernel: Kernel, m: usize, k: usize, src: &[f32], row_stride: usize) -> Self {
-        if kernel != Kernel::Amx {
-            return Self::new(kernel, m, 1, k, |r, _, kk| src[r * row_stride + kk]);
-        }
         let k_pairs = k.div_ceil(2);
         let kblocks = k_pairs.div_ceil(amx::KB);
         let (rows_per_block, block) = Self::block_shape(kernel, 1, k_pairs);
         let mut data = vec![0u32; m.div_ceil(rows_per_block) * block];
         data.par_chunks_mut(block).enumerate().for_each(|(mb, blk)| {
-            // A row's bf16 values, two per u32 in little-endian order: exactly the pairs.
+            // A row's bf16 values, two per u32 in little-endian order: exactly the pairs. The
+            // odd k's high half stays zero: every row writes the same k halves.
             let mut row = vec![0u32; kblocks * amx::KB];
             for r in 0..rows_per_block.min(m - mb * rows_per_block) {
                 let at = (mb * rows_per_block + r) * row_stride;
                 // SAFETY: a u32 buffer viewed as twice as many u16 values.
                 let halves = unsafe { std::slice::from_raw_parts_mut(row.as_mut_ptr() as *mut u16, row.len() * 2) };
                 to_bf16(&src[at..at + k], &mut halves[..k]);
-                for kb in 0..kblocks {
-                    blk[(kb * amx::BLOCK + r) * amx::KB..][..amx::KB].copy_from_slice(&row[kb * amx::KB..(kb + 1) * amx::KB]);
+                match kernel {
+                    Kernel::Amx => {
+                        for kb in 0..kblocks {
+                            blk[(kb * amx::BLOCK + r) * amx::KB..][..amx::KB].copy_from_slice(&row[kb * amx::KB..(kb + 1) * amx::KB]);
+                        }
+                    }
+                    Kernel::Avx512 => {
+                        for (p, &v) in row[..k_pairs].iter().enumerate() {
+                            blk[p * MR + r] = v;
+                        }
+                    }
                 }
             }
         });
@@ -314,12 +321,18 @@ pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
         gemm_taps_amx(a, b, offs, n, dst, dst_rs, accumulate, parallel);
         return Ok(());
     }
+    const ROW_GROUP: usize = 16;
     let (mbs, nbs) = (a.m.div_ceil(MR), n.div_ceil(NR));
     let dptr = SendPtr(dst.as_mut_ptr());
     let bptr = Ptr(b.data.as_ptr());
     for_tasks(mbs * nbs, parallel, |task| {
         let (bptr, d) = (bptr, dptr);
-        let (mb, nb) = (task / nbs, task % nbs);
+        // Row blocks in groups of ROW_GROUP: within a group the column blocks run in order, and
+        // each column block's B panel serves every row block of the group from the cache.
+        let group = task / (ROW_GROUP * nbs);
+        let in_group = ROW_GROUP.min(mbs - group * ROW_GROUP);
+        let w = task - group * ROW_GROUP * nbs;
+        let (mb, nb) = (group * ROW_GROUP + w % in_group, w / in_group);
         let rows = MR.min(a.m - mb * MR);
         let cols = NR.min(n - nb * NR);
         let bases: Vec<Ptr<u16>> = offs.iter().map(|&o| Ptr(unsafe { bptr.0.add((o + nb * NR) * 2) })).collect();

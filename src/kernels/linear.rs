@@ -52,7 +52,9 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
     let total_rows = rows * items;
     let mut out_shape = dims.clone();
     *out_shape.last_mut().unwrap() = out_dim;
-    let mut ts: Vec<&Tensor> = vec![x, weight];
+    // The bf16 product reads only the packed weight; the f32 one may be an input-major view,
+    // which `with_slices` would copy whole on every call, so it is left out (`x` holds its slot).
+    let mut ts: Vec<&Tensor> = vec![x, if packed.is_some() { x } else { weight }];
     if let Some(b) = bias {
         ts.push(b);
     }
