@@ -90,6 +90,13 @@ fn convolutions_on(kernel: bf16::Kernel) {
         assert!(e > 0.0 && e < 2e-2, "conv case {i}: {e}");
         let one = one_thread(|| run(Some(&packed)));
         assert_eq!(bits(&one), bits(&b), "conv case {i}: result depends on the thread count");
+        // A frozen model's weight is stored tap-major and packed from that storage: same bits.
+        if k > 1 {
+            let tm = kernels::conv::tap_major(&w).unwrap();
+            let tm_packed = kernels::conv::pack_weight(&tm, kernel).unwrap();
+            let y = kernels::conv2d(&x, &tm, Some(&bias), Some(&extra), stride, ConvInput { upsample: up, pad }, Some(&res), 2.0, Some(&tm_packed)).unwrap();
+            assert_eq!(bits(&y), bits(&b), "conv case {i}: packed from the tap-major weight");
+        }
         // The exact products of the rounded inputs (bias, residual and scale in f64 as well):
         // only f32 summation separates the kernel from them.
         if up.is_none() {
@@ -126,6 +133,11 @@ fn bf16_linear_stays_close_to_f32_and_is_thread_independent() {
             eprintln!("linear {k}x{out} ({}): bf16 vs f32 relative error {e:.2e}", kernel.name());
             assert!(e > 0.0 && e < 2e-2, "linear: {e}");
             assert_eq!(bits(&one_thread(|| run(Some(&packed)))), bits(&b), "linear: result depends on the thread count");
+            // A frozen model's weight is stored input-major and packed from that storage: same bits.
+            let im = kernels::linear::in_major(&w).unwrap();
+            let im_packed = kernels::linear::pack_weight(&im, kernel).unwrap();
+            let y = kernels::linear(&x, &im, Some(&bias), Some(&res), Some(&im_packed)).unwrap();
+            assert_eq!(bits(&y), bits(&b), "linear: packed from the input-major weight");
             let exact = bf16_rounded(&x)
                 .broadcast_matmul(&bf16_rounded(&w).t().unwrap())
                 .unwrap()

@@ -379,5 +379,12 @@ pub fn flipped_transposed(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f
 /// layer).
 pub fn pack_weight(weight: &Tensor, kernel: bf16::Kernel) -> Result<PackedA> {
     let (cout, cin, kh, kw) = weight.dims4()?;
-    with_slices(&[weight], |s| PackedA::new(kernel, cout, kh * kw, cin, |co, t, ci| s[0][(co * cin + ci) * kh * kw + t]))
+    let kk = kh * kw;
+    // A tap-major weight (see [`tap_major`]) is read in its storage order, [k, k, cin, cout]:
+    // through the [cout, cin, k, k] view, `with_slices` would first copy it element by element.
+    let hwio = weight.permute((2, 3, 1, 0))?;
+    if kk > 1 && hwio.is_contiguous() {
+        return with_slices(&[&hwio], |s| PackedA::new(kernel, cout, kk, cin, |co, t, ci| s[0][(t * cin + ci) * cout + co]));
+    }
+    with_slices(&[weight], |s| PackedA::new(kernel, cout, kk, cin, |co, t, ci| s[0][(co * cin + ci) * kk + t]))
 }
