@@ -214,6 +214,35 @@ impl PackedA {
         PackedA { data, m, taps: 1, k_pairs, kernel }
     }
 
+    /// From a tap-major `src` ([taps, k, m]: a convolution weight stored `[kh, kw, cin, cout]`):
+    /// the same result as [`new`](Self::new) with `get(row, t, kk) = src[(t * k + kk) * m + row]`.
+    /// For the AVX-512 layout a block's pairs for one tap and k pair are 8 consecutive rows of
+    /// two source rows, interleaved 16 values at a time (see `to_bf16` on subnormals).
+    pub fn from_tap_major(kernel: Kernel, m: usize, taps: usize, k: usize, src: &[f32]) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Avx512 && supported() {
+            let k_pairs = k.div_ceil(2);
+            let (rows_per_block, block) = Self::block_shape(kernel, taps, k_pairs);
+            let mut data = vec![0u32; m.div_ceil(rows_per_block) * block];
+            data.par_chunks_mut(block).enumerate().for_each(|(mb, blk)| {
+                let (r0, rows) = (mb * MR, MR.min(m - mb * MR));
+                for t in 0..taps {
+                    for p in 0..k_pairs {
+                        let row = |kk: usize| &src[(t * k + kk) * m + r0..][..rows];
+                        let hi = (2 * p + 1 < k).then(|| row(2 * p + 1));
+                        let at = (t * k_pairs + p) * MR;
+                        // SAFETY: a u32 block viewed as twice as many u16 values; the CPU has
+                        // AVX-512 F, BW and BF16 (checked).
+                        let dst = unsafe { std::slice::from_raw_parts_mut(blk[at..at + MR].as_mut_ptr() as *mut u16, 2 * MR) };
+                        unsafe { interleave_avx512(row(2 * p), hi, dst) };
+                    }
+                }
+            });
+            return PackedA { data, m, taps, k_pairs, kernel };
+        }
+        Self::new(kernel, m, taps, k, |row, t, kk| src[(t * k + kk) * m + row])
+    }
+
     /// (rows per block, u32 values per block) of the layout for `kernel`.
     fn block_shape(kernel: Kernel, taps: usize, k_pairs: usize) -> (usize, usize) {
         match kernel {
@@ -500,6 +529,12 @@ mod tests {
             let fast = PackedA::from_rows(kernel, m, k, &src, 70);
             let generic = PackedA::new(kernel, m, 1, k, |r, _, kk| src[r * 70 + kk]);
             assert_eq!(fast.data, generic.data, "{kernel:?}");
+            // Tap-major: 3 taps, odd k, a partial last row block.
+            let taps = 3;
+            let src = data(taps * k * m);
+            let fast = PackedA::from_tap_major(kernel, m, taps, k, &src);
+            let generic = PackedA::new(kernel, m, taps, k, |r, t, kk| src[(t * k + kk) * m + r]);
+            assert_eq!(fast.data, generic.data, "{kernel:?} tap-major");
         }
     }
 }

@@ -384,7 +384,7 @@ pub fn pack_weight(weight: &Tensor, kernel: bf16::Kernel) -> Result<PackedA> {
     // through the [cout, cin, k, k] view, `with_slices` would first copy it element by element.
     let hwio = weight.permute((2, 3, 1, 0))?;
     if kk > 1 && hwio.is_contiguous() {
-        return with_slices(&[&hwio], |s| PackedA::new(kernel, cout, kk, cin, |co, t, ci| s[0][(t * cin + ci) * cout + co]));
+        return with_slices(&[&hwio], |s| PackedA::from_tap_major(kernel, cout, kk, cin, s[0]));
     }
     with_slices(&[weight], |s| PackedA::new(kernel, cout, kk, cin, |co, t, ci| s[0][(co * cin + ci) * kk + t]))
 }
