@@ -386,5 +386,9 @@ pub fn pack_weight(weight: &Tensor, kernel: bf16::Kernel) -> Result<PackedA> {
     if kk > 1 && hwio.is_contiguous() {
         return with_slices(&[&hwio], |s| PackedA::from_tap_major(kernel, cout, kk, cin, s[0]));
     }
+    if kk == 1 {
+        // A 1x1 weight is `cout` rows of `cin` values.
+        return with_slices(&[weight], |s| PackedA::from_rows(kernel, cout, cin, s[0], cin));
+    }
     with_slices(&[weight], |s| PackedA::new(kernel, cout, kk, cin, |co, t, ci| s[0][(co * cin + ci) * kk + t]))
 }
