@@ -75,9 +75,9 @@ pub fn conv2d(
     }
     let direct = k == 1 && stride == 1 && input.upsample.is_none() && input.pad == (0, 0, 0, 0);
     // A tap-major weight (see [`tap_major`]) is read through its storage order, [k, k, cin, cout].
-    let hwio = weight.permute((2, 3, 1, 0))?;
-    let tap_major = k > 1 && hwio.is_contiguous();
-    let weight = if tap_major { &hwio } else { weight };
+    let hwio = tap_major_storage(weight)?;
+    let tap_major = hwio.is_some();
+    let weight = hwio.as_ref().unwrap_or(weight);
     // The f32 product of a tap-major weight runs channel-major when the image has few pixels and
     // leaves its result as [pixel, cout] (see below).
     let channels_last = tap_major && packed.is_none() && ho * wp_real.div_ceil(stride) <= CHANNELS_LAST_MAX_PIXELS;
@@ -357,6 +357,14 @@ pub fn tap_major(weight: &Tensor) -> Result<Tensor> {
     Ok(weight.permute((2, 3, 1, 0))?.contiguous()?.permute((3, 2, 0, 1))?)
 }
 
+/// The storage of a weight made by [`tap_major`] (more than one tap), as the contiguous
+/// [kh, kw, cin, cout] tensor it is; `None` for any other layout.
+fn tap_major_storage(weight: &Tensor) -> Result<Option<Tensor>> {
+    let (_, _, kh, kw) = weight.dims4()?;
+    let hwio = weight.permute((2, 3, 1, 0))?;
+    Ok((kh * kw > 1 && hwio.is_contiguous()).then_some(hwio))
+}
+
 /// The kernel of a convolution's stride-1 input gradient: `w` ([cout, cin, k, k]) with its two
 /// channel dims swapped and both spatial dims reversed, as [cin, cout, k, k] values. Reversing
 /// both spatial dims reverses each contiguous `k·k` block, so this is one pass of block copies
@@ -380,10 +388,9 @@ pub fn flipped_transposed(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f
 pub fn pack_weight(weight: &Tensor, kernel: bf16::Kernel) -> Result<PackedA> {
     let (cout, cin, kh, kw) = weight.dims4()?;
     let kk = kh * kw;
-    // A tap-major weight (see [`tap_major`]) is read in its storage order, [k, k, cin, cout]:
-    // through the [cout, cin, k, k] view, `with_slices` would first copy it element by element.
-    let hwio = weight.permute((2, 3, 1, 0))?;
-    if kk > 1 && hwio.is_contiguous() {
+    // A tap-major weight is read in its storage order: through the [cout, cin, k, k] view,
+    // `with_slices` would first copy it element by element.
+    if let Some(hwio) = tap_major_storage(weight)? {
         return with_slices(&[&hwio], |s| PackedA::from_tap_major(kernel, cout, kk, cin, s[0]));
     }
     if kk == 1 {

@@ -252,9 +252,8 @@ pub fn pack_weight(weight: &Tensor, kernel: bf16::Kernel) -> Result<PackedLinear
     // An input-major weight (see [`in_major`]) already holds the planes' rows, [in, out], in
     // its storage: converted 16 values at a time, without the element-by-element copy that
     // `with_slices` makes of the transposed view.
-    let wt = weight.t()?;
-    let planes = if wt.is_contiguous() {
-        with_slices(&[&wt], |s| PairPlanes::from_rows(s[0], in_dim, out_dim, out_dim))?
+    let planes = if is_in_major(weight) {
+        with_slices(&[&weight.t()?], |s| PairPlanes::from_rows(s[0], in_dim, out_dim, out_dim))?
     } else {
         with_slices(&[weight], |s| PairPlanes::from_fn(in_dim, out_dim, |i, o| s[0][o * in_dim + i]))?
     };
