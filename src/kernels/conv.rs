@@ -6,6 +6,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::bf16::{self, PackedA};
+use super::conv_taps;
 use super::gemm::{per_item, sgemm, threads};
 use super::io::{check_per_channel, tensor, uninit, with_slices};
 use crate::error::{Error, Result};
@@ -157,6 +158,10 @@ pub fn conv2d(
             let (ty, tx) = (t / k, t % k);
             ((ty % s_) * s_ + tx % s_) * phase + (ty / s_) * wq + tx / s_
         };
+        // (offset of tap t, row stride, column stride) of its [cout, cin] weight matrix.
+        let w_at = |t: usize| if tap_major { (t * cin * cout, 1, cout) } else { (t, cin * kk, kk) };
+        // The planar f32 product goes through the direct kernel where it gives gemm's bits.
+        let taps_w = (packed.is_none() && !channels_last && conv_taps::applies(cout, cin, n_ext)).then(|| conv_taps::pack_taps(ws, cout, cin, kk, w_at));
         // Scratch per task: the padded input (its zero border is set once and never written)
         // and the product on the wq-wide grid.
         let scratch = || (vec![0f32; cin * plane + slack], uninit(cout * n_ext));
@@ -211,14 +216,15 @@ pub fn conv2d(
                 let xb = bf16::PairPlanes::from_rows(xp, cin, plane, plane);
                 let offs: Vec<usize> = (0..kk).map(tap_off).collect();
                 bf16::gemm_taps(pw, &xb, &offs, n_ext, ext, n_ext, acc, nt > 1).expect("shapes checked above");
+            } else if let Some(wt) = &taps_w {
+                let offs: Vec<usize> = (0..kk).map(tap_off).collect();
+                conv_taps::conv_taps(wt, cout, cin, xp, plane, &offs, n_ext, ext, acc, nt > 1);
             } else {
                 // Channel-major, the result is [pixel, cout]: the output channels run along the
                 // vector lanes and the pixels are broadcast, so each tap's weight is read once, in
                 // order, however few the pixels, and no lane idles on a 2x2 map. Each output
                 // element sees the same operations in the same order either way: same bytes.
                 let (d_rs, d_cs) = if channels_last { (1, cout) } else { (n_ext, 1) };
-                // (offset of tap t, row stride, column stride) of its [cout, cin] weight matrix.
-                let w_at = |t: usize| if tap_major { (t * cin * cout, 1, cout) } else { (t, cin * kk, kk) };
                 for t in 0..kk {
                     let off = tap_off(t);
                     let (w_off, w_rs, w_cs) = w_at(t);

@@ -12,7 +12,8 @@
 //! on the layer's shapes per batch element, never on the batch size or on the number of
 //! threads. Matrix products go through the `gemm` crate once per batch element (per batch
 //! element and head for attention), whose summation order depends only on the product's
-//! (m, n, k); reductions (norm statistics, softmax sums) run in a fixed order inside one task.
+//! (m, n, k) (the direct convolution kernel, `conv_taps`, repeats that order exactly where it
+//! stands in for it); reductions (norm statistics, softmax sums) run in a fixed order inside one task.
 //! Frozen weights may be stored in the order the products read them (convolutions tap-major,
 //! [`conv::tap_major`]; linear layers input-major, [`linear::in_major`]); gemm then sums each
 //! output element in the same order, so the bytes do not depend on the storage either.
@@ -22,6 +23,7 @@ pub mod attention;
 pub mod bf16;
 pub mod channel;
 pub mod conv;
+mod conv_taps;
 pub mod conv_unfold;
 pub mod gemm;
 pub mod io;

@@ -1,0 +1,231 @@
+//! The f32 direct convolution over taps on AVX-512: `dst[co, p] (+)= Σ_t Σ_ci w[t][ci][co] ·
+//! x[ci·plane + off[t] + p]`, for the planar (not channels-last) products of [`super::conv`].
+//!
+//! It gives each output element exactly the arithmetic of the product it replaces, one `gemm`
+//! call per tap ([`super::gemm::sgemm`], accumulating from the second tap on): for each tap a
+//! fused multiply-add chain over the input channels in order, started from zero, then added to
+//! the output once (the first tap's chain is stored as it is unless the output was preloaded).
+//! That is what `gemm` 0.19 does whenever the depth is 3 to 512 (one depth block, so one chain;
+//! depths of 1 or 2 take its `gevv` path, which accumulates into the output directly), there are
+//! at least 2 output channels (1 takes its matrix-vector path) and the CPU has AVX-512 (its
+//! kernels then use fused multiply-adds). [`applies`] checks exactly that (and that there are
+//! enough pixels to gain); elsewhere the caller keeps `gemm`.
+//!
+//! Why: per tap, `gemm` repacks the shifted input, and with few channels (the VAE's 16 at full
+//! resolution, a depth of 16 per tap) its microkernel spends as long loading and storing the
+//! output as multiplying. Here a tile of 8 channels x 48 pixels stays in registers for a whole
+//! tap and the input is read in place.
+
+/// Output channels per register tile.
+const ROWS: usize = 8;
+/// 16-float vectors of pixels per register tile.
+const VECS: usize = 3;
+/// Pixels per register tile.
+const TILE_PX: usize = 16 * VECS;
+
+/// Whether [`conv_taps`] reproduces `gemm`'s bits for this product on this CPU, and is worth it:
+/// below one tile of pixels (a 4x4 map) `gemm` was as fast or faster.
+pub(crate) fn applies(cout: usize, cin: usize, n: usize) -> bool {
+    super::simd::has_avx512() && (3..=512).contains(&cin) && cout >= 2 && n >= TILE_PX
+}
+
+/// The weight of tap `t` given as (offset, row stride, column stride) of its [cout, cin] matrix
+/// in `w`, gathered as [tap][cin][cout], the order [`conv_taps`] reads it.
+pub(crate) fn pack_taps(w: &[f32], cout: usize, cin: usize, taps: usize, at: impl Fn(usize) -> (usize, usize, usize)) -> Vec<f32> {
+    let mut out = Vec::with_capacity(taps * cin * cout);
+    for t in 0..taps {
+        let (off, rs, cs) = at(t);
+        for ci in 0..cin {
+            out.extend((0..cout).map(|co| w[off + co * rs + ci * cs]));
+        }
+    }
+    out
+}
+
+/// `dst` [cout, n] (row stride n) `= (preloaded ? dst : 0) + Σ_t W_t @ X_t` with `W_t` the
+/// [cout, cin] slice of `w` (from [`pack_taps`]) and `X_t`[ci, p] = `x[ci·plane + offs[t] + p]`.
+/// Pixel blocks are split across rayon's threads when `parallel`; the arithmetic is the same.
+///
+/// Panics unless [`applies`] holds and `x` holds every element the offsets reach.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_taps(w: &[f32], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], n: usize, dst: &mut [f32], preloaded: bool, parallel: bool) {
+    assert!(applies(cout, cin, n), "conv_taps: not applicable to cout {cout}, cin {cin}, n {n}");
+    assert!(w.len() >= offs.len() * cin * cout && dst.len() >= cout * n);
+    let reach = offs.iter().max().copied().unwrap_or(0) + (cin - 1) * plane + n;
+    assert!(x.len() >= reach, "conv_taps: input of {} floats, the taps reach {reach}", x.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        let blocks = n.div_ceil(TILE_PX);
+        let dst_ptr = SendPtr(dst.as_mut_ptr());
+        let run = |blk: usize| {
+            let p0 = blk * TILE_PX;
+            let px = (n - p0).min(TILE_PX);
+            // SAFETY: applies() checked AVX-512; the bounds were asserted above, and each block
+            // writes only its own pixel columns of dst.
+            unsafe { x86::block(w, cout, cin, x, plane, offs, n, p0, px, dst_ptr.get(), preloaded) }
+        };
+        if parallel && blocks > 1 {
+            use rayon::prelude::*;
+            // Several tiles per task so that a task's input rows stay in cache across channels.
+            let per_task = blocks.div_ceil(4 * super::gemm::threads()).max(1);
+            (0..blocks.div_ceil(per_task)).into_par_iter().for_each(|t| (t * per_task..((t + 1) * per_task).min(blocks)).for_each(run));
+        } else {
+            (0..blocks).for_each(run);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint pixel columns through it.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{ROWS, VECS};
+    use std::arch::x86_64::*;
+
+    /// All output channels of the pixels `p0..p0 + px` (px ≤ 48).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn block(w: &[f32], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], n: usize, p0: usize, px: usize, dst: *mut f32, preloaded: bool) {
+        let mut masks = [0 as __mmask16; VECS];
+        for (v, m) in masks.iter_mut().enumerate() {
+            let lanes = px.saturating_sub(16 * v).min(16);
+            *m = ((1u32 << lanes) - 1) as __mmask16;
+        }
+        let vecs = px.div_ceil(16);
+        let mut co = 0;
+        while co < cout {
+            let rows = (cout - co).min(ROWS);
+            let args = Tile { w: w.as_ptr().add(co), cout, cin, x: x.as_ptr().add(p0), plane, offs, dst: dst.add(co * n + p0), n, masks, preloaded };
+            macro_rules! dispatch {
+                ($($r:literal),*) => {
+                    match (rows, vecs) {
+                        $(($r, 1) => tile::<$r, 1>(&args), ($r, 2) => tile::<$r, 2>(&args), ($r, _) => tile::<$r, 3>(&args),)*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            dispatch!(1, 2, 3, 4, 5, 6, 7, 8);
+            co += rows;
+        }
+    }
+
+    struct Tile<'a> {
+        /// Weight of tap 0, input channel 0, this tile's first output channel.
+        w: *const f32,
+        cout: usize,
+        cin: usize,
+        /// Input at this tile's first pixel.
+        x: *const f32,
+        plane: usize,
+        offs: &'a [usize],
+        /// Output at this tile's first channel and pixel.
+        dst: *mut f32,
+        n: usize,
+        masks: [__mmask16; VECS],
+        preloaded: bool,
+    }
+
+    /// R output channels x V vectors of pixels, through every tap.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const R: usize, const V: usize>(a: &Tile<'_>) {
+        for (t, &off) in a.offs.iter().enumerate() {
+            let mut acc = [[_mm512_setzero_ps(); V]; R];
+            let wt = a.w.add(t * a.cin * a.cout);
+            let xt = a.x.add(off);
+            for ci in 0..a.cin {
+                let xr = xt.add(ci * a.plane);
+                let mut xv = [_mm512_setzero_ps(); V];
+                for (v, xv) in xv.iter_mut().enumerate() {
+                    *xv = _mm512_maskz_loadu_ps(a.masks[v], xr.add(16 * v));
+                }
+                let wr = wt.add(ci * a.cout);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*wr.add(r));
+                    for (acc, &xv) in acc.iter_mut().zip(&xv) {
+                        *acc = _mm512_fmadd_ps(b, xv, *acc);
+                    }
+                }
+            }
+            let store_only = t == 0 && !a.preloaded;
+            for (r, acc) in acc.iter().enumerate() {
+                let d = a.dst.add(r * a.n);
+                for (v, &s) in acc.iter().enumerate() {
+                    let (dv, m) = (d.add(16 * v), a.masks[v]);
+                    let s = if store_only { s } else { _mm512_add_ps(_mm512_maskz_loadu_ps(m, dv), s) };
+                    _mm512_mask_storeu_ps(dv, m, s);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::gemm::sgemm;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        // Magnitudes spread over many binades, so any change of order or rounding shows.
+        (0..n).map(|i| ((i * 7919 + seed * 104729) % 1013) as f32 / 506.0 - 1.0).map(|v| v * (1.0 + (v * 9.0).abs()).powi(3)).collect()
+    }
+
+    /// The product this kernel replaces: one gemm per tap, accumulating from the second on.
+    #[allow(clippy::too_many_arguments)]
+    fn per_tap_gemm(w: &[f32], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], n: usize, dst: &mut [f32], preloaded: bool) {
+        for (t, &off) in offs.iter().enumerate() {
+            // SAFETY: the test's buffers cover every index.
+            unsafe { sgemm(cout, n, cin, dst.as_mut_ptr(), n, 1, preloaded || t > 0, w[t * cin * cout..].as_ptr(), 1, cout, x[off..].as_ptr(), plane, 1, 1.0, 1) };
+        }
+    }
+
+    #[test]
+    fn same_bits_as_one_gemm_per_tap() {
+        if !crate::kernels::simd::has_avx512() {
+            eprintln!("skipped: this CPU has no AVX-512, where conv_taps never runs");
+            return;
+        }
+        // (cout, cin, taps, plane, n): tails of rows and pixel vectors, depth 3 and 512 (the
+        // limits of one gemm depth block), a single pixel vector, strided taps.
+        for &(cout, cin, taps, plane, n, offs_step) in &[(16, 16, 9, 1190, 1088, 34), (3, 16, 9, 300, 288, 18), (19, 3, 9, 120, 80, 10), (2, 512, 4, 60, 50, 7), (9, 37, 1, 70, 50, 0), (64, 64, 9, 100, 48, 6), (17, 20, 3, 200, 161, 1)] {
+            let offs: Vec<usize> = (0..taps).map(|t| (t / 3) * offs_step + t % 3).collect();
+            let x = values(cin * plane + offs.iter().max().unwrap() + n, 1);
+            let w = values(taps * cin * cout, 2);
+            for preloaded in [false, true] {
+                let init = values(cout * n, 3);
+                let mut want = init.clone();
+                per_tap_gemm(&w, cout, cin, &x, plane, &offs, n, &mut want, preloaded);
+                for parallel in [false, true] {
+                    let mut got = init.clone();
+                    conv_taps(&w, cout, cin, &x, plane, &offs, n, &mut got, preloaded, parallel);
+                    let diff = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                    assert_eq!(diff, 0, "cout {cout}, cin {cin}, taps {taps}, n {n}, preloaded {preloaded}, parallel {parallel}: {diff} values differ");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pack_taps_gathers_tap_channel_output_order() {
+        let (cout, cin, taps) = (3, 2, 4);
+        let w: Vec<f32> = (0..cout * cin * taps).map(|i| i as f32).collect();
+        // [cout, cin, taps] storage: tap t of (co, ci) at co * cin * taps + ci * taps + t.
+        let p = pack_taps(&w, cout, cin, taps, |t| (t, cin * taps, taps));
+        for t in 0..taps {
+            for ci in 0..cin {
+                for co in 0..cout {
+                    assert_eq!(p[(t * cin + ci) * cout + co], w[co * cin * taps + ci * taps + t]);
+                }
+            }
+        }
+    }
+}
