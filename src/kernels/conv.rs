@@ -81,7 +81,10 @@ pub fn conv2d(
     let weight = hwio.as_ref().unwrap_or(weight);
     // The f32 product of a tap-major weight runs channel-major when the image has few pixels and
     // leaves its result as [pixel, cout] (see below).
-    let channels_last = tap_major && packed.is_none() && ho * wp_real.div_ceil(stride) <= CHANNELS_LAST_MAX_PIXELS;
+    // So does the direct kernel (any weight layout) wherever it stands in for gemm.
+    let n_ext = ho * wp_real.div_ceil(stride);
+    let taps_exact = packed.is_none() && !direct && conv_taps::applies(cout, cin, n_ext);
+    let channels_last = packed.is_none() && n_ext <= CHANNELS_LAST_MAX_PIXELS && (tap_major || (taps_exact && !conv_taps::planar_pays(n_ext)));
     let mut ts: Vec<&Tensor> = vec![x, weight];
     ts.extend(bias);
     ts.extend(extra_bias);
@@ -147,7 +150,6 @@ pub fn conv2d(
         let phase = hq * wq;
         let plane = s_ * s_ * phase;
         let we = wq;
-        let n_ext = ho * we;
         let slack = (k / s_ + 1) * wq + k;
         // Exactly candle's nearest rule: src = min(src_len - 1, floor(i * (src_len / dst_len))).
         let (sh, sw) = (h0 as f64 / h as f64, w0 as f64 / w as f64);
@@ -161,7 +163,8 @@ pub fn conv2d(
         // (offset of tap t, row stride, column stride) of its [cout, cin] weight matrix.
         let w_at = |t: usize| if tap_major { (t * cin * cout, 1, cout) } else { (t, cin * kk, kk) };
         // The planar f32 product goes through the direct kernel where it gives gemm's bits.
-        let taps_w = (packed.is_none() && !channels_last && conv_taps::applies(cout, cin, n_ext)).then(|| conv_taps::pack_taps(ws, cout, cin, kk, w_at));
+        let taps_w = taps_exact.then(|| conv_taps::pack_taps(ws, cout, cin, kk, w_at));
+        let taps_layout = if channels_last { conv_taps::Layout::ChannelsLast } else { conv_taps::Layout::Planar };
         // Scratch per task: the padded input (its zero border is set once and never written)
         // and the product on the wq-wide grid.
         let scratch = || (vec![0f32; cin * plane + slack], uninit(cout * n_ext));
@@ -218,7 +221,7 @@ pub fn conv2d(
                 bf16::gemm_taps(pw, &xb, &offs, n_ext, ext, n_ext, acc, nt > 1).expect("shapes checked above");
             } else if let Some(wt) = &taps_w {
                 let offs: Vec<usize> = (0..kk).map(tap_off).collect();
-                conv_taps::conv_taps(wt, cout, cin, xp, plane, &offs, n_ext, ext, acc, nt > 1);
+                conv_taps::conv_taps(wt, cout, cin, xp, plane, &offs, n_ext, ext, acc, nt > 1, taps_layout);
             } else {
                 // Channel-major, the result is [pixel, cout]: the output channels run along the
                 // vector lanes and the pixels are broadcast, so each tap's weight is read once, in

@@ -23,10 +23,24 @@ const VECS: usize = 3;
 /// Pixels per register tile.
 const TILE_PX: usize = 16 * VECS;
 
-/// Whether [`conv_taps`] reproduces `gemm`'s bits for this product on this CPU, and is worth it:
-/// below one tile of pixels (a 4x4 map) `gemm` was as fast or faster.
+/// Whether [`conv_taps`] reproduces `gemm`'s bits for this product on this CPU.
 pub(crate) fn applies(cout: usize, cin: usize, n: usize) -> bool {
-    super::simd::has_avx512() && (3..=512).contains(&cin) && cout >= 2 && n >= TILE_PX
+    super::simd::has_avx512() && (3..=512).contains(&cin) && cout >= 2 && n >= 2
+}
+
+/// Whether the planar layout is worth it: below one tile of pixels (a 4x4 map) `gemm` was as
+/// fast; small maps take [`Layout::ChannelsLast`] instead.
+pub(crate) fn planar_pays(n: usize) -> bool {
+    n >= TILE_PX
+}
+
+/// How [`conv_taps`] lays out its result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// [cout, n]: pixels along the vector lanes, for large maps.
+    Planar,
+    /// [n, cout]: output channels along the lanes, every pixel used however small the map.
+    ChannelsLast,
 }
 
 /// The weight of tap `t` given as (offset, row stride, column stride) of its [cout, cin] matrix
@@ -42,27 +56,34 @@ pub(crate) fn pack_taps(w: &[f32], cout: usize, cin: usize, taps: usize, at: imp
     out
 }
 
-/// `dst` [cout, n] (row stride n) `= (preloaded ? dst : 0) + Σ_t W_t @ X_t` with `W_t` the
+/// `dst` [cout, n] (row stride n; [n, cout] with [`Layout::ChannelsLast`])
+/// `= (preloaded ? dst : 0) + Σ_t W_t @ X_t` with `W_t` the
 /// [cout, cin] slice of `w` (from [`pack_taps`]) and `X_t`[ci, p] = `x[ci·plane + offs[t] + p]`.
 /// Pixel blocks are split across rayon's threads when `parallel`; the arithmetic is the same.
 ///
 /// Panics unless [`applies`] holds and `x` holds every element the offsets reach.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn conv_taps(w: &[f32], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], n: usize, dst: &mut [f32], preloaded: bool, parallel: bool) {
+pub(crate) fn conv_taps(w: &[f32], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], n: usize, dst: &mut [f32], preloaded: bool, parallel: bool, layout: Layout) {
     assert!(applies(cout, cin, n), "conv_taps: not applicable to cout {cout}, cin {cin}, n {n}");
     assert!(w.len() >= offs.len() * cin * cout && dst.len() >= cout * n);
     let reach = offs.iter().max().copied().unwrap_or(0) + (cin - 1) * plane + n;
     assert!(x.len() >= reach, "conv_taps: input of {} floats, the taps reach {reach}", x.len());
     #[cfg(target_arch = "x86_64")]
     {
-        let blocks = n.div_ceil(TILE_PX);
+        let tile_px = if layout == Layout::Planar { TILE_PX } else { x86::CL_PIXELS };
+        let blocks = n.div_ceil(tile_px);
         let dst_ptr = SendPtr(dst.as_mut_ptr());
         let run = |blk: usize| {
-            let p0 = blk * TILE_PX;
-            let px = (n - p0).min(TILE_PX);
+            let p0 = blk * tile_px;
+            let px = (n - p0).min(tile_px);
             // SAFETY: applies() checked AVX-512; the bounds were asserted above, and each block
-            // writes only its own pixel columns of dst.
-            unsafe { x86::block(w, cout, cin, x, plane, offs, n, p0, px, dst_ptr.get(), preloaded) }
+            // writes only its own pixels of dst.
+            unsafe {
+                match layout {
+                    Layout::Planar => x86::block(w, cout, cin, x, plane, offs, n, p0, px, dst_ptr.get(), preloaded),
+                    Layout::ChannelsLast => x86::block_cl(w, cout, cin, x, plane, offs, p0, px, dst_ptr.get(), preloaded),
+                }
+            }
         };
         if parallel && blocks > 1 {
             use rayon::prelude::*;
@@ -115,6 +136,85 @@ mod x86 {
             }
             dispatch!(1, 2, 3, 4, 5, 6, 7, 8);
             co += rows;
+        }
+    }
+
+    /// Pixels per channels-last register tile.
+    pub(super) const CL_PIXELS: usize = 6;
+    /// 16-channel vectors per channels-last register tile.
+    const CL_VECS: usize = 4;
+
+    /// All output channels of the pixels `p0..p0 + px` (px ≤ 6), written as [pixel, cout].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn block_cl(w: &[f32], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], p0: usize, px: usize, dst: *mut f32, preloaded: bool) {
+        let mut co = 0;
+        while co < cout {
+            let lanes = (cout - co).min(16 * CL_VECS);
+            let mut masks = [0 as __mmask16; CL_VECS];
+            for (v, m) in masks.iter_mut().enumerate() {
+                *m = ((1u32 << lanes.saturating_sub(16 * v).min(16)) - 1) as __mmask16;
+            }
+            let args = TileCl { w: w.as_ptr().add(co), cout, cin, x: x.as_ptr().add(p0), plane, offs, dst: dst.add(p0 * cout + co), masks, preloaded };
+            macro_rules! dispatch {
+                ($($p:literal),*) => {
+                    match (px, lanes.div_ceil(16)) {
+                        $(($p, 1) => tile_cl::<$p, 1>(&args), ($p, 2) => tile_cl::<$p, 2>(&args), ($p, 3) => tile_cl::<$p, 3>(&args), ($p, _) => tile_cl::<$p, 4>(&args),)*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            dispatch!(1, 2, 3, 4, 5, 6);
+            co += lanes;
+        }
+    }
+
+    struct TileCl<'a> {
+        /// Weight of tap 0, input channel 0, this tile's first output channel.
+        w: *const f32,
+        cout: usize,
+        cin: usize,
+        /// Input at this tile's first pixel.
+        x: *const f32,
+        plane: usize,
+        offs: &'a [usize],
+        /// Output at this tile's first pixel and channel.
+        dst: *mut f32,
+        masks: [__mmask16; CL_VECS],
+        preloaded: bool,
+    }
+
+    /// P pixels x V vectors of output channels, through every tap.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_cl<const P: usize, const V: usize>(a: &TileCl<'_>) {
+        for (t, &off) in a.offs.iter().enumerate() {
+            let mut acc = [[_mm512_setzero_ps(); V]; P];
+            let wt = a.w.add(t * a.cin * a.cout);
+            let xt = a.x.add(off);
+            for ci in 0..a.cin {
+                let wr = wt.add(ci * a.cout);
+                let mut wv = [_mm512_setzero_ps(); V];
+                for (v, wv) in wv.iter_mut().enumerate() {
+                    *wv = _mm512_maskz_loadu_ps(a.masks[v], wr.add(16 * v));
+                }
+                let xr = xt.add(ci * a.plane);
+                for (p, acc) in acc.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*xr.add(p));
+                    for (acc, &wv) in acc.iter_mut().zip(&wv) {
+                        *acc = _mm512_fmadd_ps(wv, b, *acc);
+                    }
+                }
+            }
+            let store_only = t == 0 && !a.preloaded;
+            for (p, acc) in acc.iter().enumerate() {
+                let d = a.dst.add(p * a.cout);
+                for (v, &s) in acc.iter().enumerate() {
+                    let (dv, m) = (d.add(16 * v), a.masks[v]);
+                    let s = if store_only { s } else { _mm512_add_ps(_mm512_maskz_loadu_ps(m, dv), s) };
+                    _mm512_mask_storeu_ps(dv, m, s);
+                }
+            }
         }
     }
 
@@ -196,7 +296,7 @@ mod tests {
         }
         // (cout, cin, taps, plane, n): tails of rows and pixel vectors, depth 3 and 512 (the
         // limits of one gemm depth block), a single pixel vector, strided taps.
-        for &(cout, cin, taps, plane, n, offs_step) in &[(16, 16, 9, 1190, 1088, 34), (3, 16, 9, 300, 288, 18), (19, 3, 9, 120, 80, 10), (2, 512, 4, 60, 50, 7), (9, 37, 1, 70, 50, 0), (64, 64, 9, 100, 48, 6), (17, 20, 3, 200, 161, 1)] {
+        for &(cout, cin, taps, plane, n, offs_step) in &[(16, 16, 9, 1190, 1088, 34), (3, 16, 9, 300, 288, 18), (19, 3, 9, 120, 80, 10), (2, 512, 4, 40, 18, 7), (9, 37, 1, 70, 50, 0), (64, 64, 9, 100, 24, 6), (130, 64, 9, 40, 23, 6), (70, 5, 9, 40, 13, 6), (17, 20, 3, 200, 161, 1)] {
             let offs: Vec<usize> = (0..taps).map(|t| (t / 3) * offs_step + t % 3).collect();
             let x = values(cin * plane + offs.iter().max().unwrap() + n, 1);
             let w = values(taps * cin * cout, 2);
@@ -206,9 +306,14 @@ mod tests {
                 per_tap_gemm(&w, cout, cin, &x, plane, &offs, n, &mut want, preloaded);
                 for parallel in [false, true] {
                     let mut got = init.clone();
-                    conv_taps(&w, cout, cin, &x, plane, &offs, n, &mut got, preloaded, parallel);
+                    conv_taps(&w, cout, cin, &x, plane, &offs, n, &mut got, preloaded, parallel, Layout::Planar);
                     let diff = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                    assert_eq!(diff, 0, "cout {cout}, cin {cin}, taps {taps}, n {n}, preloaded {preloaded}, parallel {parallel}: {diff} values differ");
+                    assert_eq!(diff, 0, "planar: cout {cout}, cin {cin}, taps {taps}, n {n}, preloaded {preloaded}, parallel {parallel}: {diff} values differ");
+                    // The same product written [n, cout]: the same values, transposed.
+                    let mut got: Vec<f32> = (0..n * cout).map(|i| init[(i % cout) * n + i / cout]).collect();
+                    conv_taps(&w, cout, cin, &x, plane, &offs, n, &mut got, preloaded, parallel, Layout::ChannelsLast);
+                    let diff = (0..n * cout).filter(|&i| got[i].to_bits() != want[(i % cout) * n + i / cout].to_bits()).count();
+                    assert_eq!(diff, 0, "channels last: cout {cout}, cin {cin}, taps {taps}, n {n}, preloaded {preloaded}, parallel {parallel}: {diff} values differ");
                 }
             }
         }
