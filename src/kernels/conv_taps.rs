@@ -109,23 +109,28 @@ impl SendPtr {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{ROWS, VECS};
+    use super::ROWS;
     use std::arch::x86_64::*;
 
-    /// All output channels of the pixels `p0..p0 + px` (px ≤ 48).
+    /// 16-float vectors in the widest register tile (either layout).
+    const MAX_VECS: usize = 4;
+    /// Pixels per channels-last register tile.
+    pub(super) const CL_PIXELS: usize = 6;
+
+    /// Masks for the first `lanes` of `MAX_VECS` vectors.
+    fn masks(lanes: usize) -> [__mmask16; MAX_VECS] {
+        std::array::from_fn(|v| ((1u32 << lanes.saturating_sub(16 * v).min(16)) - 1) as __mmask16)
+    }
+
+    /// All output channels of the pixels `p0..p0 + px` (px ≤ 48), written as [cout, n].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn block(w: &[f32], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], n: usize, p0: usize, px: usize, dst: *mut f32, preloaded: bool) {
-        let mut masks = [0 as __mmask16; VECS];
-        for (v, m) in masks.iter_mut().enumerate() {
-            let lanes = px.saturating_sub(16 * v).min(16);
-            *m = ((1u32 << lanes) - 1) as __mmask16;
-        }
         let vecs = px.div_ceil(16);
         let mut co = 0;
         while co < cout {
             let rows = (cout - co).min(ROWS);
-            let args = Tile { w: w.as_ptr().add(co), cout, cin, x: x.as_ptr().add(p0), plane, offs, dst: dst.add(co * n + p0), n, masks, preloaded };
+            let args = Tile { w: w.as_ptr().add(co), cout, cin, x: x.as_ptr().add(p0), plane, offs, dst: dst.add(co * n + p0), ld: n, masks: masks(px), preloaded };
             macro_rules! dispatch {
                 ($($r:literal),*) => {
                     match (rows, vecs) {
@@ -139,23 +144,14 @@ mod x86 {
         }
     }
 
-    /// Pixels per channels-last register tile.
-    pub(super) const CL_PIXELS: usize = 6;
-    /// 16-channel vectors per channels-last register tile.
-    const CL_VECS: usize = 4;
-
-    /// All output channels of the pixels `p0..p0 + px` (px ≤ 6), written as [pixel, cout].
+    /// All output channels of the pixels `p0..p0 + px` (px ≤ 6), written as [n, cout].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn block_cl(w: &[f32], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], p0: usize, px: usize, dst: *mut f32, preloaded: bool) {
         let mut co = 0;
         while co < cout {
-            let lanes = (cout - co).min(16 * CL_VECS);
-            let mut masks = [0 as __mmask16; CL_VECS];
-            for (v, m) in masks.iter_mut().enumerate() {
-                *m = ((1u32 << lanes.saturating_sub(16 * v).min(16)) - 1) as __mmask16;
-            }
-            let args = TileCl { w: w.as_ptr().add(co), cout, cin, x: x.as_ptr().add(p0), plane, offs, dst: dst.add(p0 * cout + co), masks, preloaded };
+            let lanes = (cout - co).min(16 * MAX_VECS);
+            let args = Tile { w: w.as_ptr().add(co), cout, cin, x: x.as_ptr().add(p0), plane, offs, dst: dst.add(p0 * cout + co), ld: cout, masks: masks(lanes), preloaded };
             macro_rules! dispatch {
                 ($($p:literal),*) => {
                     match (px, lanes.div_ceil(16)) {
@@ -169,55 +165,6 @@ mod x86 {
         }
     }
 
-    struct TileCl<'a> {
-        /// Weight of tap 0, input channel 0, this tile's first output channel.
-        w: *const f32,
-        cout: usize,
-        cin: usize,
-        /// Input at this tile's first pixel.
-        x: *const f32,
-        plane: usize,
-        offs: &'a [usize],
-        /// Output at this tile's first pixel and channel.
-        dst: *mut f32,
-        masks: [__mmask16; CL_VECS],
-        preloaded: bool,
-    }
-
-    /// P pixels x V vectors of output channels, through every tap.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile_cl<const P: usize, const V: usize>(a: &TileCl<'_>) {
-        for (t, &off) in a.offs.iter().enumerate() {
-            let mut acc = [[_mm512_setzero_ps(); V]; P];
-            let wt = a.w.add(t * a.cin * a.cout);
-            let xt = a.x.add(off);
-            for ci in 0..a.cin {
-                let wr = wt.add(ci * a.cout);
-                let mut wv = [_mm512_setzero_ps(); V];
-                for (v, wv) in wv.iter_mut().enumerate() {
-                    *wv = _mm512_maskz_loadu_ps(a.masks[v], wr.add(16 * v));
-                }
-                let xr = xt.add(ci * a.plane);
-                for (p, acc) in acc.iter_mut().enumerate() {
-                    let b = _mm512_set1_ps(*xr.add(p));
-                    for (acc, &wv) in acc.iter_mut().zip(&wv) {
-                        *acc = _mm512_fmadd_ps(wv, b, *acc);
-                    }
-                }
-            }
-            let store_only = t == 0 && !a.preloaded;
-            for (p, acc) in acc.iter().enumerate() {
-                let d = a.dst.add(p * a.cout);
-                for (v, &s) in acc.iter().enumerate() {
-                    let (dv, m) = (d.add(16 * v), a.masks[v]);
-                    let s = if store_only { s } else { _mm512_add_ps(_mm512_maskz_loadu_ps(m, dv), s) };
-                    _mm512_mask_storeu_ps(dv, m, s);
-                }
-            }
-        }
-    }
-
     struct Tile<'a> {
         /// Weight of tap 0, input channel 0, this tile's first output channel.
         w: *const f32,
@@ -227,11 +174,29 @@ mod x86 {
         x: *const f32,
         plane: usize,
         offs: &'a [usize],
-        /// Output at this tile's first channel and pixel.
+        /// Output at this tile's first channel and pixel; its rows (channels, or pixels when
+        /// channels-last) are `ld` apart and its vectors run along them.
         dst: *mut f32,
-        n: usize,
-        masks: [__mmask16; VECS],
+        ld: usize,
+        /// Lanes of each vector along an output row.
+        masks: [__mmask16; MAX_VECS],
         preloaded: bool,
+    }
+
+    /// Tap `t`'s chains added into the output (or stored, for the first tap of an output that
+    /// was not preloaded): `acc[row][vector]`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish<const A: usize, const V: usize>(a: &Tile<'_>, t: usize, acc: &[[__m512; V]; A]) {
+        let store_only = t == 0 && !a.preloaded;
+        for (row, acc) in acc.iter().enumerate() {
+            let d = a.dst.add(row * a.ld);
+            for (v, &s) in acc.iter().enumerate() {
+                let (dv, m) = (d.add(16 * v), a.masks[v]);
+                let s = if store_only { s } else { _mm512_add_ps(_mm512_maskz_loadu_ps(m, dv), s) };
+                _mm512_mask_storeu_ps(dv, m, s);
+            }
+        }
     }
 
     /// R output channels x V vectors of pixels, through every tap.
@@ -256,15 +221,33 @@ mod x86 {
                     }
                 }
             }
-            let store_only = t == 0 && !a.preloaded;
-            for (r, acc) in acc.iter().enumerate() {
-                let d = a.dst.add(r * a.n);
-                for (v, &s) in acc.iter().enumerate() {
-                    let (dv, m) = (d.add(16 * v), a.masks[v]);
-                    let s = if store_only { s } else { _mm512_add_ps(_mm512_maskz_loadu_ps(m, dv), s) };
-                    _mm512_mask_storeu_ps(dv, m, s);
+            finish(a, t, &acc);
+        }
+    }
+
+    /// P pixels x V vectors of output channels, through every tap.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_cl<const P: usize, const V: usize>(a: &Tile<'_>) {
+        for (t, &off) in a.offs.iter().enumerate() {
+            let mut acc = [[_mm512_setzero_ps(); V]; P];
+            let wt = a.w.add(t * a.cin * a.cout);
+            let xt = a.x.add(off);
+            for ci in 0..a.cin {
+                let wr = wt.add(ci * a.cout);
+                let mut wv = [_mm512_setzero_ps(); V];
+                for (v, wv) in wv.iter_mut().enumerate() {
+                    *wv = _mm512_maskz_loadu_ps(a.masks[v], wr.add(16 * v));
+                }
+                let xr = xt.add(ci * a.plane);
+                for (p, acc) in acc.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*xr.add(p));
+                    for (acc, &wv) in acc.iter_mut().zip(&wv) {
+                        *acc = _mm512_fmadd_ps(wv, b, *acc);
+                    }
                 }
             }
+            finish(a, t, &acc);
         }
     }
 }
