@@ -17,6 +17,7 @@
 use rayon::prelude::*;
 
 use super::amx;
+use super::gemm::for_tasks;
 use super::io::SendPtr;
 use crate::error::{Error, Result};
 
@@ -311,15 +312,6 @@ impl PairPlanes {
         pp
     }
 
-}
-
-/// Runs `f(0..n)`, on the thread pool when `parallel`.
-fn for_tasks(n: usize, parallel: bool, f: impl Fn(usize) + Sync + Send) {
-    if parallel {
-        (0..n).into_par_iter().for_each(f);
-    } else {
-        (0..n).for_each(f);
-    }
 }
 
 #[derive(Clone, Copy)]

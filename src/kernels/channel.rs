@@ -95,7 +95,7 @@ fn sums(g: &[f32], x: Option<&[f32]>, channels: usize, inner: usize) -> Vec<f32>
         #[cfg(target_arch = "x86_64")]
         if super::simd::has_avx512() {
             // SAFETY: AVX-512 is present; the block's indices lie inside g (and x).
-            unsafe { x86::block(g, x, channels, inner, outer, c0, a) };
+            unsafe { x86::block(g, x, &value, channels, inner, outer, c0, a) };
             return;
         }
         for o in 0..outer {
@@ -119,9 +119,11 @@ mod x86 {
     /// consecutive values of each channel are loaded and transposed, so that adding the 16
     /// vectors in turn adds each channel's values in their order. Reading 64 bytes per channel
     /// plane at a time also spares the cache the 16 interleaved streams, 4 KiB apart at 32x32,
-    /// that the scalar loop reads one value at a time.
+    /// that the scalar loop reads one value at a time. `value(j)` is element j's value (`g[j]`,
+    /// or `g[j] * x[j]`), for the tail of a plane that fills no whole vector.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block(g: &[f32], x: Option<&[f32]>, channels: usize, inner: usize, outer: usize, c0: usize, a: &mut [f32]) {
+    pub(super) unsafe fn block(g: &[f32], x: Option<&[f32]>, value: &impl Fn(usize) -> f32, channels: usize, inner: usize, outer: usize, c0: usize, a: &mut [f32]) {
         let nc = a.len();
         let full = inner / BLOCK * BLOCK;
         let mut lanes = [0f32; BLOCK];
@@ -148,11 +150,7 @@ mod x86 {
                 _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
                 for i in full..inner {
                     for (k, l) in lanes.iter_mut().enumerate().take(nc) {
-                        let j = base + k * inner + i;
-                        *l += match x {
-                            Some(x) => g[j] * x[j],
-                            None => g[j],
-                        };
+                        *l += value(base + k * inner + i);
                     }
                 }
                 acc = _mm512_loadu_ps(lanes.as_ptr());

@@ -81,7 +81,8 @@ pub fn conv2d(
     let weight = hwio.as_ref().unwrap_or(weight);
     // The f32 product of a tap-major weight runs channel-major when the image has few pixels and
     // leaves its result as [pixel, cout] (see below).
-    // So does the direct kernel (any weight layout) wherever it stands in for gemm.
+    // The direct kernel does the same for any weight layout on maps too small for its planar
+    // layout to pay.
     let n_ext = ho * wp_real.div_ceil(stride);
     let taps_exact = packed.is_none() && !direct && conv_taps::applies(cout, cin, n_ext);
     let channels_last = packed.is_none() && n_ext <= CHANNELS_LAST_MAX_PIXELS && (tap_major || (taps_exact && !conv_taps::planar_pays(n_ext)));
@@ -160,9 +161,10 @@ pub fn conv2d(
             let (ty, tx) = (t / k, t % k);
             ((ty % s_) * s_ + tx % s_) * phase + (ty / s_) * wq + tx / s_
         };
+        let offs: Vec<usize> = (0..kk).map(tap_off).collect();
         // (offset of tap t, row stride, column stride) of its [cout, cin] weight matrix.
         let w_at = |t: usize| if tap_major { (t * cin * cout, 1, cout) } else { (t, cin * kk, kk) };
-        // The planar f32 product goes through the direct kernel where it gives gemm's bits.
+        // The f32 product goes through the direct kernel where it gives gemm's bits.
         let taps_w = taps_exact.then(|| conv_taps::pack_taps(ws, cout, cin, kk, w_at));
         let taps_layout = if channels_last { conv_taps::Layout::ChannelsLast } else { conv_taps::Layout::Planar };
         // Scratch per task: the padded input (its zero border is set once and never written)
@@ -217,10 +219,8 @@ pub fn conv2d(
             };
             if let Some(pw) = packed {
                 let xb = bf16::PairPlanes::from_rows(xp, cin, plane, plane);
-                let offs: Vec<usize> = (0..kk).map(tap_off).collect();
                 bf16::gemm_taps(pw, &xb, &offs, n_ext, ext, n_ext, acc, nt > 1).expect("shapes checked above");
             } else if let Some(wt) = &taps_w {
-                let offs: Vec<usize> = (0..kk).map(tap_off).collect();
                 conv_taps::conv_taps(wt, cout, cin, xp, plane, &offs, n_ext, ext, acc, nt > 1, taps_layout);
             } else {
                 // Channel-major, the result is [pixel, cout]: the output channels run along the
@@ -228,8 +228,7 @@ pub fn conv2d(
                 // order, however few the pixels, and no lane idles on a 2x2 map. Each output
                 // element sees the same operations in the same order either way: same bytes.
                 let (d_rs, d_cs) = if channels_last { (1, cout) } else { (n_ext, 1) };
-                for t in 0..kk {
-                    let off = tap_off(t);
+                for (t, &off) in offs.iter().enumerate() {
                     let (w_off, w_rs, w_cs) = w_at(t);
                     unsafe {
                         sgemm(

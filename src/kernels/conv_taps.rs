@@ -1,5 +1,6 @@
 //! The f32 direct convolution over taps on AVX-512: `dst[co, p] (+)= Σ_t Σ_ci w[t][ci][co] ·
-//! x[ci·plane + off[t] + p]`, for the planar (not channels-last) products of [`super::conv`].
+//! x[ci·plane + off[t] + p]`, for the f32 products of [`super::conv`], written planar
+//! ([cout, pixel]) or channels-last ([pixel, cout]).
 //!
 //! It gives each output element exactly the arithmetic of the product it replaces, one `gemm`
 //! call per tap ([`super::gemm::sgemm`], accumulating from the second tap on): for each tap a
@@ -15,6 +16,11 @@
 //! resolution, a depth of 16 per tap) its microkernel spends as long loading and storing the
 //! output as multiplying. Here a tile of 8 channels x 48 pixels stays in registers for a whole
 //! tap and the input is read in place.
+
+#[cfg(target_arch = "x86_64")]
+use super::gemm::{for_tasks, threads};
+#[cfg(target_arch = "x86_64")]
+use super::io::SendPtr;
 
 /// Output channels per register tile.
 const ROWS: usize = 8;
@@ -74,36 +80,21 @@ pub(crate) fn conv_taps(w: &[f32], cout: usize, cin: usize, x: &[f32], plane: us
         let blocks = n.div_ceil(tile_px);
         let dst_ptr = SendPtr(dst.as_mut_ptr());
         let run = |blk: usize| {
+            let d = dst_ptr;
             let p0 = blk * tile_px;
             let px = (n - p0).min(tile_px);
             // SAFETY: applies() checked AVX-512; the bounds were asserted above, and each block
             // writes only its own pixels of dst.
             unsafe {
                 match layout {
-                    Layout::Planar => x86::block(w, cout, cin, x, plane, offs, n, p0, px, dst_ptr.get(), preloaded),
-                    Layout::ChannelsLast => x86::block_cl(w, cout, cin, x, plane, offs, p0, px, dst_ptr.get(), preloaded),
+                    Layout::Planar => x86::block(w, cout, cin, x, plane, offs, n, p0, px, d.0, preloaded),
+                    Layout::ChannelsLast => x86::block_cl(w, cout, cin, x, plane, offs, p0, px, d.0, preloaded),
                 }
             }
         };
-        if parallel && blocks > 1 {
-            use rayon::prelude::*;
-            // Several tiles per task so that a task's input rows stay in cache across channels.
-            let per_task = blocks.div_ceil(4 * super::gemm::threads()).max(1);
-            (0..blocks.div_ceil(per_task)).into_par_iter().for_each(|t| (t * per_task..((t + 1) * per_task).min(blocks)).for_each(run));
-        } else {
-            (0..blocks).for_each(run);
-        }
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint pixel columns through it.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
+        // Several tiles per task so that a task's input rows stay in cache across channels.
+        let per_task = if parallel { blocks.div_ceil(4 * threads()).max(1) } else { blocks };
+        for_tasks(blocks.div_ceil(per_task), parallel, |t| (t * per_task..((t + 1) * per_task).min(blocks)).for_each(run));
     }
 }
 

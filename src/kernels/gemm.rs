@@ -17,6 +17,15 @@ pub(crate) fn per_item(out: &mut [f32], items: usize, one: impl Fn(usize, &mut [
     }
 }
 
+/// Runs `f(0..n)`, on the thread pool when `parallel`.
+pub(crate) fn for_tasks(n: usize, parallel: bool, f: impl Fn(usize) + Sync + Send) {
+    if parallel {
+        (0..n).into_par_iter().for_each(f);
+    } else {
+        (0..n).for_each(f);
+    }
+}
+
 /// dst[m, n] = (accumulate ? dst : 0) + scale * lhs[m, k] @ rhs[k, n], all with explicit
 /// (row, column) strides in elements. `threads` > 1 lets gemm split the product across rayon.
 ///
