@@ -266,8 +266,22 @@ fn per_channel_bias_and_scale_have_the_bits_of_candles_broadcasts_forward_and_ba
 fn a_trainable_linear_layer_has_the_bits_of_candles_per_item_products_forward_and_backward() {
     // Batches of token rows (one product per item; enough items that the order in which the
     // weight's per-item gradients are added shows in the bits) and a 2-D batch (every row an
-    // item), with and without a bias.
-    for (i, (dims, out, bias)) in [(vec![9, 13, 24], 20, true), (vec![5, 64, 32], 48, false), (vec![7, 40], 24, true)].into_iter().enumerate() {
+    // item), with and without a bias. The later cases sit on the edges of the shapes where the
+    // items' products may run as one (`merged_rows_keep_bits`): 256 outputs per item, a depth
+    // of 512 and of 513 (gemm's small products split that depth in two blocks, its large ones
+    // do not), a depth of 2, two rows per item, and items longer than 512 rows.
+    let cases = [
+        (vec![9, 13, 24], 20, true),
+        (vec![5, 64, 32], 48, false),
+        (vec![7, 40], 24, true),
+        (vec![4, 16, 512], 16, false),
+        (vec![3, 20, 513], 600, true),
+        (vec![4, 20, 513], 24, false),
+        (vec![6, 2, 30], 200, true),
+        (vec![5, 7, 2], 64, false),
+        (vec![3, 600, 8], 9, false),
+    ];
+    for (i, (dims, out, bias)) in cases.into_iter().enumerate() {
         let seed = 200 + 10 * i as u64;
         let in_dim = *dims.last().unwrap();
         let x = Var::from_tensor(&randn(seed, &dims)).unwrap();

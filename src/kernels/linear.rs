@@ -154,6 +154,103 @@ pub fn reads_in_major(rows: usize, in_dim: usize, out_dim: usize) -> bool {
     rows > 1 && rows * in_dim.min(out_dim) > 256
 }
 
+/// Whether one gemm over the rows of several items gives every output the bits of a gemm over
+/// its own item's `rows` rows, depth `k` and `n` columns. gemm 0.19's usual kernels sum each
+/// output in one fused multiply-add chain over a depth block, started from zero, whatever the
+/// row count, and a depth up to 512 is one block for any shape (its `kernel_params`; deeper
+/// products are split by rules that depend on the shape). Other kernels take the products of
+/// 1-2 depth (`gevv`), of a single row or column (`gemv`) and of at most 256 outputs (the
+/// "horizontal" ones); those are left per item.
+pub(crate) fn merged_rows_keep_bits(rows: usize, k: usize, n: usize) -> bool {
+    rows >= 2 && n >= 2 && (3..=512).contains(&k) && rows * n > 256
+}
+
+/// A 2-D tensor's data as stored and its (row, column) strides: a transposed view is read in
+/// place, anything else is made contiguous.
+fn stored_2d(t: &Tensor) -> Result<(Tensor, usize, usize)> {
+    let (r, c) = t.dims2()?;
+    Ok(if t.is_contiguous() {
+        (t.clone(), c, 1)
+    } else if t.t()?.is_contiguous() {
+        (t.t()?, 1, r)
+    } else {
+        (t.contiguous()?, c, 1)
+    })
+}
+
+/// `lhs` [items·rows, k] times `rhs` [k, n] -> [items·rows, n], where every item's `rows` rows
+/// get the bits of a product of their own (candle's matmul of that item: same gemm shape and
+/// strides). One gemm over all rows where that keeps the bits ([`merged_rows_keep_bits`]),
+/// else one single-threaded gemm per item, the items in parallel. For the trained layers'
+/// forward pass and input gradient (`nn::linear`), where the batch is many small products.
+pub fn item_products(lhs: &Tensor, rhs: &Tensor, items: usize) -> Result<Tensor> {
+    let (total, k) = lhs.dims2()?;
+    let (k2, n) = rhs.dims2()?;
+    if k2 != k || items == 0 || total % items != 0 {
+        return Err(Error::invalid(format!("item_products: {:?} x {:?} in {items} items", lhs.dims(), rhs.dims())));
+    }
+    let rows = total / items;
+    let (r, r_rs, r_cs) = stored_2d(rhs)?;
+    let out = with_slices(&[lhs, &r], |s| {
+        let (a, b) = (s[0], s[1]);
+        let mut out = uninit(total * n);
+        if out.is_empty() {
+            return out;
+        }
+        if k == 0 {
+            out.fill(0.0);
+            return out;
+        }
+        if merged_rows_keep_bits(rows, k, n) {
+            unsafe { sgemm(total, n, k, out.as_mut_ptr(), n, 1, false, a.as_ptr(), k, 1, b.as_ptr(), r_rs, r_cs, 1.0, threads()) };
+        } else {
+            per_item(&mut out, items, |i, dst| unsafe {
+                sgemm(rows, n, k, dst.as_mut_ptr(), n, 1, false, a[i * rows * k..].as_ptr(), k, 1, b.as_ptr(), r_rs, r_cs, 1.0, 1)
+            });
+        }
+        out
+    })?;
+    tensor(out, &[total, n])
+}
+
+/// The sum over items of `lhs_iᵀ · rhs_i` (`lhs` [items·rows, m], `rhs` [items·rows, n], each
+/// item `rows` rows) -> [m, n], with the bits of candle's per-item products added one by one,
+/// the last item first (the order of candle's backward over per-item products). With 3 to 512
+/// rows per item each product is one depth block of gemm's usual kernels, which add it to what
+/// they read from the destination with one rounding: exactly the separate addition. Other
+/// shapes are added from a scratch product. For a trained linear layer's weight gradient.
+pub fn item_products_tn_sum(lhs: &Tensor, rhs: &Tensor, items: usize) -> Result<Tensor> {
+    let (total, m) = lhs.dims2()?;
+    let (total2, n) = rhs.dims2()?;
+    if total2 != total || items == 0 || total % items != 0 {
+        return Err(Error::invalid(format!("item_products_tn_sum: {:?}, {:?} in {items} items", lhs.dims(), rhs.dims())));
+    }
+    let rows = total / items;
+    let out = with_slices(&[lhs, rhs], |s| {
+        let (a, b) = (s[0], s[1]);
+        let mut out = vec![0f32; m * n];
+        if out.is_empty() || rows == 0 {
+            return out;
+        }
+        let in_gemm = (3..=512).contains(&rows) && m >= 2 && n >= 2;
+        let mut scratch = if in_gemm { Vec::new() } else { uninit(m * n) };
+        for (j, i) in (0..items).rev().enumerate() {
+            let (ai, bi) = (a[i * rows * m..].as_ptr(), b[i * rows * n..].as_ptr());
+            let into_out = j == 0 || in_gemm;
+            let dst = if into_out { out.as_mut_ptr() } else { scratch.as_mut_ptr() };
+            // The transposed item [rows, m] is read as [m, rows] with strides (1, m), as candle passes it.
+            unsafe { sgemm(m, n, rows, dst, n, 1, j > 0 && into_out, ai, 1, m, bi, n, 1, 1.0, threads()) };
+            if !into_out {
+                for (o, d) in out.iter_mut().zip(&scratch) {
+                    *o += *d;
+                }
+            }
+        }
+        out
+    })?;
+    tensor(out, &[m, n])
+}
+
 /// (rows per item, items) of an input of shape `dims`: a rank-3+ input is a batch of items of
 /// `dims[1..-1]` rows each; a 2-D input is items of one row.
 pub(crate) fn row_blocks(dims: &[usize]) -> (usize, usize) {

@@ -185,10 +185,11 @@ fn per_item_product_op(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
     let (in_dim, out_dim) = wt.dims2()?;
     let (per, items) = kernels::linear::row_blocks(dims);
-    let y = per_item_rows(&x.detach(), out_dim, |a| Ok(a.matmul(&wt.detach())?))?;
     let x2 = x.reshape((items * per, in_dim))?;
-    let y2 = y.reshape((items * per, out_dim))?;
-    Ok(scope(Class::Linear, || x2.apply_op3(wt, &y2, PerItemProduct { items, per }))?.reshape(y.shape())?)
+    let y2 = scope(Class::Linear, || kernels::linear::item_products(&x2.detach(), &wt.detach(), items))?;
+    let mut out_shape = dims.to_vec();
+    *out_shape.last_mut().unwrap() = out_dim;
+    Ok(scope(Class::Linear, || x2.apply_op3(wt, &y2, PerItemProduct { items }))?.reshape(out_shape)?)
 }
 
 /// The op of [`per_item_product_op`]: its arguments are the input rows, the weight and
@@ -197,7 +198,6 @@ fn per_item_product_op(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
 /// added in the order candle's backward visits the items' products (the last item first).
 struct PerItemProduct {
     items: usize,
-    per: usize,
 }
 
 impl candle_core::CustomOp3 for PerItemProduct {
@@ -220,22 +220,16 @@ impl candle_core::CustomOp3 for PerItemProduct {
     fn bwd(&self, x: &Tensor, wt: &Tensor, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (track_x, track_w) = (x.track_op(), wt.track_op());
         let (g, x, wt) = (grad.contiguous()?, x.detach(), wt.detach());
-        let item = |t: &Tensor, i: usize| t.narrow(0, i * self.per, self.per);
+        let err = |e: crate::error::Error| candle_core::Error::Msg(format!("per-item-product backward: {e}"));
         let dx = match track_x {
-            true => Some(Tensor::cat(&(0..self.items).map(|i| item(&g, i)?.matmul(&wt.t()?)).collect::<candle_core::Result<Vec<_>>>()?, 0)?),
+            true => Some(kernels::linear::item_products(&g, &wt.t()?, self.items).map_err(err)?),
             false => None,
         };
-        let mut dw: Option<Tensor> = None;
         // A frozen weight's gradient is neither computed nor kept (see `nn::frozen`).
-        if track_w {
-            for i in (0..self.items).rev() {
-                let d = item(&x, i)?.t()?.matmul(&item(&g, i)?)?;
-                dw = Some(match dw {
-                    Some(acc) => (acc + d)?,
-                    None => d,
-                });
-            }
-        }
+        let dw = match track_w {
+            true => Some(kernels::linear::item_products_tn_sum(&x, &g, self.items).map_err(err)?),
+            false => None,
+        };
         Ok((dx, dw, None))
     }
 }
