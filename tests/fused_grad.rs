@@ -57,6 +57,53 @@ fn fused_attention_gradients_match_composed_attention() {
     }
 }
 
+/// The fused attention's backward formulas (see `nn::attention_grad`) as candle's ops over the
+/// whole batch at once.
+fn attention_grads_whole_batch(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, heads: usize, mask: Option<&Tensor>) -> [Tensor; 3] {
+    let (b, n, inner) = q.dims3().unwrap();
+    let m = k.dim(1).unwrap();
+    let d = inner / heads;
+    let scale = 1.0 / (d as f64).sqrt();
+    let split = |t: &Tensor, len: usize| t.reshape((b, len, heads, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+    let merge = |t: Tensor, len: usize| t.transpose(1, 2).unwrap().contiguous().unwrap().reshape((b, len, inner)).unwrap();
+    let (qh, kh, vh, gh) = (split(q, n), split(k, m), split(v, m), split(g, n));
+    let mut s = (qh.matmul(&kh.t().unwrap()).unwrap() * scale).unwrap();
+    if let Some(mask) = mask {
+        s = s.broadcast_add(mask).unwrap();
+    }
+    let p = candle_nn::ops::softmax_last_dim(&s).unwrap();
+    let dv = p.t().unwrap().matmul(&gh).unwrap();
+    let dp = gh.matmul(&vh.t().unwrap()).unwrap();
+    let row = (&dp * &p).unwrap().sum_keepdim(candle_core::D::Minus1).unwrap();
+    let ds = (p * dp.broadcast_sub(&row).unwrap()).unwrap();
+    let dq = (ds.matmul(&kh).unwrap() * scale).unwrap();
+    let dk = (ds.t().unwrap().matmul(&qh).unwrap() * scale).unwrap();
+    [merge(dq, n), merge(dk, m), merge(dv, m)]
+}
+
+#[test]
+fn fused_attention_backward_per_item_has_the_bits_of_the_whole_batch() {
+    // The backward runs one batch item per task; every op treats items apart, so the
+    // gradients must be those of the same ops over the whole batch, to the bit.
+    let (b, n, m, heads, d) = (5, 21, 16, 4, 8);
+    let causal: Vec<f32> = (0..n).flat_map(|i| (0..n).map(move |j| if j > i { f32::MIN } else { 0.0 })).collect();
+    let causal = Tensor::from_vec(causal, (n, n), &Device::Cpu).unwrap();
+    for self_attn in [false, true] {
+        let kv_len = if self_attn { n } else { m };
+        let mask = self_attn.then_some(&causal);
+        let q = Var::from_tensor(&randn(60, &[b, n, heads * d])).unwrap();
+        let k = Var::from_tensor(&randn(61, &[b, kv_len, heads * d])).unwrap();
+        let v = Var::from_tensor(&randn(62, &[b, kv_len, heads * d])).unwrap();
+        let r = (randn(63, &[b, n, heads * d]).exp().unwrap() * 100.0).unwrap();
+        let fused = attention_grad::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, mask).unwrap();
+        let grads = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = attention_grads_whole_batch(q.as_tensor(), k.as_tensor(), v.as_tensor(), &r, heads, mask);
+        for ((name, var), want) in [("q", &q), ("k", &k), ("v", &v)].into_iter().zip(&want) {
+            assert_same_bits(grads.get(var.as_tensor()).unwrap(), want, &format!("self {self_attn}: d{name}"));
+        }
+    }
+}
+
 #[test]
 fn frozen_conv_input_gradient_matches_candle_conv() {
     // (k, stride, padding) as in the UNet / VAE: 3x3 same, 3x3 stride-2 downsample, 1x1

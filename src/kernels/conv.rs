@@ -166,6 +166,7 @@ pub fn conv2d(
         let w_at = |t: usize| if tap_major { (t * cin * cout, 1, cout) } else { (t, cin * kk, kk) };
         // The f32 product goes through the direct kernel where it gives gemm's bits.
         let taps_w = taps_exact.then(|| conv_taps::pack_taps(ws, cout, cin, kk, w_at));
+        let w_offs: Vec<usize> = (0..kk).map(|t| t * cin * cout).collect();
         let taps_layout = if channels_last { conv_taps::Layout::ChannelsLast } else { conv_taps::Layout::Planar };
         // Scratch per task: the padded input (its zero border is set once and never written)
         // and the product on the wq-wide grid.
@@ -221,7 +222,7 @@ pub fn conv2d(
                 let xb = bf16::PairPlanes::from_rows(xp, cin, plane, plane);
                 bf16::gemm_taps(pw, &xb, &offs, n_ext, ext, n_ext, acc, nt > 1).expect("shapes checked above");
             } else if let Some(wt) = &taps_w {
-                conv_taps::conv_taps(wt, cout, cin, xp, plane, &offs, n_ext, ext, acc, nt > 1, taps_layout);
+                conv_taps::conv_taps(wt, &w_offs, cout, cin, xp, plane, &offs, n_ext, ext, acc, nt > 1, taps_layout);
             } else {
                 // Channel-major, the result is [pixel, cout]: the output channels run along the
                 // vector lanes and the pixels are broadcast, so each tap's weight is read once, in

@@ -1,6 +1,7 @@
-//! The f32 direct convolution over taps on AVX-512: `dst[co, p] (+)= Σ_t Σ_ci w[t][ci][co] ·
-//! x[ci·plane + off[t] + p]`, for the f32 products of [`super::conv`], written planar
-//! ([cout, pixel]) or channels-last ([pixel, cout]).
+//! The f32 direct convolution over taps on AVX-512: `dst[co, p] (+)= Σ_t Σ_ci w[w_off[t] +
+//! ci·cout + co] · x[ci·plane + off[t] + p]`, for the f32 products of [`super::conv`], written
+//! planar ([cout, pixel]) or channels-last ([pixel, cout]). The same sum, with a batch item per
+//! "tap", is a trained linear layer's weight gradient ([`super::linear::item_products_tn_sum`]).
 //!
 //! It gives each output element exactly the arithmetic of the product it replaces, one `gemm`
 //! call per tap ([`super::gemm::sgemm`], accumulating from the second tap on): for each tap a
@@ -63,15 +64,15 @@ pub(crate) fn pack_taps(w: &[f32], cout: usize, cin: usize, taps: usize, at: imp
 }
 
 /// `dst` [cout, n] (row stride n; [n, cout] with [`Layout::ChannelsLast`])
-/// `= (preloaded ? dst : 0) + Σ_t W_t @ X_t` with `W_t` the
-/// [cout, cin] slice of `w` (from [`pack_taps`]) and `X_t`[ci, p] = `x[ci·plane + offs[t] + p]`.
+/// `= (preloaded ? dst : 0) + Σ_t W_t @ X_t` with `W_t`[co, ci] = `w[w_offs[t] + ci·cout + co]`
+/// (from [`pack_taps`], `w_offs[t] = t·cin·cout`) and `X_t`[ci, p] = `x[ci·plane + offs[t] + p]`.
 /// Pixel blocks are split across rayon's threads when `parallel`; the arithmetic is the same.
 ///
 /// Panics unless [`applies`] holds and `x` holds every element the offsets reach.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn conv_taps(w: &[f32], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], n: usize, dst: &mut [f32], preloaded: bool, parallel: bool, layout: Layout) {
+pub(crate) fn conv_taps(w: &[f32], w_offs: &[usize], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], n: usize, dst: &mut [f32], preloaded: bool, parallel: bool, layout: Layout) {
     assert!(applies(cout, cin, n), "conv_taps: not applicable to cout {cout}, cin {cin}, n {n}");
-    assert!(w.len() >= offs.len() * cin * cout && dst.len() >= cout * n);
+    assert!(w_offs.len() == offs.len() && w_offs.iter().all(|&o| o + cin * cout <= w.len()) && dst.len() >= cout * n);
     let reach = offs.iter().max().copied().unwrap_or(0) + (cin - 1) * plane + n;
     assert!(x.len() >= reach, "conv_taps: input of {} floats, the taps reach {reach}", x.len());
     #[cfg(target_arch = "x86_64")]
@@ -87,8 +88,8 @@ pub(crate) fn conv_taps(w: &[f32], cout: usize, cin: usize, x: &[f32], plane: us
             // writes only its own pixels of dst.
             unsafe {
                 match layout {
-                    Layout::Planar => x86::block(w, cout, cin, x, plane, offs, n, p0, px, d.0, preloaded),
-                    Layout::ChannelsLast => x86::block_cl(w, cout, cin, x, plane, offs, p0, px, d.0, preloaded),
+                    Layout::Planar => x86::block(w, w_offs, cout, cin, x, plane, offs, n, p0, px, d.0, preloaded),
+                    Layout::ChannelsLast => x86::block_cl(w, w_offs, cout, cin, x, plane, offs, p0, px, d.0, preloaded),
                 }
             }
         };
@@ -116,12 +117,12 @@ mod x86 {
     /// All output channels of the pixels `p0..p0 + px` (px ≤ 48), written as [cout, n].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block(w: &[f32], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], n: usize, p0: usize, px: usize, dst: *mut f32, preloaded: bool) {
+    pub(super) unsafe fn block(w: &[f32], w_offs: &[usize], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], n: usize, p0: usize, px: usize, dst: *mut f32, preloaded: bool) {
         let vecs = px.div_ceil(16);
         let mut co = 0;
         while co < cout {
             let rows = (cout - co).min(ROWS);
-            let args = Tile { w: w.as_ptr().add(co), cout, cin, x: x.as_ptr().add(p0), plane, offs, dst: dst.add(co * n + p0), ld: n, masks: masks(px), preloaded };
+            let args = Tile { w: w.as_ptr().add(co), w_offs, cout, cin, x: x.as_ptr().add(p0), plane, offs, dst: dst.add(co * n + p0), ld: n, masks: masks(px), preloaded };
             macro_rules! dispatch {
                 ($($r:literal),*) => {
                     match (rows, vecs) {
@@ -138,11 +139,11 @@ mod x86 {
     /// All output channels of the pixels `p0..p0 + px` (px ≤ 6), written as [n, cout].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block_cl(w: &[f32], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], p0: usize, px: usize, dst: *mut f32, preloaded: bool) {
+    pub(super) unsafe fn block_cl(w: &[f32], w_offs: &[usize], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], p0: usize, px: usize, dst: *mut f32, preloaded: bool) {
         let mut co = 0;
         while co < cout {
             let lanes = (cout - co).min(16 * MAX_VECS);
-            let args = Tile { w: w.as_ptr().add(co), cout, cin, x: x.as_ptr().add(p0), plane, offs, dst: dst.add(p0 * cout + co), ld: cout, masks: masks(lanes), preloaded };
+            let args = Tile { w: w.as_ptr().add(co), w_offs, cout, cin, x: x.as_ptr().add(p0), plane, offs, dst: dst.add(p0 * cout + co), ld: cout, masks: masks(lanes), preloaded };
             macro_rules! dispatch {
                 ($($p:literal),*) => {
                     match (px, lanes.div_ceil(16)) {
@@ -157,8 +158,9 @@ mod x86 {
     }
 
     struct Tile<'a> {
-        /// Weight of tap 0, input channel 0, this tile's first output channel.
+        /// Weight of input channel 0 and this tile's first output channel, before a tap's offset.
         w: *const f32,
+        w_offs: &'a [usize],
         cout: usize,
         cin: usize,
         /// Input at this tile's first pixel.
@@ -196,7 +198,7 @@ mod x86 {
     unsafe fn tile<const R: usize, const V: usize>(a: &Tile<'_>) {
         for (t, &off) in a.offs.iter().enumerate() {
             let mut acc = [[_mm512_setzero_ps(); V]; R];
-            let wt = a.w.add(t * a.cin * a.cout);
+            let wt = a.w.add(a.w_offs[t]);
             let xt = a.x.add(off);
             for ci in 0..a.cin {
                 let xr = xt.add(ci * a.plane);
@@ -222,7 +224,7 @@ mod x86 {
     unsafe fn tile_cl<const P: usize, const V: usize>(a: &Tile<'_>) {
         for (t, &off) in a.offs.iter().enumerate() {
             let mut acc = [[_mm512_setzero_ps(); V]; P];
-            let wt = a.w.add(t * a.cin * a.cout);
+            let wt = a.w.add(a.w_offs[t]);
             let xt = a.x.add(off);
             for ci in 0..a.cin {
                 let wr = wt.add(ci * a.cout);
@@ -272,6 +274,7 @@ mod tests {
         // limits of one gemm depth block), a single pixel vector, strided taps.
         for &(cout, cin, taps, plane, n, offs_step) in &[(16, 16, 9, 1190, 1088, 34), (3, 16, 9, 300, 288, 18), (19, 3, 9, 120, 80, 10), (2, 512, 4, 40, 18, 7), (9, 37, 1, 70, 50, 0), (64, 64, 9, 100, 24, 6), (130, 64, 9, 40, 23, 6), (70, 5, 9, 40, 13, 6), (17, 20, 3, 200, 161, 1)] {
             let offs: Vec<usize> = (0..taps).map(|t| (t / 3) * offs_step + t % 3).collect();
+            let w_offs: Vec<usize> = (0..taps).map(|t| t * cin * cout).collect();
             let x = values(cin * plane + offs.iter().max().unwrap() + n, 1);
             let w = values(taps * cin * cout, 2);
             for preloaded in [false, true] {
@@ -280,12 +283,12 @@ mod tests {
                 per_tap_gemm(&w, cout, cin, &x, plane, &offs, n, &mut want, preloaded);
                 for parallel in [false, true] {
                     let mut got = init.clone();
-                    conv_taps(&w, cout, cin, &x, plane, &offs, n, &mut got, preloaded, parallel, Layout::Planar);
+                    conv_taps(&w, &w_offs, cout, cin, &x, plane, &offs, n, &mut got, preloaded, parallel, Layout::Planar);
                     let diff = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
                     assert_eq!(diff, 0, "planar: cout {cout}, cin {cin}, taps {taps}, n {n}, preloaded {preloaded}, parallel {parallel}: {diff} values differ");
                     // The same product written [n, cout]: the same values, transposed.
                     let mut got: Vec<f32> = (0..n * cout).map(|i| init[(i % cout) * n + i / cout]).collect();
-                    conv_taps(&w, cout, cin, &x, plane, &offs, n, &mut got, preloaded, parallel, Layout::ChannelsLast);
+                    conv_taps(&w, &w_offs, cout, cin, &x, plane, &offs, n, &mut got, preloaded, parallel, Layout::ChannelsLast);
                     let diff = (0..n * cout).filter(|&i| got[i].to_bits() != want[(i % cout) * n + i / cout].to_bits()).count();
                     assert_eq!(diff, 0, "channels last: cout {cout}, cin {cin}, taps {taps}, n {n}, preloaded {preloaded}, parallel {parallel}: {diff} values differ");
                 }

@@ -5,6 +5,7 @@ use rayon::prelude::*;
 
 use super::bf16::{self, PairPlanes};
 use super::conv::preload_channels;
+use super::conv_taps;
 use super::gemm::{per_item, sgemm, threads};
 use super::io::{check_per_channel, tensor, uninit, with_slices};
 use crate::error::{Error, Result};
@@ -233,6 +234,22 @@ pub fn item_products_tn_sum(lhs: &Tensor, rhs: &Tensor, items: usize) -> Result<
             return out;
         }
         let in_gemm = (3..=512).contains(&rows) && m >= 2 && n >= 2;
+        if in_gemm && conv_taps::applies(m, rows, n) {
+            // The same sum through the direct kernel, each item a "tap" (the last item first),
+            // which keeps a tile of the result in registers across all items instead of
+            // calling gemm once per item.
+            let at = |stride: usize| (0..items).rev().map(|i| i * rows * stride).collect::<Vec<_>>();
+            let parallel = threads() > 1;
+            if conv_taps::planar_pays(n) {
+                // W_t[a, r] = lhs_i[r, a], X_t[r, b] = rhs_i[r, b]; the result [m, n].
+                conv_taps::conv_taps(a, &at(m), m, rows, b, n, &at(n), n, &mut out, false, parallel, conv_taps::Layout::Planar);
+            } else {
+                // Roles swapped (W_t[b, r] = rhs_i[r, b], X_t[r, a] = lhs_i[r, a]) and the
+                // result written channels-last, [m, n] again.
+                conv_taps::conv_taps(b, &at(n), n, rows, a, m, &at(m), m, &mut out, false, parallel, conv_taps::Layout::ChannelsLast);
+            }
+            return out;
+        }
         let mut scratch = if in_gemm { Vec::new() } else { uninit(m * n) };
         for (j, i) in (0..items).rev().enumerate() {
             let (ai, bi) = (a[i * rows * m..].as_ptr(), b[i * rows * n..].as_ptr());

@@ -12,6 +12,7 @@
 //! `tests/train.rs` checks its gradients against the composed path (itself checked against
 //! finite differences in f64).
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::kernels;
@@ -60,6 +61,27 @@ impl CustomOp3 for AttentionOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let b = q.dim(0)?;
+        // One task per batch item: every op below treats the items apart (a product per item
+        // and head, a softmax and a sum per row), so the split leaves the bits as they are and
+        // lets the many small products run on all threads.
+        let parts = (0..b)
+            .into_par_iter()
+            .map(|i| {
+                let item = |t: &Tensor| t.narrow(0, i, 1);
+                self.item_grads(&item(q)?, &item(k)?, &item(v)?, &item(grad)?)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let cat = |f: fn(&(Tensor, Tensor, Tensor)) -> &Tensor| Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0);
+        let (dq, dk, dv) = (cat(|p| &p.0)?, cat(|p| &p.1)?, cat(|p| &p.2)?);
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+impl AttentionOp {
+    /// The gradients (dq, dk, dv) of `q` [b, n, h*d], `k`/`v` [b, m, h*d] given the output's
+    /// gradient, composed of candle's ops.
+    fn item_grads(&self, q: &Tensor, k: &Tensor, v: &Tensor, grad: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, n, inner) = q.dims3()?;
         let m = k.dim(1)?;
         let h = self.heads;
@@ -69,6 +91,7 @@ impl CustomOp3 for AttentionOp {
         let merge = |t: Tensor, len: usize| t.transpose(1, 2)?.contiguous()?.reshape((b, len, inner));
         let (qh, kh, vh, gh) = (split(q, n)?, split(k, m)?, split(v, m)?, split(grad, n)?);
         let mut s = (qh.matmul(&kh.t()?)? * scale)?;
+        // The mask is [n, m] (see `kernels::attention`), the same for every item.
         if let Some(mask) = &self.mask {
             s = s.broadcast_add(mask)?;
         }
@@ -80,6 +103,6 @@ impl CustomOp3 for AttentionOp {
         let ds = (p * dp.broadcast_sub(&row)?)?;
         let dq = (ds.matmul(&kh)? * scale)?;
         let dk = (ds.t()?.matmul(&qh)? * scale)?;
-        Ok((Some(merge(dq, n)?), Some(merge(dk, m)?), Some(merge(dv, m)?)))
+        Ok((merge(dq, n)?, merge(dk, m)?, merge(dv, m)?))
     }
 }
