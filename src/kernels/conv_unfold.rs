@@ -16,6 +16,7 @@
 //! batch, never on the number of threads. Everything else is one task per image.
 use rayon::prelude::*;
 
+use super::conv_taps;
 use super::gemm::sgemm;
 use super::io::uninit;
 
@@ -76,17 +77,25 @@ pub fn conv2d_unfolded(x: &[f32], wt: &[f32], sh: ConvShape) -> Vec<f32> {
 /// `dW` as `[cout, cin, k, k]` from the input `x` (`[b, cin, h, w]`) and the output gradient
 /// `g` (`[b, cout, ho, wo]`), both contiguous.
 pub fn conv2d_weight_grad(x: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
-    let (ho, wo) = sh.out_hw();
-    weight_grad_rows_apart(x, g, sh, spread_stride(ho * wo))
-}
-
-/// [`conv2d_weight_grad`] with the unfolded input's rows `ld` apart (`ld >= ho·wo`).
-fn weight_grad_rows_apart(x: &[f32], g: &[f32], sh: ConvShape, ld: usize) -> Vec<f32> {
     let ConvShape { b, cin, h, w, cout, k, .. } = sh;
     let (ho, wo) = sh.out_hw();
     let (hw, ckk) = (ho * wo, cin * k * k);
     assert_eq!(x.len(), b * cin * h * w, "conv weight grad: input size");
     assert_eq!(g.len(), b * cout * hw, "conv weight grad: gradient size");
+    // Where gemm's products take its usual kernels (more than 256 outputs, at least 2 rows
+    // and columns, a depth of 3 to 512 pixels in one block), the direct kernel gives the same
+    // bits without gemm's packing per image.
+    if conv_taps::applies(cout, hw, ckk) && conv_taps::planar_pays(ckk) && cout * ckk > 256 {
+        return weight_grad_taps(x, g, sh);
+    }
+    weight_grad_rows_apart(x, g, sh, spread_stride(hw))
+}
+
+/// [`conv2d_weight_grad`] through gemm, with the unfolded input's rows `ld` apart (`ld >= ho·wo`).
+fn weight_grad_rows_apart(x: &[f32], g: &[f32], sh: ConvShape, ld: usize) -> Vec<f32> {
+    let ConvShape { b, cin, h, w, cout, k, .. } = sh;
+    let (ho, wo) = sh.out_hw();
+    let (hw, ckk) = (ho * wo, cin * k * k);
     let partials: Vec<Vec<f32>> = (0..b.div_ceil(GROUP))
         .into_par_iter()
         .map(|grp| {
@@ -119,12 +128,88 @@ fn weight_grad_rows_apart(x: &[f32], g: &[f32], sh: ConvShape, ld: usize) -> Vec
             acc
         })
         .collect();
+    add_in_order(partials, cout * ckk)
+}
+
+/// The groups' partial sums added in group order.
+fn add_in_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     let mut it = partials.into_iter();
-    let mut dw = it.next().unwrap_or_else(|| vec![0f32; cout * ckk]);
+    let mut dw = it.next().unwrap_or_else(|| vec![0f32; len]);
     for p in it {
         dw.iter_mut().zip(&p).for_each(|(d, v)| *d += v);
     }
     dw
+}
+
+/// [`weight_grad_rows_apart`]'s sum through [`conv_taps`], each image of a group one of its
+/// "taps": per image a fused multiply-add chain over the pixels from zero, added into the
+/// group's sum, as gemm does it. Both operands are laid out pixel-major for it: the output
+/// gradient transposed to `[hw, cout]`, the input unfolded to `[hw, k·k·cin]`, its columns
+/// tap-major so that each is a copy of one channels-last pixel; the result's columns are put
+/// back in the weight's order (ci, ky, kx) at the end.
+fn weight_grad_taps(x: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
+    let ConvShape { b, cin, h, w, cout, k, .. } = sh;
+    let (ho, wo) = sh.out_hw();
+    let (hw, kk) = (ho * wo, k * k);
+    let ckk = cin * kk;
+    let partials: Vec<Vec<f32>> = (0..b.div_ceil(GROUP))
+        .into_par_iter()
+        .map(|grp| {
+            let images = grp * GROUP..b.min((grp + 1) * GROUP);
+            let mut gt = uninit(images.len() * hw * cout);
+            let mut col = uninit(images.len() * hw * ckk);
+            let mut xcl = uninit(h * w * cin);
+            for (i, n) in images.clone().enumerate() {
+                transpose(&g[n * cout * hw..][..cout * hw], cout, hw, &mut gt[i * hw * cout..][..hw * cout]);
+                transpose(&x[n * cin * h * w..][..cin * h * w], cin, h * w, &mut xcl);
+                unfold_tap_major(&xcl, &mut col[i * hw * ckk..][..hw * ckk], sh, ho, wo);
+            }
+            let taps = images.len();
+            let w_offs: Vec<usize> = (0..taps).map(|t| t * hw * cout).collect();
+            let offs: Vec<usize> = (0..taps).map(|t| t * hw * ckk).collect();
+            let mut acc = uninit(cout * ckk);
+            conv_taps::conv_taps(&gt, &w_offs, cout, hw, &col, ckk, &offs, ckk, &mut acc, false, false, conv_taps::Layout::Planar);
+            acc
+        })
+        .collect();
+    let tap_major = add_in_order(partials, cout * ckk);
+    let mut dw = uninit(cout * ckk);
+    for (d, s) in dw.chunks_exact_mut(ckk).zip(tap_major.chunks_exact(ckk)) {
+        for (t, s) in s.chunks_exact(cin).enumerate() {
+            for (ci, &v) in s.iter().enumerate() {
+                d[ci * kk + t] = v;
+            }
+        }
+    }
+    dw
+}
+
+/// `dst[c][r] = src[r][c]` for a `rows x cols` matrix `src`.
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    for (r, row) in src.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            dst[c * rows + r] = v;
+        }
+    }
+}
+
+/// `col[oy·wo + ox][(ky·k + kx)·cin + ci] = x[iy, ix, ci]` with `(iy, ix) = (oy·s + ky − p,
+/// ox·s + kx − p)` (zero outside) for one image stored channels-last (`[h, w, cin]`).
+fn unfold_tap_major(xcl: &[f32], col: &mut [f32], sh: ConvShape, ho: usize, wo: usize) {
+    let ConvShape { cin, h, w, k, stride: s, pad: p, .. } = sh;
+    for (px, row) in col.chunks_exact_mut(k * k * cin).enumerate() {
+        let (oy, ox) = (px / wo, px % wo);
+        debug_assert!(oy < ho);
+        for (t, dst) in row.chunks_exact_mut(cin).enumerate() {
+            let iy = (oy * s + t / k) as isize - p as isize;
+            let ix = (ox * s + t % k) as isize - p as isize;
+            if iy >= 0 && iy < h as isize && ix >= 0 && ix < w as isize {
+                dst.copy_from_slice(&xcl[(iy as usize * w + ix as usize) * cin..][..cin]);
+            } else {
+                dst.fill(0.0);
+            }
+        }
+    }
 }
 
 /// A row stride for `[rows, hw]` matrices that gemm reads down the columns (it gathers them
@@ -297,17 +382,25 @@ mod tests {
             ConvShape { b: 4, cin: 32, h: 16, w: 16, cout: 64, k: 1, stride: 2, pad: 0 },
             ConvShape { b: 2, cin: 64, h: 56, w: 56, cout: 64, k: 3, stride: 1, pad: 1 },
             ConvShape { b: 3, cin: 8, h: 7, w: 5, cout: 5, k: 3, stride: 1, pad: 1 },
+            // The direct kernel's shapes (a depth of 3 to 512 pixels): a UNet's 4x4 and 8x8
+            // maps in a partial group, the largest depth, and a product of at most 256
+            // outputs, which gemm sums in other kernels and so stays with gemm.
+            ConvShape { b: 6, cin: 128, h: 4, w: 4, cout: 128, k: 3, stride: 1, pad: 1 },
+            ConvShape { b: 5, cin: 64, h: 8, w: 8, cout: 24, k: 3, stride: 1, pad: 1 },
+            ConvShape { b: 2, cin: 6, h: 16, w: 32, cout: 9, k: 3, stride: 1, pad: 1 },
+            ConvShape { b: 3, cin: 6, h: 6, w: 6, cout: 4, k: 3, stride: 1, pad: 1 },
         ];
         for sh in shapes {
             let (ho, wo) = sh.out_hw();
             let x = values(sh.b * sh.cin * sh.h * sh.w, 1);
             let g = values(sh.b * sh.cout * ho * wo, 2);
             let got = conv2d_weight_grad(&x, &g, sh);
-            // Contiguous rows, as the gradient was first written: the padding must not change a bit.
+            // gemm over contiguous rows, as the gradient was first written: neither the padding
+            // of the rows nor the direct kernel may change a bit.
             let want = weight_grad_rows_apart(&x, &g, sh, ho * wo);
             assert!(
                 got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{sh:?}: weight gradient bits differ from the contiguous layout's"
+                "{sh:?}: weight gradient bits differ from gemm's over contiguous rows"
             );
             // And the value itself, summed in f64 straight from the definition.
             let (s, p, k) = (sh.stride as isize, sh.pad as isize, sh.k);
