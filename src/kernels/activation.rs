@@ -53,19 +53,34 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
 /// with libm's `erff`, which candle calls).
 #[inline(always)]
 fn gelu_erf_exact(v: f32) -> f32 {
-    (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v
+    gelu_from_erf(v, erf_scaled(v))
+}
+
+/// `erf(v / sqrt 2)` as candle computes it (for [`gelu_erf_exact`] and its derivative, which
+/// share it).
+#[inline(always)]
+fn erf_scaled(v: f32) -> f32 {
+    candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2)
+}
+
+#[inline(always)]
+fn gelu_from_erf(v: f32, erf: f32) -> f32 {
+    (erf + 1.) * 0.5 * v
 }
 
 /// The derivative of [`gelu_erf_exact`] as candle 0.11's backward computes it, one candle op per
 /// line there (`backprop.rs`, `UnaryOp::GeluErf`): `0.5 + 0.398942 exp(-x²/2) x + 0.5
 /// erf(x / sqrt 2)`, where each scalar-tensor product or sum is an affine `v * mul + add` in
 /// f32 and `x / sqrt 2` multiplies by `(1 / sqrt 2)` rounded from f64.
+///
+/// `erf` is [`erf_scaled`]`(x)`: candle's argument `x * (1 / sqrt 2) + 0` is the same number
+/// (the constant rounds to the same f32, checked by a test) except that it turns -0 into +0,
+/// whose erf, halved and plus zero, is +0 either way.
 #[inline(always)]
-fn gelu_erf_grad_exact(x: f32) -> f32 {
+fn gelu_erf_grad_exact(x: f32, erf: f32) -> f32 {
     let neg_half_square = (-(x * x)) * 0.5 + 0.0;
     let scaled_exp_arg = (neg_half_square.exp() * 0.398942f64 as f32 + 0.0) * x;
-    let arg_scaled_sqrt = x * (1. / 2f64.sqrt()) as f32 + 0.0;
-    let erf_scaled_sqrt = candle_core::cpu::erf::erf_f32(arg_scaled_sqrt) * 0.5 + 0.0;
+    let erf_scaled_sqrt = erf * 0.5 + 0.0;
     (scaled_exp_arg * 1.0 + 0.5) + erf_scaled_sqrt
 }
 
@@ -108,8 +123,9 @@ pub fn geglu_exact_backward(h: &[f32], grad: &[f32], inner: usize) -> Vec<f32> {
                 let (dvalue, dgate) = drow.split_at_mut(inner);
                 for j in 0..inner {
                     let (v, g, dy) = (value[j], gate[j], grow[j]);
-                    dvalue[j] = dy * gelu_erf_exact(g);
-                    dgate[j] = (dy * v) * gelu_erf_grad_exact(g);
+                    let erf = erf_scaled(g);
+                    dvalue[j] = dy * gelu_from_erf(g, erf);
+                    dgate[j] = (dy * v) * gelu_erf_grad_exact(g, erf);
                 }
             }
         });
@@ -178,4 +194,13 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
         out
     })?;
     tensor(out, &dims)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn gelu_derivative_scales_by_the_same_constant_as_gelu() {
+        // gelu_erf_grad_exact reuses gelu's erf(x / sqrt 2): candle writes the constant two ways.
+        assert_eq!(((1. / 2f64.sqrt()) as f32).to_bits(), std::f32::consts::FRAC_1_SQRT_2.to_bits());
+    }
 }
