@@ -181,7 +181,7 @@ fn stored_2d(t: &Tensor) -> Result<(Tensor, usize, usize)> {
 
 /// `lhs` [items·rows, k] times `rhs` [k, n] -> [items·rows, n], where every item's `rows` rows
 /// get the bits of a product of their own (candle's matmul of that item: same gemm shape and
-/// strides). One gemm over all rows where that keeps the bits ([`merged_rows_keep_bits`]),
+/// strides). One gemm over all rows where that keeps the bits (`merged_rows_keep_bits`),
 /// else one single-threaded gemm per item, the items in parallel. For the trained layers'
 /// forward pass and input gradient (`nn::linear`), where the batch is many small products.
 pub fn item_products(lhs: &Tensor, rhs: &Tensor, items: usize) -> Result<Tensor> {
@@ -218,8 +218,9 @@ pub fn item_products(lhs: &Tensor, rhs: &Tensor, items: usize) -> Result<Tensor>
 /// item `rows` rows) -> [m, n], with the bits of candle's per-item products added one by one,
 /// the last item first (the order of candle's backward over per-item products). With 3 to 512
 /// rows per item each product is one depth block of gemm's usual kernels, which add it to what
-/// they read from the destination with one rounding: exactly the separate addition. Other
-/// shapes are added from a scratch product. For a trained linear layer's weight gradient.
+/// they read from the destination with one rounding: exactly the separate addition, and the sum
+/// the direct kernel (`conv_taps`) makes on AVX-512. Other shapes are added from a scratch
+/// product. For a trained linear layer's weight gradient.
 pub fn item_products_tn_sum(lhs: &Tensor, rhs: &Tensor, items: usize) -> Result<Tensor> {
     let (total, m) = lhs.dims2()?;
     let (total2, n) = rhs.dims2()?;
