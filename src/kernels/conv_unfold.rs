@@ -13,7 +13,9 @@
 //! runs them), each of which reads and writes the whole output. For the weight's gradient,
 //! images are taken in fixed groups of [`GROUP`], one rayon task and one small unfolding buffer
 //! per group, and the groups' partial sums are added in group order: the result depends on the
-//! batch, never on the number of threads. Everything else is one task per image.
+//! batch, never on the number of threads. Where `gemm` sums each image's pixels in one depth
+//! block, a group's sum runs through the direct kernel (`kernels::conv_taps`) instead, on
+//! pixel-major copies, with the same bits. Everything else is one task per image.
 use rayon::prelude::*;
 
 use super::conv_taps;
