@@ -26,6 +26,72 @@ pub struct ConvInput {
     pub pad: (usize, usize, usize, usize),
 }
 
+/// A zero-padded input split into stride x stride phase planes of hq x wq,
+/// phase (py, px)[i, j] = padded[s·i + py, s·j + px]: tap (ty, tx) of output (oy, ox) is then
+/// phase (ty % s, tx % s) at (oy + ty / s, ox + tx / s), a unit-stride view. For stride 1 there
+/// is one phase, the padded input itself. Outputs are computed on a grid wq wide.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Phases {
+    pub s: usize,
+    pub wq: usize,
+    /// Floats per phase plane.
+    pub phase: usize,
+    /// Floats per channel (all its phases).
+    pub plane: usize,
+    /// Zeros past the last channel, for the taps of the grid's junk columns of the last rows.
+    pub slack: usize,
+}
+
+impl Phases {
+    /// The grid of a `hp` x `wp` padded input for a `k` x `k` kernel at stride `s`.
+    pub(crate) fn new(hp: usize, wp: usize, s: usize, k: usize) -> Self {
+        let (hq, wq) = (hp.div_ceil(s), wp.div_ceil(s));
+        let phase = hq * wq;
+        Phases { s, wq, phase, plane: s * s * phase, slack: (k / s + 1) * wq + k }
+    }
+
+    /// Offset of kernel tap (ty, tx) within a channel's plane.
+    pub(crate) fn tap(&self, ty: usize, tx: usize) -> usize {
+        let s = self.s;
+        ((ty % s) * s + tx % s) * self.phase + (ty / s) * self.wq + tx / s
+    }
+
+    /// Writes one channel `src` (rows `w0` wide) into its plane `dstp`, resampled (pixel
+    /// (y, x) is `src[src_rows[y], src_cols[x]]`) and placed at (`pt`, `pl`) of the padded
+    /// input; the border keeps what `dstp` holds (zeros).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn fill(&self, src: &[f32], w0: usize, src_rows: &[usize], src_cols: &[usize], pt: usize, pl: usize, dstp: &mut [f32]) {
+        let (s, wq, w) = (self.s, self.wq, src_cols.len());
+        for (y, &sy) in src_rows.iter().enumerate() {
+            let srow = &src[sy * w0..(sy + 1) * w0];
+            let yy = y + pt;
+            if s == 1 {
+                let drow = &mut dstp[yy * wq + pl..yy * wq + pl + w];
+                if w == w0 {
+                    drow.copy_from_slice(srow);
+                } else {
+                    for (d, &sx) in drow.iter_mut().zip(src_cols) {
+                        *d = srow[sx];
+                    }
+                }
+            } else {
+                // Column x lands in phase (x + pl) % s at (x + pl) / s: counted, not divided.
+                let (py, i) = (yy % s, yy / s);
+                let row = &mut dstp[py * s * self.phase + i * wq..];
+                let (mut px, mut j) = (pl % s, pl / s);
+                for &sx in src_cols {
+                    row[px * self.phase + j] = srow[sx];
+                    px += 1;
+                    if px == s {
+                        px = 0;
+                        j += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// `x` [b, cin, h, w], `weight` [cout, cin, k, k], `bias` \[cout\], `extra_bias` [b, cout]:
 /// convolution with `stride`, input prepared per `input`, then
 /// `(conv + bias + extra_bias + residual) / out_scale`. With `packed` (the weight from
@@ -142,25 +208,15 @@ pub fn conv2d(
             per_item(&mut out, b, one);
             return out;
         }
-        // The padded input is split into stride x stride phase planes of hq x wq,
-        // phase (py, px)[i, j] = padded[s*i + py, s*j + px]: tap (ty, tx) of output (oy, ox) is
-        // then phase (ty % s, tx % s) at (oy + ty / s, ox + tx / s), a unit-stride view. For
-        // stride 1 there is one phase, the padded input itself. Outputs use a grid wq wide.
-        let s_ = stride;
-        let (hq, wq) = (hp.div_ceil(s_), wp_real.div_ceil(s_));
-        let phase = hq * wq;
-        let plane = s_ * s_ * phase;
+        let grid = Phases::new(hp, wp_real, stride, k);
+        let (wq, plane, slack) = (grid.wq, grid.plane, grid.slack);
         let we = wq;
-        let slack = (k / s_ + 1) * wq + k;
         // Exactly candle's nearest rule: src = min(src_len - 1, floor(i * (src_len / dst_len))).
         let (sh, sw) = (h0 as f64 / h as f64, w0 as f64 / w as f64);
         let src_rows: Vec<usize> = (0..h).map(|i| ((i as f64 * sh) as usize).min(h0 - 1)).collect();
         let src_cols: Vec<usize> = (0..w).map(|i| ((i as f64 * sw) as usize).min(w0 - 1)).collect();
         let kk = k * k;
-        let tap_off = |t: usize| {
-            let (ty, tx) = (t / k, t % k);
-            ((ty % s_) * s_ + tx % s_) * phase + (ty / s_) * wq + tx / s_
-        };
+        let tap_off = |t: usize| grid.tap(t / k, t % k);
         let offs: Vec<usize> = (0..kk).map(tap_off).collect();
         // (offset of tap t, row stride, column stride) of its [cout, cin] weight matrix.
         let w_at = |t: usize| if tap_major { (t * cin * cout, 1, cout) } else { (t, cin * kk, kk) };
@@ -173,30 +229,7 @@ pub fn conv2d(
         let scratch = || (vec![0f32; cin * plane + slack], uninit(cout * n_ext));
         let one = |bi: usize, dst: &mut [f32], (xp, ext): &mut (Vec<f32>, Vec<f32>)| {
             let xb = &xs[bi * cin * in_plane..(bi + 1) * cin * in_plane];
-            let pad_plane = |(ci, dstp): (usize, &mut [f32])| {
-                let src = &xb[ci * in_plane..(ci + 1) * in_plane];
-                for (y, &sy) in src_rows.iter().enumerate() {
-                    let srow = &src[sy * w0..(sy + 1) * w0];
-                    let yy = y + pt;
-                    if s_ == 1 {
-                        let drow = &mut dstp[yy * wq + pl..yy * wq + pl + w];
-                        if w == w0 {
-                            drow.copy_from_slice(srow);
-                        } else {
-                            for (d, &sx) in drow.iter_mut().zip(&src_cols) {
-                                *d = srow[sx];
-                            }
-                        }
-                    } else {
-                        let (py, i) = (yy % s_, yy / s_);
-                        for (x, &sx) in src_cols.iter().enumerate() {
-                            let xx = x + pl;
-                            let (px, j) = (xx % s_, xx / s_);
-                            dstp[(py * s_ + px) * phase + i * wq + j] = srow[sx];
-                        }
-                    }
-                }
-            };
+            let pad_plane = |(ci, dstp): (usize, &mut [f32])| grid.fill(&xb[ci * in_plane..(ci + 1) * in_plane], w0, &src_rows, &src_cols, pt, pl, dstp);
             if nt > 1 {
                 xp[..cin * plane].par_chunks_mut(plane).enumerate().for_each(pad_plane);
             } else {

@@ -75,6 +75,88 @@ pub(crate) fn conv_taps(w: &[f32], w_offs: &[usize], cout: usize, cin: usize, x:
     assert!(w_offs.len() == offs.len() && w_offs.iter().all(|&o| o + cin * cout <= w.len()) && dst.len() >= cout * n);
     let reach = offs.iter().max().copied().unwrap_or(0) + (cin - 1) * plane + n;
     assert!(x.len() >= reach, "conv_taps: input of {} floats, the taps reach {reach}", x.len());
+    run(w, &Taps { w_offs, offs, cout, cin, plane }, cout, x, n, dst, preloaded, parallel, layout);
+}
+
+/// `dst` [cout, n] (row stride n) `= Σ_b Σ_{r in block b} w[r·cout + co] · x[x_offs[r] + p]`,
+/// the depth rows taken in blocks of `block` (the last one shorter), each block one fused
+/// multiply-add chain from zero added into the output: the arithmetic of one `gemm` product
+/// `W [cout, K] @ U [K, n]` with `U[r, p] = x[x_offs[r] + p]` whose depth blocks are `block`
+/// long (see [`super::conv_unfold`], where `U` is an unfolded input that is never built).
+/// The caller checks that `gemm` would sum that way; this needs AVX-512.
+///
+/// Panics unless `x` holds every element the offsets reach.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_rows(w: &[f32], cout: usize, x_offs: &[usize], block: usize, x: &[f32], n: usize, dst: &mut [f32], parallel: bool) {
+    assert!(super::simd::has_avx512() && cout >= 1 && block >= 1 && n >= 1, "conv_rows: not applicable");
+    assert!(w.len() >= x_offs.len() * cout && dst.len() >= cout * n);
+    let reach = x_offs.iter().max().copied().unwrap_or(0) + n;
+    assert!(x.len() >= reach, "conv_rows: input of {} floats, the rows reach {reach}", x.len());
+    run(w, &Rows { x_offs, block, cout }, cout, x, n, dst, false, parallel, Layout::Planar);
+}
+
+/// The depth rows of a product and how they fall into chains: each block's rows are one
+/// fused multiply-add chain, the blocks' chains added into the output in order.
+pub(crate) trait Depth: Sync {
+    fn blocks(&self) -> usize;
+    /// Rows in block `t`.
+    fn len(&self, t: usize) -> usize;
+    /// (weight offset, input offset) of row `i` of block `t`: the weight row holds one value per
+    /// output channel, the input row one per pixel.
+    fn row(&self, t: usize, i: usize) -> (usize, usize);
+}
+
+/// [`conv_taps`]' rows: per tap, the input channels, `plane` apart.
+struct Taps<'a> {
+    w_offs: &'a [usize],
+    offs: &'a [usize],
+    cout: usize,
+    cin: usize,
+    plane: usize,
+}
+
+impl Depth for Taps<'_> {
+    fn blocks(&self) -> usize {
+        self.offs.len()
+    }
+    #[inline(always)]
+    fn len(&self, _t: usize) -> usize {
+        self.cin
+    }
+    #[inline(always)]
+    fn row(&self, t: usize, i: usize) -> (usize, usize) {
+        (self.w_offs[t] + i * self.cout, self.offs[t] + i * self.plane)
+    }
+}
+
+/// [`conv_rows`]' rows: consecutive weight rows, input rows anywhere.
+struct Rows<'a> {
+    x_offs: &'a [usize],
+    block: usize,
+    cout: usize,
+}
+
+impl Depth for Rows<'_> {
+    fn blocks(&self) -> usize {
+        self.x_offs.len().div_ceil(self.block)
+    }
+    #[inline(always)]
+    fn len(&self, t: usize) -> usize {
+        self.block.min(self.x_offs.len() - t * self.block)
+    }
+    #[inline(always)]
+    fn row(&self, t: usize, i: usize) -> (usize, usize) {
+        let r = t * self.block + i;
+        debug_assert!(r < self.x_offs.len());
+        // SAFETY: `len` keeps i within block t, whose rows are all in x_offs.
+        (r * self.cout, unsafe { *self.x_offs.get_unchecked(r) })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], n: usize, dst: &mut [f32], preloaded: bool, parallel: bool, layout: Layout) {
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the direct convolution kernel needs AVX-512");
     #[cfg(target_arch = "x86_64")]
     {
         let tile_px = if layout == Layout::Planar { TILE_PX } else { x86::CL_PIXELS };
@@ -84,12 +166,12 @@ pub(crate) fn conv_taps(w: &[f32], w_offs: &[usize], cout: usize, cin: usize, x:
             let d = dst_ptr;
             let p0 = blk * tile_px;
             let px = (n - p0).min(tile_px);
-            // SAFETY: applies() checked AVX-512; the bounds were asserted above, and each block
-            // writes only its own pixels of dst.
+            // SAFETY: the callers checked AVX-512 and the bounds, and each block writes only its
+            // own pixels of dst.
             unsafe {
                 match layout {
-                    Layout::Planar => x86::block(w, w_offs, cout, cin, x, plane, offs, n, p0, px, d.0, preloaded),
-                    Layout::ChannelsLast => x86::block_cl(w, w_offs, cout, cin, x, plane, offs, p0, px, d.0, preloaded),
+                    Layout::Planar => x86::block(w, depth, cout, x, n, p0, px, d.0, preloaded),
+                    Layout::ChannelsLast => x86::block_cl(w, depth, cout, x, p0, px, d.0, preloaded),
                 }
             }
         };
@@ -101,7 +183,7 @@ pub(crate) fn conv_taps(w: &[f32], w_offs: &[usize], cout: usize, cin: usize, x:
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::ROWS;
+    use super::{Depth, ROWS};
     use std::arch::x86_64::*;
 
     /// 16-float vectors in the widest register tile (either layout).
@@ -117,16 +199,16 @@ mod x86 {
     /// All output channels of the pixels `p0..p0 + px` (px ≤ 48), written as [cout, n].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block(w: &[f32], w_offs: &[usize], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], n: usize, p0: usize, px: usize, dst: *mut f32, preloaded: bool) {
+    pub(super) unsafe fn block<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], n: usize, p0: usize, px: usize, dst: *mut f32, preloaded: bool) {
         let vecs = px.div_ceil(16);
         let mut co = 0;
         while co < cout {
             let rows = (cout - co).min(ROWS);
-            let args = Tile { w: w.as_ptr().add(co), w_offs, cout, cin, x: x.as_ptr().add(p0), plane, offs, dst: dst.add(co * n + p0), ld: n, masks: masks(px), preloaded };
+            let args = Tile { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(p0), dst: dst.add(co * n + p0), ld: n, masks: masks(px), preloaded };
             macro_rules! dispatch {
                 ($($r:literal),*) => {
                     match (rows, vecs) {
-                        $(($r, 1) => tile::<$r, 1>(&args), ($r, 2) => tile::<$r, 2>(&args), ($r, _) => tile::<$r, 3>(&args),)*
+                        $(($r, 1) => tile::<D, $r, 1>(&args), ($r, 2) => tile::<D, $r, 2>(&args), ($r, _) => tile::<D, $r, 3>(&args),)*
                         _ => unreachable!(),
                     }
                 };
@@ -139,15 +221,15 @@ mod x86 {
     /// All output channels of the pixels `p0..p0 + px` (px ≤ 6), written as [n, cout].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block_cl(w: &[f32], w_offs: &[usize], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], p0: usize, px: usize, dst: *mut f32, preloaded: bool) {
+    pub(super) unsafe fn block_cl<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], p0: usize, px: usize, dst: *mut f32, preloaded: bool) {
         let mut co = 0;
         while co < cout {
             let lanes = (cout - co).min(16 * MAX_VECS);
-            let args = Tile { w: w.as_ptr().add(co), w_offs, cout, cin, x: x.as_ptr().add(p0), plane, offs, dst: dst.add(p0 * cout + co), ld: cout, masks: masks(lanes), preloaded };
+            let args = Tile { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(p0), dst: dst.add(p0 * cout + co), ld: cout, masks: masks(lanes), preloaded };
             macro_rules! dispatch {
                 ($($p:literal),*) => {
                     match (px, lanes.div_ceil(16)) {
-                        $(($p, 1) => tile_cl::<$p, 1>(&args), ($p, 2) => tile_cl::<$p, 2>(&args), ($p, 3) => tile_cl::<$p, 3>(&args), ($p, _) => tile_cl::<$p, 4>(&args),)*
+                        $(($p, 1) => tile_cl::<D, $p, 1>(&args), ($p, 2) => tile_cl::<D, $p, 2>(&args), ($p, 3) => tile_cl::<D, $p, 3>(&args), ($p, _) => tile_cl::<D, $p, 4>(&args),)*
                         _ => unreachable!(),
                     }
                 };
@@ -157,16 +239,12 @@ mod x86 {
         }
     }
 
-    struct Tile<'a> {
-        /// Weight of input channel 0 and this tile's first output channel, before a tap's offset.
+    struct Tile<'a, D> {
+        /// Weight of this tile's first output channel, before a row's offset.
         w: *const f32,
-        w_offs: &'a [usize],
-        cout: usize,
-        cin: usize,
-        /// Input at this tile's first pixel.
+        depth: &'a D,
+        /// Input at this tile's first pixel, before a row's offset.
         x: *const f32,
-        plane: usize,
-        offs: &'a [usize],
         /// Output at this tile's first channel and pixel; its rows (channels, or pixels when
         /// channels-last) are `ld` apart and its vectors run along them.
         dst: *mut f32,
@@ -176,11 +254,11 @@ mod x86 {
         preloaded: bool,
     }
 
-    /// Tap `t`'s chains added into the output (or stored, for the first tap of an output that
-    /// was not preloaded): `acc[row][vector]`.
+    /// Block `t`'s chains added into the output (or stored, for the first block of an output
+    /// that was not preloaded): `acc[row][vector]`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn finish<const A: usize, const V: usize>(a: &Tile<'_>, t: usize, acc: &[[__m512; V]; A]) {
+    unsafe fn finish<D, const A: usize, const V: usize>(a: &Tile<'_, D>, t: usize, acc: &[[__m512; V]; A]) {
         let store_only = t == 0 && !a.preloaded;
         for (row, acc) in acc.iter().enumerate() {
             let d = a.dst.add(row * a.ld);
@@ -192,21 +270,20 @@ mod x86 {
         }
     }
 
-    /// R output channels x V vectors of pixels, through every tap.
+    /// R output channels x V vectors of pixels, through every block.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const R: usize, const V: usize>(a: &Tile<'_>) {
-        for (t, &off) in a.offs.iter().enumerate() {
+    unsafe fn tile<D: Depth, const R: usize, const V: usize>(a: &Tile<'_, D>) {
+        for t in 0..a.depth.blocks() {
             let mut acc = [[_mm512_setzero_ps(); V]; R];
-            let wt = a.w.add(a.w_offs[t]);
-            let xt = a.x.add(off);
-            for ci in 0..a.cin {
-                let xr = xt.add(ci * a.plane);
+            for i in 0..a.depth.len(t) {
+                let (wo, xo) = a.depth.row(t, i);
+                let xr = a.x.add(xo);
                 let mut xv = [_mm512_setzero_ps(); V];
                 for (v, xv) in xv.iter_mut().enumerate() {
                     *xv = _mm512_maskz_loadu_ps(a.masks[v], xr.add(16 * v));
                 }
-                let wr = wt.add(ci * a.cout);
+                let wr = a.w.add(wo);
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let b = _mm512_set1_ps(*wr.add(r));
                     for (acc, &xv) in acc.iter_mut().zip(&xv) {
@@ -218,21 +295,20 @@ mod x86 {
         }
     }
 
-    /// P pixels x V vectors of output channels, through every tap.
+    /// P pixels x V vectors of output channels, through every block.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile_cl<const P: usize, const V: usize>(a: &Tile<'_>) {
-        for (t, &off) in a.offs.iter().enumerate() {
+    unsafe fn tile_cl<D: Depth, const P: usize, const V: usize>(a: &Tile<'_, D>) {
+        for t in 0..a.depth.blocks() {
             let mut acc = [[_mm512_setzero_ps(); V]; P];
-            let wt = a.w.add(a.w_offs[t]);
-            let xt = a.x.add(off);
-            for ci in 0..a.cin {
-                let wr = wt.add(ci * a.cout);
+            for i in 0..a.depth.len(t) {
+                let (wo, xo) = a.depth.row(t, i);
+                let wr = a.w.add(wo);
                 let mut wv = [_mm512_setzero_ps(); V];
                 for (v, wv) in wv.iter_mut().enumerate() {
                     *wv = _mm512_maskz_loadu_ps(a.masks[v], wr.add(16 * v));
                 }
-                let xr = xt.add(ci * a.plane);
+                let xr = a.x.add(xo);
                 for (p, acc) in acc.iter_mut().enumerate() {
                     let b = _mm512_set1_ps(*xr.add(p));
                     for (acc, &wv) in acc.iter_mut().zip(&wv) {

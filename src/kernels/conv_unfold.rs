@@ -18,6 +18,7 @@
 //! pixel-major copies, with the same bits. Everything else is one task per image.
 use rayon::prelude::*;
 
+use super::conv::Phases;
 use super::conv_taps;
 use super::gemm::sgemm;
 use super::io::uninit;
@@ -48,8 +49,17 @@ impl ConvShape {
 
 /// The convolution of `x` (`[b, cin, h, w]`) with `wt` (`[cout, cin, k, k]`), no bias, as
 /// `[b, cout, ho, wo]`: per image, one product of the weight with the unfolded input (a 1x1
-/// stride-1 convolution multiplies the input itself).
+/// stride-1 convolution multiplies the input itself). Where the direct kernel reproduces that
+/// product's bits ([`direct_block`]), it runs instead, and the unfolded input is never built.
 pub fn conv2d_unfolded(x: &[f32], wt: &[f32], sh: ConvShape) -> Vec<f32> {
+    match direct_block(sh) {
+        Some(block) => conv2d_direct(x, wt, sh, block),
+        None => conv2d_gemm(x, wt, sh),
+    }
+}
+
+/// [`conv2d_unfolded`] through `gemm` over the unfolded input.
+fn conv2d_gemm(x: &[f32], wt: &[f32], sh: ConvShape) -> Vec<f32> {
     let ConvShape { b, cin, h, w, cout, k, stride, pad } = sh;
     let (ho, wo) = sh.out_hw();
     let (hw, ckk) = (ho * wo, cin * k * k);
@@ -71,6 +81,69 @@ pub fn conv2d_unfolded(x: &[f32], wt: &[f32], sh: ConvShape) -> Vec<f32> {
             };
             // SAFETY: dst is cout x hw, wt is cout x ckk, src is ckk x hw; distinct buffers.
             unsafe { sgemm(cout, hw, ckk, dst.as_mut_ptr(), hw, 1, false, wt.as_ptr(), ckk, 1, src.as_ptr(), hw, 1, 1.0, 1) };
+        },
+    );
+    out
+}
+
+/// The depth block in which `gemm` 0.19 sums the product `W [cout, cin·k·k] @ U [cin·k·k,
+/// ho·wo]`, where that is known and the direct kernel can reproduce it: its usual kernels (at
+/// least 3 deep, 2 rows and 2 columns, more than 256 outputs) on a CPU with AVX-512, one
+/// fused multiply-add chain per depth block from zero, the blocks added in order. Products of
+/// at most 64 x 64 take blocks of 512; larger ones a single block up to a depth of 512, and
+/// beyond it blocks sized from the CPU's cache, which are not reproduced here (`None`). A 1x1
+/// convolution stays with `gemm`: its unfolding is at most a subsampling copy.
+fn direct_block(sh: ConvShape) -> Option<usize> {
+    let ConvShape { cin, cout, k, .. } = sh;
+    let (ho, wo) = sh.out_hw();
+    let (hw, ckk) = (ho * wo, cin * k * k);
+    if k == 1 || !super::simd::has_avx512() || ckk < 3 || cout < 2 || hw < 2 || cout * hw <= 256 {
+        return None;
+    }
+    if cout <= 64 && hw <= 64 {
+        Some(ckk.min(512))
+    } else {
+        (ckk <= 512).then_some(ckk)
+    }
+}
+
+/// [`conv2d_unfolded`] through the direct kernel ([`conv_taps::conv_rows`]): each image is
+/// zero-padded into phase planes ([`Phases`]), and row (ci, ky, kx) of the unfolded input is
+/// read in place as a shifted view of them, on an output grid a few columns wider than the
+/// output, compacted at the end.
+fn conv2d_direct(x: &[f32], wt: &[f32], sh: ConvShape, block: usize) -> Vec<f32> {
+    let ConvShape { b, cin, h, w, cout, k, stride, pad } = sh;
+    let (ho, wo) = sh.out_hw();
+    let (hw, ckk) = (ho * wo, cin * k * k);
+    assert_eq!(x.len(), b * cin * h * w, "unfolded conv: input size");
+    assert_eq!(wt.len(), cout * ckk, "unfolded conv: weight size");
+    let mut out = uninit(b * cout * hw);
+    if out.is_empty() {
+        return out;
+    }
+    let grid = Phases::new(h + 2 * pad, w + 2 * pad, stride, k);
+    let n_ext = ho * grid.wq;
+    let x_offs: Vec<usize> = (0..ckk).map(|r| (r / (k * k)) * grid.plane + grid.tap(r / k % k, r % k)).collect();
+    let mut w_rows = uninit(ckk * cout);
+    transpose(wt, cout, ckk, &mut w_rows);
+    let (rows, cols): (Vec<usize>, Vec<usize>) = ((0..h).collect(), (0..w).collect());
+    // A single image splits its pixels across the threads; a batch runs one image per task.
+    let parallel = b == 1;
+    out.par_chunks_mut(cout * hw).zip(x.par_chunks(cin * h * w)).for_each_init(
+        // The padded input's border is zeroed once and never written.
+        || (vec![0f32; cin * grid.plane + grid.slack], uninit(cout * n_ext)),
+        |(xp, ext), (dst, xn)| {
+            for (ci, plane) in xp.chunks_exact_mut(grid.plane).take(cin).enumerate() {
+                grid.fill(&xn[ci * h * w..][..h * w], w, &rows, &cols, pad, pad, plane);
+            }
+            if grid.wq == wo {
+                conv_taps::conv_rows(&w_rows, cout, &x_offs, block, xp, n_ext, dst, parallel);
+                return;
+            }
+            conv_taps::conv_rows(&w_rows, cout, &x_offs, block, xp, n_ext, ext, parallel);
+            for (d, e) in dst.chunks_exact_mut(wo).zip(ext.chunks_exact(grid.wq)) {
+                d.copy_from_slice(&e[..wo]);
+            }
         },
     );
     out
@@ -312,8 +385,17 @@ fn unfold_same_width(x: &[f32], col: &mut [f32], sh: ConvShape, ho: usize, ld: u
 /// `dX` as `[b, cin, h, w]` from the weight `wt` (`[cout, cin, k, k]`) and the output gradient
 /// `g` (`[b, cout, ho, wo]`): per image, the product `Wᵀ g` (`[cin·k·k, ho·wo]`) folded back
 /// onto the input positions each column was read from, in a fixed order. Images are
-/// independent tasks, so the result does not depend on the batch or the threads.
+/// independent tasks, so the result does not depend on the batch or the threads. Where the
+/// direct kernel reproduces those bits ([`input_grad_direct_applies`]), it runs instead.
 pub fn conv2d_input_grad(wt: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
+    if input_grad_direct_applies(sh) {
+        return input_grad_direct(wt, g, sh);
+    }
+    input_grad_gemm(wt, g, sh)
+}
+
+/// [`conv2d_input_grad`] through `gemm` and [`fold`].
+fn input_grad_gemm(wt: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
     let ConvShape { b, cin, h, w, cout, k, .. } = sh;
     let (ho, wo) = sh.out_hw();
     let (hw, ckk) = (ho * wo, cin * k * k);
@@ -329,6 +411,95 @@ pub fn conv2d_input_grad(wt: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
             // SAFETY: col is ckk x hw, wt is read as its transpose (ckk x cout), gn is cout x hw.
             unsafe { sgemm(ckk, hw, cout, col.as_mut_ptr(), hw, 1, false, wt.as_ptr(), 1, ckk, gn.as_ptr(), hw, 1, 1.0, 1) };
             fold(col, dxn, sh, ho, wo);
+        },
+    );
+    dx
+}
+
+/// Whether [`input_grad_direct`] has the bits of [`input_grad_gemm`]: `gemm` sums each entry of
+/// `Wᵀ g` in one fused multiply-add chain over the output channels (3 to 512 of them, at least
+/// 2 rows and columns and more than 256 entries, AVX-512), which [`fold`] then adds up tap by
+/// tap in kernel order, from zero.
+fn input_grad_direct_applies(sh: ConvShape) -> bool {
+    let (ho, wo) = sh.out_hw();
+    let ckk = sh.cin * sh.k * sh.k;
+    conv_taps::applies(sh.cin, sh.cout, ho * wo) && ckk * ho * wo > 256
+}
+
+/// [`conv2d_input_grad`] through the direct kernel, per phase of the input: the input
+/// positions `(s·a + qy, s·b + qx)` receive the taps `(ky, kx)` with `ky ≡ qy + p` and
+/// `kx ≡ qx + p` (mod s), from the output gradient at `(a + (qy + p − ky) / s, b + …)`: a
+/// stride-1 product over those taps, in kernel order, on a zero-padded copy of the gradient.
+fn input_grad_direct(wt: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
+    let ConvShape { b, cin, h, w, cout, k, stride: s, pad: p } = sh;
+    let (ho, wo) = sh.out_hw();
+    let hw = ho * wo;
+    assert_eq!(wt.len(), cout * cin * k * k, "conv input grad: weight size");
+    assert_eq!(g.len(), b * cout * hw, "conv input grad: gradient size");
+    let mut dx = vec![0f32; b * cin * h * w];
+    if dx.is_empty() {
+        return dx;
+    }
+    // Per phase: its size, its taps (ky, kx, dy, dx) with the output offset (dy, dx).
+    struct Phase {
+        q: (usize, usize),
+        size: (usize, usize),
+        taps: Vec<(usize, usize, isize, isize)>,
+    }
+    let shift = |q: usize, t: usize| (q as isize + p as isize - t as isize).rem_euclid(s as isize) == 0;
+    let offset = |q: usize, t: usize| (q as isize + p as isize - t as isize).div_euclid(s as isize);
+    let phases: Vec<Phase> = (0..s * s)
+        .map(|i| {
+            let q = (i / s, i % s);
+            let size = (h.saturating_sub(q.0).div_ceil(s), w.saturating_sub(q.1).div_ceil(s));
+            let taps = (0..k * k)
+                .map(|t| (t / k, t % k))
+                .filter(|&(ky, kx)| shift(q.0, ky) && shift(q.1, kx))
+                .map(|(ky, kx)| (ky, kx, offset(q.0, ky), offset(q.1, kx)))
+                .collect();
+            Phase { q, size, taps }
+        })
+        .collect();
+    // One zero-padded gradient grid serves every phase.
+    let (lo_y, lo_x) = phases.iter().flat_map(|ph| &ph.taps).fold((0, 0), |(y, x), t| (y.min(t.2), x.min(t.3)));
+    let (hi_y, hi_x) = phases.iter().flat_map(|ph| ph.taps.iter().map(move |t| (ph.size.0 as isize + t.2, ph.size.1 as isize + t.3))).fold((0, 0), |(y, x), t| (y.max(t.0), x.max(t.1)));
+    let (top, left) = ((-lo_y) as usize, (-lo_x) as usize);
+    let (gh, gw) = (top + (ho as isize).max(hi_y) as usize, left + (wo as isize).max(hi_x) as usize);
+    let plane = gh * gw;
+    let slack = gw + k;
+    let packed: Vec<Vec<f32>> = phases
+        .iter()
+        .map(|ph| conv_taps::pack_taps(wt, cin, cout, ph.taps.len(), |t| (ph.taps[t].0 * k + ph.taps[t].1, k * k, cin * k * k)))
+        .collect();
+    let n_max = phases.iter().map(|ph| ph.size.0 * gw).max().unwrap_or(0);
+    dx.par_chunks_mut(cin * h * w).zip(g.par_chunks(cout * hw)).for_each_init(
+        // The padded gradient's border is zeroed once and never written.
+        || (vec![0f32; cout * plane + slack], uninit(cin * n_max)),
+        |(gp, ext), (dxn, gn)| {
+            for (src, dstp) in gn.chunks_exact(hw).zip(gp.chunks_exact_mut(plane)) {
+                for (srow, drow) in src.chunks_exact(wo).zip(dstp[top * gw..].chunks_exact_mut(gw)) {
+                    drow[left..left + wo].copy_from_slice(srow);
+                }
+            }
+            for (ph, wp) in phases.iter().zip(&packed) {
+                let (ha, wb) = ph.size;
+                if ha == 0 || wb == 0 || ph.taps.is_empty() {
+                    continue;
+                }
+                let n = ha * gw;
+                let offs: Vec<usize> = ph.taps.iter().map(|t| ((top as isize + t.2) as usize) * gw + (left as isize + t.3) as usize).collect();
+                let w_offs: Vec<usize> = (0..ph.taps.len()).map(|t| t * cout * cin).collect();
+                conv_taps::conv_taps(wp, &w_offs, cin, cout, gp, plane, &offs, n, &mut ext[..cin * n], false, false, conv_taps::Layout::Planar);
+                for (ci, e) in ext[..cin * n].chunks_exact(n).enumerate() {
+                    let dplane = &mut dxn[ci * h * w..][..h * w];
+                    for a in 0..ha {
+                        let row = &mut dplane[(s * a + ph.q.0) * w..][..w];
+                        for (bb, &v) in e[a * gw..a * gw + wb].iter().enumerate() {
+                            row[s * bb + ph.q.1] = v;
+                        }
+                    }
+                }
+            }
         },
     );
     dx
@@ -372,6 +543,90 @@ mod tests {
                 ((j % 1013) as f32 - 506.0) * (1.0 + (j % 13) as f32 * 3.7).powi((j % 5) as i32 - 2)
             })
             .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn shape(b: usize, cin: usize, h: usize, w: usize, cout: usize, k: usize, stride: usize, pad: usize) -> ConvShape {
+        ConvShape { b, cin, h, w, cout, k, stride, pad }
+    }
+
+    /// On an AVX-512 CPU: `run(shape)` gives (whether the direct kernel takes the shape, the
+    /// result, gemm's result); the first must match each case's flag, the others every bit.
+    fn assert_direct_bits(what: &str, cases: &[(ConvShape, bool)], run: impl Fn(ConvShape) -> (bool, Vec<f32>, Vec<f32>)) {
+        if !crate::kernels::simd::has_avx512() {
+            eprintln!("skipped: this CPU has no AVX-512, where the direct {what} never runs");
+            return;
+        }
+        for &(sh, direct) in cases {
+            let (applies, got, want) = run(sh);
+            assert_eq!(applies, direct, "{what}, {sh:?}: whether the direct kernel applies");
+            assert_eq!(got.len(), want.len());
+            let diff = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(diff, 0, "{what}, {sh:?}: {diff} of {} values differ from gemm's", got.len());
+        }
+    }
+
+    #[test]
+    fn direct_product_has_the_bits_of_gemm_over_the_unfolded_input() {
+        let s = shape;
+        // (shape, whether the direct kernel takes it)
+        let cases = [
+            // A small ResNet's convolutions: the stem (depth 27), a stage, the strided and the
+            // 1x1 shortcut convolution (which stays with gemm), and a 64-channel 8x8 map whose
+            // depth of 576 gemm sums in blocks of 512 and 64.
+            (s(3, 3, 32, 32, 16, 3, 1, 1), true),
+            (s(2, 16, 32, 32, 16, 3, 1, 1), true),
+            (s(2, 16, 32, 32, 32, 3, 2, 1), true),
+            (s(2, 16, 32, 32, 32, 1, 2, 0), false),
+            (s(2, 64, 8, 8, 64, 3, 1, 1), true),
+            (s(1, 64, 8, 8, 64, 3, 1, 1), true),
+            // Odd sizes, a 7x7 stride-2 stem, an output grid as wide as the output (no
+            // padding, stride 2), and products gemm takes elsewhere: 1x1, one output channel,
+            // at most 256 outputs.
+            (s(2, 5, 7, 13, 5, 3, 1, 1), true),
+            (s(2, 3, 23, 24, 8, 7, 2, 3), true),
+            (s(1, 4, 9, 9, 6, 3, 1, 0), true),
+            (s(2, 6, 24, 24, 8, 2, 2, 0), true),
+            (s(1, 3, 1, 257, 2, 1, 1, 0), false),
+            (s(1, 4, 9, 9, 5, 3, 1, 0), false),
+            (s(1, 3, 3, 259, 1, 3, 1, 1), false),
+            (s(2, 2, 2, 129, 2, 1, 2, 0), false),
+            (s(2, 3, 4, 65, 2, 3, 1, 1), true),
+            // Beyond 64 x 64 and 512 deep gemm's blocks depend on the cache: gemm stays.
+            (s(1, 64, 16, 16, 64, 3, 1, 1), false),
+            (s(1, 1, 1, 512, 64, 1, 1, 0), false),
+        ];
+        assert_direct_bits("product", &cases, |sh| {
+            let x = values(sh.b * sh.cin * sh.h * sh.w, 3);
+            let wt = values(sh.cout * sh.cin * sh.k * sh.k, 4);
+            (direct_block(sh).is_some(), conv2d_unfolded(&x, &wt, sh), conv2d_gemm(&x, &wt, sh))
+        });
+    }
+
+    #[test]
+    fn direct_input_gradient_has_the_bits_of_gemm_and_fold() {
+        let s = shape;
+        let cases = [
+            // A small ResNet's strided and 1x1 shortcut convolutions, at even and odd sizes.
+            (s(2, 16, 32, 32, 32, 3, 2, 1), true),
+            (s(2, 32, 16, 16, 64, 3, 2, 1), true),
+            (s(2, 16, 32, 32, 32, 1, 2, 0), true),
+            (s(1, 8, 15, 13, 12, 3, 2, 1), true),
+            (s(2, 5, 17, 16, 6, 1, 2, 0), true),
+            // A 7x7 stride-2 stem, stride 3, stride 1 without padding.
+            (s(1, 3, 24, 23, 8, 7, 2, 3), true),
+            (s(1, 4, 20, 20, 5, 3, 3, 1), true),
+            (s(1, 4, 12, 12, 5, 3, 1, 0), true),
+            // gemm's other kernels: 2 output channels (too shallow), few entries.
+            (s(1, 4, 16, 16, 2, 3, 2, 1), false),
+            (s(1, 2, 4, 4, 4, 3, 2, 1), false),
+        ];
+        assert_direct_bits("input gradient", &cases, |sh| {
+            let (ho, wo) = sh.out_hw();
+            let wt = values(sh.cout * sh.cin * sh.k * sh.k, 5);
+            let g = values(sh.b * sh.cout * ho * wo, 6);
+            (input_grad_direct_applies(sh), conv2d_input_grad(&wt, &g, sh), input_grad_gemm(&wt, &g, sh))
+        });
     }
 
     #[test]
