@@ -133,6 +133,12 @@ fn bf16_linear_stays_close_to_f32_and_is_thread_independent() {
             eprintln!("linear {k}x{out} ({}): bf16 vs f32 relative error {e:.2e}", kernel.name());
             assert!(e > 0.0 && e < 2e-2, "linear: {e}");
             assert_eq!(bits(&one_thread(|| run(Some(&packed)))), bits(&b), "linear: result depends on the thread count");
+            // The items run as one product; each alone gives its bits in the batch.
+            for i in 0..items {
+                let one = |t: &Tensor| t.narrow(0, i, 1).unwrap();
+                let alone = kernels::linear(&one(&x), &w, Some(&bias), Some(&one(&res)), Some(&packed)).unwrap();
+                assert_eq!(bits(&alone), bits(&one(&b)), "linear: item {i} depends on the batch");
+            }
             // A frozen model's weight is stored input-major and packed from that storage: same bits.
             let im = kernels::linear::in_major(&w).unwrap();
             let im_packed = kernels::linear::pack_weight(&im, kernel).unwrap();

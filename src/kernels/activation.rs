@@ -2,6 +2,7 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
+use super::expf;
 use super::simd::{dispatch, gelu_erf_v, map_into, silu_v, Vf, S1};
 use super::io::{tensor, uninit, with_slices};
 use crate::error::{Error, Result};
@@ -133,13 +134,29 @@ pub fn geglu_exact_backward(h: &[f32], grad: &[f32], inner: usize) -> Vec<f32> {
     dh
 }
 
+/// Calls `f(i, e^arg(i))` for `i` in `0..n`, the exponentials taken 256 at a time by
+/// [`expf::exp_in_place`] (the bits of `f32::exp`, which candle's ops call per element).
+#[inline(always)]
+fn each_exp(n: usize, arg: impl Fn(usize) -> f32, mut f: impl FnMut(usize, f32)) {
+    const BLOCK: usize = 256;
+    let mut buf = [0f32; BLOCK];
+    for start in (0..n).step_by(BLOCK) {
+        let e = &mut buf[..BLOCK.min(n - start)];
+        for (j, e) in e.iter_mut().enumerate() {
+            *e = arg(start + j);
+        }
+        expf::exp_in_place(e);
+        for (j, &e) in e.iter().enumerate() {
+            f(start + j, e);
+        }
+    }
+}
+
 /// SiLU for training: candle's f32 `x / (1 + exp(-x))` with the same `expf`, so the same bits.
 pub fn silu_exact(x: &[f32]) -> Vec<f32> {
     let mut out = uninit(x.len());
     out.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(d, s)| {
-        for (d, &v) in d.iter_mut().zip(s) {
-            *d = v / (1.0 + (-v).exp());
-        }
+        each_exp(s.len(), |i| -s[i], |i, e| d[i] = s[i] / (1.0 + e));
     });
     out
 }
@@ -151,10 +168,10 @@ pub fn silu_exact(x: &[f32]) -> Vec<f32> {
 pub fn silu_exact_backward(x: &[f32], y: &[f32], grad: &[f32]) -> Vec<f32> {
     let mut dx = uninit(x.len());
     dx.par_chunks_mut(16384).zip(x.par_chunks(16384).zip(y.par_chunks(16384)).zip(grad.par_chunks(16384))).for_each(|(d, ((x, y), g))| {
-        for (((d, &x), &y), &g) in d.iter_mut().zip(x).zip(y).zip(g) {
-            let s = 1.0 / ((-x).exp() * 1.0 + 1.0);
-            *d = g * (s * (y * -1.0 + 1.0) + y);
-        }
+        each_exp(x.len(), |i| -x[i], |i, e| {
+            let s = 1.0 / (e * 1.0 + 1.0);
+            d[i] = g[i] * (s * (y[i] * -1.0 + 1.0) + y[i]);
+        });
     });
     dx
 }
@@ -186,10 +203,7 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     let out = with_slices(&[x], |s| {
         let mut out = uninit(s[0].len());
         out.par_chunks_mut(16384).zip(s[0].par_chunks(16384)).for_each(|(d, src)| {
-            for (o, &v) in d.iter_mut().zip(src) {
-                let z = v * m + 0.0;
-                *o = v * ((-z).exp() + 1.0).recip();
-            }
+            each_exp(src.len(), |i| -(src[i] * m + 0.0), |i, e| d[i] = src[i] * (e + 1.0).recip());
         });
         out
     })?;
