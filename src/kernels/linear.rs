@@ -94,20 +94,17 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
             });
             return out;
         }
-        if let Some(pw) = packed {
-            // The bf16 kernels sum every output element the same way whatever the row count
-            // (rows are padded to whole blocks), so the items' rows form one product: each
-            // column block of the weight then serves every item from the cache.
-            let acc = preload_rows(&mut out, out_dim, bs, rs);
-            let a = bf16::PackedA::from_rows(pw.kernel, total_rows, in_dim, xs, in_dim);
-            bf16::gemm_taps(&a, &pw.planes, &[0], out_dim, &mut out, out_dim, acc, nt > 1).expect("shapes checked above");
-            return out;
-        }
         // Several items: one item per task, each product on one thread; a single item splits
         // its product across the threads instead. Either way an item's arithmetic is the same.
         let nt = if items > 1 { 1 } else { nt };
         let one = |i: usize, dst: &mut [f32]| {
             let acc = preload_rows(dst, out_dim, bs, rs.map(|r| &r[i * rows * out_dim..(i + 1) * rows * out_dim]));
+            if let Some(pw) = packed {
+                let xi = &xs[i * rows * in_dim..(i + 1) * rows * in_dim];
+                let a = bf16::PackedA::from_rows(pw.kernel, rows, in_dim, xi, in_dim);
+                bf16::gemm_taps(&a, &pw.planes, &[0], out_dim, dst, out_dim, acc, nt > 1).expect("shapes checked above");
+                return;
+            }
             // The weight's strides as the [in, out] right-hand side.
             let (w_rs, w_cs) = if in_major { (out_dim, 1) } else { (1, in_dim) };
             unsafe {
