@@ -10,7 +10,11 @@
 //! copy of one input plane, so the unfolding is row copies rather than a gather per element).
 //! The forward is then one product `W [cout, cin·k·k]` by it per image: with 16 input channels
 //! that is one product with a depth of 144 instead of nine of depth 16 (as [`super::conv`]
-//! runs them), each of which reads and writes the whole output. For the weight's gradient,
+//! runs them), each of which reads and writes the whole output. Where the direct kernel
+//! (`kernels::conv_taps`) can sum it as `gemm` does, the unfolded matrix is never built: its
+//! rows are read in place as shifted views of the zero-padded image (split into phase planes
+//! for strides above 1). The strided input gradient likewise runs, where it keeps the bits, as
+//! one stride-1 direct product per input phase instead of a product and a fold. For the weight's gradient,
 //! images are taken in fixed groups of [`GROUP`], one rayon task and one small unfolding buffer
 //! per group, and the groups' partial sums are added in group order: the result depends on the
 //! batch, never on the number of threads. Where `gemm` sums each image's pixels in one depth
@@ -50,7 +54,7 @@ impl ConvShape {
 /// The convolution of `x` (`[b, cin, h, w]`) with `wt` (`[cout, cin, k, k]`), no bias, as
 /// `[b, cout, ho, wo]`: per image, one product of the weight with the unfolded input (a 1x1
 /// stride-1 convolution multiplies the input itself). Where the direct kernel reproduces that
-/// product's bits ([`direct_block`]), it runs instead, and the unfolded input is never built.
+/// product's bits (`direct_block`), it runs instead, and the unfolded input is never built.
 pub fn conv2d_unfolded(x: &[f32], wt: &[f32], sh: ConvShape) -> Vec<f32> {
     match direct_block(sh) {
         Some(block) => conv2d_direct(x, wt, sh, block),
@@ -386,7 +390,7 @@ fn unfold_same_width(x: &[f32], col: &mut [f32], sh: ConvShape, ho: usize, ld: u
 /// `g` (`[b, cout, ho, wo]`): per image, the product `Wᵀ g` (`[cin·k·k, ho·wo]`) folded back
 /// onto the input positions each column was read from, in a fixed order. Images are
 /// independent tasks, so the result does not depend on the batch or the threads. Where the
-/// direct kernel reproduces those bits ([`input_grad_direct_applies`]), it runs instead.
+/// direct kernel reproduces those bits (`input_grad_direct_applies`), it runs instead.
 pub fn conv2d_input_grad(wt: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
     if input_grad_direct_applies(sh) {
         return input_grad_direct(wt, g, sh);
