@@ -2,7 +2,7 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::expf;
+use super::{erff, expf};
 use super::simd::{dispatch, gelu_erf_v, map_into, silu_v, Vf, S1};
 use super::io::{tensor, uninit, with_slices};
 use crate::error::{Error, Result};
@@ -50,31 +50,19 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     tensor(out, &dims)
 }
 
-/// candle 0.11's `gelu_erf` on one f32, operation for operation (`(erf(v / sqrt 2) + 1) * 0.5 * v`
-/// with libm's `erff`, which candle calls).
-#[inline(always)]
-fn gelu_erf_exact(v: f32) -> f32 {
-    gelu_from_erf(v, erf_scaled(v))
-}
-
-/// `erf(v / sqrt 2)` as candle computes it (for [`gelu_erf_exact`] and its derivative, which
-/// share it).
-#[inline(always)]
-fn erf_scaled(v: f32) -> f32 {
-    candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2)
-}
-
+/// candle 0.11's `gelu_erf` on one f32, operation for operation, given `erf = erf(v / sqrt 2)`
+/// (see [`each_erf_scaled`]): `(erf + 1) * 0.5 * v`.
 #[inline(always)]
 fn gelu_from_erf(v: f32, erf: f32) -> f32 {
     (erf + 1.) * 0.5 * v
 }
 
-/// The derivative of [`gelu_erf_exact`] as candle 0.11's backward computes it, one candle op per
+/// The derivative of [`gelu_from_erf`] as candle 0.11's backward computes it, one candle op per
 /// line there (`backprop.rs`, `UnaryOp::GeluErf`): `0.5 + 0.398942 exp(-x²/2) x + 0.5
 /// erf(x / sqrt 2)`, where each scalar-tensor product or sum is an affine `v * mul + add` in
 /// f32 and `x / sqrt 2` multiplies by `(1 / sqrt 2)` rounded from f64.
 ///
-/// `erf` is [`erf_scaled`]`(x)`: candle's argument `x * (1 / sqrt 2) + 0` is the same number
+/// `erf` is `erf(x / sqrt 2)` from [`each_erf_scaled`]: candle's argument `x * (1 / sqrt 2) + 0` is the same number
 /// (the constant rounds to the same f32, checked by a test) except that it turns -0 into +0,
 /// whose erf, halved and plus zero, is +0 either way.
 #[inline(always)]
@@ -100,9 +88,7 @@ pub fn geglu_exact(h: &[f32], inner: usize) -> Vec<f32> {
         out.par_chunks_mut(rows * inner).zip(h.par_chunks(rows * 2 * inner)).for_each(|(o, hh)| {
             for (orow, hrow) in o.chunks_exact_mut(inner).zip(hh.chunks_exact(2 * inner)) {
                 let (value, gate) = hrow.split_at(inner);
-                for ((o, &v), &g) in orow.iter_mut().zip(value).zip(gate) {
-                    *o = v * gelu_erf_exact(g);
-                }
+                each_erf_scaled(inner, |j| gate[j], |j, erf| orow[j] = value[j] * gelu_from_erf(gate[j], erf));
             }
         });
     }
@@ -122,22 +108,22 @@ pub fn geglu_exact_backward(h: &[f32], grad: &[f32], inner: usize) -> Vec<f32> {
             for ((drow, hrow), grow) in d.chunks_exact_mut(2 * inner).zip(hh.chunks_exact(2 * inner)).zip(gg.chunks_exact(inner)) {
                 let (value, gate) = hrow.split_at(inner);
                 let (dvalue, dgate) = drow.split_at_mut(inner);
-                for j in 0..inner {
+                each_erf_scaled(inner, |j| gate[j], |j, erf| {
                     let (v, g, dy) = (value[j], gate[j], grow[j]);
-                    let erf = erf_scaled(g);
                     dvalue[j] = dy * gelu_from_erf(g, erf);
                     dgate[j] = (dy * v) * gelu_erf_grad_exact(g, erf);
-                }
+                });
             }
         });
     }
     dh
 }
 
-/// Calls `f(i, e^arg(i))` for `i` in `0..n`, the exponentials taken 256 at a time by
-/// [`expf::exp_in_place`] (the bits of `f32::exp`, which candle's ops call per element).
+/// Calls `f(i, map(arg(i)))` for `i` in `0..n`, where `map` works in place on slices
+/// ([`expf::exp_in_place`], [`erff::erf_in_place`]: the bits of the scalar functions candle's
+/// ops call per element, vectorised), 256 arguments at a time.
 #[inline(always)]
-fn each_exp(n: usize, arg: impl Fn(usize) -> f32, mut f: impl FnMut(usize, f32)) {
+fn each_mapped(n: usize, arg: impl Fn(usize) -> f32, map: fn(&mut [f32]), mut f: impl FnMut(usize, f32)) {
     const BLOCK: usize = 256;
     let mut buf = [0f32; BLOCK];
     for start in (0..n).step_by(BLOCK) {
@@ -145,11 +131,24 @@ fn each_exp(n: usize, arg: impl Fn(usize) -> f32, mut f: impl FnMut(usize, f32))
         for (j, e) in e.iter_mut().enumerate() {
             *e = arg(start + j);
         }
-        expf::exp_in_place(e);
+        map(e);
         for (j, &e) in e.iter().enumerate() {
             f(start + j, e);
         }
     }
+}
+
+/// [`each_mapped`] with e^x.
+#[inline(always)]
+fn each_exp(n: usize, arg: impl Fn(usize) -> f32, f: impl FnMut(usize, f32)) {
+    each_mapped(n, arg, expf::exp_in_place, f)
+}
+
+/// [`each_mapped`] with `erf(x / sqrt 2)` as candle computes it: its `erf_f32` (libm's `erff`)
+/// of `x` times `1 / sqrt 2` (for GELU and its derivative, which share it).
+#[inline(always)]
+fn each_erf_scaled(n: usize, x: impl Fn(usize) -> f32, f: impl FnMut(usize, f32)) {
+    each_mapped(n, |i| x(i) * std::f32::consts::FRAC_1_SQRT_2, erff::erf_in_place, f)
 }
 
 /// SiLU for training: candle's f32 `x / (1 + exp(-x))` with the same `expf`, so the same bits.

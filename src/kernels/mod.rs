@@ -25,6 +25,7 @@ pub mod channel;
 pub mod conv;
 mod conv_taps;
 pub mod conv_unfold;
+pub mod erff;
 pub mod expf;
 pub mod gemm;
 pub mod io;
