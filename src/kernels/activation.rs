@@ -2,7 +2,8 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::{erff, expf};
+use super::erff;
+use super::expf;
 use super::simd::{dispatch, gelu_erf_v, map_into, silu_v, Vf, S1};
 use super::io::{tensor, uninit, with_slices};
 use crate::error::{Error, Result};

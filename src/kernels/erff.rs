@@ -10,6 +10,9 @@
 //! the same order, and calls `erff` itself for every other lane (tiny, large, infinite, NaN).
 //! Checked against candle's `erf_f32` on all 2^32 inputs (`cargo test --release --lib erff --
 //! --ignored`); a sample in the ordinary tests.
+// The coefficients are libm's literals, digit for digit.
+#![allow(clippy::excessive_precision)]
+
 use candle_core::cpu::erf::erf_f32;
 
 const ERX: f32 = 8.450_629_115e-1;

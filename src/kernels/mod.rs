@@ -1,7 +1,8 @@
 //! CPU compute kernels in f32 (and bf16 products with f32 accumulation), one module per
 //! operation: [`linear`](mod@linear), [`conv`] (and, through unfolded inputs, small-channel convolutions and the gradients, [`conv_unfold`]), [`attention`](mod@attention),
 //! [`norm`], [`activation`], on top of the
-//! SIMD helpers ([`simd`], and [`expf`] for e^x with the C library's bits), the f32 product ([`gemm`]) and the bf16 microkernel ([`bf16`]).
+//! SIMD helpers ([`simd`], and [`expf`] / [`erff`] for e^x and erf with the bits of the
+//! scalar functions candle calls), the f32 product ([`gemm`]) and the bf16 microkernel ([`bf16`]).
 //!
 //! The kernels work on contiguous f32 slices and return new tensors that record no backward
 //! op: callers (the layers in [`crate::nn`]) use them only where no input tracks gradients, or
