@@ -93,37 +93,14 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Every `step`-th bit pattern from `start` through erf_in_place and erf_f32: the count of
-    /// differing results and the first input that differs.
-    fn mismatches(start: u64, step: u64) -> (u64, Option<f32>) {
-        let mut bad = (0, None);
-        let mut buf = Vec::with_capacity(4096);
-        let mut bits = start;
-        while bits <= u32::MAX as u64 {
-            buf.clear();
-            while buf.len() < 4096 && bits <= u32::MAX as u64 {
-                buf.push(f32::from_bits(bits as u32));
-                bits += step;
-            }
-            let mut got = buf.clone();
-            erf_in_place(&mut got);
-            for (&x, &y) in buf.iter().zip(&got) {
-                if y.to_bits() != erf_f32(x).to_bits() {
-                    bad.0 += 1;
-                    bad.1.get_or_insert(x);
-                }
-            }
-        }
-        bad
-    }
+    use crate::kernels::expf::mismatches;
 
     #[test]
     fn same_bits_as_candles_erf_on_a_sample_and_the_interval_edges() {
         if !crate::kernels::simd::has_avx512() {
             eprintln!("skipped: this CPU has no AVX-512, where erf_f32 itself runs");
         }
-        assert_eq!(mismatches(0, 65_521), (0, None));
+        assert_eq!(mismatches(erf_in_place, erf_f32, 0, 65_521), (0, None));
         // Every value within 1e-3 of the interval bounds, of both signs, and around zero.
         for bound in [0.84375f32, 1.25, 2f32.powi(-28)] {
             for sign in [1.0f32, -1.0] {
@@ -142,6 +119,6 @@ mod tests {
     #[test]
     #[ignore = "exhaustive: all 2^32 inputs, about a minute in release"]
     fn same_bits_as_candles_erf_for_every_input() {
-        assert_eq!(mismatches(0, 1), (0, None));
+        assert_eq!(mismatches(erf_in_place, erf_f32, 0, 1), (0, None));
     }
 }
