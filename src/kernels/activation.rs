@@ -66,12 +66,18 @@ fn gelu_from_erf(v: f32, erf: f32) -> f32 {
 /// `erf` is `erf(x / sqrt 2)` from [`each_erf_scaled`]: candle's argument `x * (1 / sqrt 2) + 0` is the same number
 /// (the constant rounds to the same f32, checked by a test) except that it turns -0 into +0,
 /// whose erf, halved and plus zero, is +0 either way.
+/// `exp` is `e^`[`neg_half_square`]`(x)`.
 #[inline(always)]
-fn gelu_erf_grad_exact(x: f32, erf: f32) -> f32 {
-    let neg_half_square = (-(x * x)) * 0.5 + 0.0;
-    let scaled_exp_arg = (neg_half_square.exp() * 0.398942f64 as f32 + 0.0) * x;
+fn gelu_erf_grad_exact(x: f32, erf: f32, exp: f32) -> f32 {
+    let scaled_exp_arg = (exp * 0.398942f64 as f32 + 0.0) * x;
     let erf_scaled_sqrt = erf * 0.5 + 0.0;
     (scaled_exp_arg * 1.0 + 0.5) + erf_scaled_sqrt
+}
+
+/// `-x²/2` as candle's GELU derivative computes it, before its exponential.
+#[inline(always)]
+fn neg_half_square(x: f32) -> f32 {
+    (-(x * x)) * 0.5 + 0.0
 }
 
 /// Rows of 2 * `inner` values (value half, gate half) per task, so a task has enough work.
@@ -109,10 +115,12 @@ pub fn geglu_exact_backward(h: &[f32], grad: &[f32], inner: usize) -> Vec<f32> {
             for ((drow, hrow), grow) in d.chunks_exact_mut(2 * inner).zip(hh.chunks_exact(2 * inner)).zip(gg.chunks_exact(inner)) {
                 let (value, gate) = hrow.split_at(inner);
                 let (dvalue, dgate) = drow.split_at_mut(inner);
+                // The gate half holds e^(-g²/2) until the second pass replaces it.
+                each_exp(inner, |j| neg_half_square(gate[j]), |j, e| dgate[j] = e);
                 each_erf_scaled(inner, |j| gate[j], |j, erf| {
                     let (v, g, dy) = (value[j], gate[j], grow[j]);
                     dvalue[j] = dy * gelu_from_erf(g, erf);
-                    dgate[j] = (dy * v) * gelu_erf_grad_exact(g, erf);
+                    dgate[j] = (dy * v) * gelu_erf_grad_exact(g, erf, dgate[j]);
                 });
             }
         });
