@@ -469,31 +469,34 @@ fn input_grad_direct(wt: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
     let (hi_y, hi_x) = phases.iter().flat_map(|ph| ph.taps.iter().map(move |t| (ph.size.0 as isize + t.2, ph.size.1 as isize + t.3))).fold((0, 0), |(y, x), t| (y.max(t.0), x.max(t.1)));
     let (top, left) = ((-lo_y) as usize, (-lo_x) as usize);
     let (gh, gw) = (top + (ho as isize).max(hi_y) as usize, left + (wo as isize).max(hi_x) as usize);
-    let plane = gh * gw;
-    let slack = gw + k;
-    let packed: Vec<Vec<f32>> = phases
+    // A stride-1 grid: one phase, the padded gradient itself.
+    let grid = Phases::new(gh, gw, 1, k);
+    let (rows, cols): (Vec<usize>, Vec<usize>) = ((0..ho).collect(), (0..wo).collect());
+    // Per phase: its packed weight, and each tap's weight and gradient offsets.
+    let products: Vec<(Vec<f32>, Vec<usize>, Vec<usize>)> = phases
         .iter()
-        .map(|ph| conv_taps::pack_taps(wt, cin, cout, ph.taps.len(), |t| (ph.taps[t].0 * k + ph.taps[t].1, k * k, cin * k * k)))
+        .map(|ph| {
+            let packed = conv_taps::pack_taps(wt, cin, cout, ph.taps.len(), |t| (ph.taps[t].0 * k + ph.taps[t].1, k * k, cin * k * k));
+            let w_offs = (0..ph.taps.len()).map(|t| t * cout * cin).collect();
+            let offs = ph.taps.iter().map(|t| grid.tap((top as isize + t.2) as usize, (left as isize + t.3) as usize)).collect();
+            (packed, w_offs, offs)
+        })
         .collect();
     let n_max = phases.iter().map(|ph| ph.size.0 * gw).max().unwrap_or(0);
     dx.par_chunks_mut(cin * h * w).zip(g.par_chunks(cout * hw)).for_each_init(
         // The padded gradient's border is zeroed once and never written.
-        || (vec![0f32; cout * plane + slack], uninit(cin * n_max)),
+        || (vec![0f32; cout * grid.plane + grid.slack], uninit(cin * n_max)),
         |(gp, ext), (dxn, gn)| {
-            for (src, dstp) in gn.chunks_exact(hw).zip(gp.chunks_exact_mut(plane)) {
-                for (srow, drow) in src.chunks_exact(wo).zip(dstp[top * gw..].chunks_exact_mut(gw)) {
-                    drow[left..left + wo].copy_from_slice(srow);
-                }
+            for (src, plane) in gn.chunks_exact(hw).zip(gp.chunks_exact_mut(grid.plane)) {
+                grid.fill(src, wo, &rows, &cols, top, left, plane);
             }
-            for (ph, wp) in phases.iter().zip(&packed) {
+            for (ph, (wp, w_offs, offs)) in phases.iter().zip(&products) {
                 let (ha, wb) = ph.size;
                 if ha == 0 || wb == 0 || ph.taps.is_empty() {
                     continue;
                 }
                 let n = ha * gw;
-                let offs: Vec<usize> = ph.taps.iter().map(|t| ((top as isize + t.2) as usize) * gw + (left as isize + t.3) as usize).collect();
-                let w_offs: Vec<usize> = (0..ph.taps.len()).map(|t| t * cout * cin).collect();
-                conv_taps::conv_taps(wp, &w_offs, cin, cout, gp, plane, &offs, n, &mut ext[..cin * n], false, false, conv_taps::Layout::Planar);
+                conv_taps::conv_taps(wp, w_offs, cin, cout, gp, grid.plane, offs, n, &mut ext[..cin * n], false, false, conv_taps::Layout::Planar);
                 for (ci, e) in ext[..cin * n].chunks_exact(n).enumerate() {
                     let dplane = &mut dxn[ci * h * w..][..h * w];
                     for a in 0..ha {
