@@ -144,6 +144,12 @@ fn bf16_linear_stays_close_to_f32_and_is_thread_independent() {
             let im_packed = kernels::linear::pack_weight(&im, kernel).unwrap();
             let y = kernels::linear(&x, &im, Some(&bias), Some(&res), Some(&im_packed)).unwrap();
             assert_eq!(bits(&y), bits(&b), "linear: packed from the input-major weight");
+            // Whole pair rows (the AMX layout) and column panels (the AVX-512 one): same bits.
+            let ws: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            let planes = bf16::PairPlanes::from_fn(k, out, |i, o| ws[o * k + i]);
+            let planes = if packed.planes.panels { planes } else { planes.into_panels() };
+            let other = kernels::linear::PackedLinear { planes, kernel };
+            assert_eq!(bits(&run(Some(&other))), bits(&b), "linear: pair rows against column panels");
             let exact = bf16_rounded(&x)
                 .broadcast_matmul(&bf16_rounded(&w).t().unwrap())
                 .unwrap()

@@ -260,11 +260,15 @@ impl PackedA {
 
 /// A right operand in pair-interleaved planes: element (k, pos) at `(k / 2 * plane + pos) * 2
 /// + k % 2`, with zeroed pair rows up to a multiple of 16 (the k depth of an AMX tile) and
-/// zeroed slack after them, so that full-width loads never leave the buffer.
+/// zeroed slack after them, so that full-width loads never leave the buffer. Or, after
+/// [`into_panels`](Self::into_panels), the same pairs in column panels.
 pub struct PairPlanes {
     pub data: Vec<u16>,
     pub plane: usize,
     pub k_pairs: usize,
+    /// Column panels of NR positions, each holding all its (zero-padded) pair rows one after
+    /// another: element (k, pos) at `((pos / NR * rows + k / 2) * NR + pos % NR) * 2 + k % 2`.
+    pub panels: bool,
 }
 
 impl PairPlanes {
@@ -272,7 +276,40 @@ impl PairPlanes {
     pub fn zeros(k: usize, plane: usize) -> Self {
         let k_pairs = k.div_ceil(2);
         let rows = k_pairs.next_multiple_of(amx::KB);
-        PairPlanes { data: vec![0u16; (rows * plane + plane + 2 * NR) * 2], plane, k_pairs }
+        PairPlanes { data: vec![0u16; (rows * plane + plane + 2 * NR) * 2], plane, k_pairs, panels: false }
+    }
+
+    /// The same operand in column panels, for a right operand that is read whole (no tap
+    /// offsets) many times, such as a layer's weight: a microkernel then reads one contiguous
+    /// panel instead of 128 bytes from every pair row. Whole pair rows are a plane apart, and
+    /// planes of a power-of-two multiple of 4 KiB (768 and 3072 bf16 pairs: 3 and 12 KiB) put
+    /// every row of a column block into the same few cache sets, so the panel was reloaded from
+    /// L2 for every row block.
+    pub fn into_panels(self) -> Self {
+        if self.panels {
+            return self;
+        }
+        let rows = self.k_pairs.next_multiple_of(amx::KB);
+        let nbs = self.plane.div_ceil(NR);
+        let mut data = vec![0u16; nbs * rows * NR * 2];
+        data.par_chunks_mut(rows * NR * 2).enumerate().for_each(|(nb, panel)| {
+            let cols = NR.min(self.plane - nb * NR);
+            for p in 0..self.k_pairs {
+                let src = &self.data[(p * self.plane + nb * NR) * 2..][..cols * 2];
+                panel[p * NR * 2..][..cols * 2].copy_from_slice(src);
+            }
+        });
+        PairPlanes { data, plane: self.plane, k_pairs: self.k_pairs, panels: true }
+    }
+
+    /// Where column block `nb` (NR positions from `nb * NR`) of the tap at offset `off` starts in
+    /// `data`, and the distance from one pair row to the next, both in u16 values.
+    fn column_block(&self, off: usize, nb: usize) -> (usize, usize) {
+        if self.panels {
+            (nb * self.k_pairs.next_multiple_of(amx::KB) * NR * 2, NR * 2)
+        } else {
+            ((off + nb * NR) * 2, self.plane * 2)
+        }
     }
 
     /// From `k` rows of `plane` f32 values each, rows `row_stride` apart in `src`: the same
@@ -335,7 +372,8 @@ pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
         return Err(Error::invalid(format!("bf16 products with the {} kernel need a CPU that has it; use f32", a.kernel.name())));
     }
     let max_off = offs.iter().copied().max().unwrap_or(0);
-    if max_off + n.div_ceil(NR) * NR > 2 * b.plane + NR * 2 || dst.len() < (a.m - 1) * dst_rs + n {
+    let b_fits = if b.panels { max_off == 0 && n <= b.plane } else { max_off + n.div_ceil(NR) * NR <= 2 * b.plane + NR * 2 };
+    if !b_fits || dst.len() < (a.m - 1) * dst_rs + n {
         return Err(Error::invalid("bf16 gemm: operands too small for the requested block"));
     }
     if a.kernel == Kernel::Amx {
@@ -356,16 +394,16 @@ pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
         let (mb, nb) = (group * ROW_GROUP + w % in_group, w / in_group);
         let rows = MR.min(a.m - mb * MR);
         let cols = NR.min(n - nb * NR);
-        let bases: Vec<Ptr<u16>> = offs.iter().map(|&o| Ptr(unsafe { bptr.0.add((o + nb * NR) * 2) })).collect();
+        let (at, stride) = b.column_block(0, nb);
         // SAFETY: tasks write disjoint (row block, column block) regions of dst; every read of
         // A and B stays inside the packed buffers (checked above, plus their zeroed slack).
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            micro_avx512(a.block(mb), a.taps, a.k_pairs, &bases, b.plane * 2, d.0.add(mb * MR * dst_rs + nb * NR), dst_rs, rows, cols, accumulate)
+            micro_avx512(a.block(mb), a.taps, a.k_pairs, bptr.0.add(at), offs, stride, d.0.add(mb * MR * dst_rs + nb * NR), dst_rs, rows, cols, accumulate)
         };
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (bases, d, rows, cols);
+            let _ = (at, stride, d, rows, cols);
             unreachable!("bf16 kernels are enabled only where supported()")
         }
     });
@@ -397,7 +435,6 @@ fn gemm_taps_amx(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
     let runs = nbs.div_ceil(run_len);
     let dptr = SendPtr(dst.as_mut_ptr());
     let bptr = Ptr(b.data.as_ptr());
-    let b_row_bytes = b.plane * 4;
     // u32 values per (tap, k block): two A tiles of 16 rows x 16 pairs.
     let tile_pair = amx::BLOCK * amx::KB;
     for_tasks(groups * runs, parallel, |task| {
@@ -415,7 +452,9 @@ fn gemm_taps_amx(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
         #[cfg(target_arch = "x86_64")]
         let apply = |mb: usize, nb: usize, &(t, k0, nk): &(usize, usize, usize), c: *mut f32, c_rs: usize, load: bool| unsafe {
             let a_at = a.block(mb).add((t * kblocks + k0) * tile_pair);
-            let b_at = (bptr.0.add(2 * (offs[t] + nb * amx::BLOCK)) as *const u8).add(k0 * amx::KB * b_row_bytes);
+            let (at, stride) = b.column_block(offs[t], nb);
+            let b_row_bytes = stride * 2;
+            let b_at = (bptr.0.add(at) as *const u8).add(k0 * amx::KB * b_row_bytes);
             amx::block(&tiles, a_at, nk, b_at, b_row_bytes, c, c_rs * 4, load);
         };
         #[cfg(not(target_arch = "x86_64"))]
@@ -451,6 +490,9 @@ fn gemm_taps_amx(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
     });
 }
 
+/// One MR x NR block: `b` is the column block's start in B for a tap offset of 0 (see
+/// [`PairPlanes::column_block`]), tap t reads from `offs[t]` positions further on, and pair rows
+/// are `b_pair_stride` u16 values apart.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
@@ -458,7 +500,8 @@ unsafe fn micro_avx512(
     a: *const u32,
     taps: usize,
     k_pairs: usize,
-    b: &[Ptr<u16>],
+    b: *const u16,
+    offs: &[usize],
     b_pair_stride: usize,
     dst: *mut f32,
     dst_rs: usize,
@@ -477,9 +520,9 @@ unsafe fn micro_avx512(
             accr[1] = _mm512_maskz_loadu_ps(m1, d.add(16));
         }
     }
-    for (t, bt) in b.iter().enumerate().take(taps) {
+    for (t, &off) in offs.iter().enumerate().take(taps) {
         let mut ap = a.add(t * k_pairs * MR);
-        let mut bp = bt.0;
+        let mut bp = b.add(off * 2);
         for _ in 0..k_pairs {
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
             let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(32) as *const _));

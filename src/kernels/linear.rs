@@ -372,5 +372,8 @@ pub fn pack_weight(weight: &Tensor, kernel: bf16::Kernel) -> Result<PackedLinear
     } else {
         with_slices(&[weight], |s| PairPlanes::from_fn(in_dim, out_dim, |i, o| s[0][o * in_dim + i]))?
     };
+    // Panels for the AVX-512 kernel, whose column blocks of 32 read 128 bytes per pair row;
+    // the AMX kernel keeps whole rows (its tiles load 16 pair rows with any stride).
+    let planes = if kernel == bf16::Kernel::Avx512 { planes.into_panels() } else { planes };
     Ok(PackedLinear { planes, kernel })
 }
