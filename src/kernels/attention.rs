@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The AVX-512 bf16 path's queries and probabilities in bf16 ([`PackedA::row_major`]'s
+    /// storage).
+    static PAIRS: std::cell::RefCell<[Vec<u32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
 }
 
 /// Row max, then e^(x - max) in place, returning the row sum. Fixed order: 16 strided lanes,
@@ -212,6 +215,8 @@ fn attention_bf16(
             let (bi, hi) = (bh / heads, bh % heads);
             let at = |key: usize, c: usize| (bi * m + key) * inner + hi * d + c;
             let kt = PairPlanes::from_fn(d, m, |c, key| ks[at(key, c)]);
+            // K^T's pair rows are a plane of m keys apart: at 4096 keys 16 KiB, one cache set.
+            let kt = if kernel == bf16::Kernel::Avx512 { kt.into_panels() } else { kt };
             let vp = PairPlanes::from_rows(&vs[at(0, 0)..], m, d, inner);
             (kt, vp)
         })
@@ -234,14 +239,37 @@ fn attention_bf16(
             let (sums, obuf) = (&mut sums[..rows], &mut obuf[..rows * d]);
             // The scale is applied to Q before rounding (as a bf16 model's scaled query would be).
             let q = &qs[(bi * n + q0) * inner + hi * d..];
-            let a = PackedA::new(kernel, rows, 1, d, |r, _, c| q[r * inner + c] * scale);
-            bf16::gemm_taps(&a, kt, &[0], m, sbuf, m, false, false).expect("packed to these shapes");
-            if let Some(mk) = ms {
-                add_mask(sbuf, &mk[q0 * m..(q0 + rows) * m]);
+            if kernel == bf16::Kernel::Avx512 {
+                PAIRS.with(|pairs| {
+                    let [qp, pp] = &mut *pairs.borrow_mut();
+                    // The scaled queries go through obuf, which the output overwrites later.
+                    for (r, row) in obuf.chunks_exact_mut(d).enumerate() {
+                        for (o, &x) in row.iter_mut().zip(&q[r * inner..r * inner + d]) {
+                            *o = x * scale;
+                        }
+                    }
+                    let a = PackedA::row_major(rows, d, obuf, d, std::mem::take(qp), |_, _| {});
+                    bf16::gemm_taps(&a, kt, &[0], m, sbuf, m, false, false).expect("packed to these shapes");
+                    *qp = a.into_storage();
+                    if let Some(mk) = ms {
+                        add_mask(sbuf, &mk[q0 * m..(q0 + rows) * m]);
+                    }
+                    // Each row's softmax, then its conversion, while the row is in the L1 cache.
+                    let softmax = |r: usize, row: &mut [f32]| softmax_rows(row, m, &mut sums[r..r + 1]);
+                    let p = PackedA::row_major(rows, m, sbuf, m, std::mem::take(pp), softmax);
+                    bf16::gemm_taps(&p, vp, &[0], d, obuf, d, false, false).expect("packed to these shapes");
+                    *pp = p.into_storage();
+                });
+            } else {
+                let a = PackedA::new(kernel, rows, 1, d, |r, _, c| q[r * inner + c] * scale);
+                bf16::gemm_taps(&a, kt, &[0], m, sbuf, m, false, false).expect("packed to these shapes");
+                if let Some(mk) = ms {
+                    add_mask(sbuf, &mk[q0 * m..(q0 + rows) * m]);
+                }
+                softmax_rows(sbuf, m, sums);
+                let p = PackedA::from_rows(kernel, rows, m, sbuf, m);
+                bf16::gemm_taps(&p, vp, &[0], d, obuf, d, false, false).expect("packed to these shapes");
             }
-            softmax_rows(sbuf, m, sums);
-            let p = PackedA::from_rows(kernel, rows, m, sbuf, m);
-            bf16::gemm_taps(&p, vp, &[0], d, obuf, d, false, false).expect("packed to these shapes");
             for (r, &sum) in sums.iter().enumerate() {
                 // SAFETY: row r of this task's (batch, head, block) lies inside `out`; tasks
                 // write disjoint (row, head) ranges.

@@ -143,13 +143,16 @@ fn pair(lo: f32, hi: f32) -> u32 {
 /// A left operand packed for one [`Kernel`]. For AVX-512: row blocks of MR, then taps, then k
 /// pairs, then MR pair values. For AMX: row blocks of 32, then taps, then blocks of 16 k pairs,
 /// then 32 rows of 16 pair values (two A tiles). Rows beyond `m`, the odd k and the k pairs
-/// beyond `k_pairs` are zero.
+/// beyond `k_pairs` are zero. Or, for AVX-512 and one tap ([`row_major`](Self::row_major)),
+/// each row's pairs in order, rows `row_stride` values apart.
 pub struct PackedA {
     data: Vec<u32>,
     pub m: usize,
     pub taps: usize,
     pub k_pairs: usize,
     pub kernel: Kernel,
+    /// u32 values from one row to the next in the row-major layout; 0 in the blocked one.
+    row_stride: usize,
 }
 
 impl PackedA {
@@ -178,7 +181,7 @@ impl PackedA {
                 }
             }
         });
-        PackedA { data, m, taps, k_pairs, kernel }
+        PackedA { data, m, taps, k_pairs, kernel, row_stride: 0 }
     }
 
     /// From `m` contiguous rows of `k` values (one tap), rows `row_stride` apart in `src`: the
@@ -212,7 +215,7 @@ impl PackedA {
                 }
             }
         });
-        PackedA { data, m, taps: 1, k_pairs, kernel }
+        PackedA { data, m, taps: 1, k_pairs, kernel, row_stride: 0 }
     }
 
     /// From a tap-major `src` ([taps, k, m]: a convolution weight stored `[kh, kw, cin, cout]`):
@@ -239,9 +242,41 @@ impl PackedA {
                     }
                 }
             });
-            return PackedA { data, m, taps, k_pairs, kernel };
+            return PackedA { data, m, taps, k_pairs, kernel, row_stride: 0 };
         }
         Self::new(kernel, m, taps, k, |row, t, kk| src[(t * k + kk) * m + row])
+    }
+
+    /// `m` rows of `k` values, rows `src_stride` apart in `src`, for the AVX-512 kernel without
+    /// the blocked layout's interleaving: each row is converted to bf16 in place of its pairs,
+    /// 16 values at a time, and the kernel broadcasts from MR row streams. For a left operand
+    /// used once (attention's probabilities) the interleaving was a scalar scatter of every
+    /// value. `prepare(r, row)` runs on each f32 row just before it is converted, while it is in
+    /// the L1 cache (attention's softmax). `buf` is storage to reuse (see
+    /// [`into_storage`](Self::into_storage)). Products have the bits of the blocked layout's.
+    pub fn row_major(m: usize, k: usize, src: &mut [f32], src_stride: usize, mut buf: Vec<u32>, mut prepare: impl FnMut(usize, &mut [f32])) -> Self {
+        let k_pairs = k.div_ceil(2);
+        // Rows a multiple of 4 KiB apart would put the MR streams into one cache set.
+        let row_stride = k_pairs + if k_pairs % 1024 == 0 { 16 } else { 0 };
+        // Every value the kernel reads is written below: no clearing of reused storage.
+        buf.resize(m.next_multiple_of(MR) * row_stride, 0);
+        buf[m * row_stride..].fill(0);
+        for (r, row) in buf[..m * row_stride].chunks_exact_mut(row_stride).enumerate() {
+            let x = &mut src[r * src_stride..][..k];
+            prepare(r, x);
+            // SAFETY: a u32 row viewed as twice as many u16 values.
+            let halves = unsafe { std::slice::from_raw_parts_mut(row.as_mut_ptr() as *mut u16, row.len() * 2) };
+            to_bf16(x, &mut halves[..k]);
+            if k % 2 == 1 {
+                halves[k] = 0;
+            }
+        }
+        PackedA { data: buf, m, taps: 1, k_pairs, kernel: Kernel::Avx512, row_stride }
+    }
+
+    /// The storage, for the next [`row_major`](Self::row_major).
+    pub fn into_storage(self) -> Vec<u32> {
+        self.data
     }
 
     /// (rows per block, u32 values per block) of the layout for `kernel`.
@@ -253,6 +288,9 @@ impl PackedA {
     }
 
     fn block(&self, mb: usize) -> *const u32 {
+        if self.row_stride > 0 {
+            return self.data[mb * MR * self.row_stride..].as_ptr();
+        }
         let (_, len) = Self::block_shape(self.kernel, self.taps, self.k_pairs);
         self.data[mb * len..].as_ptr()
     }
@@ -399,7 +437,15 @@ pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
         // A and B stays inside the packed buffers (checked above, plus their zeroed slack).
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            micro_avx512(a.block(mb), a.taps, a.k_pairs, bptr.0.add(at), offs, stride, d.0.add(mb * MR * dst_rs + nb * NR), dst_rs, rows, cols, accumulate)
+            let (ap, bp, dp) = (a.block(mb), bptr.0.add(at), d.0.add(mb * MR * dst_rs + nb * NR));
+            let args = (a.taps, a.k_pairs, offs, stride, dst_rs, rows, cols, accumulate);
+            // A last column block of at most 16 columns needs one register per row, not two.
+            match (cols <= 16, a.row_stride > 0) {
+                (false, false) => micro_avx512::<2, false>(ap, a.row_stride, bp, dp, args),
+                (true, false) => micro_avx512::<1, false>(ap, a.row_stride, bp, dp, args),
+                (false, true) => micro_avx512::<2, true>(ap, a.row_stride, bp, dp, args),
+                (true, true) => micro_avx512::<1, true>(ap, a.row_stride, bp, dp, args),
+            }
         };
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -490,55 +536,68 @@ fn gemm_taps_amx(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
     });
 }
 
-/// One MR x NR block: `b` is the column block's start in B for a tap offset of 0 (see
-/// [`PairPlanes::column_block`]), tap t reads from `offs[t]` positions further on, and pair rows
-/// are `b_pair_stride` u16 values apart.
+/// Arguments of [`micro_avx512`] besides its pointers: taps, k pairs, tap offsets, B's pair
+/// stride, dst's row stride, valid rows and columns, and whether to add to dst.
+type MicroArgs<'a> = (usize, usize, &'a [usize], usize, usize, usize, usize, bool);
+
+/// One MR x (16 NV) block. A is at `a`: blocked (`ROWS` false: per tap and k pair MR values),
+/// or row-major (`ROWS` true, one tap: row r's pairs from `a + r a_rs`). `b` is the column
+/// block's start in B for a tap offset of 0 (see [`PairPlanes::column_block`]); tap t reads
+/// `offs[t]` positions further on, and pair rows are `b_pair_stride` u16 values apart. Every
+/// output element is one chain of `vdpbf16ps` over (tap, k pair) in order, whatever NV and the
+/// layout of A.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn micro_avx512(
+unsafe fn micro_avx512<const NV: usize, const ROWS: bool>(
     a: *const u32,
-    taps: usize,
-    k_pairs: usize,
+    a_rs: usize,
     b: *const u16,
-    offs: &[usize],
-    b_pair_stride: usize,
     dst: *mut f32,
-    dst_rs: usize,
-    rows: usize,
-    cols: usize,
-    accumulate: bool,
+    (taps, k_pairs, offs, b_pair_stride, dst_rs, rows, cols, accumulate): MicroArgs<'_>,
 ) {
     use std::arch::x86_64::*;
     let m0: __mmask16 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as u16 };
     let m1: __mmask16 = if cols >= 32 { 0xffff } else if cols > 16 { ((1u32 << (cols - 16)) - 1) as u16 } else { 0 };
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let masks = [m0, m1];
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
     if accumulate {
         for (r, accr) in acc.iter_mut().enumerate().take(rows) {
             let d = dst.add(r * dst_rs);
-            accr[0] = _mm512_maskz_loadu_ps(m0, d);
-            accr[1] = _mm512_maskz_loadu_ps(m1, d.add(16));
+            for (v, x) in accr.iter_mut().enumerate() {
+                *x = _mm512_maskz_loadu_ps(masks[v], d.add(16 * v));
+            }
         }
     }
+    let mut rp = [a; MR];
+    if ROWS {
+        for (r, p) in rp.iter_mut().enumerate() {
+            *p = a.add(r * a_rs);
+        }
+    }
+    let zero: __m512bh = std::mem::transmute(_mm512_setzero_si512());
     for (t, &off) in offs.iter().enumerate().take(taps) {
-        let mut ap = a.add(t * k_pairs * MR);
+        let at = a.add(t * k_pairs * MR);
         let mut bp = b.add(off * 2);
-        for _ in 0..k_pairs {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
-            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(32) as *const _));
-            for (r, accr) in acc.iter_mut().enumerate() {
-                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
-                accr[0] = _mm512_dpbf16_ps(accr[0], av, b0);
-                accr[1] = _mm512_dpbf16_ps(accr[1], av, b1);
+        for p in 0..k_pairs {
+            let mut bv = [zero; NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = std::mem::transmute(_mm512_loadu_si512(bp.add(32 * v) as *const _));
             }
-            ap = ap.add(MR);
+            for (r, accr) in acc.iter_mut().enumerate() {
+                let src = if ROWS { rp[r].add(p) } else { at.add(p * MR + r) };
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*src as i32));
+                for (x, &bx) in accr.iter_mut().zip(&bv) {
+                    *x = _mm512_dpbf16_ps(*x, av, bx);
+                }
+            }
             bp = bp.add(b_pair_stride);
         }
     }
     for (r, accr) in acc.iter().enumerate().take(rows) {
         let d = dst.add(r * dst_rs);
-        _mm512_mask_storeu_ps(d, m0, accr[0]);
-        _mm512_mask_storeu_ps(d.add(16), m1, accr[1]);
+        for (v, &x) in accr.iter().enumerate() {
+            _mm512_mask_storeu_ps(d.add(16 * v), masks[v], x);
+        }
     }
 }
 
@@ -570,6 +629,37 @@ mod tests {
             let fast = PackedA::from_tap_major(kernel, m, taps, k, &src);
             let generic = PackedA::new(kernel, m, taps, k, |r, t, kk| src[(t * k + kk) * m + r]);
             assert_eq!(fast.data, generic.data, "{kernel:?} tap-major");
+        }
+    }
+
+    #[test]
+    fn row_major_and_panels_give_the_blocked_layouts_bits() {
+        if !supported() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        // Partial row and column blocks, a last column block of at most 16 (one register per
+        // row), odd k, and k pairs a multiple of 1024 (row-major rows padded apart).
+        for (m, k, n) in [(13, 41, 40), (8, 2048, 33), (21, 7, 16), (64, 77, 77)] {
+            let (x, w) = (data(m * (k + 3)), data(k * n));
+            let blocked = PackedA::from_rows(Kernel::Avx512, m, k, &x, k + 3);
+            let mut xs = x.clone();
+            let mut seen = vec![];
+            let rows = PackedA::row_major(m, k, &mut xs, k + 3, vec![7; 3], |r, _| seen.push(r));
+            assert_eq!(seen, (0..m).collect::<Vec<_>>());
+            let planes = PairPlanes::from_rows(&w, k, n, n);
+            let mut reference = vec![0f32; m * n];
+            gemm_taps(&blocked, &planes, &[0], n, &mut reference, n, false, true).unwrap();
+            let panels = PairPlanes::from_rows(&w, k, n, n).into_panels();
+            for (a, b) in [(&rows, &planes), (&blocked, &panels), (&rows, &panels)] {
+                let mut out = vec![0f32; m * n];
+                gemm_taps(a, b, &[0], n, &mut out, n, false, true).unwrap();
+                assert!(out.iter().zip(&reference).all(|(p, q)| p.to_bits() == q.to_bits()), "{m}x{k}x{n}");
+            }
+            // Exact to f32 summation against the rounded inputs, so a misread layout cannot hide.
+            let r = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
+            let exact: f64 = (0..k).map(|kk| r(x[(m - 1) * (k + 3) + kk]) * r(w[kk * n + n - 1])).sum();
+            assert!((reference[m * n - 1] as f64 - exact).abs() < 1e-4 * (1.0 + exact.abs()), "{m}x{k}x{n}");
         }
     }
 }

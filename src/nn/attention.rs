@@ -4,7 +4,6 @@ use candle_core::{Tensor, D};
 
 use super::attention_grad;
 use super::mode::{Mode, Precision};
-use crate::kernels::bf16::Kernel;
 use crate::error::Result;
 use crate::instrument::flops;
 use crate::instrument::profile::{scope, Class};
@@ -20,8 +19,8 @@ pub fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {
 
 /// Multi-head scaled dot-product attention: q [b, n, h*d], k/v [b, m, h*d] -> [b, n, h*d].
 /// `mask`, if given, is added to the scores (broadcast over batch and heads). `precision` is
-/// that of the layers around it: with AMX tiles the fused kernel's products run in bf16 too;
-/// with the AVX-512 BF16 kernel they stay f32, which is faster there.
+/// that of the layers around it: in bf16 the fused kernel's two products take bf16 inputs too,
+/// on the same kernel (AMX tiles or AVX-512 BF16).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, mode: Mode, precision: Precision) -> Result<Tensor> {
     // The fused kernel records no backward: use it when inferring (candle's fused softmax
     // drops gradients there anyway) or when nothing tracks gradients.
@@ -35,8 +34,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
         let (b, n, inner) = q.dims3()?;
         flops::add(2 * b * n * k.dim(1)? * inner);
         let bf16_kernel = match precision {
-            Precision::Bf16(Kernel::Amx) => Some(Kernel::Amx),
-            _ => None,
+            Precision::Bf16(kernel) => Some(kernel),
+            Precision::F32 => None,
         };
         return scope(Class::Attention, || kernels::attention(q, k, v, heads, mask, bf16_kernel));
     }
