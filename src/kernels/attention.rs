@@ -214,9 +214,12 @@ fn attention_bf16(
         .map(|bh| {
             let (bi, hi) = (bh / heads, bh % heads);
             let at = |key: usize, c: usize| (bi * m + key) * inner + hi * d + c;
-            let kt = PairPlanes::from_fn(d, m, |c, key| ks[at(key, c)]);
-            // K^T's pair rows are a plane of m keys apart: at 4096 keys 16 KiB, one cache set.
-            let kt = if kernel == bf16::Kernel::Avx512 { kt.into_panels() } else { kt };
+            // In rows, K^T's pair rows would be a plane of m keys apart: at 4096 keys 16 KiB,
+            // all in one cache set; the AVX-512 kernel reads panels.
+            let kt = match kernel {
+                bf16::Kernel::Avx512 => PairPlanes::panels_from_positions(&ks[at(0, 0)..], d, m, inner),
+                bf16::Kernel::Amx => PairPlanes::from_fn(d, m, |c, key| ks[at(key, c)]),
+            };
             let vp = PairPlanes::from_rows(&vs[at(0, 0)..], m, d, inner);
             (kt, vp)
         })

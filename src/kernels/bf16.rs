@@ -340,6 +340,28 @@ impl PairPlanes {
         PairPlanes { data, plane: self.plane, k_pairs: self.k_pairs, panels: true }
     }
 
+    /// Column panels (as [`into_panels`](Self::into_panels)) of B given by position: B's column
+    /// `pos` is the `k` values at `src[pos * pos_stride..]` (attention's K^T from K's rows).
+    /// Each position's values are converted 16 at a time and their pairs placed in its panel.
+    pub fn panels_from_positions(src: &[f32], k: usize, plane: usize, pos_stride: usize) -> Self {
+        let k_pairs = k.div_ceil(2);
+        let rows = k_pairs.next_multiple_of(amx::KB);
+        let mut data = vec![0u16; plane.div_ceil(NR) * rows * NR * 2];
+        data.par_chunks_mut(rows * NR * 2).enumerate().for_each(|(nb, panel)| {
+            let mut pairs = vec![0u32; k_pairs];
+            for j in 0..NR.min(plane - nb * NR) {
+                // SAFETY: a u32 buffer viewed as twice as many u16 values.
+                let halves = unsafe { std::slice::from_raw_parts_mut(pairs.as_mut_ptr() as *mut u16, k_pairs * 2) };
+                to_bf16(&src[(nb * NR + j) * pos_stride..][..k], &mut halves[..k]);
+                for (p, &v) in pairs.iter().enumerate() {
+                    panel[(p * NR + j) * 2] = v as u16;
+                    panel[(p * NR + j) * 2 + 1] = (v >> 16) as u16;
+                }
+            }
+        });
+        PairPlanes { data, plane, k_pairs, panels: true }
+    }
+
     /// Where column block `nb` (NR positions from `nb * NR`) of the tap at offset `off` starts in
     /// `data`, and the distance from one pair row to the next, both in u16 values.
     fn column_block(&self, off: usize, nb: usize) -> (usize, usize) {
@@ -617,6 +639,10 @@ mod tests {
         let fast = PairPlanes::from_rows(&src, k, plane, stride);
         let generic = PairPlanes::from_fn(k, plane, |r, p| src[r * stride + p]);
         assert_eq!(fast.data, generic.data);
+        // By position (B transposed in memory), straight into panels.
+        let by_pos = PairPlanes::panels_from_positions(&src, k, plane, 1);
+        let generic = PairPlanes::from_fn(k, plane, |r, p| src[p + r]).into_panels();
+        assert_eq!(by_pos.data, generic.data);
         for kernel in [Kernel::Avx512, Kernel::Amx] {
             let (m, k) = (45, 67);
             let src = data(m * 70);
