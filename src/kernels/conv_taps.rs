@@ -30,7 +30,10 @@ const VECS: usize = 3;
 /// Pixels per register tile.
 const TILE_PX: usize = 16 * VECS;
 
-/// Whether [`conv_taps`] reproduces `gemm`'s bits for this product on this CPU.
+/// Whether [`conv_taps`] runs this product on this CPU (AVX-512, a depth of 3 to 512, at least
+/// 2 rows and columns). It sums each entry in one chain over the depth, as `gemm`'s usual
+/// kernels do in one block: `gemm`'s bits wherever it takes those ([`super::gemm::one_block`],
+/// which also needs more than 256 outputs).
 pub(crate) fn applies(cout: usize, cin: usize, n: usize) -> bool {
     super::simd::has_avx512() && (3..=512).contains(&cin) && cout >= 2 && n >= 2
 }

@@ -24,6 +24,7 @@ use rayon::prelude::*;
 
 use super::conv::Phases;
 use super::conv_taps;
+use super::gemm;
 use super::gemm::sgemm;
 use super::io::uninit;
 
@@ -90,25 +91,15 @@ fn conv2d_gemm(x: &[f32], wt: &[f32], sh: ConvShape) -> Vec<f32> {
     out
 }
 
-/// The depth block in which `gemm` 0.19 sums the product `W [cout, cin·k·k] @ U [cin·k·k,
-/// ho·wo]`, where that is known and the direct kernel can reproduce it: its usual kernels (at
-/// least 3 deep, 2 rows and 2 columns, more than 256 outputs) on a CPU with AVX-512, one
-/// fused multiply-add chain per depth block from zero, the blocks added in order. Products of
-/// at most 64 x 64 take blocks of 512; larger ones a single block up to a depth of 512, and
-/// beyond it blocks sized from the CPU's cache, which are not reproduced here (`None`). A 1x1
+/// The depth block in which `gemm` sums the product `W [cout, cin·k·k] @ U [cin·k·k, ho·wo]`
+/// ([`gemm::depth_block`]), where the direct kernel (AVX-512) can reproduce it. A 1x1
 /// convolution stays with `gemm`: its unfolding is at most a subsampling copy.
 fn direct_block(sh: ConvShape) -> Option<usize> {
-    let ConvShape { cin, cout, k, .. } = sh;
     let (ho, wo) = sh.out_hw();
-    let (hw, ckk) = (ho * wo, cin * k * k);
-    if k == 1 || !super::simd::has_avx512() || ckk < 3 || cout < 2 || hw < 2 || cout * hw <= 256 {
+    if sh.k == 1 || !super::simd::has_avx512() {
         return None;
     }
-    if cout <= 64 && hw <= 64 {
-        Some(ckk.min(512))
-    } else {
-        (ckk <= 512).then_some(ckk)
-    }
+    gemm::depth_block(sh.cout, ho * wo, sh.cin * sh.k * sh.k)
 }
 
 /// [`conv2d_unfolded`] through the direct kernel ([`conv_taps::conv_rows`]): each image is
@@ -161,10 +152,9 @@ pub fn conv2d_weight_grad(x: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
     let (hw, ckk) = (ho * wo, cin * k * k);
     assert_eq!(x.len(), b * cin * h * w, "conv weight grad: input size");
     assert_eq!(g.len(), b * cout * hw, "conv weight grad: gradient size");
-    // Where gemm's products take its usual kernels (more than 256 outputs, at least 2 rows
-    // and columns, a depth of 3 to 512 pixels in one block), the direct kernel gives the same
-    // bits without gemm's packing per image.
-    if conv_taps::applies(cout, hw, ckk) && conv_taps::planar_pays(ckk) && cout * ckk > 256 {
+    // Where gemm sums the product ([cout, hw] by [hw, ckk]) in one block, the direct kernel
+    // gives the same bits without gemm's packing per image.
+    if super::simd::has_avx512() && gemm::one_block(cout, ckk, hw) && conv_taps::planar_pays(ckk) {
         return weight_grad_taps(x, g, sh);
     }
     weight_grad_rows_apart(x, g, sh, spread_stride(hw))
@@ -420,14 +410,13 @@ fn input_grad_gemm(wt: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
     dx
 }
 
-/// Whether [`input_grad_direct`] has the bits of [`input_grad_gemm`]: `gemm` sums each entry of
-/// `Wᵀ g` in one fused multiply-add chain over the output channels (3 to 512 of them, at least
-/// 2 rows and columns and more than 256 entries, AVX-512), which [`fold`] then adds up tap by
-/// tap in kernel order, from zero.
+/// Whether [`input_grad_direct`] has the bits of [`input_grad_gemm`]: where `gemm` sums each
+/// entry of `Wᵀ g` ([cin·k·k, cout] by [cout, ho·wo]) in one chain over the output channels
+/// ([`gemm::one_block`]), which [`fold`] then adds up tap by tap in kernel order, from zero
+/// (AVX-512, at least 2 input channels).
 fn input_grad_direct_applies(sh: ConvShape) -> bool {
     let (ho, wo) = sh.out_hw();
-    let ckk = sh.cin * sh.k * sh.k;
-    conv_taps::applies(sh.cin, sh.cout, ho * wo) && ckk * ho * wo > 256
+    super::simd::has_avx512() && sh.cin >= 2 && gemm::one_block(sh.cin * sh.k * sh.k, ho * wo, sh.cout)
 }
 
 /// [`conv2d_input_grad`] through the direct kernel, per phase of the input: the input

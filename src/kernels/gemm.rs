@@ -17,6 +17,31 @@ pub(crate) fn per_item(out: &mut [f32], items: usize, one: impl Fn(usize, &mut [
     }
 }
 
+/// The depth block in which `gemm` 0.19 sums each entry of an `m x k` by `k x n` product,
+/// where that is known. Its usual kernels (at least 2 rows and 2 columns, a depth of at least
+/// 3, more than 256 outputs) run one fused multiply-add chain per depth block, from zero, and
+/// add the blocks in order: a depth up to 512 is one block, products of at most 64 x 64 take
+/// blocks of 512 at any depth, and other deeper products blocks sized from the CPU's caches
+/// (its `kernel_params`), not reproduced here. Its other kernels (`gevv` for a depth of 1-2,
+/// `gemv` for one row or column, the "horizontal" ones for at most 256 outputs) sum in orders
+/// of their own. `None` for all of those. Our direct kernels, which sum the same way, give
+/// `gemm`'s bits exactly where this is `Some`.
+pub(crate) fn depth_block(m: usize, n: usize, k: usize) -> Option<usize> {
+    if m < 2 || n < 2 || k < 3 || m * n <= 256 {
+        None
+    } else if k <= 512 {
+        Some(k)
+    } else {
+        (m <= 64 && n <= 64).then_some(512)
+    }
+}
+
+/// Whether `gemm` sums each entry of the product in one chain over the whole depth (see
+/// [`depth_block`]).
+pub(crate) fn one_block(m: usize, n: usize, k: usize) -> bool {
+    depth_block(m, n, k) == Some(k)
+}
+
 /// Runs `f(0..n)`, on the thread pool when `parallel`.
 pub(crate) fn for_tasks(n: usize, parallel: bool, f: impl Fn(usize) + Sync + Send) {
     if parallel {

@@ -156,14 +156,11 @@ pub fn reads_in_major(rows: usize, in_dim: usize, out_dim: usize) -> bool {
 }
 
 /// Whether one gemm over the rows of several items gives every output the bits of a gemm over
-/// its own item's `rows` rows, depth `k` and `n` columns. gemm 0.19's usual kernels sum each
-/// output in one fused multiply-add chain over a depth block, started from zero, whatever the
-/// row count, and a depth up to 512 is one block for any shape (its `kernel_params`; deeper
-/// products are split by rules that depend on the shape). Other kernels take the products of
-/// 1-2 depth (`gevv`), of a single row or column (`gemv`) and of at most 256 outputs (the
-/// "horizontal" ones); those are left per item.
+/// its own item's `rows` rows, depth `k` and `n` columns: where the item's product is summed
+/// in one chain over the whole depth ([`gemm::one_block`]), whatever the row count; other
+/// shapes are left per item.
 pub(crate) fn merged_rows_keep_bits(rows: usize, k: usize, n: usize) -> bool {
-    rows >= 2 && n >= 2 && (3..=512).contains(&k) && rows * n > 256
+    super::gemm::one_block(rows, n, k)
 }
 
 /// A 2-D tensor's data as stored and its (row, column) strides: a transposed view is read in
