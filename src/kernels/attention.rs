@@ -251,7 +251,7 @@ fn attention_bf16(
                             *o = x * scale;
                         }
                     }
-                    let a = PackedA::row_major(rows, d, obuf, d, std::mem::take(qp), |_, _| {});
+                    let a = PackedA::row_major(rows, d, obuf, d, std::mem::take(qp));
                     bf16::gemm_taps(&a, kt, &[0], m, sbuf, m, false, false).expect("packed to these shapes");
                     *qp = a.into_storage();
                     if let Some(mk) = ms {
@@ -259,7 +259,7 @@ fn attention_bf16(
                     }
                     // Each row's softmax, then its conversion, while the row is in the L1 cache.
                     let softmax = |r: usize, row: &mut [f32]| softmax_rows(row, m, &mut sums[r..r + 1]);
-                    let p = PackedA::row_major(rows, m, sbuf, m, std::mem::take(pp), softmax);
+                    let p = PackedA::row_major_prepared(rows, m, sbuf, m, std::mem::take(pp), softmax);
                     bf16::gemm_taps(&p, vp, &[0], d, obuf, d, false, false).expect("packed to these shapes");
                     *pp = p.into_storage();
                 });

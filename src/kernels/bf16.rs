@@ -249,24 +249,36 @@ impl PackedA {
 
     /// `m` rows of `k` values, rows `src_stride` apart in `src`, for the AVX-512 kernel without
     /// the blocked layout's interleaving: each row is converted to bf16 in place of its pairs,
-    /// 16 values at a time, and the kernel broadcasts from MR row streams. For a left operand
-    /// used once (attention's probabilities) the interleaving was a scalar scatter of every
-    /// value. `prepare(r, row)` runs on each f32 row just before it is converted, while it is in
-    /// the L1 cache (attention's softmax). `buf` is storage to reuse (see
+    /// 16 values at a time, and the kernel broadcasts from MR row streams, so no value is
+    /// scattered one at a time. `buf` is storage to reuse (see
     /// [`into_storage`](Self::into_storage)). Products have the bits of the blocked layout's.
-    pub fn row_major(m: usize, k: usize, src: &mut [f32], src_stride: usize, mut buf: Vec<u32>, mut prepare: impl FnMut(usize, &mut [f32])) -> Self {
+    pub fn row_major(m: usize, k: usize, src: &[f32], src_stride: usize, buf: Vec<u32>) -> Self {
+        Self::rows_converted(m, k, buf, |r, halves| to_bf16(&src[r * src_stride..][..k], halves))
+    }
+
+    /// [`row_major`](Self::row_major), running `prepare(r, row)` on each f32 row just before it
+    /// is converted, while it is in the L1 cache (attention's softmax).
+    pub fn row_major_prepared(m: usize, k: usize, src: &mut [f32], src_stride: usize, buf: Vec<u32>, mut prepare: impl FnMut(usize, &mut [f32])) -> Self {
+        Self::rows_converted(m, k, buf, |r, halves| {
+            let x = &mut src[r * src_stride..][..k];
+            prepare(r, x);
+            to_bf16(x, halves);
+        })
+    }
+
+    /// The row-major layout, `convert(r, halves)` writing row r's k bf16 values.
+    fn rows_converted(m: usize, k: usize, mut buf: Vec<u32>, mut convert: impl FnMut(usize, &mut [u16])) -> Self {
         let k_pairs = k.div_ceil(2);
-        // Rows a multiple of 4 KiB apart would put the MR streams into one cache set.
-        let row_stride = k_pairs + if k_pairs % 1024 == 0 { 16 } else { 0 };
+        // Rows an odd number of cache lines apart: at a multiple of 4 KiB (or of 2 KiB, 1 KiB..)
+        // the MR streams would share one cache set (or two, four..).
+        let row_stride = 16 * (k_pairs.div_ceil(16) | 1);
         // Every value the kernel reads is written below: no clearing of reused storage.
         buf.resize(m.next_multiple_of(MR) * row_stride, 0);
         buf[m * row_stride..].fill(0);
         for (r, row) in buf[..m * row_stride].chunks_exact_mut(row_stride).enumerate() {
-            let x = &mut src[r * src_stride..][..k];
-            prepare(r, x);
             // SAFETY: a u32 row viewed as twice as many u16 values.
             let halves = unsafe { std::slice::from_raw_parts_mut(row.as_mut_ptr() as *mut u16, row.len() * 2) };
-            to_bf16(x, &mut halves[..k]);
+            convert(r, &mut halves[..k]);
             if k % 2 == 1 {
                 halves[k] = 0;
             }
@@ -671,8 +683,9 @@ mod tests {
             let blocked = PackedA::from_rows(Kernel::Avx512, m, k, &x, k + 3);
             let mut xs = x.clone();
             let mut seen = vec![];
-            let rows = PackedA::row_major(m, k, &mut xs, k + 3, vec![7; 3], |r, _| seen.push(r));
+            let rows = PackedA::row_major_prepared(m, k, &mut xs, k + 3, vec![7; 3], |r, _| seen.push(r));
             assert_eq!(seen, (0..m).collect::<Vec<_>>());
+            assert_eq!(rows.data, PackedA::row_major(m, k, &x, k + 3, Vec::new()).data);
             let planes = PairPlanes::from_rows(&w, k, n, n);
             let mut reference = vec![0f32; m * n];
             gemm_taps(&blocked, &planes, &[0], n, &mut reference, n, false, true).unwrap();

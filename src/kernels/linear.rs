@@ -101,7 +101,10 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
             let acc = preload_rows(dst, out_dim, bs, rs.map(|r| &r[i * rows * out_dim..(i + 1) * rows * out_dim]));
             if let Some(pw) = packed {
                 let xi = &xs[i * rows * in_dim..(i + 1) * rows * in_dim];
-                let a = bf16::PackedA::from_rows(pw.kernel, rows, in_dim, xi, in_dim);
+                let a = match pw.kernel {
+                    bf16::Kernel::Avx512 => bf16::PackedA::row_major(rows, in_dim, xi, in_dim, Vec::new()),
+                    bf16::Kernel::Amx => bf16::PackedA::from_rows(pw.kernel, rows, in_dim, xi, in_dim),
+                };
                 bf16::gemm_taps(&a, &pw.planes, &[0], out_dim, dst, out_dim, acc, nt > 1).expect("shapes checked above");
                 return;
             }
