@@ -615,7 +615,7 @@ unsafe fn micro_avx512<const NV: usize, const ROWS: bool>(
         for p in 0..k_pairs {
             let mut bv = [zero; NV];
             for (v, x) in bv.iter_mut().enumerate() {
-                *x = std::mem::transmute(_mm512_loadu_si512(bp.add(32 * v) as *const _));
+                *x = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.add(32 * v) as *const _));
             }
             for (r, accr) in acc.iter_mut().enumerate() {
                 let src = if ROWS { rp[r].add(p) } else { at.add(p * MR + r) };
