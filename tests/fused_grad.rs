@@ -316,7 +316,8 @@ fn a_trainable_linear_layer_has_the_bits_of_candles_per_item_products_forward_an
     // item), with and without a bias. The later cases sit on the edges of the shapes where the
     // items' products may run as one (`merged_rows_keep_bits`): 256 outputs per item, a depth
     // of 512 and of 513 (gemm's small products split that depth in two blocks, its large ones
-    // do not), a depth of 2, two rows per item, and items longer than 512 rows.
+    // do not), a depth of 2, two rows per item, items longer than 512 rows, and a weight
+    // gradient of at most 256 entries (summed by the direct kernel, item by item).
     let cases = [
         (vec![9, 13, 24], 20, true),
         (vec![5, 64, 32], 48, false),
@@ -327,6 +328,7 @@ fn a_trainable_linear_layer_has_the_bits_of_candles_per_item_products_forward_an
         (vec![6, 2, 30], 200, true),
         (vec![5, 7, 2], 64, false),
         (vec![3, 600, 8], 9, false),
+        (vec![5, 10, 12], 16, true),
     ];
     for (i, (dims, out, bias)) in cases.into_iter().enumerate() {
         let seed = 200 + 10 * i as u64;
