@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// The AVX-512 bf16 path's queries and probabilities in bf16 ([`PackedA::row_major`]'s
-    /// storage).
+    /// The bf16 path's packed queries and probabilities, whose storage the AVX-512 layout
+    /// ([`PackedA::row_major`]) reuses from call to call.
     static PAIRS: std::cell::RefCell<[Vec<u32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
 }
 
@@ -242,37 +242,39 @@ fn attention_bf16(
             let (sums, obuf) = (&mut sums[..rows], &mut obuf[..rows * d]);
             // The scale is applied to Q before rounding (as a bf16 model's scaled query would be).
             let q = &qs[(bi * n + q0) * inner + hi * d..];
-            if kernel == bf16::Kernel::Avx512 {
-                PAIRS.with(|pairs| {
-                    let [qp, pp] = &mut *pairs.borrow_mut();
-                    // The scaled queries go through obuf, which the output overwrites later.
-                    for (r, row) in obuf.chunks_exact_mut(d).enumerate() {
-                        for (o, &x) in row.iter_mut().zip(&q[r * inner..r * inner + d]) {
-                            *o = x * scale;
+            PAIRS.with(|pairs| {
+                let [qp, pp] = &mut *pairs.borrow_mut();
+                let a = match kernel {
+                    bf16::Kernel::Avx512 => {
+                        // The scaled queries go through obuf, which the output overwrites later.
+                        for (r, row) in obuf.chunks_exact_mut(d).enumerate() {
+                            for (o, &x) in row.iter_mut().zip(&q[r * inner..r * inner + d]) {
+                                *o = x * scale;
+                            }
                         }
+                        PackedA::row_major(rows, d, obuf, d, std::mem::take(qp))
                     }
-                    let a = PackedA::row_major(rows, d, obuf, d, std::mem::take(qp));
-                    bf16::gemm_taps(&a, kt, &[0], m, sbuf, m, false, false).expect("packed to these shapes");
-                    *qp = a.into_storage();
-                    if let Some(mk) = ms {
-                        add_mask(sbuf, &mk[q0 * m..(q0 + rows) * m]);
-                    }
-                    // Each row's softmax, then its conversion, while the row is in the L1 cache.
-                    let softmax = |r: usize, row: &mut [f32]| softmax_rows(row, m, &mut sums[r..r + 1]);
-                    let p = PackedA::row_major_prepared(rows, m, sbuf, m, std::mem::take(pp), softmax);
-                    bf16::gemm_taps(&p, vp, &[0], d, obuf, d, false, false).expect("packed to these shapes");
-                    *pp = p.into_storage();
-                });
-            } else {
-                let a = PackedA::new(kernel, rows, 1, d, |r, _, c| q[r * inner + c] * scale);
+                    bf16::Kernel::Amx => PackedA::new(kernel, rows, 1, d, |r, _, c| q[r * inner + c] * scale),
+                };
                 bf16::gemm_taps(&a, kt, &[0], m, sbuf, m, false, false).expect("packed to these shapes");
+                *qp = a.into_storage();
                 if let Some(mk) = ms {
                     add_mask(sbuf, &mk[q0 * m..(q0 + rows) * m]);
                 }
-                softmax_rows(sbuf, m, sums);
-                let p = PackedA::from_rows(kernel, rows, m, sbuf, m);
+                let p = match kernel {
+                    bf16::Kernel::Avx512 => {
+                        // Each row's softmax, then its conversion, while the row is in L1.
+                        let softmax = |r: usize, row: &mut [f32]| softmax_rows(row, m, &mut sums[r..r + 1]);
+                        PackedA::row_major_prepared(rows, m, sbuf, m, std::mem::take(pp), softmax)
+                    }
+                    bf16::Kernel::Amx => {
+                        softmax_rows(sbuf, m, sums);
+                        PackedA::from_rows(kernel, rows, m, sbuf, m)
+                    }
+                };
                 bf16::gemm_taps(&p, vp, &[0], d, obuf, d, false, false).expect("packed to these shapes");
-            }
+                *pp = p.into_storage();
+            });
             for (r, &sum) in sums.iter().enumerate() {
                 // SAFETY: row r of this task's (batch, head, block) lies inside `out`; tasks
                 // write disjoint (row, head) ranges.

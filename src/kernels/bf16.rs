@@ -332,9 +332,8 @@ impl PairPlanes {
     /// The same operand in column panels, for a right operand that is read whole (no tap
     /// offsets) many times, such as a layer's weight: a microkernel then reads one contiguous
     /// panel instead of 128 bytes from every pair row. Whole pair rows are a plane apart, and
-    /// planes of a power-of-two multiple of 4 KiB (768 and 3072 bf16 pairs: 3 and 12 KiB) put
-    /// every row of a column block into the same few cache sets, so the panel was reloaded from
-    /// L2 for every row block.
+    /// planes of 768 or 3 072 pairs (3 and 12 KiB) put every row of a column block into the same
+    /// few cache sets, so the panel was reloaded from L2 for every row block.
     pub fn into_panels(self) -> Self {
         if self.panels {
             return self;
