@@ -36,8 +36,9 @@ pub struct ModelArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Product precision on the CPU: f32, or bf16 (inputs of the convolutions, linear layers and
-    /// attention products rounded to bf16, f32 accumulation; needs AVX-512 BF16 or AMX) on the fastest bf16 kernel
-    /// of this CPU (AMX tiles where present), or bf16-avx512 / bf16-amx to choose the kernel.
+    /// attention products rounded to bf16, f32 accumulation; needs AVX-512 BF16 or AMX) on the
+    /// fastest bf16 kernel of this CPU (AMX tiles where present), or bf16-avx512 / bf16-amx to
+    /// choose the kernel.
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: PrecisionArg,
 }

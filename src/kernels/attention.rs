@@ -9,6 +9,8 @@ use rayon::prelude::*;
 use super::bf16::{self, PackedA, PairPlanes};
 use super::gemm::sgemm;
 use super::simd::{dispatch, exp_v, Vf, LANES, S1};
+#[cfg(target_arch = "x86_64")]
+use super::simd::first_lanes;
 use super::io::{tensor, uninit, with_slices, SendPtr};
 use crate::error::{Error, Result};
 
@@ -292,21 +294,20 @@ fn attention_bf16(
 /// place, the row sum returned. Its e^x is cheaper than [`exp_v`]: 2^f by a degree-5 Taylor
 /// polynomial on [-1/2, 1/2] (relative error 2.4e-6) scaled by 2^k with `vscalefps`, the
 /// argument's product with log2(e) rounded to f32 (up to 5e-6 more at the far end); exactly 0
-/// below -87.34 and for -inf, as [`exp_v`]. The numerators are rounded
-/// to bf16 right after, a relative step of 2^-9, so the full-precision exp bought nothing here
-/// while it was a quarter of an attention call; the f32 and AMX paths keep [`softmax_rows`].
-/// The order of every sum is fixed.
+/// below -87.34 and for -inf, as [`exp_v`]. The numerators are rounded to bf16 right after, a
+/// relative step of 2^-9, so the full-precision exp bought nothing here while it was a quarter
+/// of an attention call; the f32 and AMX paths keep [`softmax_rows`]. The order of every sum
+/// is fixed.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn softmax_row_bf16(row: &mut [f32]) -> f32 {
     use std::arch::x86_64::*;
     let n = row.len();
     let p = row.as_mut_ptr();
-    let mask = |i: usize| -> __mmask16 { if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as u16 } };
     let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
     let mut i = 0;
     while i < n {
-        let m = mask(i);
+        let m = first_lanes(n - i);
         vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, p.add(i)));
         i += 16;
     }
@@ -320,7 +321,7 @@ unsafe fn softmax_row_bf16(row: &mut [f32]) -> f32 {
     let mut vsum = _mm512_setzero_ps();
     let mut i = 0;
     while i < n {
-        let m = mask(i);
+        let m = first_lanes(n - i);
         let x = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), vm);
         // Not below the range; a NaN score stays NaN.
         let kept = _mm512_mask_cmp_ps_mask::<_CMP_NLT_UQ>(m, x, lo);

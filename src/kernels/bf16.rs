@@ -19,6 +19,8 @@ use rayon::prelude::*;
 use super::amx;
 use super::gemm::for_tasks;
 use super::io::SendPtr;
+#[cfg(target_arch = "x86_64")]
+use super::simd::first_lanes;
 use crate::error::{Error, Result};
 
 /// Rows of A (output channels / rows) per microkernel call.
@@ -107,7 +109,7 @@ unsafe fn interleave_avx512(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u16]) {
     );
     let mut i = 0;
     while i < n {
-        let m: __mmask16 = if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as u16 };
+        let m = first_lanes(n - i);
         let l = _mm512_maskz_loadu_ps(m, lo.as_ptr().add(i));
         let h = match hi {
             Some(hi) => _mm512_maskz_loadu_ps(m, hi.as_ptr().add(i)),
@@ -128,7 +130,7 @@ unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [u16]) {
     let n = src.len().min(dst.len());
     let mut i = 0;
     while i < n {
-        let m: __mmask16 = if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as u16 };
+        let m = first_lanes(n - i);
         let v = _mm512_maskz_loadu_ps(m, src.as_ptr().add(i));
         let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
         _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(i) as *mut i16, m, h);
@@ -325,7 +327,7 @@ impl PairPlanes {
     /// Zeroed planes for `k` rows of `plane` positions.
     pub fn zeros(k: usize, plane: usize) -> Self {
         let k_pairs = k.div_ceil(2);
-        let rows = k_pairs.next_multiple_of(amx::KB);
+        let rows = pair_rows(k_pairs);
         PairPlanes { data: vec![0u16; (rows * plane + plane + 2 * NR) * 2], plane, k_pairs, panels: false }
     }
 
@@ -338,17 +340,13 @@ impl PairPlanes {
         if self.panels {
             return self;
         }
-        let rows = self.k_pairs.next_multiple_of(amx::KB);
-        let nbs = self.plane.div_ceil(NR);
-        let mut data = vec![0u16; nbs * rows * NR * 2];
-        data.par_chunks_mut(rows * NR * 2).enumerate().for_each(|(nb, panel)| {
+        Self::panels_with(self.k_pairs, self.plane, |nb, panel| {
             let cols = NR.min(self.plane - nb * NR);
             for p in 0..self.k_pairs {
                 let src = &self.data[(p * self.plane + nb * NR) * 2..][..cols * 2];
                 panel[p * NR * 2..][..cols * 2].copy_from_slice(src);
             }
-        });
-        PairPlanes { data, plane: self.plane, k_pairs: self.k_pairs, panels: true }
+        })
     }
 
     /// Column panels (as [`into_panels`](Self::into_panels)) of B given by position: B's column
@@ -356,9 +354,7 @@ impl PairPlanes {
     /// Each position's values are converted 16 at a time and their pairs placed in its panel.
     pub fn panels_from_positions(src: &[f32], k: usize, plane: usize, pos_stride: usize) -> Self {
         let k_pairs = k.div_ceil(2);
-        let rows = k_pairs.next_multiple_of(amx::KB);
-        let mut data = vec![0u16; plane.div_ceil(NR) * rows * NR * 2];
-        data.par_chunks_mut(rows * NR * 2).enumerate().for_each(|(nb, panel)| {
+        Self::panels_with(k_pairs, plane, |nb, panel| {
             let mut pairs = vec![0u32; k_pairs];
             for j in 0..NR.min(plane - nb * NR) {
                 // SAFETY: a u32 buffer viewed as twice as many u16 values.
@@ -369,7 +365,15 @@ impl PairPlanes {
                     panel[(p * NR + j) * 2 + 1] = (v >> 16) as u16;
                 }
             }
-        });
+        })
+    }
+
+    /// Zeroed column panels of `k_pairs` pair rows and `plane` positions, `fill(nb, panel)`
+    /// writing panel nb (all its pair rows for positions `nb * NR..`), one task per panel.
+    fn panels_with(k_pairs: usize, plane: usize, fill: impl Fn(usize, &mut [u16]) + Sync) -> Self {
+        let len = pair_rows(k_pairs) * NR * 2;
+        let mut data = vec![0u16; plane.div_ceil(NR) * len];
+        data.par_chunks_mut(len).enumerate().for_each(|(nb, panel)| fill(nb, panel));
         PairPlanes { data, plane, k_pairs, panels: true }
     }
 
@@ -377,7 +381,7 @@ impl PairPlanes {
     /// `data`, and the distance from one pair row to the next, both in u16 values.
     fn column_block(&self, off: usize, nb: usize) -> (usize, usize) {
         if self.panels {
-            (nb * self.k_pairs.next_multiple_of(amx::KB) * NR * 2, NR * 2)
+            (nb * pair_rows(self.k_pairs) * NR * 2, NR * 2)
         } else {
             ((off + nb * NR) * 2, self.plane * 2)
         }
@@ -420,6 +424,11 @@ impl PairPlanes {
         pp
     }
 
+}
+
+/// Pair rows of a right operand with `k_pairs` of them, zero-padded to whole AMX k blocks.
+fn pair_rows(k_pairs: usize) -> usize {
+    k_pairs.next_multiple_of(amx::KB)
 }
 
 #[derive(Clone, Copy)]
@@ -589,9 +598,7 @@ unsafe fn micro_avx512<const NV: usize, const ROWS: bool>(
     (taps, k_pairs, offs, b_pair_stride, dst_rs, rows, cols, accumulate): MicroArgs<'_>,
 ) {
     use std::arch::x86_64::*;
-    let m0: __mmask16 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as u16 };
-    let m1: __mmask16 = if cols >= 32 { 0xffff } else if cols > 16 { ((1u32 << (cols - 16)) - 1) as u16 } else { 0 };
-    let masks = [m0, m1];
+    let masks = [first_lanes(cols), first_lanes(cols.saturating_sub(16))];
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
     if accumulate {
         for (r, accr) in acc.iter_mut().enumerate().take(rows) {

@@ -187,6 +187,7 @@ fn run<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], n: usize, dst: &m
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Depth, ROWS};
+    use crate::kernels::simd::first_lanes;
     use std::arch::x86_64::*;
 
     /// 16-float vectors in the widest register tile (either layout).
@@ -196,7 +197,7 @@ mod x86 {
 
     /// Masks for the first `lanes` of `MAX_VECS` vectors.
     fn masks(lanes: usize) -> [__mmask16; MAX_VECS] {
-        std::array::from_fn(|v| ((1u32 << lanes.saturating_sub(16 * v).min(16)) - 1) as __mmask16)
+        std::array::from_fn(|v| first_lanes(lanes.saturating_sub(16 * v)))
     }
 
     /// All output channels of the pixels `p0..p0 + px` (px ≤ 48), written as [cout, n].

@@ -270,6 +270,13 @@ pub(crate) mod x86 {
     }
 }
 
+/// The mask of a 16-lane vector's first `n` lanes (all 16 from 16 up): the tail of a slice
+/// whose length is not a multiple of 16, in masked loads and stores.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn first_lanes(n: usize) -> u16 {
+    ((1u32 << n.min(16)) - 1) as u16
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx512() -> bool {
     use std::sync::atomic::{AtomicU8, Ordering};

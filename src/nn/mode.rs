@@ -15,9 +15,9 @@ pub enum Mode {
 
 /// Precision of the products in the fused CPU kernels of convolution, linear layers and
 /// attention: f32, or inputs rounded to bf16 with f32 accumulation on one of the bf16 kernels
-/// (AVX-512 BF16 or AMX tiles). Other ops, and every path that tracks gradients, stay f32. A property of each
-/// layer, set when it is loaded ([`Weights::with_precision`]), so models of different
-/// precision can live in one process.
+/// (AVX-512 BF16 or AMX tiles). Other ops, and every path that tracks gradients, stay f32. A
+/// property of each layer, set when it is loaded ([`Weights::with_precision`]), so models of
+/// different precision can live in one process.
 ///
 /// [`Weights::with_precision`]: super::weights::Weights::with_precision
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
