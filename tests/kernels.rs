@@ -21,7 +21,9 @@
 //! inputs with mean 1000 and spread 2, at 1e-4 (the f32 mean's own rounding; see that test).
 //! Elementwise maps are checked element by element against f64: exp within 2 ulp, erf within
 //! 1e-6 absolute (both as documented), SiLU and GEGLU within 1e-6 relative. Thread-count and
-//! batch-size independence, which the kernels document, are checked bit for bit.
+//! batch-size independence, which the kernels document, are checked bit for bit. The optimiser
+//! updates (AdamW, the weights' moving average) are compared bit for bit with the candle ops
+//! they replace.
 //!
 //! Two known defects are kept at the end as `#[ignore]`d tests that fail today (run them with
 //! `cargo test --test kernels -- --ignored`): GELU that does not vanish for very negative
@@ -1360,5 +1362,64 @@ fn flipped_transposed_kernel_matches_transpose_and_reversal() {
         let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let got = from_vec(kernels::conv::flipped_transposed(&v, cout, cin, k), &[cin, cout, k, k]);
         assert_eq!(bits(&got), bits(&want), "[{cout}, {cin}, {k}, {k}]");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Optimiser updates: one pass per variable, with the bits of the candle op sequences.
+// ---------------------------------------------------------------------------------------------
+
+/// `n` values of `scale` times standard normal, with signed zeros, subnormals, huge and tiny
+/// values planted at the same positions whatever the seed. Aligned, two operands' -0 meet in
+/// one sum, the case where the `+ 0.0` of candle's multiplication by a scalar shows: it turns
+/// each -0 product into +0, so candle's sum is +0, not -0.
+fn planted(seed: u64, n: usize, scale: f64) -> Vec<f32> {
+    let mut v = randn(seed, &[n], scale).to_vec1::<f32>().unwrap();
+    let special = [-0.0, 0.0, f32::MIN_POSITIVE / 8.0, -f32::MIN_POSITIVE / 8.0, 1e30, -1e30, 1e-30, 3.0e-39];
+    for (i, x) in v.iter_mut().enumerate().step_by(7) {
+        *x = special[(i / 7) % special.len()];
+    }
+    v
+}
+
+#[test]
+fn adamw_step_gives_the_bits_of_its_candle_ops() {
+    use diffii::train::optim::{AdamW, AdamWParams};
+    // Three and a bit of the kernel's 16 Ki-element tasks, and a variable of 5 elements.
+    for (n, shape) in [(49_153usize, vec![13, 3781]), (5, vec![5])] {
+        let theta0 = from_vec(planted(1, n, 1.0), &shape);
+        let params = AdamWParams { weight_decay: 0.03, ..AdamWParams::with_lr(3e-3) };
+        let var = Var::from_tensor(&theta0).unwrap();
+        let mut opt = AdamW::new(vec![var.clone()], params).unwrap();
+        let (mut theta, mut m, mut v) = (theta0.clone(), theta0.zeros_like().unwrap(), theta0.zeros_like().unwrap());
+        // Moments start from planted values too, as after a restored checkpoint.
+        let (m0, v0) = (from_vec(planted(2, n, 0.1), &shape), from_vec(planted(3, n, 0.01).iter().map(|x| x.abs()).collect(), &shape));
+        opt.restore(vec![m0.clone()], vec![v0.clone()], 4).unwrap();
+        (m, v) = (m0, v0);
+        for step in 0..4 {
+            // The third step has no gradient (weight decay and the moments' decay only).
+            let g = (step != 2).then(|| from_vec(planted(10 + step as u64, n, 0.5), &shape));
+            with_threads(1 + step % 2, || opt.step(&[g.clone()]).unwrap());
+            let t = opt.t;
+            (theta, m, v) = AdamW::step_ops(&params, t, &theta, g.as_ref(), &m, &v).unwrap();
+            let what = format!("{n} elements, step {t}");
+            assert_same_bits(&format!("{what}: θ"), var.as_tensor(), &theta);
+            assert_same_bits(&format!("{what}: m"), &opt.moments().0[0], &m);
+            assert_same_bits(&format!("{what}: v"), &opt.moments().1[0], &v);
+        }
+        assert!(bits(var.as_tensor()) != bits(&theta0), "{n} elements: the variable did not move");
+    }
+}
+
+#[test]
+fn ema_gives_the_bits_of_its_candle_ops() {
+    for n in [49_153usize, 3] {
+        let (avg, x) = (planted(4, n, 1.0), planted(5, n, 2.0));
+        for decay in [0.9999, 0.5, 1.0 / 11.0] {
+            let got = from_vec(kernels::optim::ema(&avg, &x, decay), &[n]);
+            let (a, t) = (from_vec(avg.clone(), &[n]), from_vec(x.clone(), &[n]));
+            let want = ((&a * decay).unwrap() + (&t * (1.0 - decay)).unwrap()).unwrap();
+            assert_same_bits(&format!("ema of {n} elements, decay {decay}"), &got, &want);
+        }
     }
 }

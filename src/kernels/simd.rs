@@ -18,6 +18,8 @@ pub(crate) trait Vf: Copy {
     fn sub(self, o: Self) -> Self;
     fn mul(self, o: Self) -> Self;
     fn div(self, o: Self) -> Self;
+    /// The square root, correctly rounded (IEEE).
+    fn sqrt(self) -> Self;
     /// `self > o ? self : o`
     fn max(self, o: Self) -> Self;
     /// `self < o ? self : o`
@@ -75,6 +77,10 @@ impl Vf for S1 {
     #[inline(always)]
     fn div(self, o: Self) -> Self {
         S1(self.0 / o.0)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        S1(self.0.sqrt())
     }
     #[inline(always)]
     fn max(self, o: Self) -> Self {
@@ -151,6 +157,10 @@ impl Vf for A16 {
         self.map2(o, |a, b| a / b)
     }
     #[inline(always)]
+    fn sqrt(self) -> Self {
+        self.map2(self, |a, _| a.sqrt())
+    }
+    #[inline(always)]
     fn max(self, o: Self) -> Self {
         self.map2(o, |a, b| if a > b { a } else { b })
     }
@@ -222,6 +232,10 @@ pub(crate) mod x86 {
         #[inline(always)]
         fn div(self, o: Self) -> Self {
             unsafe { Avx512(_mm512_div_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        fn sqrt(self) -> Self {
+            unsafe { Avx512(_mm512_sqrt_ps(self.0)) }
         }
         #[inline(always)]
         fn max(self, o: Self) -> Self {

@@ -11,6 +11,9 @@
 use candle_core::{Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::kernels;
+use crate::kernels::io::{fast_dtype_ok, tensor, with_slices};
+use crate::kernels::optim::AdamWStep;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWParams {
@@ -57,24 +60,41 @@ impl AdamW {
         }
         self.t += 1;
         let p = self.params;
-        let bc1 = 1.0 - p.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - p.beta2.powi(self.t as i32);
+        let fused = AdamWStep::new(p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, self.t);
         for (i, var) in self.vars.iter().enumerate() {
             let theta = var.as_tensor();
-            let g = match &grads[i] {
-                Some(g) => g.to_dtype(theta.dtype())?,
-                None => theta.zeros_like()?,
+            let (m, v) = (&self.m[i], &self.v[i]);
+            let g = grads[i].as_ref();
+            let (theta, m, v) = if fast_dtype_ok(&[theta, m, v]) && g.is_none_or(|g| fast_dtype_ok(&[g]) && g.dims() == theta.dims()) {
+                let shape = theta.dims();
+                let ts: Vec<&Tensor> = [theta, m, v].into_iter().chain(g).collect();
+                let (t1, m1, v1) = with_slices(&ts, |s| kernels::optim::adamw(&fused, s[0], s.get(3).copied(), s[1], s[2]))?;
+                (tensor(t1, shape)?, tensor(m1, shape)?, tensor(v1, shape)?)
+            } else {
+                Self::step_ops(&p, self.t, theta, g, m, v)?
             };
-            let m = ((&self.m[i] * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
-            let v = ((&self.v[i] * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
-            let decayed = (theta * (1.0 - p.lr * p.weight_decay))?;
-            let denom = ((&v / bc2)?.sqrt()? + p.eps)?;
-            let upd = ((&m / bc1)? / denom)?;
-            var.set(&(decayed - (upd * p.lr)?)?)?;
+            var.set(&theta)?;
             self.m[i] = m;
             self.v[i] = v;
         }
         Ok(())
+    }
+
+    /// One variable's step as candle ops (any device and type): the new (θ, m, v). The fused
+    /// kernel ([`kernels::optim::adamw`]) gives the same bits for f32 on the CPU.
+    pub fn step_ops(p: &AdamWParams, t: usize, theta: &Tensor, g: Option<&Tensor>, m: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let bc1 = 1.0 - p.beta1.powi(t as i32);
+        let bc2 = 1.0 - p.beta2.powi(t as i32);
+        let g = match g {
+            Some(g) => g.to_dtype(theta.dtype())?,
+            None => theta.zeros_like()?,
+        };
+        let m = ((m * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
+        let v = ((v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+        let decayed = (theta * (1.0 - p.lr * p.weight_decay))?;
+        let denom = ((&v / bc2)?.sqrt()? + p.eps)?;
+        let upd = ((&m / bc1)? / denom)?;
+        Ok(((decayed - (upd * p.lr)?)?, m, v))
     }
 
     /// The moment estimates, in variable order: (m, v).

@@ -35,6 +35,8 @@ use crate::data::dataset::Dataset;
 use crate::data::image::{load_for_model, ResizePolicy};
 use crate::data::pixels::{tensor_to_u8, u8_to_tensor, Quantize};
 use crate::error::{read_json, Error, Result};
+use crate::kernels;
+use crate::kernels::io::{fast_dtype_ok, tensor, with_slices};
 use crate::nn::{Mode, Weights};
 use crate::rng::{derive_rng, derive_u64, seeded_randn};
 use crate::schedule::ddim::{Ddim, PredictionType};
@@ -514,6 +516,16 @@ fn clip_gradients(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
     Ok(norm)
 }
 
+/// The moving average of one variable after a step: `avg · decay + x · (1 - decay)`, in one
+/// pass for f32 on the CPU (the same bits as the candle ops of other devices and types).
+fn ema_step(avg: &Tensor, x: &Tensor, decay: f64) -> Result<Tensor> {
+    if fast_dtype_ok(&[avg, x]) && avg.dims() == x.dims() {
+        let out = with_slices(&[avg, x], |s| kernels::optim::ema(s[0], s[1], decay))?;
+        return tensor(out, avg.dims());
+    }
+    Ok(((avg * decay)? + (x.detach() * (1.0 - decay))?)?)
+}
+
 /// Runs `steps` optimisation steps from `start`; `loss(step)` builds the loss graph.
 struct Loop<'a> {
     vars: Vec<Var>,
@@ -739,7 +751,7 @@ fn train_unet(
         // diffusers' EMAModel: the decay warms up as (1 + t) / (10 + t).
         let decay = s.ema_decay.min((1.0 + step as f64) / (10.0 + step as f64));
         for (e, v) in ema.iter_mut().zip(&lp.vars) {
-            *e = ((&*e * decay)? + (v.as_tensor().detach() * (1.0 - decay))?)?;
+            *e = ema_step(e, v.as_tensor(), decay)?;
         }
         last = Some(value);
         log.push(&[&step.to_string(), &format!("{value:.6}"), &format!("{:.3e}", lp.opt.params.lr), &format!("{:.3}", tic.elapsed().as_secs_f64())]);
