@@ -498,20 +498,22 @@ fn parameter_names(load: impl Fn(&Weights) -> Result<()>) -> Result<Vec<String>>
 }
 
 /// Global gradient-norm clipping (as `torch.nn.utils.clip_grad_norm_`); returns the norm before.
+/// candle runs each variable's ops on the calling thread, so the variables are spread over the
+/// pool; their squared norms are still added in variable order.
 fn clip_gradients(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
-    let mut sq = 0f64;
-    for g in grads.iter().flatten() {
-        sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-    }
+    let squares: Vec<f32> =
+        grads.par_iter().flatten().map(|g| g.sqr()?.sum_all()?.to_scalar::<f32>()).collect::<candle_core::Result<_>>()?;
+    let sq: f64 = squares.iter().fold(0f64, |acc, &s| acc + s as f64);
     let norm = sq.sqrt();
     if !norm.is_finite() {
         return Err(Error::invalid("the gradient is not finite: training diverged (lower the learning rate)"));
     }
     let scale = max_norm / (norm + 1e-6);
     if scale < 1.0 {
-        for g in grads.iter_mut().flatten() {
+        grads.par_iter_mut().flatten().try_for_each(|g| -> candle_core::Result<()> {
             *g = (&*g * scale)?;
-        }
+            Ok(())
+        })?;
     }
     Ok(norm)
 }
