@@ -17,8 +17,8 @@ fn main() {
     let args = cli::Cli::parse();
     // The command runs on one of the compute pool's threads rather than on this one. Every
     // kernel splits its work over the pool; called from outside it, each call hands its tasks to
-    // the pool's threads and sleeps until they are done, two thread wake-ups per call. A demo
-    // UNet training step makes hundreds of such calls or more: inside the pool the caller takes a share
+    // the pool's threads and sleeps until they are done, two thread wake-ups per call, and a
+    // demo UNet training step makes hundreds of calls. Inside the pool the caller takes a share
     // of the tasks itself and nobody sleeps in between (measured on 2 cores: the scheduler's
     // share of a `pretrain` UNet step's samples went from about 10 % to 5 %, a concept-learning
     // step from 0.077-0.081 to 0.058-0.062 s). Which thread computes what never changes a result.
