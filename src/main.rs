@@ -87,7 +87,7 @@ const WORKER_STACK: usize = 64 << 20;
 fn fix_thread_count() {
     let set = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok());
     let mut pool = rayon::ThreadPoolBuilder::new().stack_size(WORKER_STACK);
-    if !set.is_some_and(|n| n > 0) {
+    if set.is_none_or(|n| n == 0) {
         // Before any thread exists, so no other thread can be reading the environment.
         std::env::set_var("RAYON_NUM_THREADS", num_cpus::get_physical().max(1).to_string());
         pool = pool.num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
