@@ -1391,11 +1391,10 @@ fn adamw_step_gives_the_bits_of_its_candle_ops() {
         let params = AdamWParams { weight_decay: 0.03, ..AdamWParams::with_lr(3e-3) };
         let var = Var::from_tensor(&theta0).unwrap();
         let mut opt = AdamW::new(vec![var.clone()], params).unwrap();
-        let (mut theta, mut m, mut v) = (theta0.clone(), theta0.zeros_like().unwrap(), theta0.zeros_like().unwrap());
         // Moments start from planted values too, as after a restored checkpoint.
-        let (m0, v0) = (from_vec(planted(2, n, 0.1), &shape), from_vec(planted(3, n, 0.01).iter().map(|x| x.abs()).collect(), &shape));
-        opt.restore(vec![m0.clone()], vec![v0.clone()], 4).unwrap();
-        (m, v) = (m0, v0);
+        let (mut m, mut v) = (from_vec(planted(2, n, 0.1), &shape), from_vec(planted(3, n, 0.01).iter().map(|x| x.abs()).collect(), &shape));
+        opt.restore(vec![m.clone()], vec![v.clone()], 4).unwrap();
+        let mut theta = theta0.clone();
         for step in 0..4 {
             // The third step has no gradient (weight decay and the moments' decay only).
             let g = (step != 2).then(|| from_vec(planted(10 + step as u64, n, 0.5), &shape));

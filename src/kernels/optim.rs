@@ -52,7 +52,6 @@ impl AdamWStep {
             lr: lr as f32,
         }
     }
-
 }
 
 /// (θ, m, v) after the step with gradient `g`, lane by lane.
