@@ -1398,7 +1398,7 @@ fn adamw_step_gives_the_bits_of_its_candle_ops() {
         for step in 0..4 {
             // The third step has no gradient (weight decay and the moments' decay only).
             let g = (step != 2).then(|| from_vec(planted(10 + step as u64, n, 0.5), &shape));
-            with_threads(1 + step % 2, || opt.step(&[g.clone()]).unwrap());
+            with_threads(1 + step % 2, || opt.step(std::slice::from_ref(&g)).unwrap());
             let t = opt.t;
             (theta, m, v) = AdamW::step_ops(&params, t, &theta, g.as_ref(), &m, &v).unwrap();
             let what = format!("{n} elements, step {t}");
