@@ -119,6 +119,8 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let dev = diffii::sd::loader::parse_device(&a.device)?;
     let prec: diffii::nn::Precision = a.precision.into();
+    // First, while nothing else runs: it times the FMA peak on every thread.
+    let cpu = bench::CpuInfo::detect();
     let mut results: Vec<BenchResult> = Vec::new();
     let mut profiles: Vec<bench::Profile> = Vec::new();
     if let Some(model) = &a.model {
@@ -254,16 +256,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if results.is_empty() {
         anyhow::bail!("nothing to measure: pass --demo, --model DIR, --sd15, --classifier and/or --resnet50");
     }
-    let cpu = bench::CpuInfo::detect();
+    bench::fill_percent_of_peak(&mut results, cpu.fma_peak_gflops);
     print!("{}", cpu.line());
     print!("{}", bench::table(&results));
     if !profiles.is_empty() {
         print!("{}", bench::profile_table(&profiles));
     }
     println!(
-        "%peak: of {:.0} GFLOP/s, the f32 FMA peak of two AVX-512 cores at 2.6 GHz (bf16 products can exceed it); \
-         the PyTorch column is filled only by --compare-python, in this run",
-        bench::CPU_PEAK_GFLOPS
+        "%peak: of {:.0} GFLOP/s, the f32 FMA throughput of these {} threads timed at the start of this run \
+         (bf16 products can exceed it); the PyTorch column is filled only by --compare-python, in this run",
+        cpu.fma_peak_gflops, cpu.threads
     );
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&bench::BenchReport { cpu, results: &results })?;

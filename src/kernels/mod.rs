@@ -33,6 +33,7 @@ pub mod io;
 pub mod linear;
 pub mod norm;
 pub mod optim;
+pub mod peak;
 pub mod simd;
 
 pub use activation::{geglu, silu};

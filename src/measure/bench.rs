@@ -15,9 +15,8 @@ use crate::nn::{Mode, Precision};
 use crate::sd::unet::UNet;
 use crate::nn::weights::Weights;
 
-/// The reference for the %peak column: the f32 FMA peak of two AVX-512 cores at 2.6 GHz
-/// (2 x 2 FMA units x 16 lanes x 2 flops x 2.6 GHz), GFLOP/s.
-pub const CPU_PEAK_GFLOPS: f64 = 333.0;
+/// How long [`CpuInfo::detect`] times the FMA peak.
+const PEAK_BUDGET: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// One measured configuration.
 #[derive(Debug, Clone, Serialize)]
@@ -30,6 +29,7 @@ pub struct BenchResult {
     pub min_seconds: f64,
     pub gflop: f64,
     pub gflops: f64,
+    /// `gflops` as a percentage of the CPU's measured f32 FMA peak ([`fill_percent_of_peak`]).
     pub percent_of_peak: f64,
     /// Process peak resident memory after the case (MiB).
     pub peak_rss_mib: f64,
@@ -55,17 +55,24 @@ pub struct CpuInfo {
     /// From the `flags` line of /proc/cpuinfo (std's detection macro has no stable AMX names).
     pub amx_bf16: bool,
     pub amx_tile: bool,
+    /// The f32 FMA throughput of `threads` threads, timed when the CPU was detected
+    /// ([`crate::kernels::peak`]): the reference for the %peak column.
+    pub fma_peak_gflops: f64,
 }
 
 impl CpuInfo {
+    /// Reads /proc/cpuinfo and times the FMA peak on the current pool (about 0.3 s, every
+    /// thread busy: call it while nothing else runs).
     pub fn detect() -> Self {
         let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        Self::from_cpuinfo(&text, rayon::current_num_threads())
+        let peak = crate::kernels::peak::fma_peak_gflops(PEAK_BUDGET);
+        Self::from_cpuinfo(&text, rayon::current_num_threads(), peak)
     }
 
-    /// From the text of /proc/cpuinfo (the first `model name` and `flags` lines); the x86
-    /// features other than AMX come from std's run-time detection, not from the text.
-    pub fn from_cpuinfo(text: &str, threads: usize) -> Self {
+    /// From the text of /proc/cpuinfo (the first `model name` and `flags` lines) and a measured
+    /// FMA peak; the x86 features other than AMX come from std's run-time detection, not from
+    /// the text.
+    pub fn from_cpuinfo(text: &str, threads: usize, fma_peak_gflops: f64) -> Self {
         let field = |name: &str| {
             text.lines()
                 .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().to_string()))
@@ -83,7 +90,8 @@ impl CpuInfo {
         #[cfg(not(target_arch = "x86_64"))]
         let (avx2, fma, avx512f, avx512bf16) = (false, false, false, false);
         let x86 = cfg!(target_arch = "x86_64");
-        CpuInfo { model, threads, avx2, fma, avx512f, avx512bf16, amx_bf16: x86 && flag("amx_bf16"), amx_tile: x86 && flag("amx_tile") }
+        let (amx_bf16, amx_tile) = (x86 && flag("amx_bf16"), x86 && flag("amx_tile"));
+        CpuInfo { model, threads, avx2, fma, avx512f, avx512bf16, amx_bf16, amx_tile, fma_peak_gflops }
     }
 
     /// One line for the top of the table.
@@ -102,7 +110,18 @@ impl CpuInfo {
             }
         }
         let feats = if feats.is_empty() { "none".to_string() } else { feats.join(" ") };
-        format!("cpu: {} | features: {} | threads: {}\n", self.model, feats, self.threads)
+        format!(
+            "cpu: {} | features: {} | threads: {} | f32 FMA peak (measured): {:.0} GFLOP/s\n",
+            self.model, feats, self.threads, self.fma_peak_gflops
+        )
+    }
+}
+
+/// Sets every result's %peak against `peak_gflops` (0 where no FLOPs were counted or the
+/// peak is unknown).
+pub fn fill_percent_of_peak(results: &mut [BenchResult], peak_gflops: f64) {
+    for r in results {
+        r.percent_of_peak = if peak_gflops > 0.0 { 100.0 * r.gflops / peak_gflops } else { 0.0 };
     }
 }
 
@@ -379,7 +398,7 @@ fn timed(name: &str, batch: usize, latent: usize, warmup: usize, reps: usize, mu
         min_seconds: times[0],
         gflop,
         gflops,
-        percent_of_peak: 100.0 * gflops / CPU_PEAK_GFLOPS,
+        percent_of_peak: 0.0,
         peak_rss_mib: peak_rss_mib(),
         torch_seconds: None,
         torch_dtype: None,
@@ -533,14 +552,37 @@ mod tests {
     #[test]
     fn cpu_info_reads_model_and_amx_flags() {
         let text = "processor\t: 0\nmodel name\t: Test CPU @ 2.0GHz\nflags\t\t: fpu avx2 amx_bf16 amx_tile avx512f\n\nprocessor\t: 1\nmodel name\t: Other\n";
-        let c = CpuInfo::from_cpuinfo(text, 3);
+        let c = CpuInfo::from_cpuinfo(text, 3, 229.4);
         assert_eq!(c.model, "Test CPU @ 2.0GHz");
         assert_eq!(c.threads, 3);
         assert_eq!((c.amx_bf16, c.amx_tile), (cfg!(target_arch = "x86_64"), cfg!(target_arch = "x86_64")));
         let line = c.line();
-        assert!(line.starts_with("cpu: Test CPU @ 2.0GHz | features: ") && line.ends_with("| threads: 3\n"), "{line}");
-        let none = CpuInfo::from_cpuinfo("", 1);
+        assert!(line.starts_with("cpu: Test CPU @ 2.0GHz | features: "), "{line}");
+        assert!(line.ends_with("| threads: 3 | f32 FMA peak (measured): 229 GFLOP/s\n"), "{line}");
+        let none = CpuInfo::from_cpuinfo("", 1, 0.0);
         assert_eq!(none.model, "unknown");
         assert!(!none.amx_bf16 && !none.amx_tile);
+    }
+
+    #[test]
+    fn percent_of_peak_is_against_the_given_peak() {
+        let r = |gflops: f64| BenchResult {
+            name: "x".into(),
+            batch: 1,
+            latent: 1,
+            seconds: 1.0,
+            min_seconds: 1.0,
+            gflop: gflops,
+            gflops,
+            percent_of_peak: -1.0,
+            peak_rss_mib: 0.0,
+            torch_seconds: None,
+            torch_dtype: None,
+        };
+        let mut rs = vec![r(50.0), r(0.0)];
+        fill_percent_of_peak(&mut rs, 200.0);
+        assert_eq!((rs[0].percent_of_peak, rs[1].percent_of_peak), (25.0, 0.0));
+        fill_percent_of_peak(&mut rs, 0.0);
+        assert_eq!(rs[0].percent_of_peak, 0.0);
     }
 }
