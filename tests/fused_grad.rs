@@ -414,9 +414,21 @@ fn trainable_group_norm_has_the_bits_of_its_candle_composition_forward_and_backw
         let w = Var::from_tensor(&randn(510 + i as u64, &[c])).unwrap();
         let b = Var::from_tensor(&randn(520 + i as u64, &[c])).unwrap();
         let gn = diffii::nn::GroupNorm { weight: w.as_tensor().clone(), bias: b.as_tensor().clone(), groups, eps: 1e-5 };
+        let r = (randn(530 + i as u64, x.dims()).exp().unwrap() * 10.0).unwrap();
         let ours = gn.forward(x.as_tensor()).unwrap();
         let theirs = gn.forward_composed(x.as_tensor()).unwrap();
-        let r = (randn(530 + i as u64, x.dims()).exp().unwrap() * 10.0).unwrap();
         assert_same_bits_forward_and_backward(&ours, &theirs, &r, &[("x", &x), ("weight", &w), ("bias", &b)], &format!("case {i}"));
+        // With SiLU fused in: the composition followed by candle's own SiLU.
+        let ours = gn.forward_act(x.as_tensor(), diffii::nn::Activation::Silu).unwrap();
+        let theirs = gn.forward_composed(x.as_tensor()).unwrap().silu().unwrap();
+        assert_same_bits_forward_and_backward(&ours, &theirs, &r, &[("x", &x), ("weight", &w), ("bias", &b)], &format!("case {i} + SiLU"));
+        // A frozen layer under a tracked input (concept learning): only the input's gradient.
+        let frozen = diffii::nn::GroupNorm { weight: w.as_tensor().detach(), bias: b.as_tensor().detach(), groups, eps: 1e-5 };
+        for silu in [false, true] {
+            let act = |y: Tensor| if silu { y.silu().unwrap() } else { y };
+            let ours = if silu { frozen.forward_act(x.as_tensor(), diffii::nn::Activation::Silu) } else { frozen.forward(x.as_tensor()) }.unwrap();
+            let theirs = act(frozen.forward_composed(x.as_tensor()).unwrap());
+            assert_same_bits_forward_and_backward(&ours, &theirs, &r, &[("x", &x)], &format!("case {i}, frozen, SiLU {silu}"));
+        }
     }
 }

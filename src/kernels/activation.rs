@@ -163,10 +163,13 @@ fn each_erf_scaled(n: usize, x: impl Fn(usize) -> f32, f: impl FnMut(usize, f32)
 /// SiLU for training: candle's f32 `x / (1 + exp(-x))` with the same `expf`, so the same bits.
 pub fn silu_exact(x: &[f32]) -> Vec<f32> {
     let mut out = uninit(x.len());
-    out.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(d, s)| {
-        each_exp(s.len(), |i| -s[i], |i, e| d[i] = s[i] / (1.0 + e));
-    });
+    out.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(d, s)| silu_exact_into(s, d));
     out
+}
+
+/// [`silu_exact`] of `s` into `d` (one task's share).
+pub(super) fn silu_exact_into(s: &[f32], d: &mut [f32]) {
+    each_exp(s.len(), |i| -s[i], |i, e| d[i] = s[i] / (1.0 + e));
 }
 
 /// The gradient of [`silu_exact`] given its input `x`, output `y` and the output's gradient,
@@ -175,13 +178,18 @@ pub fn silu_exact(x: &[f32]) -> Vec<f32> {
 /// affine `v * 1 + 1` and `1 - y` is the affine `y * -1 + 1`.
 pub fn silu_exact_backward(x: &[f32], y: &[f32], grad: &[f32]) -> Vec<f32> {
     let mut dx = uninit(x.len());
-    dx.par_chunks_mut(16384).zip(x.par_chunks(16384).zip(y.par_chunks(16384)).zip(grad.par_chunks(16384))).for_each(|(d, ((x, y), g))| {
-        each_exp(x.len(), |i| -x[i], |i, e| {
-            let s = 1.0 / (e * 1.0 + 1.0);
-            d[i] = g[i] * (s * (y[i] * -1.0 + 1.0) + y[i]);
-        });
-    });
+    dx.par_chunks_mut(16384)
+        .zip(x.par_chunks(16384).zip(y.par_chunks(16384)).zip(grad.par_chunks(16384)))
+        .for_each(|(d, ((x, y), g))| silu_exact_backward_into(x, y, g, d));
     dx
+}
+
+/// [`silu_exact_backward`] of one task's share into `d`.
+pub(super) fn silu_exact_backward_into(x: &[f32], y: &[f32], g: &[f32], d: &mut [f32]) {
+    each_exp(x.len(), |i| -x[i], |i, e| {
+        let s = 1.0 / (e * 1.0 + 1.0);
+        d[i] = g[i] * (s * (y[i] * -1.0 + 1.0) + y[i]);
+    });
 }
 
 #[inline(always)]

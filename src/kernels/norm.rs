@@ -278,58 +278,154 @@ fn exact_row_stats(x: &[f32], xc: &mut [f32], eps: f32) -> f32 {
     (var * 1.0 + eps).sqrt()
 }
 
-/// GroupNorm without the affine, for training: `x` viewed as `[rows, n]` (a row = one batch
-/// element's group), normalised with the bits of the composition of candle ops the layer uses
-/// elsewhere (`nn::GroupNorm::forward_composed`: row sums, scalar affines, `sqr`, `sqrt`, a
-/// broadcast subtraction and division).
-pub fn normalize_exact(x: &[f32], n: usize, eps: f64) -> Vec<f32> {
-    let mut out = uninit(x.len());
-    if n == 0 {
-        return out;
-    }
-    out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, x)| {
-        let std = exact_row_stats(x, o, eps as f32);
-        for v in o.iter_mut() {
-            *v /= std;
-        }
-    });
-    out
-}
-
-/// The gradient of [`normalize_exact`] given the output's gradient `grad`, with the bytes of
-/// candle 0.11's backward through that composition (`backprop.rs`), step for step: the
+/// The gradient of GroupNorm's normalisation (before the affine) for one row (a batch
+/// element's group), given the row's centred values and std ([`exact_row_stats`]) and the
+/// output's gradient `g`, into `d`: the bytes of candle 0.11's backward through the composition
+/// `nn::GroupNorm::forward_composed` uses (row sums, scalar affines, `sqr`, `sqrt`, a broadcast
+/// subtraction and division; `backprop.rs`), step for step. The
 /// division gives `grad / std` to the centred values and `-(grad * xc) / (std * std)` to the
 /// broadcast std, summed per row; `sqrt` gives `(g / std) * 0.5`; the affines scale by their
 /// factor; `sqr` gives `(xc * g) * 2`; the subtraction gives the centred values' gradient to
 /// the input and its negation, summed, to the mean. Each accumulation starts from candle's
 /// zero tensor (`0 + a`), which also fixes the sign of zero results.
-pub fn normalize_exact_backward(x: &[f32], grad: &[f32], n: usize, eps: f64) -> Vec<f32> {
-    let mut dx = uninit(x.len());
-    if n == 0 {
-        return dx;
+fn normalize_row_backward(xc: &[f32], std: f32, g: &[f32], d: &mut [f32]) {
+    let inv_n = (1.0 / xc.len() as f64) as f32;
+    let std_sq = std * std;
+    // The broadcast std's gradient, then its row sum.
+    let mut tmp: Vec<f32> = g.iter().zip(xc).map(|(&g, &c)| 0.0 - (g * c) / std_sq).collect();
+    let std_grad = 0.0 + candle_row_sum(&tmp);
+    // Back through sqrt, `+ eps` (factor 1) and `* (1/n)` to the squares' row sum.
+    let ve_grad = 0.0 + ((std_grad / std) * 0.5 + 0.0);
+    let var_grad = 0.0 + (ve_grad * 1.0 + 0.0);
+    let sq_sum_grad = 0.0 + (var_grad * inv_n + 0.0);
+    // The centred values' gradient (from the division and from the square) in `d`.
+    for (((d, &g), &c), t) in d.iter_mut().zip(g).zip(xc).zip(tmp.iter_mut()) {
+        *d = (0.0 + g / std) + ((c * sq_sum_grad) * 2.0 + 0.0);
+        *t = 0.0 - *d;
     }
-    let inv_n = (1.0 / n as f64) as f32;
-    dx.par_chunks_mut(n).zip(x.par_chunks(n).zip(grad.par_chunks(n))).for_each(|(d, (x, g))| {
+    let mean_grad = 0.0 + candle_row_sum(&tmp);
+    let sum_grad = 0.0 + (mean_grad * inv_n + 0.0);
+    for d in d.iter_mut() {
+        *d = (0.0 + *d) + sum_grad;
+    }
+}
+
+/// The shape of a training GroupNorm's input: `[batch, channels, inner]` (inner = H·W), its
+/// channels split into `groups` of consecutive channels.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupShape {
+    pub channels: usize,
+    pub groups: usize,
+    pub inner: usize,
+}
+
+impl GroupShape {
+    /// Values per row (one batch element's group).
+    fn row(&self) -> usize {
+        self.channels / self.groups * self.inner
+    }
+
+    /// The first channel of row `r`.
+    fn first_channel(&self, r: usize) -> usize {
+        r % self.groups * (self.channels / self.groups)
+    }
+}
+
+/// A row's normalised values `xc / std` (into `xn` too, when given), then the affine
+/// `· w[c] + b[c]`, into `a`; each step rounded once, like the broadcast ops it stands for.
+fn affine_row(xc: &[f32], std: f32, w: &[f32], b: &[f32], inner: usize, xn: Option<&mut [f32]>, a: &mut [f32]) {
+    for (a, &c) in a.iter_mut().zip(xc) {
+        *a = c / std;
+    }
+    if let Some(xn) = xn {
+        xn.copy_from_slice(a);
+    }
+    for ((a, &wc), &bc) in a.chunks_exact_mut(inner).zip(w).zip(b) {
+        for a in a {
+            *a = *a * wc + bc;
+        }
+    }
+}
+
+/// GroupNorm with its affine, then SiLU when `silu`, for training: the bits of the candle ops
+/// `nn::GroupNorm::forward_composed` is made of (row sums, scalar affines, `sqr`, `sqrt`, a
+/// broadcast subtraction and division), a per-channel product and sum
+/// ([`super::channel::channel_map`]) and [`super::activation::silu_exact`] in sequence, in one
+/// pass per (batch element, group).
+pub fn group_norm_exact(x: &[f32], w: &[f32], b: &[f32], shape: GroupShape, eps: f64, silu: bool) -> Vec<f32> {
+    let n = shape.row();
+    let mut out = uninit(x.len());
+    if n == 0 {
+        return out;
+    }
+    out.par_chunks_mut(n).zip(x.par_chunks(n)).enumerate().for_each(|(r, (o, x))| {
+        let c0 = shape.first_channel(r);
+        let (w, b) = (&w[c0..], &b[c0..]);
         let mut xc = vec![0f32; n];
         let std = exact_row_stats(x, &mut xc, eps as f32);
-        let std_sq = std * std;
-        // The broadcast std's gradient, then its row sum.
-        let mut tmp: Vec<f32> = g.iter().zip(&xc).map(|(&g, &c)| 0.0 - (g * c) / std_sq).collect();
-        let std_grad = 0.0 + candle_row_sum(&tmp);
-        // Back through sqrt, `+ eps` (factor 1) and `* (1/n)` to the squares' row sum.
-        let ve_grad = 0.0 + ((std_grad / std) * 0.5 + 0.0);
-        let var_grad = 0.0 + (ve_grad * 1.0 + 0.0);
-        let sq_sum_grad = 0.0 + (var_grad * inv_n + 0.0);
-        // The centred values' gradient (from the division and from the square) in `d`.
-        for (((d, &g), &c), t) in d.iter_mut().zip(g).zip(&xc).zip(tmp.iter_mut()) {
-            *d = (0.0 + g / std) + ((c * sq_sum_grad) * 2.0 + 0.0);
-            *t = 0.0 - *d;
-        }
-        let mean_grad = 0.0 + candle_row_sum(&tmp);
-        let sum_grad = 0.0 + (mean_grad * inv_n + 0.0);
-        for d in d.iter_mut() {
-            *d = (0.0 + *d) + sum_grad;
+        if silu {
+            let mut a = uninit(n);
+            affine_row(&xc, std, w, b, shape.inner, None, &mut a);
+            super::activation::silu_exact_into(&a, o);
+        } else {
+            affine_row(&xc, std, w, b, shape.inner, None, o);
         }
     });
-    dx
+    out
+}
+
+/// The gradients of [`group_norm_exact`] (output `y`, output gradient `grad`): the input's, and
+/// the weight's and bias's when `params`, with the bits of the composition's backward in
+/// candle 0.11 — including its accumulation of every intermediate gradient into a zero tensor
+/// (`0 + g`, which turns -0 into +0) — so the layer trains to the same bytes as the four ops it
+/// replaces.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_exact_backward(x: &[f32], y: &[f32], grad: &[f32], w: &[f32], b: &[f32], shape: GroupShape, eps: f64, silu: bool, params: bool) -> (Vec<f32>, Option<(Vec<f32>, Vec<f32>)>) {
+    let n = shape.row();
+    let mut dx = uninit(x.len());
+    if n == 0 {
+        return (dx, params.then(|| (vec![0.0; w.len()], vec![0.0; b.len()])));
+    }
+    // The gradient reaching the affine's output (through SiLU when there is one) and the
+    // normalised values, whole, for the weight's and bias's sums over the batch.
+    let mut ga = if silu && params { uninit(x.len()) } else { Vec::new() };
+    let mut xn = if params { uninit(x.len()) } else { Vec::new() };
+    let (ga_rows, xn_rows) = (ga.par_chunks_mut(n), xn.par_chunks_mut(n));
+    let rows = dx.par_chunks_mut(n).zip(x.par_chunks(n).zip(y.par_chunks(n)).zip(grad.par_chunks(n))).enumerate();
+    let body = |r: usize, d: &mut [f32], x: &[f32], y: &[f32], g: &[f32], ga: Option<&mut [f32]>, xn: Option<&mut [f32]>| {
+        let c0 = shape.first_channel(r);
+        let (w, b) = (&w[c0..], &b[c0..]);
+        let mut xc = vec![0f32; n];
+        let std = exact_row_stats(x, &mut xc, eps as f32);
+        let mut row = uninit(n);
+        affine_row(&xc, std, w, b, shape.inner, xn, &mut row);
+        // `row` holds the affine's output (SiLU's input); now the gradient reaching it, through
+        // SiLU (which candle accumulates into a zero: `+ 0`) or straight from the output.
+        if silu {
+            let a = row.clone();
+            super::activation::silu_exact_backward_into(&a, y, g, &mut row);
+            row.iter_mut().for_each(|v| *v += 0.0);
+        } else {
+            row.copy_from_slice(g);
+        }
+        if let Some(ga) = ga {
+            ga.copy_from_slice(&row);
+        }
+        // Through the product: the normalised values' gradient, accumulated into a zero.
+        for (ch, v) in row.chunks_exact_mut(shape.inner).enumerate() {
+            let wc = w[ch];
+            v.iter_mut().for_each(|v| *v = 0.0 + *v * wc);
+        }
+        normalize_row_backward(&xc, std, &row, d);
+    };
+    match (params, silu) {
+        (true, true) => rows.zip(ga_rows.zip(xn_rows)).for_each(|((r, (d, ((x, y), g))), (ga, xn))| body(r, d, x, y, g, Some(ga), Some(xn))),
+        (true, false) => rows.zip(xn_rows).for_each(|((r, (d, ((x, y), g))), xn)| body(r, d, x, y, g, None, Some(xn))),
+        (false, _) => rows.for_each(|(r, (d, ((x, y), g)))| body(r, d, x, y, g, None, None)),
+    }
+    let sums = params.then(|| {
+        let ga: &[f32] = if silu { &ga } else { grad };
+        (super::channel::channel_sums_of_products(ga, &xn, shape.channels, shape.inner), super::channel::channel_sums(ga, shape.channels, shape.inner))
+    });
+    (dx, sums)
 }

@@ -35,26 +35,32 @@ impl GroupNorm {
         if kernels::fast_ok(&[x, &self.weight, &self.bias]) {
             return scope(Class::GroupNorm, || kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, false));
         }
-        scope(Class::GroupNorm, || self.forward_trainable(x))
+        scope(Class::GroupNorm, || self.forward_trainable(x, false))
     }
 
-    /// `act(forward(x))`, fused into one pass on the fast path when `act` is SiLU.
+    /// `act(forward(x))`, fused into one pass on the fast path, and into one op while `x`
+    /// tracks gradients (f32 on the CPU), when `act` is SiLU.
     pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        if act == Activation::Silu && kernels::fast_ok(&[x, &self.weight, &self.bias]) {
+        if act != Activation::Silu {
+            return act.forward(&self.forward(x)?);
+        }
+        if kernels::fast_ok(&[x, &self.weight, &self.bias]) {
             return scope(Class::GroupNorm, || kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, true));
         }
-        act.forward(&self.forward(x)?)
+        scope(Class::GroupNorm, || self.forward_trainable(x, true))
     }
 
     /// While `x` tracks gradients (f32 on the CPU): [`forward_composed`](Self::forward_composed)'s
-    /// values and gradients to the bit, with the normalisation as one op.
-    fn forward_trainable(&self, x: &Tensor) -> Result<Tensor> {
-        if !(x.track_op() && kernels::fast_dtype_ok(&[x])) {
-            return self.forward_composed(x);
+    /// values and gradients (then SiLU's when `silu`) to the bit, as one op.
+    fn forward_trainable(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if !(x.track_op() && kernels::fast_dtype_ok(&[x, &self.weight, &self.bias]) && x.rank() >= 2) {
+            let y = self.forward_composed(x)?;
+            return if silu { Activation::Silu.forward(&y) } else { Ok(y) };
         }
-        let n = x.elem_count() / (x.dim(0)? * self.groups);
-        let xn = x.contiguous()?.apply_op1(NormalizeRows { n, eps: self.eps })?;
-        channel::add(&channel::mul(&xn, &self.weight, 1)?, &self.bias, 1)
+        let dims = x.dims();
+        let shape = kernels::norm::GroupShape { channels: dims[1], groups: self.groups, inner: dims[2..].iter().product() };
+        let op = GroupNormExact { shape, eps: self.eps, silu };
+        Ok(x.contiguous()?.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, op)?)
     }
 
     /// Composed of differentiable candle ops (statistics in f32 for half-precision input).
@@ -73,28 +79,48 @@ impl GroupNorm {
     }
 }
 
-/// The normalisation (before the affine) of [`GroupNorm`]'s composition over rows of `n`
-/// contiguous values (a batch element's group), as one op on f32 CPU tensors with the
-/// composition's bits forward and backward ([`kernels::norm::normalize_exact`]). Composed, it
-/// is about a dozen graph nodes, each a pass forward and several backward.
-struct NormalizeRows {
-    /// Values per (batch element, group).
-    n: usize,
+/// [`GroupNorm`]'s composition (normalisation, per-channel scale and shift) and optionally
+/// SiLU as one op on f32 CPU tensors, with the composition's bits forward and backward
+/// ([`kernels::norm::group_norm_exact`]). Composed, it is four graph nodes, each a pass
+/// forward and several backward plus candle's accumulation of its gradient.
+struct GroupNormExact {
+    shape: kernels::norm::GroupShape,
     eps: f64,
+    silu: bool,
 }
 
-impl candle_core::CustomOp1 for NormalizeRows {
+impl candle_core::CustomOp3 for GroupNormExact {
     fn name(&self) -> &'static str {
-        "normalize-rows"
+        "group-norm"
     }
 
-    fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let x = kernels::io::op_slice(s, l, "group norm")?;
-        Ok((candle_core::CpuStorage::F32(kernels::norm::normalize_exact(x, self.n, self.eps)), l.shape().clone()))
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = kernels::io::op_slice(s1, l1, "group norm")?;
+        let w = kernels::io::op_slice(s2, l2, "group norm")?;
+        let b = kernels::io::op_slice(s3, l3, "group norm")?;
+        let y = kernels::norm::group_norm_exact(x, w, b, self.shape, self.eps, self.silu);
+        Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(kernels::io::op_grad(x, &[x, grad], "group norm", |v| kernels::norm::normalize_exact_backward(v[0], v[1], self.n, self.eps))?))
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let params = w.track_op() || b.track_op();
+        let (dx, sums) = kernels::io::with_slices(&[x, y, grad, w, b], |v| {
+            kernels::norm::group_norm_exact_backward(v[0], v[1], v[2], v[3], v[4], self.shape, self.eps, self.silu, params)
+        })
+        .map_err(|e| candle_core::Error::Msg(format!("group norm backward: {e}")))?;
+        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
+        Ok(match sums {
+            Some((dw, db)) => (Some(dx), Some(Tensor::from_vec(dw, w.shape(), w.device())?), Some(Tensor::from_vec(db, b.shape(), b.device())?)),
+            None => (Some(dx), None, None),
+        })
     }
 }
 
