@@ -151,7 +151,7 @@ fn trainable_conv_matches_candle_conv_values_and_both_gradients() {
         let x = Var::from_tensor(&randn(40 + i as u64, &[b, cin, h, w])).unwrap();
         let wt = Var::from_tensor(&(randn(50 + i as u64, &[cout, cin, k, k]) * 0.3).unwrap()).unwrap();
         assert!(frozen::use_trainable_conv(x.as_tensor(), wt.as_tensor(), stride, pad));
-        let ours = frozen::conv2d_trainable(x.as_tensor(), wt.as_tensor(), stride, pad, unfold).unwrap();
+        let ours = frozen::conv2d_trainable(x.as_tensor(), wt.as_tensor(), None, stride, pad, unfold).unwrap();
         let theirs = x.as_tensor().conv2d(wt.as_tensor(), pad, stride, 1, 1).unwrap();
         assert!(rel(&ours, &theirs) < 1e-5, "case {i}: forward {}", rel(&ours, &theirs));
         if unfold {
@@ -167,6 +167,20 @@ fn trainable_conv_matches_candle_conv_values_and_both_gradients() {
             let (a, e) = (g_ours.get(v.as_tensor()).unwrap(), g_theirs.get(v.as_tensor()).unwrap());
             assert!(rel(a, e) < 1e-4, "case {i}: {what} gradient {}", rel(a, e));
         }
+    }
+}
+
+#[test]
+fn a_trainable_convs_bias_has_the_bits_of_a_separate_per_channel_add() {
+    for (i, (stride, unfold)) in [(1, false), (1, true), (2, false)].into_iter().enumerate() {
+        let x = Var::from_tensor(&randn(70 + i as u64, &[2, 5, 9, 7])).unwrap();
+        let wt = Var::from_tensor(&(randn(71 + i as u64, &[6, 5, 3, 3]) * 0.3).unwrap()).unwrap();
+        let b = Var::from_tensor(&randn(72 + i as u64, &[6])).unwrap();
+        let ours = frozen::conv2d_trainable(x.as_tensor(), wt.as_tensor(), Some(b.as_tensor()), stride, 1, unfold).unwrap();
+        let conv = frozen::conv2d_trainable(x.as_tensor(), wt.as_tensor(), None, stride, 1, unfold).unwrap();
+        let theirs = diffii::nn::channel::add(&conv, b.as_tensor(), 1).unwrap();
+        let r = randn(73 + i as u64, ours.dims());
+        assert_same_bits_forward_and_backward(&ours, &theirs, &r, &[("x", &x), ("weight", &wt), ("bias", &b)], &format!("case {i}"));
     }
 }
 

@@ -46,6 +46,18 @@ pub fn channel_map(x: &[f32], p: &[f32], inner: usize, op: ChannelOp) -> Vec<f32
     out
 }
 
+/// `x[o, c, i] += p[c]` in place: [`channel_map`]'s [`ChannelOp::Add`] without a new buffer.
+pub fn channel_add_in_place(x: &mut [f32], p: &[f32], inner: usize) {
+    let channels = p.len();
+    if inner == 0 || channels == 0 {
+        return;
+    }
+    x.par_chunks_mut(inner).enumerate().for_each(|(i, d)| {
+        let pc = p[i % channels];
+        d.iter_mut().for_each(|d| *d += pc);
+    });
+}
+
 /// Per channel, the sum of `g` over (outer, inner), added in row-major order into a zero
 /// (candle's `sum_keepdim` over the broadcast dims, to the bit).
 pub fn channel_sums(g: &[f32], channels: usize, inner: usize) -> Vec<f32> {

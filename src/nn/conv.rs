@@ -195,12 +195,13 @@ impl Conv2d {
             flops::add(b * ho * wo * cout * cin * kh * kw);
             return Ok(y);
         }
-        let y = scope(Class::Conv, || -> Result<Tensor> { Ok(if self.frozen_ops && frozen::use_trainable_conv(x, &self.weight, self.stride, self.padding) {
-            let y = frozen::conv2d_trainable(x, &self.weight, self.stride, self.padding, self.unfold)?;
+        if self.frozen_ops && frozen::use_trainable_conv(x, &self.weight, self.stride, self.padding) {
+            let y = scope(Class::Conv, || frozen::conv2d_trainable(x, &self.weight, self.bias.as_ref(), self.stride, self.padding, self.unfold))?;
             let (b, _, ho, wo) = y.dims4()?;
             flops::add(b * ho * wo * cout * cin * kh * kw);
-            y
-        } else if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 {
+            return Ok(y);
+        }
+        let y = scope(Class::Conv, || -> Result<Tensor> { Ok(if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 {
             // A 1x1 convolution is a matmul over channels; candle's im2col path would copy.
             let (b, c, h, wd) = x.dims4()?;
             flops::add(b * h * wd * cin * cout);

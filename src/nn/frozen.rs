@@ -17,7 +17,7 @@
 //! computes the weight's with [`kernels::conv_unfold`]. Layers use these ops unless loaded
 //! with `Weights::with_frozen_ops(false)` (benchmarks measure the difference).
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, MetalStorage, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, MetalStorage, Shape, Tensor};
 
 use std::sync::{Arc, OnceLock};
 
@@ -204,13 +204,21 @@ pub fn use_trainable_conv(x: &Tensor, weight: &Tensor, stride: usize, padding: u
     weight.track_op() && kernels::fast_dtype_ok(&[x, weight]) && weight.dim(2).ok() == Some(k) && padding < k && stride >= 1
 }
 
-/// `conv(x, weight)` (no bias) whose backward computes both gradients with the fused kernels:
+/// `conv(x, weight) + bias` whose backward computes every gradient with the fused kernels:
 /// the input's as in [`conv2d_frozen`], the weight's as one product per batch element of the
-/// output gradient with the unfolded input ([`kernels::conv_unfold`]). candle's own
-/// backward uses a slow generic transposed convolution for the input.
-/// With `unfold`, the forward is [`kernels::conv_unfold::conv2d_unfolded`].
-pub fn conv2d_trainable(x: &Tensor, weight: &Tensor, stride: usize, padding: usize, unfold: bool) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, TrainableConv { stride, padding, unfold })?)
+/// output gradient with the unfolded input ([`kernels::conv_unfold`]), the bias's as
+/// [`super::channel::add`]'s. candle's own backward uses a slow generic transposed convolution
+/// for the input. With `unfold`, the forward is [`kernels::conv_unfold::conv2d_unfolded`].
+/// An f32 bias is added inside the op, after the product (the bits of a separate
+/// [`super::channel::add`], one graph node fewer).
+pub fn conv2d_trainable(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize, unfold: bool) -> Result<Tensor> {
+    let conv = TrainableConv { stride, padding, unfold };
+    let (x, w) = (x.contiguous()?, weight.contiguous()?);
+    Ok(match bias {
+        Some(b) if kernels::fast_dtype_ok(&[b]) && b.elem_count() == w.dim(0)? => x.apply_op3(&w, &b.contiguous()?, WithBias(conv))?,
+        Some(b) => super::channel::add(&x.apply_op2(&w, conv)?, b, 1)?,
+        None => x.apply_op2(&w, conv)?,
+    })
 }
 
 /// `conv(x, weight)` (no bias, symmetric `padding`) over the unfolded input
@@ -276,5 +284,34 @@ impl CustomOp2 for TrainableConv {
         let dw = kernels::io::with_slices(&[&x, &g], |v| kernels::conv_unfold::conv2d_weight_grad(v[0], v[1], shape)).map_err(to_msg)?;
         let dw = Tensor::from_vec(dw, (cout, cin, k, k), w.device())?.to_dtype(w.dtype())?;
         Ok((dx, Some(dw)))
+    }
+}
+
+/// [`TrainableConv`] followed by a per-channel bias.
+struct WithBias(TrainableConv);
+
+impl CustomOp3 for WithBias {
+    fn name(&self) -> &'static str {
+        "conv2d-trainable-bias"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (y, shape) = self.0.cpu_fwd(s1, l1, s2, l2)?;
+        let CpuStorage::F32(mut y) = y else { candle_core::bail!("trainable conv: expected an f32 result") };
+        let bias = kernels::io::op_slice(s3, l3, "trainable conv bias")?;
+        let (_, _, ho, wo) = shape.dims4()?;
+        kernels::channel::channel_add_in_place(&mut y, bias, ho * wo);
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.0.bwd(x, w, res, grad)?;
+        let db = if b.track_op() {
+            let (_, cout, ho, wo) = grad.dims4()?;
+            Some(kernels::io::op_grad(b, &[grad], "trainable conv bias", |v| kernels::channel::channel_sums(v[0], cout, ho * wo))?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
     }
 }
