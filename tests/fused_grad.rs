@@ -185,6 +185,19 @@ fn a_trainable_convs_bias_has_the_bits_of_a_separate_per_channel_add() {
 }
 
 #[test]
+fn trainable_nearest_upsampling_has_the_bits_of_candles_forward_and_backward() {
+    // Maps past candle's 512-pixel tiles of its backward convolution, odd sizes, scale 4.
+    for (i, (dims, s)) in [([2, 3, 5, 7], 2), ([1, 4, 3, 3], 4), ([2, 16, 24, 20], 2)].into_iter().enumerate() {
+        let x = Var::from_tensor(&randn(80 + i as u64, &dims)).unwrap();
+        let (th, tw) = (dims[2] * s, dims[3] * s);
+        let ours = diffii::nn::conv::upsample_nearest(x.as_tensor(), th, tw).unwrap();
+        let theirs = x.as_tensor().upsample_nearest2d(th, tw).unwrap();
+        let r = (randn(90 + i as u64, ours.dims()) * 1e3).unwrap();
+        assert_same_bits_forward_and_backward(&ours, &theirs, &r, &[("x", &x)], &format!("case {i}"));
+    }
+}
+
+#[test]
 fn fused_batch_norm_training_matches_the_composed_path() {
     use diffii::nn::BatchNorm2d;
     let (n, c, h, w) = (3, 5, 4, 3);

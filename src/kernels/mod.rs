@@ -34,6 +34,7 @@ pub mod linear;
 pub mod norm;
 pub mod optim;
 pub mod peak;
+pub mod resize;
 pub mod simd;
 
 pub use activation::{geglu, silu};

@@ -156,7 +156,7 @@ impl Conv2d {
         }
         let mut x = x.clone();
         if let Some((th, tw)) = input.upsample {
-            x = scope(Class::Layout, || x.upsample_nearest2d(th, tw))?;
+            x = upsample_nearest(&x, th, tw)?;
         }
         let (pt, pl, pb, pr) = input.pad;
         let symmetric = pt == pl && pt == pb && pt == pr;
@@ -214,5 +214,45 @@ impl Conv2d {
             y
         }) })?;
         scope(Class::Elementwise, || self.add_bias(y))
+    }
+}
+
+/// `x.upsample_nearest2d(th, tw)` for NCHW `x`. While `x` tracks gradients (f32 on the CPU) and
+/// the factor is the same power of two both ways, one op on the pool with candle's bits forward and
+/// backward ([`kernels::resize`]): candle's forward runs on one thread, and its backward is a
+/// grouped convolution with a kernel of ones.
+pub fn upsample_nearest(x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
+    scope(Class::Layout, || {
+        let (_, _, h, w) = x.dims4()?;
+        // A power of two, so that candle's source index, `(y as f64 * (h / th)) as usize`, is
+        // exactly `y / s` (for other factors `h / th` is rounded).
+        let s = if h > 0 && w > 0 && th % h == 0 && tw % w == 0 && th / h == tw / w { th / h } else { 0 };
+        if !s.is_power_of_two() || !x.track_op() || !kernels::fast_dtype_ok(&[x]) {
+            return Ok(x.upsample_nearest2d(th, tw)?);
+        }
+        Ok(x.contiguous()?.apply_op1(UpsampleNearest { s })?)
+    })
+}
+
+struct UpsampleNearest {
+    /// The whole scale factor, both ways.
+    s: usize,
+}
+
+impl candle_core::CustomOp1 for UpsampleNearest {
+    fn name(&self) -> &'static str {
+        "upsample-nearest"
+    }
+
+    fn cpu_fwd(&self, st: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = kernels::io::op_slice(st, l, "upsample")?;
+        let (b, c, h, w) = l.shape().dims4()?;
+        let y = kernels::resize::upsample_nearest(x, b * c, h, w, self.s);
+        Ok((candle_core::CpuStorage::F32(y), (b, c, h * self.s, w * self.s).into()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (b, c, h, w) = x.dims4()?;
+        Ok(Some(kernels::io::op_grad(x, &[grad], "upsample", |v| kernels::resize::upsample_nearest_backward(v[0], b * c, h, w, self.s))?))
     }
 }

@@ -147,7 +147,7 @@ impl Upsample2D {
             let p = self.conv.padding;
             return self.conv.forward_ext(x, ConvInput { upsample: Some((th, tw)), pad: (p, p, p, p) }, None, None, 1.0);
         }
-        self.conv.forward(&scope(Class::Layout, || x.upsample_nearest2d(th, tw))?)
+        self.conv.forward(&crate::nn::conv::upsample_nearest(x, th, tw)?)
     }
 }
 
