@@ -374,13 +374,16 @@ pub fn group_norm_exact(x: &[f32], w: &[f32], b: &[f32], shape: GroupShape, eps:
     out
 }
 
+/// The input's gradient and, when asked for, the weight's and the bias's.
+pub type GroupNormGrads = (Vec<f32>, Option<(Vec<f32>, Vec<f32>)>);
+
 /// The gradients of [`group_norm_exact`] (output `y`, output gradient `grad`): the input's, and
 /// the weight's and bias's when `params`, with the bits of the composition's backward in
 /// candle 0.11 — including its accumulation of every intermediate gradient into a zero tensor
 /// (`0 + g`, which turns -0 into +0) — so the layer trains to the same bytes as the four ops it
 /// replaces.
 #[allow(clippy::too_many_arguments)]
-pub fn group_norm_exact_backward(x: &[f32], y: &[f32], grad: &[f32], w: &[f32], b: &[f32], shape: GroupShape, eps: f64, silu: bool, params: bool) -> (Vec<f32>, Option<(Vec<f32>, Vec<f32>)>) {
+pub fn group_norm_exact_backward(x: &[f32], y: &[f32], grad: &[f32], w: &[f32], b: &[f32], shape: GroupShape, eps: f64, silu: bool, params: bool) -> GroupNormGrads {
     let n = shape.row();
     let mut dx = uninit(x.len());
     if n == 0 {

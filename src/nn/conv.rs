@@ -226,7 +226,7 @@ pub fn upsample_nearest(x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         // A power of two, so that candle's source index, `(y as f64 * (h / th)) as usize`, is
         // exactly `y / s` (for other factors `h / th` is rounded).
-        let s = if h > 0 && w > 0 && th % h == 0 && tw % w == 0 && th / h == tw / w { th / h } else { 0 };
+        let s = if h > 0 && w > 0 && th.is_multiple_of(h) && tw.is_multiple_of(w) && th / h == tw / w { th / h } else { 0 };
         if !s.is_power_of_two() || !x.track_op() || !kernels::fast_dtype_ok(&[x]) {
             return Ok(x.upsample_nearest2d(th, tw)?);
         }
