@@ -1,4 +1,4 @@
-//! `nn.GroupNorm` (fused with SiLU on the fast path) and `nn.LayerNorm` (composed of
+//! `nn.GroupNorm` (fused with SiLU, for inference and for training) and `nn.LayerNorm` (composed of
 //! differentiable ops in [`Mode::Train`]).
 use candle_core::{DType, Tensor, D};
 
@@ -53,7 +53,9 @@ impl GroupNorm {
     /// While `x` tracks gradients (f32 on the CPU): [`forward_composed`](Self::forward_composed)'s
     /// values and gradients (then SiLU's when `silu`) to the bit, as one op.
     fn forward_trainable(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        if !(x.track_op() && kernels::fast_dtype_ok(&[x, &self.weight, &self.bias]) && x.rank() >= 2) {
+        let c = x.dims().get(1).copied().unwrap_or(0);
+        let fits = c > 0 && self.groups > 0 && c.is_multiple_of(self.groups) && self.weight.elem_count() == c && self.bias.elem_count() == c;
+        if !(x.track_op() && kernels::fast_dtype_ok(&[x, &self.weight, &self.bias]) && fits) {
             let y = self.forward_composed(x)?;
             return if silu { Activation::Silu.forward(&y) } else { Ok(y) };
         }
@@ -81,7 +83,7 @@ impl GroupNorm {
 
 /// [`GroupNorm`]'s composition (normalisation, per-channel scale and shift) and optionally
 /// SiLU as one op on f32 CPU tensors, with the composition's bits forward and backward
-/// ([`kernels::norm::group_norm_exact`]). Composed, it is four graph nodes, each a pass
+/// ([`kernels::norm::group_norm_exact`]). As candle ops it is a dozen graph nodes, each a pass
 /// forward and several backward plus candle's accumulation of its gradient.
 struct GroupNormExact {
     shape: kernels::norm::GroupShape,

@@ -54,12 +54,12 @@ impl ResnetBlock2D {
         if self.fast(x, temb) {
             return self.forward_fused(x, temb);
         }
-        let mut h = self.conv1.forward(&self.act.forward(&self.norm1.forward(x)?)?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_act(x, self.act)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&self.act.forward(temb)?)?;
             h = scope(Class::Elementwise, || h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?))?;
         }
-        let h = self.conv2.forward(&self.act.forward(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_act(&h, self.act)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
