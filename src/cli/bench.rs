@@ -175,6 +175,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         eprintln!("[bench] SD-1.5 VAE encode 512 px, decode 64x64");
         results.push(bench::vae_encode_step("vae encode sd15", &vae, 1, 512, a.warmup, a.reps)?);
         results.push(bench::vae_decode_step("vae decode sd15", &vae, 1, 64, a.warmup, a.reps)?);
+        if a.profile {
+            profiles.push(bench::vae_decode_profile("vae decode sd15", &vae, 1, 64, 1)?);
+        }
     }
     if a.sd15 && a.ti {
         for frozen_ops in [true, false] {
