@@ -331,12 +331,17 @@ impl GroupShape {
     }
 }
 
-/// A row's normalised values `xc / std` (into `xn` too, when given), then the affine
+/// A row's normalised values `xc / std` (the broadcast division's bits), into `out`.
+fn normalize_row(xc: &[f32], std: f32, out: &mut [f32]) {
+    for (o, &c) in out.iter_mut().zip(xc) {
+        *o = c / std;
+    }
+}
+
+/// A row's normalised values ([`normalize_row`]; into `xn` too, when given), then the affine
 /// `· w[c] + b[c]`, into `a`; each step rounded once, like the broadcast ops it stands for.
 fn affine_row(xc: &[f32], std: f32, w: &[f32], b: &[f32], inner: usize, xn: Option<&mut [f32]>, a: &mut [f32]) {
-    for (a, &c) in a.iter_mut().zip(xc) {
-        *a = c / std;
-    }
+    normalize_row(xc, std, a);
     if let Some(xn) = xn {
         xn.copy_from_slice(a);
     }
@@ -400,15 +405,18 @@ pub fn group_norm_exact_backward(x: &[f32], y: &[f32], grad: &[f32], w: &[f32], 
         let (w, b) = (&w[c0..], &b[c0..]);
         let mut xc = vec![0f32; n];
         let std = exact_row_stats(x, &mut xc, eps as f32);
+        // The gradient reaching the affine's output: through SiLU, from the affine's output
+        // recomputed (candle accumulates it into a zero: `+ 0`), or straight from the output.
         let mut row = uninit(n);
-        affine_row(&xc, std, w, b, shape.inner, xn, &mut row);
-        // `row` holds the affine's output (SiLU's input); now the gradient reaching it, through
-        // SiLU (which candle accumulates into a zero: `+ 0`) or straight from the output.
         if silu {
-            let a = row.clone();
+            let mut a = uninit(n);
+            affine_row(&xc, std, w, b, shape.inner, xn, &mut a);
             super::activation::silu_exact_backward_into(&a, y, g, &mut row);
             row.iter_mut().for_each(|v| *v += 0.0);
         } else {
+            if let Some(xn) = xn {
+                normalize_row(&xc, std, xn);
+            }
             row.copy_from_slice(g);
         }
         if let Some(ga) = ga {
