@@ -157,26 +157,32 @@ impl Depth for Rows<'_> {
     }
 }
 
-/// The output channels [`conv_taps`] runs per pass of one depth block when a register tile's
-/// weights for the whole depth pass this many bytes (a 3x3 convolution of more than 227 input
-/// channels): they then no longer stay near the core while the tile runs through its depth,
-/// and every tile would fetch them again from L3 (from memory on a busy host). On SD-1.5's
-/// VAE decoder (512 channels at 64-256 px) passes of one block ran the 512-channel
-/// convolutions 1.7x as fast.
+/// The weights of a register tile for the whole depth above which [`conv_taps`] runs one
+/// depth block at a time (a 3x3 convolution of more than 227 input channels): they then no
+/// longer stay near the core while the tile runs through its depth, and every tile would fetch
+/// them again from L3 (from memory on a busy host). On SD-1.5's VAE decoder (512 channels at
+/// 64-256 px) this ran the 512-channel convolutions 1.7x as fast.
 const TILE_WEIGHT_BYTES: usize = 64 * 1024;
 /// The weights of one depth block for a group of output channels, kept in L2 while a few
 /// pixel tiles run through them.
 const GROUP_WEIGHT_BYTES: usize = 128 * 1024;
 /// Pixel tiles per task when passing one block at a time: their outputs stay in L2 between
-/// blocks (8 tiles x 48 px x 512 channels = 768 KiB at most).
+/// blocks (8 tiles x 48 px x 512 channels = 768 KiB at most). Tasks also split the output
+/// channels in groups, so a single image still makes enough tasks for the threads.
 const CHUNK_TILES: usize = 8;
 
-/// Output channels per pass of one depth block, or `None` to keep each tile in registers
-/// through every block (few weights per tile, or the channels-last layout).
+/// Output channels per task that passes one depth block at a time, or `None` to keep each tile
+/// in registers through every block (few weights per tile, or the channels-last layout).
 fn tap_outer_group<D: Depth>(depth: &D, cout: usize, layout: Layout) -> Option<usize> {
     let rows: usize = (0..depth.blocks()).map(|t| depth.len(t)).sum();
     let per_block = depth.len(0).max(1);
-    (layout == Layout::Planar && rows * ROWS * 4 > TILE_WEIGHT_BYTES).then(|| (GROUP_WEIGHT_BYTES / 4 / per_block / ROWS * ROWS).clamp(ROWS, cout.max(ROWS)))
+    if layout != Layout::Planar || rows * ROWS * 4 <= TILE_WEIGHT_BYTES {
+        return None;
+    }
+    let most = (GROUP_WEIGHT_BYTES / 4 / per_block / ROWS * ROWS).max(ROWS);
+    // Groups of even size (whole tiles), so that they make tasks of even size.
+    let groups = cout.div_ceil(most);
+    Some((cout.div_ceil(groups).div_ceil(ROWS) * ROWS).min(cout))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -210,17 +216,18 @@ fn run<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], n: usize, dst: &m
                 for_tasks(blocks.div_ceil(per_task), parallel, |task| (task * per_task..((task + 1) * per_task).min(blocks)).for_each(|b| run(b, 0..cout, 0..nb)));
             }
             Some(group) => {
-                // One depth block at a time over a few pixel tiles, a group of output channels
-                // at a time: the group's weights for that block stay in L2 across the tiles, and
-                // the tiles' outputs between blocks. Each output still sees its blocks' chains
-                // added in order, so the arithmetic is the same.
+                // Tasks of a few pixel tiles and a group of output channels each, running one
+                // depth block at a time: the group's weights for that block stay in L2 across
+                // the tiles, and the tiles' outputs between blocks. Each output still sees its
+                // blocks' chains added in order, so the arithmetic is the same.
+                let groups = cout.div_ceil(group);
                 let per_task = CHUNK_TILES.min(blocks);
-                for_tasks(blocks.div_ceil(per_task), parallel, |task| {
-                    let blks = task * per_task..((task + 1) * per_task).min(blocks);
+                for_tasks(blocks.div_ceil(per_task) * groups, parallel, |task| {
+                    let (chunk, g) = (task / groups, task % groups);
+                    let blks = chunk * per_task..((chunk + 1) * per_task).min(blocks);
+                    let cos = g * group..((g + 1) * group).min(cout);
                     for t in 0..nb {
-                        for c0 in (0..cout).step_by(group) {
-                            blks.clone().for_each(|b| run(b, c0..(c0 + group).min(cout), t..t + 1));
-                        }
+                        blks.clone().for_each(|b| run(b, cos.clone(), t..t + 1));
                     }
                 });
             }
@@ -400,7 +407,8 @@ mod tests {
         }
         // (cout, cin, taps, plane, n): tails of rows and pixel vectors, depth 3 and 512 (the
         // limits of one gemm depth block), a single pixel vector, strided taps; one depth block
-        // at a time in two channel groups (64 + 6) over two tasks (8 tiles, then one of 16 px).
+        // at a time in two channel groups (40 + 30) over two pixel chunks (8 tiles, then one of
+        // 16 px).
         for &(cout, cin, taps, plane, n, offs_step) in &[(70, 512, 5, 420, 400, 10), (16, 16, 9, 1190, 1088, 34), (3, 16, 9, 300, 288, 18), (19, 3, 9, 120, 80, 10), (2, 512, 4, 40, 18, 7), (9, 37, 1, 70, 50, 0), (64, 64, 9, 100, 24, 6), (130, 64, 9, 40, 23, 6), (70, 5, 9, 40, 13, 6), (17, 20, 3, 200, 161, 1)] {
             let offs: Vec<usize> = (0..taps).map(|t| (t / 3) * offs_step + t % 3).collect();
             let w_offs: Vec<usize> = (0..taps).map(|t| t * cin * cout).collect();
@@ -430,8 +438,11 @@ mod tests {
         let taps = |cin: usize, n: usize| Taps { w_offs: &[0; 9][..n], offs: &[0; 9][..n], cout: 512, cin, plane: 1 };
         // A 3x3 kernel: from 228 input channels (over 64 KiB of weights per tile).
         assert_eq!(tap_outer_group(&taps(227, 9), 512, Layout::Planar), None);
-        assert_eq!(tap_outer_group(&taps(228, 9), 512, Layout::Planar), Some(136));
+        // Groups of at most 128 KiB of weights per block, evened out in whole tiles.
+        assert_eq!(tap_outer_group(&taps(228, 9), 512, Layout::Planar), Some(128));
         assert_eq!(tap_outer_group(&taps(512, 9), 512, Layout::Planar), Some(64));
+        assert_eq!(tap_outer_group(&taps(512, 5), 70, Layout::Planar), Some(40));
+        assert_eq!(tap_outer_group(&taps(320, 9), 320, Layout::Planar), Some(80));
         assert_eq!(tap_outer_group(&taps(512, 5), 20, Layout::Planar), Some(20));
         assert_eq!(tap_outer_group(&taps(512, 9), 512, Layout::ChannelsLast), None);
     }
