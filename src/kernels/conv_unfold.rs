@@ -576,6 +576,9 @@ mod tests {
             (s(2, 16, 32, 32, 32, 1, 2, 0), false),
             (s(2, 64, 8, 8, 64, 3, 1, 1), true),
             (s(1, 64, 8, 8, 64, 3, 1, 1), true),
+            // 2 160 rows in blocks of 512 (and 112), over 64 KiB of weights per register tile:
+            // the kernel runs one block at a time.
+            (s(1, 240, 8, 8, 20, 3, 1, 1), true),
             // Odd sizes, a 7x7 stride-2 stem, an output grid as wide as the output (no
             // padding, stride 2), and products gemm takes elsewhere: 1x1, one output channel,
             // at most 256 outputs.
