@@ -22,6 +22,7 @@
 use super::gemm::{for_tasks, threads};
 #[cfg(target_arch = "x86_64")]
 use super::io::SendPtr;
+#[cfg(target_arch = "x86_64")]
 use std::ops::Range;
 
 /// Output channels per register tile.
@@ -166,9 +167,9 @@ const TILE_WEIGHT_BYTES: usize = 64 * 1024;
 /// The weights of one depth block for a group of output channels, kept in L2 while a few
 /// pixel tiles run through them.
 const GROUP_WEIGHT_BYTES: usize = 128 * 1024;
-/// Pixel tiles per task when passing one block at a time: their outputs stay in L2 between
-/// blocks (8 tiles x 48 px x 512 channels = 768 KiB at most). Tasks also split the output
-/// channels in groups, so a single image still makes enough tasks for the threads.
+/// Pixel tiles per task when passing one block at a time. A task also takes only a group of
+/// the output channels (so a single image still makes enough tasks for the threads), and its
+/// outputs stay in L2 between blocks: 8 tiles x 48 px x at most 136 channels, 204 KiB.
 const CHUNK_TILES: usize = 8;
 
 /// Output channels per task that passes one depth block at a time, or `None` to keep each tile

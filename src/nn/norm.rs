@@ -59,8 +59,7 @@ impl GroupNorm {
             let y = self.forward_composed(x)?;
             return if silu { Activation::Silu.forward(&y) } else { Ok(y) };
         }
-        let dims = x.dims();
-        let shape = kernels::norm::GroupShape { channels: dims[1], groups: self.groups, inner: dims[2..].iter().product() };
+        let shape = kernels::norm::GroupShape { channels: c, groups: self.groups, inner: x.dims()[2..].iter().product() };
         let op = GroupNormExact { shape, eps: self.eps, silu };
         Ok(x.contiguous()?.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, op)?)
     }
