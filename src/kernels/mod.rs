@@ -22,6 +22,7 @@
 pub mod activation;
 pub mod amx;
 pub mod attention;
+pub mod attention_grad;
 pub mod bf16;
 pub mod channel;
 pub mod conv;
