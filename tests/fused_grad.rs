@@ -83,23 +83,28 @@ fn attention_grads_whole_batch(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, h
 
 #[test]
 fn fused_attention_backward_per_item_has_the_bits_of_the_whole_batch() {
-    // The backward runs one batch item per task; every op treats items apart, so the
-    // gradients must be those of the same ops over the whole batch, to the bit.
-    let (b, n, m, heads, d) = (5, 21, 16, 4, 8);
-    let causal: Vec<f32> = (0..n).flat_map(|i| (0..n).map(move |j| if j > i { f32::MIN } else { 0.0 })).collect();
-    let causal = Tensor::from_vec(causal, (n, n), &Device::Cpu).unwrap();
-    for self_attn in [false, true] {
-        let kv_len = if self_attn { n } else { m };
-        let mask = self_attn.then_some(&causal);
-        let q = Var::from_tensor(&randn(60, &[b, n, heads * d])).unwrap();
-        let k = Var::from_tensor(&randn(61, &[b, kv_len, heads * d])).unwrap();
-        let v = Var::from_tensor(&randn(62, &[b, kv_len, heads * d])).unwrap();
-        let r = (randn(63, &[b, n, heads * d]).exp().unwrap() * 100.0).unwrap();
-        let fused = attention_grad::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, mask).unwrap();
-        let grads = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let want = attention_grads_whole_batch(q.as_tensor(), k.as_tensor(), v.as_tensor(), &r, heads, mask);
-        for ((name, var), want) in [("q", &q), ("k", &k), ("v", &v)].into_iter().zip(&want) {
-            assert_same_bits(grads.get(var.as_tensor()).unwrap(), want, &format!("self {self_attn}: d{name}"));
+    // The backward runs one batch item per task and one product per head through gemm; every
+    // op treats items apart, so the gradients must be those of candle's ops over the whole
+    // batch, to the bit. (b, n, cross-attention keys, heads, d): the demo UNet's attention at
+    // both levels (8 heads of 8 and of 16 channels over 64 and 16 tokens, 16 text tokens),
+    // SD-like heads over 77 text tokens, and odd sizes.
+    for (i, &(b, n, m, heads, d)) in [(5, 21, 16, 4, 8), (3, 64, 16, 8, 8), (2, 16, 16, 8, 16), (2, 300, 77, 2, 40), (1, 37, 23, 3, 5)].iter().enumerate() {
+        let causal: Vec<f32> = (0..n).flat_map(|i| (0..n).map(move |j| if j > i { f32::MIN } else { 0.0 })).collect();
+        let causal = Tensor::from_vec(causal, (n, n), &Device::Cpu).unwrap();
+        for self_attn in [false, true] {
+            let kv_len = if self_attn { n } else { m };
+            let mask = (self_attn && i % 2 == 0).then_some(&causal);
+            let seed = 60 + 10 * i as u64;
+            let q = Var::from_tensor(&randn(seed, &[b, n, heads * d])).unwrap();
+            let k = Var::from_tensor(&randn(seed + 1, &[b, kv_len, heads * d])).unwrap();
+            let v = Var::from_tensor(&randn(seed + 2, &[b, kv_len, heads * d])).unwrap();
+            let r = (randn(seed + 3, &[b, n, heads * d]).exp().unwrap() * 100.0).unwrap();
+            let fused = attention_grad::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, mask).unwrap();
+            let grads = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let want = attention_grads_whole_batch(q.as_tensor(), k.as_tensor(), v.as_tensor(), &r, heads, mask);
+            for ((name, var), want) in [("q", &q), ("k", &k), ("v", &v)].into_iter().zip(&want) {
+                assert_same_bits(grads.get(var.as_tensor()).unwrap(), want, &format!("case {i}, self {self_attn}, mask {}: d{name}", mask.is_some()));
+            }
         }
     }
 }
@@ -332,7 +337,11 @@ fn per_channel_bias_and_scale_have_the_bits_of_candles_broadcasts_forward_and_ba
         shape[axis] = dims[axis];
         let (ws, bs) = (w.as_tensor().reshape(shape.as_slice()).unwrap(), b.as_tensor().reshape(shape.as_slice()).unwrap());
         let theirs = x.as_tensor().broadcast_mul(&ws).unwrap().broadcast_add(&bs).unwrap();
-        assert_same_bits_forward_and_backward(&ours, &theirs, &r, &[("x", &x), ("scale", &w), ("bias", &b)], &format!("case {i}"));
+        let vars = [("x", &x), ("scale", &w), ("bias", &b)];
+        assert_same_bits_forward_and_backward(&ours, &theirs, &r, &vars, &format!("case {i}"));
+        // Scale and shift as one op (a norm's affine).
+        let affine = diffii::nn::channel::affine(x.as_tensor(), w.as_tensor(), b.as_tensor(), axis).unwrap();
+        assert_same_bits_forward_and_backward(&affine, &theirs, &r, &vars, &format!("case {i}, affine"));
     }
 }
 

@@ -23,7 +23,21 @@ pub enum ChannelOp {
 
 /// `x[o, c, i] op p[c]` for x of `outer * p.len() * inner` values.
 pub fn channel_map(x: &[f32], p: &[f32], inner: usize, op: ChannelOp) -> Vec<f32> {
-    let channels = p.len();
+    match op {
+        ChannelOp::Add => map(x, p.len(), inner, |s, c| s + p[c]),
+        ChannelOp::Mul => map(x, p.len(), inner, |s, c| s * p[c]),
+    }
+}
+
+/// `x[o, c, i] * scale[c] + shift[c]`, rounded after the product and after the sum: the
+/// values of [`channel_map`]'s `Mul` then `Add`, in one pass.
+pub fn channel_affine(x: &[f32], scale: &[f32], shift: &[f32], inner: usize) -> Vec<f32> {
+    assert_eq!(scale.len(), shift.len(), "channel_affine: scale and shift differ in length");
+    map(x, scale.len(), inner, |s, c| s * scale[c] + shift[c])
+}
+
+/// `f(x[o, c, i], c)` for every element.
+fn map(x: &[f32], channels: usize, inner: usize, f: impl Fn(f32, usize) -> f32 + Sync) -> Vec<f32> {
     let mut out = uninit(x.len());
     if x.is_empty() {
         return out;
@@ -35,11 +49,13 @@ pub fn channel_map(x: &[f32], p: &[f32], inner: usize, op: ChannelOp) -> Vec<f32
         .zip(x.par_chunks(rows * row))
         .for_each(|(d, s)| {
             for (d, s) in d.chunks_exact_mut(row).zip(s.chunks_exact(row)) {
-                for ((d, s), &pc) in d.chunks_exact_mut(inner).zip(s.chunks_exact(inner)).zip(p) {
-                    match op {
-                        ChannelOp::Add => d.iter_mut().zip(s).for_each(|(d, &s)| *d = s + pc),
-                        ChannelOp::Mul => d.iter_mut().zip(s).for_each(|(d, &s)| *d = s * pc),
-                    }
+                if inner == 1 {
+                    // Token rows: the channels run along the row.
+                    d.iter_mut().zip(s).enumerate().for_each(|(c, (d, &s))| *d = f(s, c));
+                    continue;
+                }
+                for (c, (d, s)) in d.chunks_exact_mut(inner).zip(s.chunks_exact(inner)).enumerate() {
+                    d.iter_mut().zip(s).for_each(|(d, &s)| *d = f(s, c));
                 }
             }
         });

@@ -190,28 +190,34 @@ pub fn item_products(lhs: &Tensor, rhs: &Tensor, items: usize) -> Result<Tensor>
     if k2 != k || items == 0 || total % items != 0 {
         return Err(Error::invalid(format!("item_products: {:?} x {:?} in {items} items", lhs.dims(), rhs.dims())));
     }
-    let rows = total / items;
     let (r, r_rs, r_cs) = stored_2d(rhs)?;
-    let out = with_slices(&[lhs, &r], |s| {
-        let (a, b) = (s[0], s[1]);
-        let mut out = uninit(total * n);
-        if out.is_empty() {
-            return out;
-        }
-        if k == 0 {
-            out.fill(0.0);
-            return out;
-        }
-        if merged_rows_keep_bits(rows, k, n) {
-            unsafe { sgemm(total, n, k, out.as_mut_ptr(), n, 1, false, a.as_ptr(), k, 1, b.as_ptr(), r_rs, r_cs, 1.0, threads()) };
-        } else {
-            per_item(&mut out, items, |i, dst| unsafe {
-                sgemm(rows, n, k, dst.as_mut_ptr(), n, 1, false, a[i * rows * k..].as_ptr(), k, 1, b.as_ptr(), r_rs, r_cs, 1.0, 1)
-            });
-        }
-        out
-    })?;
+    let out = with_slices(&[lhs, &r], |s| item_products_slices(s[0], s[1], (r_rs, r_cs), total, k, n, items))?;
     tensor(out, &[total, n])
+}
+
+/// [`item_products`] on slices: `lhs` [total, k] row-major times the [k, n] matrix `rhs` read
+/// with (row, column) `strides` (as stored: (n, 1), or (1, k) for a transposed view), in
+/// `items` items of `total / items` rows.
+pub(crate) fn item_products_slices(lhs: &[f32], rhs: &[f32], strides: (usize, usize), total: usize, k: usize, n: usize, items: usize) -> Vec<f32> {
+    let rows = total / items;
+    let (a, b) = (lhs, rhs);
+    let (r_rs, r_cs) = strides;
+    let mut out = uninit(total * n);
+    if out.is_empty() {
+        return out;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return out;
+    }
+    if merged_rows_keep_bits(rows, k, n) {
+        unsafe { sgemm(total, n, k, out.as_mut_ptr(), n, 1, false, a.as_ptr(), k, 1, b.as_ptr(), r_rs, r_cs, 1.0, threads()) };
+    } else {
+        per_item(&mut out, items, |i, dst| unsafe {
+            sgemm(rows, n, k, dst.as_mut_ptr(), n, 1, false, a[i * rows * k..].as_ptr(), k, 1, b.as_ptr(), r_rs, r_cs, 1.0, 1)
+        });
+    }
+    out
 }
 
 /// The sum over items of `lhs_iᵀ · rhs_i` (`lhs` [items·rows, m], `rhs` [items·rows, n], each

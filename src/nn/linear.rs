@@ -134,9 +134,10 @@ impl Linear {
         // A trained weight, or a frozen one under a tracked input: the same products, recorded
         // as one op (see `PerItemProduct`; a frozen weight gets no gradient there either).
         let tracked = wt.track_op() || (self.frozen_ops && x.track_op());
-        let y = if tracked && kernels::fast_dtype_ok(&[x, &wt]) && items > 1 {
-            per_item_product_op(x, &wt)?
-        } else {
+        if tracked && kernels::fast_dtype_ok(&[x, &wt]) && items > 1 && self.bias.as_ref().is_none_or(|b| kernels::fast_dtype_ok(&[b]) && b.elem_count() == out_dim) {
+            return per_item_product_op(x, &wt, self.bias.as_ref());
+        }
+        let y = {
             // A frozen weight's gradient is neither computed nor kept (see `nn::frozen`).
             per_item_rows(x, out_dim, |a| {
                 if self.frozen_ops && frozen::use_frozen_rhs(a, &wt) {
@@ -175,49 +176,63 @@ fn per_item_rows(x: &Tensor, out_dim: usize, f: impl Fn(&Tensor) -> Result<Tenso
     Ok(y.reshape(out_shape)?)
 }
 
-/// `x [..., in] · wt [in, out]` through [`per_item_rows`] with candle's matmul, the values and
-/// gradients to the bit (the weight's only when it tracks one, as [`frozen::matmul_frozen_rhs`]
-/// per item would), but recorded as one op. Composed, every item's narrow and product is a
-/// graph node, and candle's backward pads each item's input gradient with zeros to the whole
-/// batch and adds it into an accumulator: work that grows with the square of the batch and
-/// dominated a pretraining step's backward pass.
-fn per_item_product_op(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
+/// `x [..., in] · wt [in, out]` (`+ bias` [out]) through [`per_item_rows`] with candle's
+/// matmul, the values and gradients to the bit (the weight's only when it tracks one, as
+/// [`frozen::matmul_frozen_rhs`] per item would; the bias's as [`super::channel::add`]'s), but
+/// recorded as one op. Composed, every item's narrow and product is a graph node, and candle's
+/// backward pads each item's input gradient with zeros to the whole batch and adds it into an
+/// accumulator: work that grows with the square of the batch and dominated a pretraining step's
+/// backward pass. The bias inside the op saves a pass over the output forward and candle's
+/// accumulation of the product's gradient backward.
+fn per_item_product_op(x: &Tensor, wt: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims();
     let (in_dim, out_dim) = wt.dims2()?;
     let (per, items) = kernels::linear::row_blocks(dims);
-    let x2 = x.reshape((items * per, in_dim))?;
-    let y2 = scope(Class::Linear, || kernels::linear::item_products(&x2.detach(), &wt.detach(), items))?;
+    let x2 = x.reshape((items * per, in_dim))?.contiguous()?;
+    // The op reads the weight in place as stored: row-major, or a transposed view of it.
+    let wt = if wt.is_contiguous() || wt.t()?.is_contiguous() { wt.clone() } else { wt.contiguous()? };
     let mut out_shape = dims.to_vec();
     *out_shape.last_mut().unwrap() = out_dim;
-    Ok(scope(Class::Linear, || x2.apply_op3(wt, &y2, PerItemProduct { items }))?.reshape(out_shape)?)
+    let op = PerItemProduct { items };
+    let y = scope(Class::Linear, || -> Result<Tensor> {
+        Ok(match bias {
+            Some(b) => x2.apply_op3(&wt, &b.contiguous()?, op)?,
+            None => x2.apply_op2(&wt, op)?,
+        })
+    })?;
+    Ok(y.reshape(out_shape)?)
 }
 
-/// The op of [`per_item_product_op`]: its arguments are the input rows, the weight and
-/// the already computed product (which the forward passes on). The backward replays candle's:
-/// each item's `grad_i wt^T` for the input, and for the weight each item's `x_i^T grad_i`,
-/// added in the order candle's backward visits the items' products (the last item first).
+/// The op of [`per_item_product_op`]: the input rows and the weight, with or without a bias.
+/// The backward replays candle's: each item's `grad_i wt^T` for the input, and for the weight
+/// each item's `x_i^T grad_i`, added in the order candle's backward visits the items'
+/// products (the last item first); for the bias the per-column sums of the gradient.
+#[derive(Clone, Copy)]
 struct PerItemProduct {
     items: usize,
 }
 
-impl candle_core::CustomOp3 for PerItemProduct {
-    fn name(&self) -> &'static str {
-        "per-item-product"
+impl PerItemProduct {
+    fn forward(&self, s1: &candle_core::CpuStorage, l1: &candle_core::Layout, s2: &candle_core::CpuStorage, l2: &candle_core::Layout, bias: Option<&[f32]>) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        const OP: &str = "per-item-product";
+        let x = kernels::io::op_slice(s1, l1, OP)?;
+        let (total, k) = l1.shape().dims2()?;
+        let (_, n) = l2.shape().dims2()?;
+        let candle_core::CpuStorage::F32(w) = s2 else { candle_core::bail!("{OP}: expected an f32 weight") };
+        let strides = match l2.stride() {
+            &[rs, 1] if rs == n => (n, 1),
+            &[1, cs] if cs == k => (1, k),
+            other => candle_core::bail!("{OP}: weight strides {other:?} are neither row-major nor a transposed view"),
+        };
+        let mut y = kernels::linear::item_products_slices(x, &w[l2.start_offset()..], strides, total, k, n, self.items);
+        if let Some(b) = bias {
+            use rayon::prelude::*;
+            y.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(v, &bv)| *v += bv));
+        }
+        Ok((candle_core::CpuStorage::F32(y), candle_core::Shape::from((total, n))))
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        s3: &candle_core::CpuStorage,
-        l3: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        Ok((candle_core::CpuStorage::F32(kernels::io::op_slice(s3, l3, "per-item-product")?.to_vec()), l3.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, wt: &Tensor, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn input_and_weight_grads(&self, x: &Tensor, wt: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (track_x, track_w) = (x.track_op(), wt.track_op());
         let (g, x, wt) = (grad.contiguous()?, x.detach(), wt.detach());
         let err = |e: crate::error::Error| candle_core::Error::Msg(format!("per-item-product backward: {e}"));
@@ -230,7 +245,51 @@ impl candle_core::CustomOp3 for PerItemProduct {
             true => Some(kernels::linear::item_products_tn_sum(&x, &g, self.items).map_err(err)?),
             false => None,
         };
-        Ok((dx, dw, None))
+        Ok((dx, dw))
+    }
+}
+
+impl candle_core::CustomOp2 for PerItemProduct {
+    fn name(&self) -> &'static str {
+        "per-item-product"
+    }
+
+    fn cpu_fwd(&self, s1: &candle_core::CpuStorage, l1: &candle_core::Layout, s2: &candle_core::CpuStorage, l2: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        self.forward(s1, l1, s2, l2, None)
+    }
+
+    fn bwd(&self, x: &Tensor, wt: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        self.input_and_weight_grads(x, wt, grad)
+    }
+}
+
+impl candle_core::CustomOp3 for PerItemProduct {
+    fn name(&self) -> &'static str {
+        "per-item-product-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        self.forward(s1, l1, s2, l2, Some(kernels::io::op_slice(s3, l3, "per-item-product bias")?))
+    }
+
+    fn bwd(&self, x: &Tensor, wt: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.input_and_weight_grads(x, wt, grad)?;
+        let db = match b.track_op() {
+            true => {
+                let out = b.elem_count();
+                Some(kernels::io::op_grad(b, &[grad], "per-item-product bias", |v| kernels::channel::channel_sums(v[0], out, 1))?)
+            }
+            false => None,
+        };
+        Ok((dx, dw, db))
     }
 }
 
@@ -243,7 +302,7 @@ impl Adapter {
         let (dt, ut) = (self.down.t()?, self.up.t()?);
         // Trained: the two products as two ops, with the bits of the per-item composition.
         let y = if dt.track_op() && ut.track_op() && kernels::fast_dtype_ok(&[x, &dt, &ut]) && kernels::linear::row_blocks(x.dims()).1 > 1 {
-            per_item_product_op(&per_item_product_op(x, &dt)?, &ut)?
+            per_item_product_op(&per_item_product_op(x, &dt, None)?, &ut, None)?
         } else {
             per_item_rows(x, out_dim, |a| Ok(a.matmul(&dt)?.matmul(&ut)?))?
         };

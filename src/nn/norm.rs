@@ -76,7 +76,7 @@ impl GroupNorm {
         let xc = xg.broadcast_sub(&mean)?;
         let var = (xc.sqr()?.sum_keepdim(2)? / n as f64)?;
         let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?.reshape(dims.as_slice())?;
-        channel::add(&channel::mul(&xn, &self.weight, 1)?, &self.bias, 1)
+        channel::affine(&xn, &self.weight, &self.bias, 1)
     }
 }
 
@@ -158,8 +158,7 @@ impl LayerNorm {
                 let xc = x.broadcast_sub(&mean)?;
                 let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / dim)?;
                 let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-                let last = xn.rank() - 1;
-                channel::add(&channel::mul(&xn, &self.weight, last)?, &self.bias, last)?
+                channel::affine(&xn, &self.weight, &self.bias, xn.rank() - 1)?
             }
         })
     }
