@@ -1,5 +1,6 @@
 //! CPU compute kernels in f32 (and bf16 products with f32 accumulation), one module per
-//! operation: [`linear`](mod@linear), [`conv`] (and, through unfolded inputs, small-channel convolutions and the gradients, [`conv_unfold`]), [`attention`](mod@attention),
+//! operation: [`linear`](mod@linear), [`conv`] (and, through unfolded inputs, small-channel convolutions and the gradients, [`conv_unfold`]), [`attention`](mod@attention)
+//! (and its backward for training, [`attention_grad`]),
 //! [`norm`], [`activation`], nearest upsampling for training ([`resize`]), the optimiser updates
 //! ([`optim`]) and the timed FMA peak `bench` reports against ([`peak`]), on top of the
 //! SIMD helpers ([`simd`], and [`expf`] / [`erff`] for e^x and erf with the bits of the
