@@ -68,6 +68,11 @@ pub fn channel_add_in_place(x: &mut [f32], p: &[f32], inner: usize) {
     if inner == 0 || channels == 0 {
         return;
     }
+    if inner == 1 {
+        // Token rows (a linear layer's bias): a row per task, not a value.
+        x.par_chunks_mut(channels).for_each(|row| row.iter_mut().zip(p).for_each(|(d, &pc)| *d += pc));
+        return;
+    }
     x.par_chunks_mut(inner).enumerate().for_each(|(i, d)| {
         let pc = p[i % channels];
         d.iter_mut().for_each(|d| *d += pc);

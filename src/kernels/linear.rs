@@ -200,7 +200,6 @@ pub fn item_products(lhs: &Tensor, rhs: &Tensor, items: usize) -> Result<Tensor>
 /// `items` items of `total / items` rows.
 pub(crate) fn item_products_slices(lhs: &[f32], rhs: &[f32], strides: (usize, usize), total: usize, k: usize, n: usize, items: usize) -> Vec<f32> {
     let rows = total / items;
-    let (a, b) = (lhs, rhs);
     let (r_rs, r_cs) = strides;
     let mut out = uninit(total * n);
     if out.is_empty() {
@@ -211,10 +210,10 @@ pub(crate) fn item_products_slices(lhs: &[f32], rhs: &[f32], strides: (usize, us
         return out;
     }
     if merged_rows_keep_bits(rows, k, n) {
-        unsafe { sgemm(total, n, k, out.as_mut_ptr(), n, 1, false, a.as_ptr(), k, 1, b.as_ptr(), r_rs, r_cs, 1.0, threads()) };
+        unsafe { sgemm(total, n, k, out.as_mut_ptr(), n, 1, false, lhs.as_ptr(), k, 1, rhs.as_ptr(), r_rs, r_cs, 1.0, threads()) };
     } else {
         per_item(&mut out, items, |i, dst| unsafe {
-            sgemm(rows, n, k, dst.as_mut_ptr(), n, 1, false, a[i * rows * k..].as_ptr(), k, 1, b.as_ptr(), r_rs, r_cs, 1.0, 1)
+            sgemm(rows, n, k, dst.as_mut_ptr(), n, 1, false, lhs[i * rows * k..].as_ptr(), k, 1, rhs.as_ptr(), r_rs, r_cs, 1.0, 1)
         });
     }
     out

@@ -226,8 +226,7 @@ impl PerItemProduct {
         };
         let mut y = kernels::linear::item_products_slices(x, &w[l2.start_offset()..], strides, total, k, n, self.items);
         if let Some(b) = bias {
-            use rayon::prelude::*;
-            y.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(v, &bv)| *v += bv));
+            kernels::channel::channel_add_in_place(&mut y, b, 1);
         }
         Ok((candle_core::CpuStorage::F32(y), candle_core::Shape::from((total, n))))
     }
