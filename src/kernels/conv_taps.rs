@@ -1,4 +1,4 @@
-//! The f32 direct convolution over taps on AVX-512: `dst[co, p] (+)= Σ_t Σ_ci w[w_off[t] +
+//! The f32 direct convolution over taps on AVX-512 or AVX2: `dst[co, p] (+)= Σ_t Σ_ci w[w_off[t] +
 //! ci·cout + co] · x[ci·plane + off[t] + p]`, for the f32 products of [`super::conv`], written
 //! planar ([cout, pixel]) or channels-last ([pixel, cout]). The same sum, with a batch item per
 //! "tap", is a trained linear layer's weight gradient ([`super::linear::item_products_tn_sum`]).
@@ -9,14 +9,15 @@
 //! the output once (the first tap's chain is stored as it is unless the output was preloaded).
 //! That is what `gemm` 0.19 does whenever the depth is 3 to 512 (one depth block, so one chain;
 //! depths of 1 or 2 take its `gevv` path, which accumulates into the output directly), there are
-//! at least 2 output channels (1 takes its matrix-vector path) and the CPU has AVX-512 (its
-//! kernels then use fused multiply-adds). [`applies`] checks exactly that (and that there are
-//! enough pixels to gain); elsewhere the caller keeps `gemm`.
+//! at least 2 output channels (1 takes its matrix-vector path) and the CPU has AVX-512 or
+//! AVX2 with FMA (its kernels then use fused multiply-adds; the vector width changes which
+//! entries run side by side, never an entry's chain). [`applies`] checks exactly that (and
+//! that there are enough pixels to gain); elsewhere the caller keeps `gemm`.
 //!
 //! Why: per tap, `gemm` repacks the shifted input, and with few channels (the VAE's 16 at full
 //! resolution, a depth of 16 per tap) its microkernel spends as long loading and storing the
-//! output as multiplying. Here a tile of 8 channels x 48 pixels stays in registers for a whole
-//! tap and the input is read in place.
+//! output as multiplying. Here a tile of 8 channels x 48 pixels (6 x 16 with AVX2's 16 smaller
+//! registers) stays in registers for a whole tap and the input is read in place.
 
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{for_tasks, threads};
@@ -25,25 +26,57 @@ use super::io::SendPtr;
 #[cfg(target_arch = "x86_64")]
 use std::ops::Range;
 
-/// Output channels per register tile.
-const ROWS: usize = 8;
-/// 16-float vectors of pixels per register tile.
-const VECS: usize = 3;
-/// Pixels per register tile.
-const TILE_PX: usize = 16 * VECS;
+/// The register tiles of the instruction set this CPU runs the kernel with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    /// Output channels per planar tile.
+    rows: usize,
+    /// Pixels per planar tile.
+    tile_px: usize,
+    /// Pixels per channels-last tile.
+    cl_pixels: usize,
+}
 
-/// Whether [`conv_taps`] runs this product on this CPU (AVX-512, a depth of 3 to 512, at least
-/// 2 rows and columns). It sums each entry in one chain over the depth, as `gemm`'s usual
+/// AVX-512: 8 channels x 3 vectors of 16 pixels (24 of the 32 registers accumulate);
+/// channels-last 6 pixels x up to 4 vectors of 16 channels.
+const AVX512: Geometry = Geometry { rows: 8, tile_px: 48, cl_pixels: 6 };
+/// AVX2: 6 channels x 2 vectors of 8 pixels (12 of the 16 registers accumulate, 2 hold the
+/// input row and 1 the broadcast weight: 3 vectors of pixels would leave no register free, and
+/// the compiler spilled an accumulator through the stack, a store and load on every row's
+/// chain); channels-last 6 pixels x up to 2 vectors of 8.
+const AVX2: Geometry = Geometry { rows: 6, tile_px: 16, cl_pixels: 6 };
+
+/// The tiles for this CPU, `None` where it has neither AVX-512 nor AVX2 with FMA.
+fn geometry() -> Option<Geometry> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::simd::has_avx512() {
+            return Some(AVX512);
+        }
+        if super::simd::has_avx2() {
+            return Some(AVX2);
+        }
+    }
+    None
+}
+
+/// Whether this CPU runs the direct kernels at all (AVX-512, or AVX2 with FMA).
+pub(crate) fn available() -> bool {
+    geometry().is_some()
+}
+
+/// Whether [`conv_taps`] runs this product on this CPU ([`available`], a depth of 3 to 512, at
+/// least 2 rows and columns). It sums each entry in one chain over the depth, as `gemm`'s usual
 /// kernels do in one block: `gemm`'s bits wherever it takes those ([`super::gemm::one_block`],
 /// which also needs more than 256 outputs).
 pub(crate) fn applies(cout: usize, cin: usize, n: usize) -> bool {
-    super::simd::has_avx512() && (3..=512).contains(&cin) && cout >= 2 && n >= 2
+    available() && (3..=512).contains(&cin) && cout >= 2 && n >= 2
 }
 
-/// Whether the planar layout is worth it: below one tile of pixels (a 4x4 map) `gemm` was as
-/// fast; small maps take [`Layout::ChannelsLast`] instead.
+/// Whether the planar layout is worth it: below one tile of pixels (a 4x4 map with AVX-512)
+/// `gemm` was as fast; small maps take [`Layout::ChannelsLast`] instead.
 pub(crate) fn planar_pays(n: usize) -> bool {
-    n >= TILE_PX
+    geometry().is_some_and(|g| n >= g.tile_px)
 }
 
 /// How [`conv_taps`] lays out its result.
@@ -88,12 +121,12 @@ pub(crate) fn conv_taps(w: &[f32], w_offs: &[usize], cout: usize, cin: usize, x:
 /// multiply-add chain from zero added into the output: the arithmetic of one `gemm` product
 /// `W [cout, K] @ U [K, n]` with `U[r, p] = x[x_offs[r] + p]` whose depth blocks are `block`
 /// long (see [`super::conv_unfold`], where `U` is an unfolded input that is never built).
-/// The caller checks that `gemm` would sum that way; this needs AVX-512.
+/// The caller checks that `gemm` would sum that way; this needs [`available`].
 ///
 /// Panics unless `x` holds every element the offsets reach.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv_rows(w: &[f32], cout: usize, x_offs: &[usize], block: usize, x: &[f32], n: usize, dst: &mut [f32], parallel: bool) {
-    assert!(super::simd::has_avx512() && cout >= 1 && block >= 1 && n >= 1, "conv_rows: not applicable");
+    assert!(available() && cout >= 1 && block >= 1 && n >= 1, "conv_rows: not applicable");
     assert!(w.len() >= x_offs.len() * cout && dst.len() >= cout * n);
     let reach = x_offs.iter().max().copied().unwrap_or(0) + n;
     assert!(x.len() >= reach, "conv_rows: input of {} floats, the rows reach {reach}", x.len());
@@ -173,48 +206,69 @@ const GROUP_WEIGHT_BYTES: usize = 128 * 1024;
 const CHUNK_TILES: usize = 8;
 
 /// Output channels per task that passes one depth block at a time, or `None` to keep each tile
-/// in registers through every block (few weights per tile, or the channels-last layout).
-fn tap_outer_group<D: Depth>(depth: &D, cout: usize, layout: Layout) -> Option<usize> {
+/// in registers through every block (few weights per tile, or the channels-last layout);
+/// `rows` output channels per tile.
+fn tap_outer_group<D: Depth>(depth: &D, cout: usize, layout: Layout, rows_per_tile: usize) -> Option<usize> {
     let rows: usize = (0..depth.blocks()).map(|t| depth.len(t)).sum();
     let per_block = depth.len(0).max(1);
-    if layout != Layout::Planar || rows * ROWS * 4 <= TILE_WEIGHT_BYTES {
+    if layout != Layout::Planar || rows * rows_per_tile * 4 <= TILE_WEIGHT_BYTES {
         return None;
     }
-    let most = (GROUP_WEIGHT_BYTES / 4 / per_block / ROWS * ROWS).max(ROWS);
+    let most = (GROUP_WEIGHT_BYTES / 4 / per_block / rows_per_tile * rows_per_tile).max(rows_per_tile);
     // Groups of even size (whole tiles), so that they make tasks of even size.
     let groups = cout.div_ceil(most);
-    Some((cout.div_ceil(groups).div_ceil(ROWS) * ROWS).min(cout))
+    Some((cout.div_ceil(groups).div_ceil(rows_per_tile) * rows_per_tile).min(cout))
 }
 
 #[allow(clippy::too_many_arguments)]
 fn run<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], n: usize, dst: &mut [f32], preloaded: bool, parallel: bool, layout: Layout) {
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("the direct convolution kernel needs AVX-512");
+    unreachable!("the direct convolution kernel needs AVX-512 or AVX2");
     #[cfg(target_arch = "x86_64")]
     {
-        let tile_px = if layout == Layout::Planar { TILE_PX } else { x86::CL_PIXELS };
+        let g = geometry().expect("the direct convolution kernel needs AVX-512 or AVX2 with FMA");
+        let wide = g == AVX512;
+        let tile_px = if layout == Layout::Planar { g.tile_px } else { g.cl_pixels };
         let blocks = n.div_ceil(tile_px);
         let dst_ptr = SendPtr(dst.as_mut_ptr());
         let run = |blk: usize, cos: Range<usize>, ts: Range<usize>| {
             let d = dst_ptr;
             let p0 = blk * tile_px;
             let px = (n - p0).min(tile_px);
-            // SAFETY: the callers checked AVX-512 and the bounds, and each block writes only its
-            // own pixels of dst.
+            // SAFETY: `geometry` detected the instruction set, the callers checked the bounds,
+            // and each block writes only its own pixels of dst.
             unsafe {
-                match layout {
-                    Layout::Planar => x86::block(w, depth, x, n, p0, px, d.0, preloaded, cos, ts),
-                    Layout::ChannelsLast => x86::block_cl(w, depth, cout, x, p0, px, d.0, preloaded),
+                if wide {
+                    x86::block_avx512(w, depth, x, n, p0, px, d.0, preloaded, cos, ts)
+                } else {
+                    x86::block_avx2(w, depth, x, n, p0, px, d.0, preloaded, cos, ts)
+                }
+            }
+        };
+        // Channels-last: the tiles `blks`, all output channels.
+        let run_cl = |blks: Range<usize>| {
+            let d = dst_ptr;
+            let (p0, p1) = (blks.start * tile_px, (blks.end * tile_px).min(n));
+            // SAFETY: as for `run`.
+            unsafe {
+                if wide {
+                    x86::block_cl_avx512(w, depth, cout, x, p0, p1, d.0, preloaded)
+                } else {
+                    x86::block_cl_avx2(w, depth, cout, x, p0, p1, d.0, preloaded)
                 }
             }
         };
         let nb = depth.blocks();
-        match tap_outer_group(depth, cout, layout) {
+        match tap_outer_group(depth, cout, layout, g.rows) {
             None => {
                 // Several tiles per task so that a task's input rows stay in cache across
                 // channels; each tile runs through every depth block in registers.
                 let per_task = if parallel { blocks.div_ceil(4 * threads()).max(1) } else { blocks };
-                for_tasks(blocks.div_ceil(per_task), parallel, |task| (task * per_task..((task + 1) * per_task).min(blocks)).for_each(|b| run(b, 0..cout, 0..nb)));
+                let task_blocks = |task: usize| task * per_task..((task + 1) * per_task).min(blocks);
+                match layout {
+                    Layout::Planar => for_tasks(blocks.div_ceil(per_task), parallel, |task| task_blocks(task).for_each(|b| run(b, 0..cout, 0..nb))),
+                    Layout::ChannelsLast => for_tasks(blocks.div_ceil(per_task), parallel, |task| run_cl(task_blocks(task))),
+                }
             }
             Some(group) => {
                 // Tasks of a few pixel tiles and a group of output channels each, running one
@@ -236,68 +290,213 @@ fn run<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], n: usize, dst: &m
     }
 }
 
+/// The tiles, written once over [`x86::Isa`] (a vector register and its masked loads and
+/// stores) and compiled for AVX-512 and for AVX2 with FMA.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Depth, ROWS};
-    use crate::kernels::simd::first_lanes;
+    use super::{Depth, Geometry, AVX2, AVX512};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    /// 16-float vectors in the widest register tile (either layout).
-    const MAX_VECS: usize = 4;
-    /// Pixels per channels-last register tile.
-    pub(super) const CL_PIXELS: usize = 6;
-
-    /// Masks for the first `lanes` of `MAX_VECS` vectors.
-    fn masks(lanes: usize) -> [__mmask16; MAX_VECS] {
-        std::array::from_fn(|v| first_lanes(lanes.saturating_sub(16 * v)))
+    /// One instruction set's vector of `LANES` floats. Every method is only called from
+    /// functions compiled with the set's features.
+    pub(super) trait Isa {
+        const LANES: usize;
+        const TILES: Geometry;
+        /// Vectors along a planar tile's row of pixels.
+        const VECS: usize;
+        /// Vectors along a channels-last tile's row of output channels.
+        const CL_VECS: usize;
+        type V: Copy;
+        type M: Copy;
+        /// The first `lanes` lanes (all from `LANES` up).
+        unsafe fn mask(lanes: usize) -> Self::M;
+        unsafe fn zero() -> Self::V;
+        unsafe fn load(p: *const f32) -> Self::V;
+        /// Zero in the lanes outside `m`, which are not read.
+        unsafe fn load_masked(m: Self::M, p: *const f32) -> Self::V;
+        unsafe fn store(p: *mut f32, v: Self::V);
+        unsafe fn store_masked(m: Self::M, p: *mut f32, v: Self::V);
+        unsafe fn splat(x: f32) -> Self::V;
+        unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+        /// a * b + c, one rounding.
+        unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     }
 
-    /// Output channels `cos` of the pixels `p0..p0 + px` (px ≤ 48) through depth blocks `ts`,
-    /// written as [cout, n].
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block<D: Depth>(w: &[f32], depth: &D, x: &[f32], n: usize, p0: usize, px: usize, dst: *mut f32, preloaded: bool, cos: Range<usize>, ts: Range<usize>) {
-        let vecs = px.div_ceil(16);
-        let mut co = cos.start;
-        while co < cos.end {
-            let rows = (cos.end - co).min(ROWS);
-            let args = Tile { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(p0), dst: dst.add(co * n + p0), ld: n, masks: masks(px), preloaded, ts: ts.clone() };
-            macro_rules! dispatch {
-                ($($r:literal),*) => {
-                    match (rows, vecs) {
-                        $(($r, 1) => tile::<D, $r, 1>(&args), ($r, 2) => tile::<D, $r, 2>(&args), ($r, _) => tile::<D, $r, 3>(&args),)*
-                        _ => unreachable!(),
-                    }
-                };
-            }
-            dispatch!(1, 2, 3, 4, 5, 6, 7, 8);
-            co += rows;
+    pub(super) struct Avx512;
+    pub(super) struct Avx2;
+
+    impl Isa for Avx512 {
+        const LANES: usize = 16;
+        const TILES: Geometry = AVX512;
+        const VECS: usize = 3;
+        const CL_VECS: usize = 4;
+        type V = __m512;
+        type M = __mmask16;
+        #[inline(always)]
+        unsafe fn mask(lanes: usize) -> __mmask16 {
+            crate::kernels::simd::first_lanes(lanes)
+        }
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_masked(m: __mmask16, p: *const f32) -> __m512 {
+            _mm512_maskz_loadu_ps(m, p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn store_masked(m: __mmask16, p: *mut f32, v: __m512) {
+            _mm512_mask_storeu_ps(p, m, v)
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m512 {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
         }
     }
 
-    /// All output channels of the pixels `p0..p0 + px` (px ≤ 6), written as [n, cout].
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block_cl<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], p0: usize, px: usize, dst: *mut f32, preloaded: bool) {
-        let mut co = 0;
-        while co < cout {
-            let lanes = (cout - co).min(16 * MAX_VECS);
-            let args = Tile { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(p0), dst: dst.add(p0 * cout + co), ld: cout, masks: masks(lanes), preloaded, ts: 0..depth.blocks() };
-            macro_rules! dispatch {
-                ($($p:literal),*) => {
-                    match (px, lanes.div_ceil(16)) {
-                        $(($p, 1) => tile_cl::<D, $p, 1>(&args), ($p, 2) => tile_cl::<D, $p, 2>(&args), ($p, 3) => tile_cl::<D, $p, 3>(&args), ($p, _) => tile_cl::<D, $p, 4>(&args),)*
-                        _ => unreachable!(),
-                    }
-                };
-            }
-            dispatch!(1, 2, 3, 4, 5, 6);
-            co += lanes;
+    impl Isa for Avx2 {
+        const LANES: usize = 8;
+        const TILES: Geometry = AVX2;
+        const VECS: usize = 2;
+        const CL_VECS: usize = 2;
+        type V = __m256;
+        type M = __m256i;
+        #[inline(always)]
+        unsafe fn mask(lanes: usize) -> __m256i {
+            let n = lanes.min(8) as i32;
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+        }
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_masked(m: __m256i, p: *const f32) -> __m256 {
+            _mm256_maskload_ps(p, m)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn store_masked(m: __m256i, p: *mut f32, v: __m256) {
+            _mm256_maskstore_ps(p, m, v)
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m256 {
+            _mm256_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            _mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
         }
     }
 
-    struct Tile<'a, D> {
+    /// The entry points, one per instruction set and layout, each compiled with its features
+    /// so that the tiles inline into it; each runs the tile sizes of its set's [`Geometry`]
+    /// (`$rows` channels by up to `VECS` vectors planar, `$px` pixels by up to `CL_VECS`
+    /// vectors channels-last), with or without a partial last vector.
+    macro_rules! entries {
+        ($isa:ty, $features:literal, $block:ident, $block_cl:ident, [$($r:literal),*], [$($p:literal),*]) => {
+            /// Output channels `cos` of the pixels `p0..p0 + px` (px ≤ one tile) through depth
+            /// blocks `ts`, written as [cout, n].
+            ///
+            /// # Safety
+            /// The CPU has the features; the depth's rows, `x` and `dst` cover the tile.
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $block<D: Depth>(w: &[f32], depth: &D, x: &[f32], n: usize, p0: usize, px: usize, dst: *mut f32, preloaded: bool, cos: Range<usize>, ts: Range<usize>) {
+                type I = $isa;
+                let vecs = px.div_ceil(I::LANES);
+                let masked = px % I::LANES != 0;
+                let mut co = cos.start;
+                while co < cos.end {
+                    let rows = (cos.end - co).min(I::TILES.rows);
+                    let args = Tile::<I, D> { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(p0), dst: dst.add(co * n + p0), ld: n, last: I::mask(px - (vecs - 1) * I::LANES), preloaded, ts: ts.clone() };
+                    match (rows, vecs, masked) {
+                        $(
+                            ($r, 1, false) => tile::<I, D, $r, 1, false>(&args),
+                            ($r, 2, false) => tile::<I, D, $r, 2, false>(&args),
+                            ($r, _, false) => tile::<I, D, $r, { <$isa>::VECS }, false>(&args),
+                            ($r, 1, true) => tile::<I, D, $r, 1, true>(&args),
+                            ($r, 2, true) => tile::<I, D, $r, 2, true>(&args),
+                            ($r, _, true) => tile::<I, D, $r, { <$isa>::VECS }, true>(&args),
+                        )*
+                        _ => unreachable!(),
+                    }
+                    co += rows;
+                }
+            }
+
+            /// All output channels of the pixels `p0..p1`, written as [n, cout]: per group of
+            /// output channels (one tile wide), every tile of pixels in turn, so that the
+            /// group's weights stay in cache across the pixels (over all channels they may not:
+            /// 128 channels in and out of a 3x3 convolution are 576 KiB).
+            ///
+            /// # Safety
+            /// As the planar entry.
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $block_cl<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], p0: usize, p1: usize, dst: *mut f32, preloaded: bool) {
+                type I = $isa;
+                let mut co = 0;
+                while co < cout {
+                    let lanes = (cout - co).min(I::LANES * I::CL_VECS);
+                    let vecs = lanes.div_ceil(I::LANES);
+                    let masked = lanes % I::LANES != 0;
+                    let mut p = p0;
+                    while p < p1 {
+                        let px = (p1 - p).min(I::TILES.cl_pixels);
+                        let args = Tile::<I, D> { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(p), dst: dst.add(p * cout + co), ld: cout, last: I::mask(lanes - (vecs - 1) * I::LANES), preloaded, ts: 0..depth.blocks() };
+                        match (px, vecs, masked) {
+                            $(
+                                ($p, 1, false) => tile_cl::<I, D, $p, 1, false>(&args),
+                                ($p, 2, false) => tile_cl::<I, D, $p, 2, false>(&args),
+                                ($p, 3, false) => tile_cl::<I, D, $p, 3, false>(&args),
+                                ($p, _, false) => tile_cl::<I, D, $p, { <$isa>::CL_VECS }, false>(&args),
+                                ($p, 1, true) => tile_cl::<I, D, $p, 1, true>(&args),
+                                ($p, 2, true) => tile_cl::<I, D, $p, 2, true>(&args),
+                                ($p, 3, true) => tile_cl::<I, D, $p, 3, true>(&args),
+                                ($p, _, true) => tile_cl::<I, D, $p, { <$isa>::CL_VECS }, true>(&args),
+                            )*
+                            _ => unreachable!(),
+                        }
+                        p += px;
+                    }
+                    co += lanes;
+                }
+            }
+        };
+    }
+    entries!(Avx512, "avx512f", block_avx512, block_cl_avx512, [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]);
+    entries!(Avx2, "avx2,fma", block_avx2, block_cl_avx2, [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]);
+
+    struct Tile<'a, I: Isa, D> {
         /// Weight of this tile's first output channel, before a row's offset.
         w: *const f32,
         depth: &'a D,
@@ -307,76 +506,88 @@ mod x86 {
         /// channels-last) are `ld` apart and its vectors run along them.
         dst: *mut f32,
         ld: usize,
-        /// Lanes of each vector along an output row.
-        masks: [__mmask16; MAX_VECS],
+        /// Lanes of the last vector along an output row (the others are whole).
+        last: I::M,
         preloaded: bool,
         /// The depth blocks to run.
         ts: Range<usize>,
     }
 
+    /// Vector `v` of `V` along a row at `p`: whole, or the last one masked if `MASKED`.
+    #[inline(always)]
+    unsafe fn load_vec<I: Isa, const V: usize, const MASKED: bool>(last: I::M, p: *const f32, v: usize) -> I::V {
+        if v + 1 < V || !MASKED {
+            I::load(p.add(I::LANES * v))
+        } else {
+            I::load_masked(last, p.add(I::LANES * v))
+        }
+    }
+
     /// Block `t`'s chains added into the output (or stored, for the first block of an output
     /// that was not preloaded): `acc[row][vector]`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn finish<D, const A: usize, const V: usize>(a: &Tile<'_, D>, t: usize, acc: &[[__m512; V]; A]) {
+    #[inline(always)]
+    unsafe fn finish<I: Isa, D, const A: usize, const V: usize, const MASKED: bool>(a: &Tile<'_, I, D>, t: usize, acc: &[[I::V; V]; A]) {
         let store_only = t == 0 && !a.preloaded;
         for (row, acc) in acc.iter().enumerate() {
             let d = a.dst.add(row * a.ld);
             for (v, &s) in acc.iter().enumerate() {
-                let (dv, m) = (d.add(16 * v), a.masks[v]);
-                let s = if store_only { s } else { _mm512_add_ps(_mm512_maskz_loadu_ps(m, dv), s) };
-                _mm512_mask_storeu_ps(dv, m, s);
+                let s = if store_only { s } else { I::add(load_vec::<I, V, MASKED>(a.last, d, v), s) };
+                if v + 1 < V || !MASKED {
+                    I::store(d.add(I::LANES * v), s);
+                } else {
+                    I::store_masked(a.last, d.add(I::LANES * v), s);
+                }
             }
         }
     }
 
-    /// R output channels x V vectors of pixels, through every block.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile<D: Depth, const R: usize, const V: usize>(a: &Tile<'_, D>) {
+    /// R output channels x V vectors of pixels (the last one partial if `MASKED`), through every
+    /// block.
+    #[inline(always)]
+    unsafe fn tile<I: Isa, D: Depth, const R: usize, const V: usize, const MASKED: bool>(a: &Tile<'_, I, D>) {
         for t in a.ts.clone() {
-            let mut acc = [[_mm512_setzero_ps(); V]; R];
+            let mut acc = [[I::zero(); V]; R];
             for i in 0..a.depth.len(t) {
                 let (wo, xo) = a.depth.row(t, i);
                 let xr = a.x.add(xo);
-                let mut xv = [_mm512_setzero_ps(); V];
+                let mut xv = [I::zero(); V];
                 for (v, xv) in xv.iter_mut().enumerate() {
-                    *xv = _mm512_maskz_loadu_ps(a.masks[v], xr.add(16 * v));
+                    *xv = load_vec::<I, V, MASKED>(a.last, xr, v);
                 }
                 let wr = a.w.add(wo);
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let b = _mm512_set1_ps(*wr.add(r));
+                    let b = I::splat(*wr.add(r));
                     for (acc, &xv) in acc.iter_mut().zip(&xv) {
-                        *acc = _mm512_fmadd_ps(b, xv, *acc);
+                        *acc = I::fma(b, xv, *acc);
                     }
                 }
             }
-            finish(a, t, &acc);
+            finish::<I, D, R, V, MASKED>(a, t, &acc);
         }
     }
 
-    /// P pixels x V vectors of output channels, through every block.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile_cl<D: Depth, const P: usize, const V: usize>(a: &Tile<'_, D>) {
+    /// P pixels x V vectors of output channels (the last one partial if `MASKED`), through
+    /// every block.
+    #[inline(always)]
+    unsafe fn tile_cl<I: Isa, D: Depth, const P: usize, const V: usize, const MASKED: bool>(a: &Tile<'_, I, D>) {
         for t in a.ts.clone() {
-            let mut acc = [[_mm512_setzero_ps(); V]; P];
+            let mut acc = [[I::zero(); V]; P];
             for i in 0..a.depth.len(t) {
                 let (wo, xo) = a.depth.row(t, i);
                 let wr = a.w.add(wo);
-                let mut wv = [_mm512_setzero_ps(); V];
+                let mut wv = [I::zero(); V];
                 for (v, wv) in wv.iter_mut().enumerate() {
-                    *wv = _mm512_maskz_loadu_ps(a.masks[v], wr.add(16 * v));
+                    *wv = load_vec::<I, V, MASKED>(a.last, wr, v);
                 }
                 let xr = a.x.add(xo);
                 for (p, acc) in acc.iter_mut().enumerate() {
-                    let b = _mm512_set1_ps(*xr.add(p));
+                    let b = I::splat(*xr.add(p));
                     for (acc, &wv) in acc.iter_mut().zip(&wv) {
-                        *acc = _mm512_fmadd_ps(wv, b, *acc);
+                        *acc = I::fma(wv, b, *acc);
                     }
                 }
             }
-            finish(a, t, &acc);
+            finish::<I, D, P, V, MASKED>(a, t, &acc);
         }
     }
 }
@@ -402,8 +613,8 @@ mod tests {
 
     #[test]
     fn same_bits_as_one_gemm_per_tap() {
-        if !crate::kernels::simd::has_avx512() {
-            eprintln!("skipped: this CPU has no AVX-512, where conv_taps never runs");
+        if !available() {
+            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 with FMA, where conv_taps never runs");
             return;
         }
         // (cout, cin, taps, plane, n): tails of rows and pixel vectors, depth 3 and 512 (the
@@ -438,14 +649,14 @@ mod tests {
     fn large_tiles_pass_one_block_at_a_time() {
         let taps = |cin: usize, n: usize| Taps { w_offs: &[0; 9][..n], offs: &[0; 9][..n], cout: 512, cin, plane: 1 };
         // A 3x3 kernel: from 228 input channels (over 64 KiB of weights per tile).
-        assert_eq!(tap_outer_group(&taps(227, 9), 512, Layout::Planar), None);
+        assert_eq!(tap_outer_group(&taps(227, 9), 512, Layout::Planar, 8), None);
         // Groups of at most 128 KiB of weights per block, evened out in whole tiles.
-        assert_eq!(tap_outer_group(&taps(228, 9), 512, Layout::Planar), Some(128));
-        assert_eq!(tap_outer_group(&taps(512, 9), 512, Layout::Planar), Some(64));
-        assert_eq!(tap_outer_group(&taps(512, 5), 70, Layout::Planar), Some(40));
-        assert_eq!(tap_outer_group(&taps(320, 9), 320, Layout::Planar), Some(80));
-        assert_eq!(tap_outer_group(&taps(512, 5), 20, Layout::Planar), Some(20));
-        assert_eq!(tap_outer_group(&taps(512, 9), 512, Layout::ChannelsLast), None);
+        assert_eq!(tap_outer_group(&taps(228, 9), 512, Layout::Planar, 8), Some(128));
+        assert_eq!(tap_outer_group(&taps(512, 9), 512, Layout::Planar, 8), Some(64));
+        assert_eq!(tap_outer_group(&taps(512, 5), 70, Layout::Planar, 8), Some(40));
+        assert_eq!(tap_outer_group(&taps(320, 9), 320, Layout::Planar, 8), Some(80));
+        assert_eq!(tap_outer_group(&taps(512, 5), 20, Layout::Planar, 8), Some(20));
+        assert_eq!(tap_outer_group(&taps(512, 9), 512, Layout::ChannelsLast, 8), None);
     }
 
     #[test]

@@ -92,11 +92,11 @@ fn conv2d_gemm(x: &[f32], wt: &[f32], sh: ConvShape) -> Vec<f32> {
 }
 
 /// The depth block in which `gemm` sums the product `W [cout, cin·k·k] @ U [cin·k·k, ho·wo]`
-/// ([`gemm::depth_block`]), where the direct kernel (AVX-512) can reproduce it. A 1x1
+/// ([`gemm::depth_block`]), where the direct kernel (AVX-512 or AVX2) can reproduce it. A 1x1
 /// convolution stays with `gemm`: its unfolding is at most a subsampling copy.
 fn direct_block(sh: ConvShape) -> Option<usize> {
     let (ho, wo) = sh.out_hw();
-    if sh.k == 1 || !super::simd::has_avx512() {
+    if sh.k == 1 || !conv_taps::available() {
         return None;
     }
     gemm::depth_block(sh.cout, ho * wo, sh.cin * sh.k * sh.k)
@@ -154,7 +154,7 @@ pub fn conv2d_weight_grad(x: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
     assert_eq!(g.len(), b * cout * hw, "conv weight grad: gradient size");
     // Where gemm sums the product ([cout, hw] by [hw, ckk]) in one block, the direct kernel
     // gives the same bits without gemm's packing per image.
-    if super::simd::has_avx512() && gemm::one_block(cout, ckk, hw) && conv_taps::planar_pays(ckk) {
+    if conv_taps::available() && gemm::one_block(cout, ckk, hw) && conv_taps::planar_pays(ckk) {
         return weight_grad_taps(x, g, sh);
     }
     weight_grad_rows_apart(x, g, sh, spread_stride(hw))
@@ -413,10 +413,10 @@ fn input_grad_gemm(wt: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
 /// Whether [`input_grad_direct`] has the bits of [`input_grad_gemm`]: where `gemm` sums each
 /// entry of `Wᵀ g` ([cin·k·k, cout] by [cout, ho·wo]) in one chain over the output channels
 /// ([`gemm::one_block`]), which [`fold`] then adds up tap by tap in kernel order, from zero
-/// (AVX-512, at least 2 input channels).
+/// (AVX-512 or AVX2, at least 2 input channels).
 fn input_grad_direct_applies(sh: ConvShape) -> bool {
     let (ho, wo) = sh.out_hw();
-    super::simd::has_avx512() && sh.cin >= 2 && gemm::one_block(sh.cin * sh.k * sh.k, ho * wo, sh.cout)
+    conv_taps::available() && sh.cin >= 2 && gemm::one_block(sh.cin * sh.k * sh.k, ho * wo, sh.cout)
 }
 
 /// [`conv2d_input_grad`] through the direct kernel, per phase of the input: the input
@@ -546,11 +546,11 @@ mod tests {
         ConvShape { b, cin, h, w, cout, k, stride, pad }
     }
 
-    /// On an AVX-512 CPU: `run(shape)` gives (whether the direct kernel takes the shape, the
+    /// On a CPU with AVX-512 or AVX2: `run(shape)` gives (whether the direct kernel takes the shape, the
     /// result, gemm's result); the first must match each case's flag, the others every bit.
     fn assert_direct_bits(what: &str, cases: &[(ConvShape, bool)], run: impl Fn(ConvShape) -> (bool, Vec<f32>, Vec<f32>)) {
-        if !crate::kernels::simd::has_avx512() {
-            eprintln!("skipped: this CPU has no AVX-512, where the direct {what} never runs");
+        if !conv_taps::available() {
+            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 with FMA, where the direct {what} never runs");
             return;
         }
         for &(sh, direct) in cases {

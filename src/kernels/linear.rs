@@ -224,7 +224,7 @@ pub(crate) fn item_products_slices(lhs: &[f32], rhs: &[f32], strides: (usize, us
 /// the last item first (the order of candle's backward over per-item products). With 3 to 512
 /// rows per item each product is one depth block of gemm's usual kernels, which add it to what
 /// they read from the destination with one rounding: exactly the separate addition, and the sum
-/// the direct kernel (`conv_taps`) makes on AVX-512. Other shapes are added from a scratch
+/// the direct kernel (`conv_taps`) makes on AVX-512 or AVX2. Other shapes are added from a scratch
 /// product. For a trained linear layer's weight gradient.
 pub fn item_products_tn_sum(lhs: &Tensor, rhs: &Tensor, items: usize) -> Result<Tensor> {
     let (total, m) = lhs.dims2()?;

@@ -61,12 +61,15 @@ fn group_norm_task_imp<V: Vf>(src: &[f32], dst: &mut [f32], hw: usize, gamma: &[
     for (c, (s, d)) in src.chunks_exact(hw).zip(dst.chunks_exact_mut(hw)).enumerate() {
         let a = rstd * gamma[c];
         let bb = beta[c];
+        // Closures do not take the target features of the function they are inlined into:
+        // without `inline(always)` the vector one was compiled for the baseline x86-64, where
+        // every lane's `mul_add` calls the C library's `fmaf`.
         if silu {
-            map_into::<V>(s, d, |x| silu_v(x.sub(V::splat(mean)).fma(V::splat(a), V::splat(bb))), |x| {
+            map_into::<V>(s, d, #[inline(always)] |x| silu_v(x.sub(V::splat(mean)).fma(V::splat(a), V::splat(bb))), #[inline(always)] |x| {
                 silu_v(x.sub(S1(mean)).fma(S1(a), S1(bb)))
             });
         } else {
-            map_into::<V>(s, d, |x| x.sub(V::splat(mean)).fma(V::splat(a), V::splat(bb)), |x| x.sub(S1(mean)).fma(S1(a), S1(bb)));
+            map_into::<V>(s, d, #[inline(always)] |x| x.sub(V::splat(mean)).fma(V::splat(a), V::splat(bb)), #[inline(always)] |x| x.sub(S1(mean)).fma(S1(a), S1(bb)));
         }
     }
 }

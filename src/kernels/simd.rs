@@ -304,7 +304,25 @@ pub(crate) fn has_avx512() -> bool {
     ok
 }
 
-/// `fn name(args)` calling `imp::<V>(args)` with the best vector type for this CPU.
+/// Whether the CPU has AVX2 and FMA (every x86-64 CPU with AVX-512 does too).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2() -> bool {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static LEVEL: AtomicU8 = AtomicU8::new(255);
+    let l = LEVEL.load(Ordering::Relaxed);
+    if l != 255 {
+        return l == 1;
+    }
+    let ok = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    LEVEL.store(ok as u8, Ordering::Relaxed);
+    ok
+}
+
+/// `fn name(args)` calling `imp::<V>(args)` with the best vector type for this CPU: AVX-512
+/// intrinsics, else the portable arrays compiled for AVX2 and FMA (the compiler turns their
+/// lane loops into 8-float vectors and `mul_add` into one instruction instead of a call of
+/// the C library's `fmaf`), else the portable arrays for the baseline x86-64 (or any other
+/// target). `imp` must be `#[inline(always)]`, so that it is compiled with the features.
 macro_rules! dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $imp:ident) => {
         $(#[$m])*
@@ -313,9 +331,15 @@ macro_rules! dispatch {
             {
                 #[target_feature(enable = "avx512f,fma")]
                 unsafe fn v4($($arg: $ty),*) $(-> $ret)? { $imp::<$crate::kernels::simd::x86::Avx512>($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? { $imp::<$crate::kernels::simd::A16>($($arg),*) }
                 if $crate::kernels::simd::has_avx512() {
                     // SAFETY: the features were detected at run time.
                     return unsafe { v4($($arg),*) };
+                }
+                if $crate::kernels::simd::has_avx2() {
+                    // SAFETY: the features were detected at run time.
+                    return unsafe { v3($($arg),*) };
                 }
             }
             $imp::<$crate::kernels::simd::A16>($($arg),*)
