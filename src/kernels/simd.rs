@@ -1,5 +1,6 @@
 //! SIMD: the elementwise / reduction kernels are written once over a 16-lane vector type `V`
-//! and instantiated with AVX-512 intrinsics (when the CPU has them) or plain arrays. Both
+//! and instantiated with AVX-512 intrinsics (when the CPU has them) or plain arrays (compiled
+//! for AVX2 and FMA when the CPU has those, see [`dispatch`]). All
 //! perform the same IEEE operations lane by lane in the same order (fused multiply-adds in
 //! both), and tails go through the 1-lane type, so results do not depend on the instantiation.
 
@@ -291,31 +292,30 @@ pub(crate) fn first_lanes(n: usize) -> u16 {
     ((1u32 << n.min(16)) - 1) as u16
 }
 
+/// `detect()`, run once and kept in `level` (255 until then).
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn has_avx512() -> bool {
-    use std::sync::atomic::{AtomicU8, Ordering};
-    static LEVEL: AtomicU8 = AtomicU8::new(255);
-    let l = LEVEL.load(Ordering::Relaxed);
+fn detected_once(level: &std::sync::atomic::AtomicU8, detect: fn() -> bool) -> bool {
+    use std::sync::atomic::Ordering;
+    let l = level.load(Ordering::Relaxed);
     if l != 255 {
         return l == 1;
     }
-    let ok = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
-    LEVEL.store(ok as u8, Ordering::Relaxed);
+    let ok = detect();
+    level.store(ok as u8, Ordering::Relaxed);
     ok
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    static LEVEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(255);
+    detected_once(&LEVEL, || std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma"))
 }
 
 /// Whether the CPU has AVX2 and FMA (every x86-64 CPU with AVX-512 does too).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx2() -> bool {
-    use std::sync::atomic::{AtomicU8, Ordering};
-    static LEVEL: AtomicU8 = AtomicU8::new(255);
-    let l = LEVEL.load(Ordering::Relaxed);
-    if l != 255 {
-        return l == 1;
-    }
-    let ok = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-    LEVEL.store(ok as u8, Ordering::Relaxed);
-    ok
+    static LEVEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(255);
+    detected_once(&LEVEL, || std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
 }
 
 /// `fn name(args)` calling `imp::<V>(args)` with the best vector type for this CPU: AVX-512
