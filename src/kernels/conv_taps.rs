@@ -37,24 +37,17 @@ pub(crate) struct Geometry {
     cl_pixels: usize,
 }
 
-/// AVX-512: 8 channels x 3 vectors of 16 pixels (24 of the 32 registers accumulate);
-/// channels-last 6 pixels x up to 4 vectors of 16 channels.
-const AVX512: Geometry = Geometry { rows: 8, tile_px: 48, cl_pixels: 6 };
-/// AVX2: 6 channels x 2 vectors of 8 pixels (12 of the 16 registers accumulate, 2 hold the
-/// input row and 1 the broadcast weight: 3 vectors of pixels would leave no register free, and
-/// the compiler spilled an accumulator through the stack, a store and load on every row's
-/// chain); channels-last 6 pixels x up to 2 vectors of 8.
-const AVX2: Geometry = Geometry { rows: 6, tile_px: 16, cl_pixels: 6 };
-
-/// The tiles for this CPU, `None` where it has neither AVX-512 nor AVX2 with FMA.
+/// The tiles for this CPU (each instruction set's [`x86::Isa::TILES`]), `None` where it has
+/// neither AVX-512 nor AVX2 with FMA.
 fn geometry() -> Option<Geometry> {
     #[cfg(target_arch = "x86_64")]
     {
+        use x86::Isa;
         if super::simd::has_avx512() {
-            return Some(AVX512);
+            return Some(x86::Avx512::TILES);
         }
         if super::simd::has_avx2() {
-            return Some(AVX2);
+            return Some(x86::Avx2::TILES);
         }
     }
     None
@@ -227,7 +220,7 @@ fn run<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], n: usize, dst: &m
     #[cfg(target_arch = "x86_64")]
     {
         let g = geometry().expect("the direct convolution kernel needs AVX-512 or AVX2 with FMA");
-        let wide = g == AVX512;
+        let wide = g == <x86::Avx512 as x86::Isa>::TILES;
         let tile_px = if layout == Layout::Planar { g.tile_px } else { g.cl_pixels };
         let blocks = n.div_ceil(tile_px);
         let dst_ptr = SendPtr(dst.as_mut_ptr());
@@ -294,7 +287,7 @@ fn run<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], n: usize, dst: &m
 /// stores) and compiled for AVX-512 and for AVX2 with FMA.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Depth, Geometry, AVX2, AVX512};
+    use super::{Depth, Geometry};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -302,6 +295,7 @@ mod x86 {
     /// functions compiled with the set's features.
     pub(super) trait Isa {
         const LANES: usize;
+        /// The register tiles (planar pixels: `LANES * VECS`).
         const TILES: Geometry;
         /// Vectors along a planar tile's row of pixels.
         const VECS: usize;
@@ -326,9 +320,11 @@ mod x86 {
     pub(super) struct Avx512;
     pub(super) struct Avx2;
 
+    /// 8 channels x 3 vectors of 16 pixels (24 of the 32 registers accumulate); channels-last
+    /// 6 pixels x up to 4 vectors of 16 channels.
     impl Isa for Avx512 {
         const LANES: usize = 16;
-        const TILES: Geometry = AVX512;
+        const TILES: Geometry = Geometry { rows: 8, tile_px: Self::LANES * Self::VECS, cl_pixels: 6 };
         const VECS: usize = 3;
         const CL_VECS: usize = 4;
         type V = __m512;
@@ -371,9 +367,13 @@ mod x86 {
         }
     }
 
+    /// 6 channels x 2 vectors of 8 pixels (12 of the 16 registers accumulate, 2 hold the input
+    /// row and 1 the broadcast weight: 3 vectors of pixels would leave no register free, and the
+    /// compiler spilled an accumulator through the stack, a store and load on every row's
+    /// chain); channels-last 6 pixels x up to 2 vectors of 8 channels.
     impl Isa for Avx2 {
         const LANES: usize = 8;
-        const TILES: Geometry = AVX2;
+        const TILES: Geometry = Geometry { rows: 6, tile_px: Self::LANES * Self::VECS, cl_pixels: 6 };
         const VECS: usize = 2;
         const CL_VECS: usize = 2;
         type V = __m256;
@@ -434,10 +434,11 @@ mod x86 {
                 type I = $isa;
                 let vecs = px.div_ceil(I::LANES);
                 let masked = px % I::LANES != 0;
+                let last = I::mask(px - (vecs - 1) * I::LANES);
                 let mut co = cos.start;
                 while co < cos.end {
                     let rows = (cos.end - co).min(I::TILES.rows);
-                    let args = Tile::<I, D> { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(p0), dst: dst.add(co * n + p0), ld: n, last: I::mask(px - (vecs - 1) * I::LANES), preloaded, ts: ts.clone() };
+                    let args = Tile::<I, D> { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(p0), dst: dst.add(co * n + p0), ld: n, last, preloaded, ts: ts.clone() };
                     match (rows, vecs, masked) {
                         $(
                             ($r, 1, false) => tile::<I, D, $r, 1, false>(&args),
@@ -469,10 +470,11 @@ mod x86 {
                     let lanes = (cout - co).min(I::LANES * I::CL_VECS);
                     let vecs = lanes.div_ceil(I::LANES);
                     let masked = lanes % I::LANES != 0;
+                    let last = I::mask(lanes - (vecs - 1) * I::LANES);
                     let mut p = p0;
                     while p < p1 {
                         let px = (p1 - p).min(I::TILES.cl_pixels);
-                        let args = Tile::<I, D> { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(p), dst: dst.add(p * cout + co), ld: cout, last: I::mask(lanes - (vecs - 1) * I::LANES), preloaded, ts: 0..depth.blocks() };
+                        let args = Tile::<I, D> { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(p), dst: dst.add(p * cout + co), ld: cout, last, preloaded, ts: 0..depth.blocks() };
                         match (px, vecs, masked) {
                             $(
                                 ($p, 1, false) => tile_cl::<I, D, $p, 1, false>(&args),

@@ -47,7 +47,7 @@ fn round() -> (f32, usize) {
             // SAFETY: the feature was detected at run time.
             return (unsafe { x86::chains_512(ROUND) }, ROUND * CHAINS * 16 * 2);
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if super::simd::has_avx2() {
             // SAFETY: the features were detected at run time.
             return (unsafe { x86::chains_256(ROUND) }, ROUND * CHAINS * 8 * 2);
         }
@@ -127,7 +127,7 @@ mod tests {
                 let v = unsafe { x86::chains_512(3) };
                 assert!((v - 16.0 * plain).abs() < 1e-3, "{v}");
             }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if crate::kernels::simd::has_avx2() {
                 let v = unsafe { x86::chains_256(3) };
                 assert!((v - 8.0 * plain).abs() < 1e-3, "{v}");
             }
