@@ -1,4 +1,5 @@
-//! `e^x` in f32 with the bits of the C library's `expf`, 16 values at a time on AVX-512.
+//! `e^x` in f32 with the bits of the C library's `expf`, 16 values at a time on AVX-512, 8 on
+//! AVX2 with FMA.
 //!
 //! The training ops that replay candle's arithmetic (SiLU and its gradient, QuickGELU, the
 //! GELU derivative) call `f32::exp`, which is glibc's `expf`, one scalar call per element: in a
@@ -7,10 +8,11 @@
 //! by adding and subtracting 1.5·2^52, `r = z − k`, `2^(k/32)` from a 32-entry table with `k/32`
 //! added to its exponent bits, times a cubic in `r`, rounded once to f32. The x86-64 build
 //! that runs on CPUs with FMA evaluates `r` and the cubic with fused multiply-adds; [`exp_in_place`]
-//! does the same in vectors of 8 doubles and gives the same bits for every f32 input (checked
-//! against `f32::exp` on all 2^32 of them, `cargo test --release --lib expf -- --ignored`; a
-//! sample in the ordinary tests). Every AVX-512 CPU has FMA, so glibc takes that variant
-//! wherever this path runs; elsewhere `f32::exp` runs itself.
+//! does the same in vectors of 8 doubles (4 with AVX2, which looks the table up with a gather
+//! instead of permutes) and gives the same bits for every f32 input (checked against `f32::exp`
+//! on all 2^32 of them, `cargo test --release --lib expf -- --ignored`; a sample in the ordinary
+//! tests). glibc takes its FMA variant on every CPU with AVX2 and FMA, the only CPUs these paths
+//! run on (every AVX-512 CPU has both); elsewhere `f32::exp` runs itself.
 
 /// 2^(i/32) with i·2^47 subtracted from its bits (glibc's `__exp2f_data.tab`): adding k·2^47
 /// (k = 32·q + i) puts q into the exponent.
@@ -35,6 +37,14 @@ pub fn exp_in_place(x: &mut [f32]) {
         let body = x.len() / 16 * 16;
         // SAFETY: AVX-512F was detected; the body is whole vectors of 16.
         unsafe { x86::exp_body(&mut x[..body]) };
+        x[body..].iter_mut().for_each(|v| *v = v.exp());
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx2() {
+        let body = x.len() / 8 * 8;
+        // SAFETY: AVX2 and FMA were detected; the body is whole vectors of 8.
+        unsafe { x86::exp_body_avx2(&mut x[..body]) };
         x[body..].iter_mut().for_each(|v| *v = v.exp());
         return;
     }
@@ -90,6 +100,43 @@ mod x86 {
             _mm512_storeu_ps(chunk.as_mut_ptr(), y);
         }
     }
+
+    /// [`exp_body`] with AVX2 and FMA: halves of 4 doubles, the table read by a gather.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_body_avx2(x: &mut [f32]) {
+        let inv_ln2_n = _mm256_set1_pd(f64::from_bits(0x3ff71547652b82fe) * N);
+        let shift = _mm256_set1_pd(f64::from_bits(0x4338000000000000));
+        let c0 = _mm256_set1_pd(f64::from_bits(0x3fac6af84b912394) / N / N / N);
+        let c1 = _mm256_set1_pd(f64::from_bits(0x3fcebfce50fac4f3) / N / N);
+        let c2 = _mm256_set1_pd(f64::from_bits(0x3fe62e42ff0c52d6) / N);
+        let one = _mm256_set1_pd(1.0);
+        let low5 = _mm256_set1_epi64x(31);
+        let half = |xd: __m256d| -> __m128 {
+            let z = _mm256_mul_pd(inv_ln2_n, xd);
+            let kd = _mm256_add_pd(z, shift);
+            let ki = _mm256_castpd_si256(kd);
+            let kd = _mm256_sub_pd(kd, shift);
+            let r = _mm256_fmsub_pd(inv_ln2_n, xd, kd);
+            let t = _mm256_i64gather_epi64::<8>(TABLE.as_ptr() as *const i64, _mm256_and_si256(ki, low5));
+            let s = _mm256_castsi256_pd(_mm256_add_epi64(t, _mm256_slli_epi64::<47>(ki)));
+            let p = _mm256_fmadd_pd(c0, r, c1);
+            let y = _mm256_fmadd_pd(c2, r, one);
+            let y = _mm256_fmadd_pd(p, _mm256_mul_pd(r, r), y);
+            _mm256_cvtpd_ps(_mm256_mul_pd(y, s))
+        };
+        for chunk in x.chunks_exact_mut(8) {
+            let v = _mm256_loadu_ps(chunk.as_ptr());
+            let lo = half(_mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+            let hi = half(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)));
+            let mut y = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(lo), hi);
+            let over = _mm256_cmp_ps::<_CMP_GT_OQ>(v, _mm256_set1_ps(f32::from_bits(OVERFLOW)));
+            y = _mm256_blendv_ps(y, _mm256_set1_ps(f32::INFINITY), over);
+            let under = _mm256_cmp_ps::<_CMP_LT_OQ>(v, _mm256_set1_ps(f32::from_bits(UNDERFLOW)));
+            y = _mm256_blendv_ps(y, _mm256_setzero_ps(), under);
+            y = _mm256_blendv_ps(y, _mm256_add_ps(v, v), _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+            _mm256_storeu_ps(chunk.as_mut_ptr(), y);
+        }
+    }
 }
 
 /// Test support for the vectorised scalar functions: every `step`-th f32 bit pattern from
@@ -124,8 +171,8 @@ mod tests {
 
     #[test]
     fn same_bits_as_the_c_library_on_a_sample_and_the_edges() {
-        if !crate::kernels::simd::has_avx512() {
-            eprintln!("skipped: this CPU has no AVX-512, where f32::exp itself runs");
+        if !crate::kernels::simd::has_avx2() {
+            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 with FMA, where f32::exp itself runs");
         }
         // A prime stride through every sign, exponent and NaN payload class.
         assert_eq!(mismatches(exp_in_place, f32::exp, 0, 65_521), (0, None));
