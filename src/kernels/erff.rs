@@ -24,20 +24,23 @@ const QA: [f32; 6] = [1.064_208_820_5e-1, 5.403_979_420_7e-1, 7.182_865_589_9e-2
 /// `x` becomes `erf(x)` for every element, with the bits of candle's `erf_f32`.
 pub fn erf_in_place(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::simd::has_avx512() {
-        let body = x.len() / 16 * 16;
-        // SAFETY: AVX-512F was detected; the body is whole vectors of 16.
-        unsafe { x86::erf_body(&mut x[..body]) };
-        x[body..].iter_mut().for_each(|v| *v = erf_f32(*v));
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if super::simd::has_avx2() {
-        let body = x.len() / 8 * 8;
-        // SAFETY: AVX2 was detected; the body is whole vectors of 8.
-        unsafe { x86::erf_body_avx2(&mut x[..body]) };
-        x[body..].iter_mut().for_each(|v| *v = erf_f32(*v));
-        return;
+    {
+        // This CPU's widest kernel and its lanes.
+        let kernel: Option<(usize, unsafe fn(&mut [f32]))> = if super::simd::has_avx512() {
+            Some((16, x86::erf_body))
+        } else if super::simd::has_avx2() {
+            Some((8, x86::erf_body_avx2))
+        } else {
+            None
+        };
+        if let Some((lanes, kernel)) = kernel {
+            let body = x.len() / lanes * lanes;
+            // SAFETY: each kernel is taken only where its features were detected; the body is
+            // whole vectors.
+            unsafe { kernel(&mut x[..body]) };
+            x[body..].iter_mut().for_each(|v| *v = erf_f32(*v));
+            return;
+        }
     }
     x.iter_mut().for_each(|v| *v = erf_f32(*v));
 }

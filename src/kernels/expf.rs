@@ -33,20 +33,23 @@ const N: f64 = 32.0;
 /// `x` becomes `e^x` for every element, with the bits of `f32::exp`.
 pub fn exp_in_place(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::simd::has_avx512() {
-        let body = x.len() / 16 * 16;
-        // SAFETY: AVX-512F was detected; the body is whole vectors of 16.
-        unsafe { x86::exp_body(&mut x[..body]) };
-        x[body..].iter_mut().for_each(|v| *v = v.exp());
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if super::simd::has_avx2() {
-        let body = x.len() / 8 * 8;
-        // SAFETY: AVX2 and FMA were detected; the body is whole vectors of 8.
-        unsafe { x86::exp_body_avx2(&mut x[..body]) };
-        x[body..].iter_mut().for_each(|v| *v = v.exp());
-        return;
+    {
+        // This CPU's widest kernel and its lanes.
+        let kernel: Option<(usize, unsafe fn(&mut [f32]))> = if super::simd::has_avx512() {
+            Some((16, x86::exp_body))
+        } else if super::simd::has_avx2() {
+            Some((8, x86::exp_body_avx2))
+        } else {
+            None
+        };
+        if let Some((lanes, kernel)) = kernel {
+            let body = x.len() / lanes * lanes;
+            // SAFETY: each kernel is taken only where its features were detected; the body is
+            // whole vectors.
+            unsafe { kernel(&mut x[..body]) };
+            x[body..].iter_mut().for_each(|v| *v = v.exp());
+            return;
+        }
     }
     x.iter_mut().for_each(|v| *v = v.exp());
 }
