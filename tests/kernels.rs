@@ -593,6 +593,23 @@ fn conv2d_kernel_matches_candle_conv_for_every_input_and_epilogue() {
     worst = worst.max(check(&format!("conv2d {c:?}"), &got, |dt| {
         ref_conv(&cast(&d.x, dt), &cast(&d.w, dt), Some(&cast(&d.bias, dt)), None, 3, c.input, Some(&cast(&d.res, dt)), 2.0)
     }));
+    // Maps of 8x8 and below with enough output channels for the direct kernel's channels-last
+    // tile on every instruction set, which then computes only the map's pixels (stride 1 and
+    // 2, an upsampled input).
+    for (i, c) in [
+        ConvCase { b: 2, cin: 20, cout: 70, hw: (4, 4), k: 3, stride: 1, input: plain(1) },
+        ConvCase { b: 1, cin: 24, cout: 64, hw: (8, 7), k: 3, stride: 2, input: plain(1) },
+        ConvCase { b: 1, cin: 16, cout: 66, hw: (3, 4), k: 3, stride: 1, input: up(6, 8, 1) },
+    ]
+    .iter()
+    .enumerate()
+    {
+        let d = conv_data(3900 + 10 * i as u64, c);
+        let got = kernels::conv2d(&d.x, &d.w, Some(&d.bias), None, c.stride, c.input, Some(&d.res), 1.0, None).unwrap();
+        worst = worst.max(check(&format!("conv2d {c:?}"), &got, |dt| {
+            ref_conv(&cast(&d.x, dt), &cast(&d.w, dt), Some(&cast(&d.bias, dt)), None, c.stride, c.input, Some(&cast(&d.res, dt)), 1.0)
+        }));
+    }
     eprintln!("conv2d kernel: max relative error {worst:.2e} (tolerance {TOL:.0e})");
 }
 

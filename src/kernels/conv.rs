@@ -11,10 +11,11 @@ use super::gemm::{per_item, sgemm, threads};
 use super::io::{check_per_channel, tensor, uninit, with_slices};
 use crate::error::{Error, Result};
 
-/// Up to this many output pixels (on the padded grid) a convolution with a tap-major weight runs
-/// its f32 products with the output channels along the vector lanes; above it, with the pixels
-/// there (no transpose of the result). On SD-1.5 shapes the first is faster at 16x16 and below,
-/// the second from 32x32 (the VAE's large maps most of all). Both give the same bytes.
+/// Up to this many output pixels (on the padded grid) a convolution with a tap-major weight, or
+/// one the direct kernel runs with enough output channels, runs its f32 products with the
+/// output channels along the vector lanes; above it, with the pixels there (no transpose of
+/// the result). On SD-1.5 shapes the first is faster at 16x16 and below, the second from 32x32
+/// (the VAE's large maps most of all). Both give the same bytes.
 const CHANNELS_LAST_MAX_PIXELS: usize = 512;
 
 /// How a convolution's input is prepared: nearest-upsampled to a size first, then padded.
@@ -146,12 +147,18 @@ pub fn conv2d(
     let tap_major = hwio.is_some();
     let weight = hwio.as_ref().unwrap_or(weight);
     // The f32 product of a tap-major weight runs channel-major when the image has few pixels and
-    // leaves its result as [pixel, cout] (see below).
-    // The direct kernel does the same for any weight layout on maps too small for its planar
-    // layout to pay.
+    // leaves its result as [pixel, cout] (see below). So does the direct kernel, for any weight
+    // layout, on maps too small for its planar layout to pay, and where output channels fill
+    // its channels-last tile: that layout computes only the map's pixels, not the grid's junk
+    // columns (a fifth of the grid at 8x8, a third at 4x4), which the planar tile cannot skip.
     let n_ext = ho * wp_real.div_ceil(stride);
     let taps_exact = packed.is_none() && !direct && conv_taps::applies(cout, cin, n_ext);
-    let channels_last = packed.is_none() && n_ext <= CHANNELS_LAST_MAX_PIXELS && (tap_major || (taps_exact && !conv_taps::planar_pays(n_ext)));
+    let channels_last = packed.is_none()
+        && n_ext <= CHANNELS_LAST_MAX_PIXELS
+        && (tap_major || (taps_exact && (!conv_taps::planar_pays(n_ext) || conv_taps::channels_last_fills(cout))));
+    let skip_junk = channels_last && taps_exact && ho * wo >= 2;
+    // Pixels of the product's result, and the distance of its rows.
+    let (n_res, res_row) = if skip_junk { (ho * wo, wo) } else { (n_ext, wp_real.div_ceil(stride)) };
     let mut ts: Vec<&Tensor> = vec![x, weight];
     ts.extend(bias);
     ts.extend(extra_bias);
@@ -223,7 +230,11 @@ pub fn conv2d(
         // The f32 product goes through the direct kernel where it gives gemm's bits.
         let taps_w = taps_exact.then(|| conv_taps::pack_taps(ws, cout, cin, kk, w_at));
         let w_offs: Vec<usize> = (0..kk).map(|t| t * cin * cout).collect();
-        let taps_layout = if channels_last { conv_taps::Layout::ChannelsLast } else { conv_taps::Layout::Planar };
+        let taps_layout = match (channels_last, skip_junk) {
+            (false, _) => conv_taps::Layout::Planar,
+            (true, false) => conv_taps::Layout::ChannelsLast,
+            (true, true) => conv_taps::Layout::ChannelsLastRows { cols: wo, stride: we },
+        };
         // Scratch per task: the padded input (its zero border is set once and never written)
         // and the product on the wq-wide grid.
         let scratch = || (vec![0f32; cin * plane + slack], uninit(cout * n_ext));
@@ -238,7 +249,7 @@ pub fn conv2d(
             let bvec = sample_bias(bi);
             let acc = match bvec.as_deref() {
                 Some(bv) if channels_last => {
-                    for row in ext.chunks_exact_mut(cout) {
+                    for row in ext[..n_res * cout].chunks_exact_mut(cout) {
                         row.copy_from_slice(bv);
                     }
                     true
@@ -255,7 +266,7 @@ pub fn conv2d(
                 let xb = bf16::PairPlanes::from_rows(xp, cin, plane, plane);
                 bf16::gemm_taps(pw, &xb, &offs, n_ext, ext, n_ext, acc, nt > 1).expect("shapes checked above");
             } else if let Some(wt) = &taps_w {
-                conv_taps::conv_taps(wt, &w_offs, cout, cin, xp, plane, &offs, n_ext, ext, acc, nt > 1, taps_layout);
+                conv_taps::conv_taps(wt, &w_offs, cout, cin, xp, plane, &offs, n_res, ext, acc, nt > 1, taps_layout);
             } else {
                 // Channel-major, the result is [pixel, cout]: the output channels run along the
                 // vector lanes and the pixels are broadcast, so each tap's weight is read once, in
@@ -296,7 +307,7 @@ pub fn conv2d(
                     let cn = dblk.len() / out_plane;
                     for oy in 0..ho {
                         for ox in 0..wo {
-                            let e = &ext_ref[(oy * we + ox) * cout + c0..][..cn];
+                            let e = &ext_ref[(oy * res_row + ox) * cout + c0..][..cn];
                             let o = oy * wo + ox;
                             for (c, &ev) in e.iter().enumerate() {
                                 let mut v = match res {

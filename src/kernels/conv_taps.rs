@@ -35,6 +35,8 @@ pub(crate) struct Geometry {
     tile_px: usize,
     /// Pixels per channels-last tile.
     cl_pixels: usize,
+    /// Output channels of a whole channels-last tile.
+    cl_channels: usize,
 }
 
 /// The tiles for this CPU (each instruction set's [`x86::Isa::TILES`]), `None` where it has
@@ -66,6 +68,12 @@ pub(crate) fn applies(cout: usize, cin: usize, n: usize) -> bool {
     available() && (3..=512).contains(&cin) && cout >= 2 && n >= 2
 }
 
+/// Whether `cout` output channels fill at least one whole channels-last tile, so that the
+/// layout loses no lanes to the channels.
+pub(crate) fn channels_last_fills(cout: usize) -> bool {
+    geometry().is_some_and(|g| cout >= g.cl_channels)
+}
+
 /// Whether the planar layout is worth it: below one tile of pixels (a 4x4 map with AVX-512)
 /// `gemm` was as fast; small maps take [`Layout::ChannelsLast`] instead.
 pub(crate) fn planar_pays(n: usize) -> bool {
@@ -79,6 +87,23 @@ pub(crate) enum Layout {
     Planar,
     /// [n, cout]: output channels along the lanes, every pixel used however small the map.
     ChannelsLast,
+    /// [n, cout] as [`Layout::ChannelsLast`], for the `n` pixels of a map `cols` wide whose
+    /// input rows are `stride` apart: pixel p reads the input at (p / cols)·stride + p % cols.
+    /// A convolution's taps read a grid whose rows run past the map's (its padding); this
+    /// skips those junk columns instead of computing and storing them (a third of the work of
+    /// a padded 4x4 map).
+    ChannelsLastRows { cols: usize, stride: usize },
+}
+
+impl Layout {
+    /// (cols, stride) of the pixel rows of a channels-last layout of `n` pixels.
+    fn rows(self, n: usize) -> Option<(usize, usize)> {
+        match self {
+            Layout::Planar => None,
+            Layout::ChannelsLast => Some((n, n)),
+            Layout::ChannelsLastRows { cols, stride } => Some((cols, stride)),
+        }
+    }
 }
 
 /// The weight of tap `t` given as (offset, row stride, column stride) of its [cout, cin] matrix
@@ -97,14 +122,23 @@ pub(crate) fn pack_taps(w: &[f32], cout: usize, cin: usize, taps: usize, at: imp
 /// `dst` [cout, n] (row stride n; [n, cout] with [`Layout::ChannelsLast`])
 /// `= (preloaded ? dst : 0) + Σ_t W_t @ X_t` with `W_t`[co, ci] = `w[w_offs[t] + ci·cout + co]`
 /// (from [`pack_taps`], `w_offs[t] = t·cin·cout`) and `X_t`[ci, p] = `x[ci·plane + offs[t] + p]`.
-/// Pixel blocks are split across rayon's threads when `parallel`; the arithmetic is the same.
+/// With [`Layout::ChannelsLastRows`], `X_t`[ci, p] = `x[ci·plane + offs[t] + (p / cols)·stride +
+/// p % cols]`. Pixel blocks are split across rayon's threads when `parallel`; the arithmetic is
+/// the same.
 ///
 /// Panics unless [`applies`] holds and `x` holds every element the offsets reach.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv_taps(w: &[f32], w_offs: &[usize], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], n: usize, dst: &mut [f32], preloaded: bool, parallel: bool, layout: Layout) {
     assert!(applies(cout, cin, n), "conv_taps: not applicable to cout {cout}, cin {cin}, n {n}");
     assert!(w_offs.len() == offs.len() && w_offs.iter().all(|&o| o + cin * cout <= w.len()) && dst.len() >= cout * n);
-    let reach = offs.iter().max().copied().unwrap_or(0) + (cin - 1) * plane + n;
+    let last_px = match layout.rows(n) {
+        Some((cols, stride)) => {
+            assert!(cols >= 1 && stride >= cols, "conv_taps: rows of {cols} pixels {stride} apart");
+            (n - 1) / cols * stride + (n - 1) % cols
+        }
+        None => n - 1,
+    };
+    let reach = offs.iter().max().copied().unwrap_or(0) + (cin - 1) * plane + last_px + 1;
     assert!(x.len() >= reach, "conv_taps: input of {} floats, the taps reach {reach}", x.len());
     run(w, &Taps { w_offs, offs, cout, cin, plane }, cout, x, n, dst, preloaded, parallel, layout);
 }
@@ -239,15 +273,16 @@ fn run<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], n: usize, dst: &m
             }
         };
         // Channels-last: the tiles `blks`, all output channels.
+        let px_rows = layout.rows(n).unwrap_or((n, n));
         let run_cl = |blks: Range<usize>| {
             let d = dst_ptr;
             let (p0, p1) = (blks.start * tile_px, (blks.end * tile_px).min(n));
             // SAFETY: as for `run`.
             unsafe {
                 if wide {
-                    x86::block_cl_avx512(w, depth, cout, x, p0, p1, d.0, preloaded)
+                    x86::block_cl_avx512(w, depth, cout, x, px_rows, p0, p1, d.0, preloaded)
                 } else {
-                    x86::block_cl_avx2(w, depth, cout, x, p0, p1, d.0, preloaded)
+                    x86::block_cl_avx2(w, depth, cout, x, px_rows, p0, p1, d.0, preloaded)
                 }
             }
         };
@@ -260,7 +295,7 @@ fn run<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], n: usize, dst: &m
                 let task_blocks = |task: usize| task * per_task..((task + 1) * per_task).min(blocks);
                 match layout {
                     Layout::Planar => for_tasks(blocks.div_ceil(per_task), parallel, |task| task_blocks(task).for_each(|b| run(b, 0..cout, 0..nb))),
-                    Layout::ChannelsLast => for_tasks(blocks.div_ceil(per_task), parallel, |task| run_cl(task_blocks(task))),
+                    Layout::ChannelsLast | Layout::ChannelsLastRows { .. } => for_tasks(blocks.div_ceil(per_task), parallel, |task| run_cl(task_blocks(task))),
                 }
             }
             Some(group) => {
@@ -324,7 +359,7 @@ mod x86 {
     /// 6 pixels x up to 4 vectors of 16 channels.
     impl Isa for Avx512 {
         const LANES: usize = 16;
-        const TILES: Geometry = Geometry { rows: 8, tile_px: Self::LANES * Self::VECS, cl_pixels: 6 };
+        const TILES: Geometry = Geometry { rows: 8, tile_px: Self::LANES * Self::VECS, cl_pixels: 6, cl_channels: Self::LANES * Self::CL_VECS };
         const VECS: usize = 3;
         const CL_VECS: usize = 4;
         type V = __m512;
@@ -373,7 +408,7 @@ mod x86 {
     /// chain); channels-last 6 pixels x up to 2 vectors of 8 channels.
     impl Isa for Avx2 {
         const LANES: usize = 8;
-        const TILES: Geometry = Geometry { rows: 6, tile_px: Self::LANES * Self::VECS, cl_pixels: 6 };
+        const TILES: Geometry = Geometry { rows: 6, tile_px: Self::LANES * Self::VECS, cl_pixels: 6, cl_channels: Self::LANES * Self::CL_VECS };
         const VECS: usize = 2;
         const CL_VECS: usize = 2;
         type V = __m256;
@@ -438,7 +473,7 @@ mod x86 {
                 let mut co = cos.start;
                 while co < cos.end {
                     let rows = (cos.end - co).min(I::TILES.rows);
-                    let args = Tile::<I, D> { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(p0), dst: dst.add(co * n + p0), ld: n, last, preloaded, ts: ts.clone() };
+                    let args = Tile::<I, D> { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(p0), pix: [0; 8], dst: dst.add(co * n + p0), ld: n, last, preloaded, ts: ts.clone() };
                     match (rows, vecs, masked) {
                         $(
                             ($r, 1, false) => tile::<I, D, $r, 1, false>(&args),
@@ -454,7 +489,8 @@ mod x86 {
                 }
             }
 
-            /// All output channels of the pixels `p0..p1`, written as [n, cout]: per group of
+            /// All output channels of the pixels `p0..p1` (in rows of `cols` pixels whose inputs
+            /// are `stride` apart), written as [n, cout]: per group of
             /// output channels (one tile wide), every tile of pixels in turn, so that the
             /// group's weights stay in cache across the pixels (over all channels they may not:
             /// 128 channels in and out of a 3x3 convolution are 576 KiB).
@@ -463,7 +499,7 @@ mod x86 {
             /// As the planar entry.
             #[allow(clippy::too_many_arguments)]
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $block_cl<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], p0: usize, p1: usize, dst: *mut f32, preloaded: bool) {
+            pub(super) unsafe fn $block_cl<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], (cols, stride): (usize, usize), p0: usize, p1: usize, dst: *mut f32, preloaded: bool) {
                 type I = $isa;
                 let mut co = 0;
                 while co < cout {
@@ -474,17 +510,35 @@ mod x86 {
                     let mut p = p0;
                     while p < p1 {
                         let px = (p1 - p).min(I::TILES.cl_pixels);
-                        let args = Tile::<I, D> { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(p), dst: dst.add(p * cout + co), ld: cout, last, preloaded, ts: 0..depth.blocks() };
-                        match (px, vecs, masked) {
+                        let at = |p: usize| p / cols * stride + p % cols;
+                        // A tile within one row reads consecutive inputs; one across rows, each
+                        // pixel's from `pix`.
+                        let split = p % cols + px > cols;
+                        let mut pix = [0; 8];
+                        if split {
+                            for (j, o) in pix.iter_mut().enumerate().take(px) {
+                                *o = at(p + j) - at(p);
+                            }
+                        }
+                        let args = Tile::<I, D> { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(at(p)), pix, dst: dst.add(p * cout + co), ld: cout, last, preloaded, ts: 0..depth.blocks() };
+                        match (px, vecs, masked, split) {
                             $(
-                                ($p, 1, false) => tile_cl::<I, D, $p, 1, false>(&args),
-                                ($p, 2, false) => tile_cl::<I, D, $p, 2, false>(&args),
-                                ($p, 3, false) => tile_cl::<I, D, $p, 3, false>(&args),
-                                ($p, _, false) => tile_cl::<I, D, $p, { <$isa>::CL_VECS }, false>(&args),
-                                ($p, 1, true) => tile_cl::<I, D, $p, 1, true>(&args),
-                                ($p, 2, true) => tile_cl::<I, D, $p, 2, true>(&args),
-                                ($p, 3, true) => tile_cl::<I, D, $p, 3, true>(&args),
-                                ($p, _, true) => tile_cl::<I, D, $p, { <$isa>::CL_VECS }, true>(&args),
+                                ($p, 1, false, false) => tile_cl::<I, D, $p, 1, false, false>(&args),
+                                ($p, 2, false, false) => tile_cl::<I, D, $p, 2, false, false>(&args),
+                                ($p, 3, false, false) => tile_cl::<I, D, $p, 3, false, false>(&args),
+                                ($p, _, false, false) => tile_cl::<I, D, $p, { <$isa>::CL_VECS }, false, false>(&args),
+                                ($p, 1, true, false) => tile_cl::<I, D, $p, 1, true, false>(&args),
+                                ($p, 2, true, false) => tile_cl::<I, D, $p, 2, true, false>(&args),
+                                ($p, 3, true, false) => tile_cl::<I, D, $p, 3, true, false>(&args),
+                                ($p, _, true, false) => tile_cl::<I, D, $p, { <$isa>::CL_VECS }, true, false>(&args),
+                                ($p, 1, false, true) => tile_cl::<I, D, $p, 1, false, true>(&args),
+                                ($p, 2, false, true) => tile_cl::<I, D, $p, 2, false, true>(&args),
+                                ($p, 3, false, true) => tile_cl::<I, D, $p, 3, false, true>(&args),
+                                ($p, _, false, true) => tile_cl::<I, D, $p, { <$isa>::CL_VECS }, false, true>(&args),
+                                ($p, 1, true, true) => tile_cl::<I, D, $p, 1, true, true>(&args),
+                                ($p, 2, true, true) => tile_cl::<I, D, $p, 2, true, true>(&args),
+                                ($p, 3, true, true) => tile_cl::<I, D, $p, 3, true, true>(&args),
+                                ($p, _, true, true) => tile_cl::<I, D, $p, { <$isa>::CL_VECS }, true, true>(&args),
                             )*
                             _ => unreachable!(),
                         }
@@ -504,6 +558,8 @@ mod x86 {
         depth: &'a D,
         /// Input at this tile's first pixel, before a row's offset.
         x: *const f32,
+        /// Channels-last tiles across rows of pixels: each pixel's input offset from `x`.
+        pix: [usize; 8],
         /// Output at this tile's first channel and pixel; its rows (channels, or pixels when
         /// channels-last) are `ld` apart and its vectors run along them.
         dst: *mut f32,
@@ -569,9 +625,9 @@ mod x86 {
     }
 
     /// P pixels x V vectors of output channels (the last one partial if `MASKED`), through
-    /// every block.
+    /// every block; the pixels' inputs consecutive, or at `a.pix` if `SPLIT`.
     #[inline(always)]
-    unsafe fn tile_cl<I: Isa, D: Depth, const P: usize, const V: usize, const MASKED: bool>(a: &Tile<'_, I, D>) {
+    unsafe fn tile_cl<I: Isa, D: Depth, const P: usize, const V: usize, const MASKED: bool, const SPLIT: bool>(a: &Tile<'_, I, D>) {
         for t in a.ts.clone() {
             let mut acc = [[I::zero(); V]; P];
             for i in 0..a.depth.len(t) {
@@ -583,7 +639,7 @@ mod x86 {
                 }
                 let xr = a.x.add(xo);
                 for (p, acc) in acc.iter_mut().enumerate() {
-                    let b = I::splat(*xr.add(p));
+                    let b = I::splat(*xr.add(if SPLIT { a.pix[p] } else { p }));
                     for (acc, &wv) in acc.iter_mut().zip(&wv) {
                         *acc = I::fma(wv, b, *acc);
                     }
@@ -642,6 +698,18 @@ mod tests {
                     conv_taps(&w, &w_offs, cout, cin, &x, plane, &offs, n, &mut got, preloaded, parallel, Layout::ChannelsLast);
                     let diff = (0..n * cout).filter(|&i| got[i].to_bits() != want[(i % cout) * n + i / cout].to_bits()).count();
                     assert_eq!(diff, 0, "channels last: cout {cout}, cin {cin}, taps {taps}, n {n}, preloaded {preloaded}, parallel {parallel}: {diff} values differ");
+                    // Only the pixels of rows `cols` wide, `offs_step` apart (a padded map's grid
+                    // without its junk columns), written [pixel, cout]: tiles across rows read
+                    // each pixel's input on its own.
+                    if offs_step > 2 {
+                        let (cols, stride) = (offs_step - 2, offs_step);
+                        let at = |p: usize| p / cols * stride + p % cols;
+                        let m = (n / stride) * cols + (n % stride).min(cols);
+                        let mut got: Vec<f32> = (0..m * cout).map(|i| init[(i % cout) * n + at(i / cout)]).collect();
+                        conv_taps(&w, &w_offs, cout, cin, &x, plane, &offs, m, &mut got, preloaded, parallel, Layout::ChannelsLastRows { cols, stride });
+                        let diff = (0..m * cout).filter(|&i| got[i].to_bits() != want[(i % cout) * n + at(i / cout)].to_bits()).count();
+                        assert_eq!(diff, 0, "channels last, rows of {cols}: cout {cout}, cin {cin}, taps {taps}, n {m}, preloaded {preloaded}, parallel {parallel}: {diff} values differ");
+                    }
                 }
             }
         }
