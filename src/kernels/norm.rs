@@ -125,59 +125,102 @@ pub fn scale_shift_channels(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bo
 const BN_LANES: usize = 16;
 const BN_BLOCK: usize = 4096;
 
-/// The two sums of `f` over the elements of the equally long `inputs`, in the fixed order
-/// described at [`BN_LANES`].
+/// The sum of `f` over the elements of the equally long `inputs`, in the fixed order
+/// described at [`BN_LANES`]: `fv` on 16-lane vectors (`V`, 16 lanes), `fs` on the tail's
+/// single lanes, both the same arithmetic. One sum per pass: with two accumulators in one loop
+/// the compiler paired lane l of each into a vector instead of making vectors of the lanes.
 #[inline(always)]
-fn bn_sums<const N: usize>(inputs: [&[f32]; N], f: impl Fn([f32; N]) -> (f32, f32)) -> (f64, f64) {
+fn bn_sum<V: Vf, const N: usize>(inputs: [&[f32]; N], fv: impl Fn([V; N]) -> V, fs: impl Fn([S1; N]) -> S1) -> f64 {
+    assert_eq!(V::N, BN_LANES, "batch-norm sums run on 16-lane vectors");
     let n = inputs[0].len();
-    let mut total = (0f64, 0f64);
+    assert!(inputs.iter().all(|x| x.len() == n), "batch-norm sums: inputs of different lengths");
+    let mut total = 0f64;
     for start in (0..n).step_by(BN_BLOCK) {
         let end = (start + BN_BLOCK).min(n);
         let body = start + (end - start) / BN_LANES * BN_LANES;
-        let (mut a, mut b) = ([0f32; BN_LANES], [0f32; BN_LANES]);
+        let mut acc = V::splat(0.0);
         for i in (start..body).step_by(BN_LANES) {
-            let chunks: [&[f32; BN_LANES]; N] = std::array::from_fn(|j| inputs[j][i..i + BN_LANES].try_into().expect("lane chunk"));
-            for l in 0..BN_LANES {
-                let (u, v) = f(std::array::from_fn(|j| chunks[j][l]));
-                a[l] += u;
-                b[l] += v;
-            }
+            // SAFETY: i + 16 <= body <= n, the length of every input.
+            acc = acc.add(fv(std::array::from_fn(|j| unsafe { V::load(inputs[j].as_ptr().add(i)) })));
         }
-        let (mut sa, mut sb) = (0f32, 0f32);
-        for (u, v) in a.iter().zip(&b) {
-            sa += u;
-            sb += v;
+        let mut sum = 0f32;
+        for u in acc.lanes() {
+            sum += u;
         }
-        #[allow(clippy::needless_range_loop)]
         for i in body..end {
-            let (u, v) = f(std::array::from_fn(|j| inputs[j][i]));
-            sa += u;
-            sb += v;
+            sum += fs(std::array::from_fn(|j| S1(inputs[j][i]))).0;
         }
-        total.0 += sa as f64;
-        total.1 += sb as f64;
+        total += sum as f64;
     }
     total
 }
 
+/// (x - mean)² per lane.
 #[inline(always)]
-fn bn_plane_sums_imp<V: Vf>(x: &[f32], mean: f32) -> (f64, f64) {
-    // (Σ x, Σ (x - mean)²); with mean = 0 the second is unused.
-    bn_sums([x], |[v]| {
-        let d = v - mean;
-        (v, d * d)
-    })
+fn centred_square<W: Vf>(x: W, mean: f32) -> W {
+    let d = x.sub(W::splat(mean));
+    d.mul(d)
 }
-dispatch!(fn bn_plane_sums(x: &[f32], mean: f32) -> (f64, f64) => bn_plane_sums_imp);
+
+#[inline(always)]
+fn bn_plane_sum_imp<V: Vf>(x: &[f32]) -> f64 {
+    bn_sum::<V, 1>(
+        [x],
+        #[inline(always)]
+        |[v]| v,
+        #[inline(always)]
+        |[v]| v,
+    )
+}
+dispatch!(fn bn_plane_sum(x: &[f32]) -> f64 => bn_plane_sum_imp);
+
+#[inline(always)]
+fn bn_plane_squares_imp<V: Vf>(x: &[f32], mean: f32) -> f64 {
+    bn_sum::<V, 1>(
+        [x],
+        #[inline(always)]
+        |[v]| centred_square(v, mean),
+        #[inline(always)]
+        |[v]| centred_square(v, mean),
+    )
+}
+dispatch!(fn bn_plane_squares(x: &[f32], mean: f32) -> f64 => bn_plane_squares_imp);
+
+/// dy, or 0 where `relu` and y <= 0 (y below the smallest positive float: the same lanes, NaN
+/// kept).
+#[inline(always)]
+fn relu_masked<W: Vf>(g: W, y: W, relu: bool) -> W {
+    if relu {
+        g.zero_where_lt(y, f32::from_bits(1))
+    } else {
+        g
+    }
+}
+
+/// The masked dy times (x - mean) per lane.
+#[inline(always)]
+fn masked_centred<W: Vf>(g: W, x: W, y: W, relu: bool, mean: f32) -> W {
+    relu_masked(g, y, relu).mul(x.sub(W::splat(mean)))
+}
 
 #[inline(always)]
 fn bn_grad_sums_imp<V: Vf>(dy: &[f32], x: &[f32], y: &[f32], relu: bool, mean: f32) -> (f64, f64) {
     // (Σ dy, Σ dy (x - mean)), dy zeroed where the ReLU output is 0.
-    assert!(x.len() == dy.len() && y.len() == dy.len());
-    bn_sums([dy, x, y], |[g, xv, yv]| {
-        let d = if relu && yv <= 0.0 { 0.0 } else { g };
-        (d, d * (xv - mean))
-    })
+    let grad = bn_sum::<V, 2>(
+        [dy, y],
+        #[inline(always)]
+        |[g, yv]| relu_masked(g, yv, relu),
+        #[inline(always)]
+        |[g, yv]| relu_masked(g, yv, relu),
+    );
+    let centred = bn_sum::<V, 3>(
+        [dy, x, y],
+        #[inline(always)]
+        |[g, xv, yv]| masked_centred(g, xv, yv, relu, mean),
+        #[inline(always)]
+        |[g, xv, yv]| masked_centred(g, xv, yv, relu, mean),
+    );
+    (grad, centred)
 }
 dispatch!(fn bn_grad_sums(dy: &[f32], x: &[f32], y: &[f32], relu: bool, mean: f32) -> (f64, f64) => bn_grad_sums_imp);
 
@@ -191,8 +234,8 @@ pub fn batch_norm_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f32, f
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let mean = (planes(ch).map(|p| bn_plane_sums(p, 0.0).0).sum::<f64>() / count) as f32;
-            (mean, planes(ch).map(|p| bn_plane_sums(p, mean).1).sum::<f64>() / count)
+            let mean = (planes(ch).map(bn_plane_sum).sum::<f64>() / count) as f32;
+            (mean, planes(ch).map(|p| bn_plane_squares(p, mean)).sum::<f64>() / count)
         })
         .collect()
 }
