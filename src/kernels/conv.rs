@@ -18,6 +18,14 @@ use crate::error::{Error, Result};
 /// (the VAE's large maps most of all). Both give the same bytes.
 const CHANNELS_LAST_MAX_PIXELS: usize = 512;
 
+/// Whether the direct kernel runs a product of `cout` channels over a grid of `n_grid` pixels
+/// channels-last ([`conv_taps::Layout::ChannelsLastRows`]): the map is small and its output
+/// channels fill the tile. That layout computes only the map's pixels, not the grid's junk
+/// columns (a fifth of the grid at 8x8, a third at 4x4), which the planar tile cannot skip.
+pub(crate) fn direct_channels_last(cout: usize, n_grid: usize) -> bool {
+    n_grid <= CHANNELS_LAST_MAX_PIXELS && conv_taps::channels_last_fills(cout)
+}
+
 /// How a convolution's input is prepared: nearest-upsampled to a size first, then padded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvInput {
@@ -148,14 +156,13 @@ pub fn conv2d(
     let weight = hwio.as_ref().unwrap_or(weight);
     // The f32 product of a tap-major weight runs channel-major when the image has few pixels and
     // leaves its result as [pixel, cout] (see below). So does the direct kernel, for any weight
-    // layout, on maps too small for its planar layout to pay, and where output channels fill
-    // its channels-last tile: that layout computes only the map's pixels, not the grid's junk
-    // columns (a fifth of the grid at 8x8, a third at 4x4), which the planar tile cannot skip.
+    // layout, on maps too small for its planar layout to pay, and where
+    // [`direct_channels_last`] holds.
     let n_ext = ho * wp_real.div_ceil(stride);
     let taps_exact = packed.is_none() && !direct && conv_taps::applies(cout, cin, n_ext);
     let channels_last = packed.is_none()
         && n_ext <= CHANNELS_LAST_MAX_PIXELS
-        && (tap_major || (taps_exact && (!conv_taps::planar_pays(n_ext) || conv_taps::channels_last_fills(cout))));
+        && (tap_major || (taps_exact && (!conv_taps::planar_pays(n_ext) || direct_channels_last(cout, n_ext))));
     let skip_junk = channels_last && taps_exact && ho * wo >= 2;
     // Pixels of the product's result, and the distance of its rows.
     let (n_res, res_row) = if skip_junk { (ho * wo, wo) } else { (n_ext, wp_real.div_ceil(stride)) };

@@ -104,6 +104,17 @@ impl Layout {
             Layout::ChannelsLastRows { cols, stride } => Some((cols, stride)),
         }
     }
+
+    /// The input offset of the last of `n` pixels (n >= 1).
+    fn last_pixel(self, n: usize) -> usize {
+        match self.rows(n) {
+            Some((cols, stride)) => {
+                assert!(cols >= 1 && stride >= cols, "conv_taps: rows of {cols} pixels {stride} apart");
+                (n - 1) / cols * stride + (n - 1) % cols
+            }
+            None => n - 1,
+        }
+    }
 }
 
 /// The weight of tap `t` given as (offset, row stride, column stride) of its [cout, cin] matrix
@@ -131,19 +142,13 @@ pub(crate) fn pack_taps(w: &[f32], cout: usize, cin: usize, taps: usize, at: imp
 pub(crate) fn conv_taps(w: &[f32], w_offs: &[usize], cout: usize, cin: usize, x: &[f32], plane: usize, offs: &[usize], n: usize, dst: &mut [f32], preloaded: bool, parallel: bool, layout: Layout) {
     assert!(applies(cout, cin, n), "conv_taps: not applicable to cout {cout}, cin {cin}, n {n}");
     assert!(w_offs.len() == offs.len() && w_offs.iter().all(|&o| o + cin * cout <= w.len()) && dst.len() >= cout * n);
-    let last_px = match layout.rows(n) {
-        Some((cols, stride)) => {
-            assert!(cols >= 1 && stride >= cols, "conv_taps: rows of {cols} pixels {stride} apart");
-            (n - 1) / cols * stride + (n - 1) % cols
-        }
-        None => n - 1,
-    };
-    let reach = offs.iter().max().copied().unwrap_or(0) + (cin - 1) * plane + last_px + 1;
+    let reach = offs.iter().max().copied().unwrap_or(0) + (cin - 1) * plane + layout.last_pixel(n) + 1;
     assert!(x.len() >= reach, "conv_taps: input of {} floats, the taps reach {reach}", x.len());
     run(w, &Taps { w_offs, offs, cout, cin, plane }, cout, x, n, dst, preloaded, parallel, layout);
 }
 
-/// `dst` [cout, n] (row stride n) `= Σ_b Σ_{r in block b} w[r·cout + co] · x[x_offs[r] + p]`,
+/// `dst` [cout, n] (row stride n; [n, cout] channels-last) `= Σ_b Σ_{r in block b} w[r·cout + co]
+/// · x[x_offs[r] + p]` (`p` mapped as in [`conv_taps`] with [`Layout::ChannelsLastRows`]),
 /// the depth rows taken in blocks of `block` (the last one shorter), each block one fused
 /// multiply-add chain from zero added into the output: the arithmetic of one `gemm` product
 /// `W [cout, K] @ U [K, n]` with `U[r, p] = x[x_offs[r] + p]` whose depth blocks are `block`
@@ -152,12 +157,12 @@ pub(crate) fn conv_taps(w: &[f32], w_offs: &[usize], cout: usize, cin: usize, x:
 ///
 /// Panics unless `x` holds every element the offsets reach.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn conv_rows(w: &[f32], cout: usize, x_offs: &[usize], block: usize, x: &[f32], n: usize, dst: &mut [f32], parallel: bool) {
+pub(crate) fn conv_rows(w: &[f32], cout: usize, x_offs: &[usize], block: usize, x: &[f32], n: usize, dst: &mut [f32], parallel: bool, layout: Layout) {
     assert!(available() && cout >= 1 && block >= 1 && n >= 1, "conv_rows: not applicable");
     assert!(w.len() >= x_offs.len() * cout && dst.len() >= cout * n);
-    let reach = x_offs.iter().max().copied().unwrap_or(0) + n;
+    let reach = x_offs.iter().max().copied().unwrap_or(0) + layout.last_pixel(n) + 1;
     assert!(x.len() >= reach, "conv_rows: input of {} floats, the rows reach {reach}", x.len());
-    run(w, &Rows { x_offs, block, cout }, cout, x, n, dst, false, parallel, Layout::Planar);
+    run(w, &Rows { x_offs, block, cout }, cout, x, n, dst, false, parallel, layout);
 }
 
 /// The depth rows of a product and how they fall into chains: each block's rows are one

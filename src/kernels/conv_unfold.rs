@@ -105,7 +105,8 @@ fn direct_block(sh: ConvShape) -> Option<usize> {
 /// [`conv2d_unfolded`] through the direct kernel ([`conv_taps::conv_rows`]): each image is
 /// zero-padded into phase planes ([`Phases`]), and row (ci, ky, kx) of the unfolded input is
 /// read in place as a shifted view of them, on an output grid a few columns wider than the
-/// output, compacted at the end.
+/// output, compacted at the end; or, on small maps with enough output channels, channels-last
+/// over the map's pixels alone, transposed at the end.
 fn conv2d_direct(x: &[f32], wt: &[f32], sh: ConvShape, block: usize) -> Vec<f32> {
     let ConvShape { b, cin, h, w, cout, k, stride, pad } = sh;
     let (ho, wo) = sh.out_hw();
@@ -124,6 +125,7 @@ fn conv2d_direct(x: &[f32], wt: &[f32], sh: ConvShape, block: usize) -> Vec<f32>
     let (rows, cols): (Vec<usize>, Vec<usize>) = ((0..h).collect(), (0..w).collect());
     // A single image splits its pixels across the threads; a batch runs one image per task.
     let parallel = b == 1;
+    let channels_last = hw >= 2 && super::conv::direct_channels_last(cout, n_ext);
     out.par_chunks_mut(cout * hw).zip(x.par_chunks(cin * h * w)).for_each_init(
         // The padded input's border is zeroed once and never written.
         || (vec![0f32; cin * grid.plane + grid.slack], uninit(cout * n_ext)),
@@ -131,11 +133,18 @@ fn conv2d_direct(x: &[f32], wt: &[f32], sh: ConvShape, block: usize) -> Vec<f32>
             for (ci, plane) in xp.chunks_exact_mut(grid.plane).take(cin).enumerate() {
                 grid.fill(&xn[ci * h * w..][..h * w], w, &rows, &cols, pad, pad, plane);
             }
-            if grid.wq == wo {
-                conv_taps::conv_rows(&w_rows, cout, &x_offs, block, xp, n_ext, dst, parallel);
+            if channels_last {
+                // Only the map's pixels, as [pixel, cout], then transposed.
+                let layout = conv_taps::Layout::ChannelsLastRows { cols: wo, stride: grid.wq };
+                conv_taps::conv_rows(&w_rows, cout, &x_offs, block, xp, hw, ext, parallel, layout);
+                transpose(&ext[..hw * cout], hw, cout, dst);
                 return;
             }
-            conv_taps::conv_rows(&w_rows, cout, &x_offs, block, xp, n_ext, ext, parallel);
+            if grid.wq == wo {
+                conv_taps::conv_rows(&w_rows, cout, &x_offs, block, xp, n_ext, dst, parallel, conv_taps::Layout::Planar);
+                return;
+            }
+            conv_taps::conv_rows(&w_rows, cout, &x_offs, block, xp, n_ext, ext, parallel, conv_taps::Layout::Planar);
             for (d, e) in dst.chunks_exact_mut(wo).zip(ext.chunks_exact(grid.wq)) {
                 d.copy_from_slice(&e[..wo]);
             }
