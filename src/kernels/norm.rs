@@ -486,3 +486,77 @@ pub fn group_norm_exact_backward(x: &[f32], y: &[f32], grad: &[f32], w: &[f32], 
     });
     (dx, sums)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::simd::A16;
+
+    /// The order documented at [`BN_LANES`], one scalar at a time.
+    fn reference(n: usize, f: impl Fn(usize) -> (f32, f32)) -> (f64, f64) {
+        let mut total = (0f64, 0f64);
+        for start in (0..n).step_by(BN_BLOCK) {
+            let end = (start + BN_BLOCK).min(n);
+            let body = start + (end - start) / BN_LANES * BN_LANES;
+            let (mut a, mut b) = ([0f32; BN_LANES], [0f32; BN_LANES]);
+            for i in start..body {
+                let (u, v) = f(i);
+                a[i % BN_LANES] += u;
+                b[i % BN_LANES] += v;
+            }
+            let (mut sa, mut sb) = (0f32, 0f32);
+            for l in 0..BN_LANES {
+                sa += a[l];
+                sb += b[l];
+            }
+            for i in body..end {
+                let (u, v) = f(i);
+                sa += u;
+                sb += v;
+            }
+            total.0 += sa as f64;
+            total.1 += sb as f64;
+        }
+        total
+    }
+
+    /// Values over several binades, so that any change of order shows in the bits.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(40_503));
+                ((h >> 8) as f32 / (1 << 24) as f32 - 0.5) * (1.0 + (h % 7) as f32 * 10.0)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batch_norm_sums_follow_the_documented_order_to_the_bit() {
+        let bits = |(a, b): (f64, f64)| (a.to_bits(), b.to_bits());
+        for n in [0, 1, 15, 16, 17, 100, 4096, 4096 + 37, 10_000] {
+            let (dy, x) = (values(n, 1), values(n, 2));
+            let mut y = values(n, 3);
+            // The ReLU mask's edge cases: zeros of both signs, the smallest positive float.
+            for (i, v) in y.iter_mut().enumerate() {
+                match i % 5 {
+                    0 => *v = 0.0,
+                    1 => *v = -0.0,
+                    2 => *v = f32::from_bits(1),
+                    _ => {}
+                }
+            }
+            let mean = 0.37;
+            for relu in [false, true] {
+                let want = bits(reference(n, |i| {
+                    let d = if relu && y[i] <= 0.0 { 0.0 } else { dy[i] };
+                    (d, d * (x[i] - mean))
+                }));
+                assert_eq!(bits(bn_grad_sums(&dy, &x, &y, relu, mean)), want, "gradient sums, n {n}, relu {relu}");
+                assert_eq!(bits(bn_grad_sums_imp::<A16>(&dy, &x, &y, relu, mean)), want, "portable gradient sums, n {n}, relu {relu}");
+            }
+            let want = bits(reference(n, |i| (x[i], (x[i] - mean) * (x[i] - mean))));
+            assert_eq!((bn_plane_sum(&x).to_bits(), bn_plane_squares(&x, mean).to_bits()), want, "plane sums, n {n}");
+            assert_eq!((bn_plane_sum_imp::<A16>(&x).to_bits(), bn_plane_squares_imp::<A16>(&x, mean).to_bits()), want, "portable plane sums, n {n}");
+        }
+    }
+}
