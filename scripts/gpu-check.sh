@@ -68,9 +68,11 @@ status=0
 step() {
   local name="$1"; shift
   echo "== $name: $*" | tee "$out/$name.txt"
+  local t0=$SECONDS
   "$@" 2>&1 | tee -a "$out/$name.txt"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { echo "== $name failed (exit $rc)" | tee -a "$out/$name.txt"; status=1; }
+  echo "== $name: $((SECONDS - t0)) s wall" | tee -a "$out/$name.txt"
 }
 fx="$bundle/fixtures"
 step parity "$bin" parity --model "$fx/tiny-sd" --reference "$fx/tiny-sd-ref" --device cuda

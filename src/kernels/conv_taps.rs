@@ -17,7 +17,9 @@
 //! Why: per tap, `gemm` repacks the shifted input, and with few channels (the VAE's 16 at full
 //! resolution, a depth of 16 per tap) its microkernel spends as long loading and storing the
 //! output as multiplying. Here a tile of 8 channels x 48 pixels (6 x 16 with AVX2's 16 smaller
-//! registers) stays in registers for a whole tap and the input is read in place.
+//! registers) stays in registers for a whole tap and the input is read in place. With AVX2
+//! and deep taps, a tile's chains are held in memory between stretches of 32 input channels
+//! (see [`depth_split`]), so that the stretch's inputs stay in L1 across the output channels.
 
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{for_tasks, threads};
@@ -144,7 +146,7 @@ pub(crate) fn conv_taps(w: &[f32], w_offs: &[usize], cout: usize, cin: usize, x:
     assert!(w_offs.len() == offs.len() && w_offs.iter().all(|&o| o + cin * cout <= w.len()) && dst.len() >= cout * n);
     let reach = offs.iter().max().copied().unwrap_or(0) + (cin - 1) * plane + layout.last_pixel(n) + 1;
     assert!(x.len() >= reach, "conv_taps: input of {} floats, the taps reach {reach}", x.len());
-    run(w, &Taps { w_offs, offs, cout, cin, plane }, cout, x, n, dst, preloaded, parallel, layout);
+    run(the_geometry(), w, &Taps { w_offs, offs, cout, cin, plane }, cout, x, n, dst, preloaded, parallel, layout);
 }
 
 /// `dst` [cout, n] (row stride n; [n, cout] channels-last) `= Σ_b Σ_{r in block b} w[r·cout + co]
@@ -162,7 +164,7 @@ pub(crate) fn conv_rows(w: &[f32], cout: usize, x_offs: &[usize], block: usize, 
     assert!(w.len() >= x_offs.len() * cout && dst.len() >= cout * n);
     let reach = x_offs.iter().max().copied().unwrap_or(0) + layout.last_pixel(n) + 1;
     assert!(x.len() >= reach, "conv_rows: input of {} floats, the rows reach {reach}", x.len());
-    run(w, &Rows { x_offs, block, cout }, cout, x, n, dst, false, parallel, layout);
+    run(the_geometry(), w, &Rows { x_offs, block, cout }, cout, x, n, dst, false, parallel, layout);
 }
 
 /// The depth rows of a product and how they fall into chains: each block's rows are one
@@ -237,6 +239,26 @@ const GROUP_WEIGHT_BYTES: usize = 128 * 1024;
 /// outputs stay in L2 between blocks: 8 tiles x 48 px x at most 136 channels, 204 KiB.
 const CHUNK_TILES: usize = 8;
 
+/// Depth rows a planar AVX2 tile runs at a stretch in [`run`]'s depth-split order. A tile's
+/// chains are held between stretches as they stand (stored and reloaded, no rounding), so each
+/// output's arithmetic is unchanged.
+const SPLIT_ROWS: usize = 32;
+/// Pixel tiles per task in the depth-split order. Of 32-64 rows by 8-32 tiles, 32 by 16 ran
+/// SD-1.5's VAE convolutions fastest (within 3 % of the others); the held chains, up to 16
+/// pixel tiles x 86 output tiles x 96 floats (528 KiB for 512 channels), come back from L2.
+const SPLIT_TILES: usize = 16;
+
+/// Whether [`run`] takes the depth-split order: planar AVX2 tiles over blocks deeper than one
+/// stretch. There a task runs each depth block [`SPLIT_ROWS`] rows at a time, and each stretch
+/// for every output tile over its [`SPLIT_TILES`] pixel tiles, so that the inputs of those rows
+/// stay in L1 across the output channels. Running each tile through its whole depth instead,
+/// every row brought new input and weight lines from L2 (a tile's input over 128 channels and
+/// 3 rows of taps is 48 KiB, the L1 32 KiB on the Zen CPU measured), and the 6 x 16 tile ran
+/// SD-1.5's VAE convolutions (128-512 channels) at 40-50 % of the FMA peak; now 61-68 %.
+fn depth_split<D: Depth>(depth: &D, layout: Layout, wide: bool) -> bool {
+    !wide && layout == Layout::Planar && (0..depth.blocks()).any(|t| depth.len(t) > SPLIT_ROWS)
+}
+
 /// Output channels per task that passes one depth block at a time, or `None` to keep each tile
 /// in registers through every block (few weights per tile, or the channels-last layout);
 /// `rows` output channels per tile.
@@ -252,13 +274,18 @@ fn tap_outer_group<D: Depth>(depth: &D, cout: usize, layout: Layout, rows_per_ti
     Some((cout.div_ceil(groups).div_ceil(rows_per_tile) * rows_per_tile).min(cout))
 }
 
+fn the_geometry() -> Geometry {
+    geometry().expect("the direct convolution kernel needs AVX-512 or AVX2 with FMA")
+}
+
+/// The product with the tiles `g` (this CPU's, or in tests a narrower instruction set's that
+/// it also has).
 #[allow(clippy::too_many_arguments)]
-fn run<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], n: usize, dst: &mut [f32], preloaded: bool, parallel: bool, layout: Layout) {
+fn run<D: Depth>(g: Geometry, w: &[f32], depth: &D, cout: usize, x: &[f32], n: usize, dst: &mut [f32], preloaded: bool, parallel: bool, layout: Layout) {
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("the direct convolution kernel needs AVX-512 or AVX2");
+    unreachable!("the direct convolution kernel needs AVX-512 or AVX2 ({g:?})");
     #[cfg(target_arch = "x86_64")]
     {
-        let g = geometry().expect("the direct convolution kernel needs AVX-512 or AVX2 with FMA");
         let wide = g == <x86::Avx512 as x86::Isa>::TILES;
         let tile_px = if layout == Layout::Planar { g.tile_px } else { g.cl_pixels };
         let blocks = n.div_ceil(tile_px);
@@ -271,9 +298,9 @@ fn run<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], n: usize, dst: &m
             // and each block writes only its own pixels of dst.
             unsafe {
                 if wide {
-                    x86::block_avx512(w, depth, x, n, p0, px, d.0, preloaded, cos, ts)
+                    x86::block_avx512(w, depth, x, n, p0, px, d.0, preloaded, cos, ts, None)
                 } else {
-                    x86::block_avx2(w, depth, x, n, p0, px, d.0, preloaded, cos, ts)
+                    x86::block_avx2(w, depth, x, n, p0, px, d.0, preloaded, cos, ts, None)
                 }
             }
         };
@@ -292,6 +319,55 @@ fn run<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], n: usize, dst: &m
             }
         };
         let nb = depth.blocks();
+        if depth_split(depth, layout, wide) {
+            // Tasks of a few pixel tiles and a group of output channels, sized so that even
+            // one small image makes enough of them. Per depth block, the rows in stretches;
+            // per stretch, each output tile over the task's pixel tiles, each tile's chain
+            // held in `carry` between stretches.
+            let chunks = blocks.div_ceil(SPLIT_TILES);
+            let tiles_co = cout.div_ceil(g.rows);
+            let want = if parallel { 4 * threads() } else { 1 };
+            let co_groups = want.div_ceil(chunks).clamp(1, tiles_co);
+            let group = tiles_co.div_ceil(co_groups) * g.rows;
+            let groups = cout.div_ceil(group);
+            let carry_tile = g.rows * g.tile_px;
+            for_tasks(chunks * groups, parallel, |task| {
+                let (chunk, gi) = (task / groups, task % groups);
+                let blks = chunk * SPLIT_TILES..((chunk + 1) * SPLIT_TILES).min(blocks);
+                let cos = gi * group..((gi + 1) * group).min(cout);
+                let tiles_here = cos.len().div_ceil(g.rows);
+                let mut carry = vec![0f32; blks.len() * tiles_here * carry_tile];
+                // The whole pixel tiles in one call, then a partial last one.
+                let whole = blks.start..blks.end.min(n / tile_px);
+                let runs = [whole.clone(), whole.end.max(blks.start)..blks.end];
+                for t in 0..nb {
+                    let len = depth.len(t);
+                    for r0 in (0..len).step_by(SPLIT_ROWS) {
+                        let rows = r0..(r0 + SPLIT_ROWS).min(len);
+                        for (k, co) in cos.clone().step_by(g.rows).enumerate() {
+                            let co = co..(co + g.rows).min(cos.end);
+                            for run in runs.iter().filter(|r| !r.is_empty()) {
+                                let d = dst_ptr;
+                                let p0 = run.start * tile_px;
+                                let px = (n - p0).min(tile_px);
+                                let j = run.start - blks.start;
+                                let part = x86::Part {
+                                    rows: rows.clone(),
+                                    tiles: run.len(),
+                                    carry: carry[(j * tiles_here + k) * carry_tile..].as_mut_ptr(),
+                                    carry_stride: tiles_here * carry_tile,
+                                    resume: r0 > 0,
+                                    hold: rows.end < len,
+                                };
+                                // SAFETY: as for `run`; `carry` holds these tiles' chains.
+                                unsafe { x86::block_avx2(w, depth, x, n, p0, px, d.0, preloaded, co.clone(), t..t + 1, Some(&part)) }
+                            }
+                        }
+                    }
+                }
+            });
+            return;
+        }
         match tap_outer_group(depth, cout, layout, g.rows) {
             None => {
                 // Several tiles per task so that a task's input rows stay in cache across
@@ -464,13 +540,16 @@ mod x86 {
     macro_rules! entries {
         ($isa:ty, $features:literal, $block:ident, $block_cl:ident, [$($r:literal),*], [$($p:literal),*]) => {
             /// Output channels `cos` of the pixels `p0..p0 + px` (px ≤ one tile) through depth
-            /// blocks `ts`, written as [cout, n].
+            /// blocks `ts`, written as [cout, n]; with `part`, only its rows of the one block in
+            /// `ts`, for its `tiles` tiles from `p0` (whole ones when more than one), `cos` one
+            /// tile of channels.
             ///
             /// # Safety
-            /// The CPU has the features; the depth's rows, `x` and `dst` cover the tile.
+            /// The CPU has the features; the depth's rows, `x` and `dst` cover the tiles, and
+            /// `part`'s carry holds each of them.
             #[allow(clippy::too_many_arguments)]
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $block<D: Depth>(w: &[f32], depth: &D, x: &[f32], n: usize, p0: usize, px: usize, dst: *mut f32, preloaded: bool, cos: Range<usize>, ts: Range<usize>) {
+            pub(super) unsafe fn $block<D: Depth>(w: &[f32], depth: &D, x: &[f32], n: usize, p0: usize, px: usize, dst: *mut f32, preloaded: bool, cos: Range<usize>, ts: Range<usize>, part: Option<&Part>) {
                 type I = $isa;
                 let vecs = px.div_ceil(I::LANES);
                 let masked = px % I::LANES != 0;
@@ -478,7 +557,7 @@ mod x86 {
                 let mut co = cos.start;
                 while co < cos.end {
                     let rows = (cos.end - co).min(I::TILES.rows);
-                    let args = Tile::<I, D> { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(p0), pix: [0; 8], dst: dst.add(co * n + p0), ld: n, last, preloaded, ts: ts.clone() };
+                    let args = Tile::<I, D> { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(p0), pix: [0; 8], dst: dst.add(co * n + p0), ld: n, last, preloaded, ts: ts.clone(), part };
                     match (rows, vecs, masked) {
                         $(
                             ($r, 1, false) => tile::<I, D, $r, 1, false>(&args),
@@ -525,7 +604,7 @@ mod x86 {
                                 *o = at(p + j) - at(p);
                             }
                         }
-                        let args = Tile::<I, D> { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(at(p)), pix, dst: dst.add(p * cout + co), ld: cout, last, preloaded, ts: 0..depth.blocks() };
+                        let args = Tile::<I, D> { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(at(p)), pix, dst: dst.add(p * cout + co), ld: cout, last, preloaded, ts: 0..depth.blocks(), part: None };
                         match (px, vecs, masked, split) {
                             $(
                                 ($p, 1, false, false) => tile_cl::<I, D, $p, 1, false, false>(&args),
@@ -574,6 +653,24 @@ mod x86 {
         preloaded: bool,
         /// The depth blocks to run.
         ts: Range<usize>,
+        /// Only some rows of one block, the chains held in between (planar tiles).
+        part: Option<&'a Part>,
+    }
+
+    /// A stretch of one depth block's rows for `tiles` planar tiles side by side, whose chains
+    /// are held between stretches: `carry` holds each tile's accumulators as they stand, `rows`
+    /// x `VECS` vectors, the tiles `carry_stride` floats apart.
+    pub(super) struct Part {
+        pub rows: Range<usize>,
+        /// Whole tiles (or one partial tile) from the entry's first pixel.
+        pub tiles: usize,
+        pub carry: *mut f32,
+        pub carry_stride: usize,
+        /// Start from the held chains (not from zero).
+        pub resume: bool,
+        /// Hold the chains at the end (the block's rows go on) instead of adding them to the
+        /// output.
+        pub hold: bool,
     }
 
     /// Vector `v` of `V` along a row at `p`: whole, or the last one masked if `MASKED`.
@@ -589,10 +686,10 @@ mod x86 {
     /// Block `t`'s chains added into the output (or stored, for the first block of an output
     /// that was not preloaded): `acc[row][vector]`.
     #[inline(always)]
-    unsafe fn finish<I: Isa, D, const A: usize, const V: usize, const MASKED: bool>(a: &Tile<'_, I, D>, t: usize, acc: &[[I::V; V]; A]) {
+    unsafe fn finish<I: Isa, D, const A: usize, const V: usize, const MASKED: bool>(a: &Tile<'_, I, D>, dst: *mut f32, t: usize, acc: &[[I::V; V]; A]) {
         let store_only = t == 0 && !a.preloaded;
         for (row, acc) in acc.iter().enumerate() {
-            let d = a.dst.add(row * a.ld);
+            let d = dst.add(row * a.ld);
             for (v, &s) in acc.iter().enumerate() {
                 let s = if store_only { s } else { I::add(load_vec::<I, V, MASKED>(a.last, d, v), s) };
                 if v + 1 < V || !MASKED {
@@ -608,11 +705,34 @@ mod x86 {
     /// block.
     #[inline(always)]
     unsafe fn tile<I: Isa, D: Depth, const R: usize, const V: usize, const MASKED: bool>(a: &Tile<'_, I, D>) {
+        for k in 0..a.part.map_or(1, |p| p.tiles) {
+            let (x, carry) = (a.x.add(k * V * I::LANES), a.part.map(|p| p.carry.add(k * p.carry_stride)));
+            tile_at::<I, D, R, V, MASKED>(a, x, a.dst.add(k * V * I::LANES), carry);
+        }
+    }
+
+    /// One tile of [`tile`] at input `x` and output `dst`, its chains held in `carry` if
+    /// running a [`Part`].
+    #[inline(always)]
+    unsafe fn tile_at<I: Isa, D: Depth, const R: usize, const V: usize, const MASKED: bool>(a: &Tile<'_, I, D>, x: *const f32, dst: *mut f32, carry: Option<*mut f32>) {
         for t in a.ts.clone() {
             let mut acc = [[I::zero(); V]; R];
-            for i in 0..a.depth.len(t) {
+            let rows = match (a.part, carry) {
+                (Some(part), Some(carry)) => {
+                    if part.resume {
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            for (v, acc) in acc.iter_mut().enumerate() {
+                                *acc = I::load(carry.add((r * V + v) * I::LANES));
+                            }
+                        }
+                    }
+                    part.rows.clone()
+                }
+                _ => 0..a.depth.len(t),
+            };
+            for i in rows {
                 let (wo, xo) = a.depth.row(t, i);
-                let xr = a.x.add(xo);
+                let xr = x.add(xo);
                 let mut xv = [I::zero(); V];
                 for (v, xv) in xv.iter_mut().enumerate() {
                     *xv = load_vec::<I, V, MASKED>(a.last, xr, v);
@@ -625,7 +745,17 @@ mod x86 {
                     }
                 }
             }
-            finish::<I, D, R, V, MASKED>(a, t, &acc);
+            if let (Some(part), Some(carry)) = (a.part, carry) {
+                if part.hold {
+                    for (r, acc) in acc.iter().enumerate() {
+                        for (v, &acc) in acc.iter().enumerate() {
+                            I::store(carry.add((r * V + v) * I::LANES), acc);
+                        }
+                    }
+                    continue;
+                }
+            }
+            finish::<I, D, R, V, MASKED>(a, dst, t, &acc);
         }
     }
 
@@ -650,7 +780,7 @@ mod x86 {
                     }
                 }
             }
-            finish::<I, D, P, V, MASKED>(a, t, &acc);
+            finish::<I, D, P, V, MASKED>(a, a.dst, t, &acc);
         }
     }
 }
@@ -684,6 +814,19 @@ mod tests {
         // limits of one gemm depth block), a single pixel vector, strided taps; one depth block
         // at a time in two channel groups (40 + 30) over two pixel chunks (8 tiles, then one of
         // 16 px).
+        // Every instruction set this CPU has: an AVX-512 CPU also runs the AVX2 tiles (and
+        // their depth-split order, from 33 input channels), which other CPUs take.
+        let mut tiles = vec![];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use x86::Isa;
+            if crate::kernels::simd::has_avx512() {
+                tiles.push(x86::Avx512::TILES);
+            }
+            if crate::kernels::simd::has_avx2() {
+                tiles.push(x86::Avx2::TILES);
+            }
+        }
         for &(cout, cin, taps, plane, n, offs_step) in &[(70, 512, 5, 420, 400, 10), (16, 16, 9, 1190, 1088, 34), (3, 16, 9, 300, 288, 18), (19, 3, 9, 120, 80, 10), (2, 512, 4, 40, 18, 7), (9, 37, 1, 70, 50, 0), (64, 64, 9, 100, 24, 6), (130, 64, 9, 40, 23, 6), (70, 5, 9, 40, 13, 6), (17, 20, 3, 200, 161, 1)] {
             let offs: Vec<usize> = (0..taps).map(|t| (t / 3) * offs_step + t % 3).collect();
             let w_offs: Vec<usize> = (0..taps).map(|t| t * cin * cout).collect();
@@ -693,16 +836,23 @@ mod tests {
                 let init = values(cout * n, 3);
                 let mut want = init.clone();
                 per_tap_gemm(&w, cout, cin, &x, plane, &offs, n, &mut want, preloaded);
-                for parallel in [false, true] {
+                for (parallel, &g) in [false, true].into_iter().flat_map(|p| tiles.iter().map(move |g| (p, g))) {
+                    let conv = |n: usize, dst: &mut [f32], layout: Layout| {
+                        if g == the_geometry() {
+                            conv_taps(&w, &w_offs, cout, cin, &x, plane, &offs, n, dst, preloaded, parallel, layout)
+                        } else {
+                            run(g, &w, &Taps { w_offs: &w_offs, offs: &offs, cout, cin, plane }, cout, &x, n, dst, preloaded, parallel, layout)
+                        }
+                    };
                     let mut got = init.clone();
-                    conv_taps(&w, &w_offs, cout, cin, &x, plane, &offs, n, &mut got, preloaded, parallel, Layout::Planar);
+                    conv(n, &mut got, Layout::Planar);
                     let diff = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                    assert_eq!(diff, 0, "planar: cout {cout}, cin {cin}, taps {taps}, n {n}, preloaded {preloaded}, parallel {parallel}: {diff} values differ");
+                    assert_eq!(diff, 0, "planar, {g:?}: cout {cout}, cin {cin}, taps {taps}, n {n}, preloaded {preloaded}, parallel {parallel}: {diff} values differ");
                     // The same product written [n, cout]: the same values, transposed.
                     let mut got: Vec<f32> = (0..n * cout).map(|i| init[(i % cout) * n + i / cout]).collect();
-                    conv_taps(&w, &w_offs, cout, cin, &x, plane, &offs, n, &mut got, preloaded, parallel, Layout::ChannelsLast);
+                    conv(n, &mut got, Layout::ChannelsLast);
                     let diff = (0..n * cout).filter(|&i| got[i].to_bits() != want[(i % cout) * n + i / cout].to_bits()).count();
-                    assert_eq!(diff, 0, "channels last: cout {cout}, cin {cin}, taps {taps}, n {n}, preloaded {preloaded}, parallel {parallel}: {diff} values differ");
+                    assert_eq!(diff, 0, "channels last, {g:?}: cout {cout}, cin {cin}, taps {taps}, n {n}, preloaded {preloaded}, parallel {parallel}: {diff} values differ");
                     // Only the pixels of rows `cols` wide, `offs_step` apart (a padded map's grid
                     // without its junk columns), written [pixel, cout]: tiles across rows read
                     // each pixel's input on its own.
@@ -711,9 +861,9 @@ mod tests {
                         let at = |p: usize| p / cols * stride + p % cols;
                         let m = (n / stride) * cols + (n % stride).min(cols);
                         let mut got: Vec<f32> = (0..m * cout).map(|i| init[(i % cout) * n + at(i / cout)]).collect();
-                        conv_taps(&w, &w_offs, cout, cin, &x, plane, &offs, m, &mut got, preloaded, parallel, Layout::ChannelsLastRows { cols, stride });
+                        conv(m, &mut got, Layout::ChannelsLastRows { cols, stride });
                         let diff = (0..m * cout).filter(|&i| got[i].to_bits() != want[(i % cout) * n + at(i / cout)].to_bits()).count();
-                        assert_eq!(diff, 0, "channels last, rows of {cols}: cout {cout}, cin {cin}, taps {taps}, n {m}, preloaded {preloaded}, parallel {parallel}: {diff} values differ");
+                        assert_eq!(diff, 0, "channels last, rows of {cols}, {g:?}: cout {cout}, cin {cin}, taps {taps}, n {m}, preloaded {preloaded}, parallel {parallel}: {diff} values differ");
                     }
                 }
             }
