@@ -41,7 +41,7 @@ fn kernels_here(test: &str) -> Vec<bf16::Kernel> {
             continue;
         }
         let precision = Precision::Bf16(kernel);
-        let e = precision.check().err().expect("a kernel the CPU lacks must be refused").to_string();
+        let e = precision.check(&Device::Cpu).err().expect("a kernel the CPU lacks must be refused").to_string();
         assert!(e.contains("needs a CPU") && e.contains("f32"), "{e}");
         let e = StableDiffusion::load(&common::tiny_sd(), &LoadOptions { precision, ..LoadOptions::default() })
             .err()

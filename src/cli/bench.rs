@@ -119,12 +119,13 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let dev = diffii::sd::loader::parse_device(&a.device)?;
     let prec: diffii::nn::Precision = a.precision.into();
+    prec.check(&dev)?;
     // First, while nothing else runs: it times the FMA peak on every thread.
     let cpu = bench::CpuInfo::detect();
     let mut results: Vec<BenchResult> = Vec::new();
     let mut profiles: Vec<bench::Profile> = Vec::new();
     if let Some(model) = &a.model {
-        let opts = diffii::sd::loader::LoadOptions { concepts: false, precision: prec, ..Default::default() };
+        let opts = diffii::sd::loader::LoadOptions { concepts: false, precision: prec, device: dev.clone(), ..Default::default() };
         let sd = diffii::sd::loader::StableDiffusion::load(model, &opts)?;
         let s = sd.unet.config.sample_size;
         let cases = a.model_batches.iter().map(|&b| (b, s)).chain([(2, s / 2)]);
@@ -259,8 +260,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if results.is_empty() {
         anyhow::bail!("nothing to measure: pass --demo, --model DIR, --sd15, --classifier and/or --resnet50");
     }
-    bench::fill_percent_of_peak(&mut results, cpu.fma_peak_gflops);
+    let device = diffii::sd::loader::device_name(&dev);
+    if dev.is_cpu() {
+        bench::fill_percent_of_peak(&mut results, cpu.fma_peak_gflops);
+    }
     print!("{}", cpu.line());
+    if !dev.is_cpu() {
+        println!("device: {device} (the SD-1.5 and --model cases; %peak is left empty, peak MiB is this process's host memory)");
+    }
     print!("{}", bench::table(&results));
     if !profiles.is_empty() {
         print!("{}", bench::profile_table(&profiles));
@@ -271,7 +278,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         cpu.fma_peak_gflops, cpu.threads
     );
     if let Some(path) = &a.json {
-        let text = serde_json::to_string_pretty(&bench::BenchReport { cpu, results: &results })?;
+        let text = serde_json::to_string_pretty(&bench::BenchReport { cpu, device, results: &results })?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())

@@ -129,6 +129,8 @@ pub fn fill_percent_of_peak(results: &mut [BenchResult], peak_gflops: f64) {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport<'a> {
     pub cpu: CpuInfo,
+    /// Where the SD-1.5 and `--model` cases ran: `cpu`, or `cuda:N` and the GPU's name.
+    pub device: String,
     pub results: &'a [BenchResult],
 }
 
@@ -261,9 +263,11 @@ pub fn table(results: &[BenchResult]) -> String {
             }
             None => ("-".into(), "-".into()),
         };
+        // No FLOPs counted (the demo's stages) or no peak to compare with (a GPU).
+        let percent = if r.percent_of_peak > 0.0 { format!("{:.1}%", r.percent_of_peak) } else { "-".into() };
         s.push_str(&format!(
-            "{:<32} {:>5} {:>6} {:>10.4} {:>10.2} {:>9.1} {:>6.1}% {:>10.0} {:>12} {:>8}\n",
-            r.name, r.batch, r.latent, r.seconds, r.gflop, r.gflops, r.percent_of_peak, r.peak_rss_mib, ts, ratio
+            "{:<32} {:>5} {:>6} {:>10.4} {:>10.2} {:>9.1} {:>7} {:>10.0} {:>12} {:>8}\n",
+            r.name, r.batch, r.latent, r.seconds, r.gflop, r.gflops, percent, r.peak_rss_mib, ts, ratio
         ));
     }
     s
@@ -369,8 +373,10 @@ pub fn flow(name: &str, model: &std::path::Path, reference: &std::path::Path, pr
 
 fn timed(name: &str, batch: usize, latent: usize, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<BenchResult> {
     reset_peak_rss();
+    // Reading a value back waits for a GPU's queued work, so that none of it lands in a timed call.
+    let finish = |out: Tensor| -> Result<f32> { Ok(out.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?) };
     for _ in 0..warmup {
-        f()?;
+        finish(f()?)?;
     }
     let mut times = Vec::with_capacity(reps);
     let mut flops = 0;
@@ -379,8 +385,7 @@ fn timed(name: &str, batch: usize, latent: usize, warmup: usize, reps: usize, mu
             flops::start();
         }
         let t0 = Instant::now();
-        let out = f()?;
-        let _ = out.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        finish(f()?)?;
         times.push(t0.elapsed().as_secs_f64());
         if i == 0 {
             flops = flops::stop();
@@ -582,6 +587,10 @@ mod tests {
         let mut rs = vec![r(50.0), r(0.0)];
         fill_percent_of_peak(&mut rs, 200.0);
         assert_eq!((rs[0].percent_of_peak, rs[1].percent_of_peak), (25.0, 0.0));
+        // The table shows the percentage where there is one, a dash where not (no FLOPs
+        // counted, or a GPU's case, which is never filled).
+        let rows: Vec<String> = table(&rs).lines().skip(1).map(|l| l.split_whitespace().nth(6).unwrap_or_default().to_string()).collect();
+        assert_eq!(rows, ["25.0%", "-"]);
         fill_percent_of_peak(&mut rs, 0.0);
         assert_eq!(rs[0].percent_of_peak, 0.0);
     }

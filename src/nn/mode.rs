@@ -1,6 +1,6 @@
 //! Per-layer execution choices: the mode (fused inference kernels or differentiable
 //! compositions) and the product precision (f32 or bf16).
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::kernels::bf16::Kernel;
@@ -43,8 +43,16 @@ impl Precision {
         }
     }
 
-    /// An error when this CPU cannot run the precision.
-    pub fn check(self) -> Result<()> {
+    /// An error when this CPU cannot run the precision, or when it is asked of a GPU (it
+    /// selects the CPU's fused bf16 kernels, which never run on one).
+    pub fn check(self, device: &Device) -> Result<()> {
+        if self != Precision::F32 && !device.is_cpu() {
+            return Err(Error::invalid(format!(
+                "--precision {} selects the CPU's bf16 kernels and does nothing on a GPU: use --precision f32 with \
+                 --dtype bf16 or f16 there (candle's CUDA products in that type)",
+                self.name()
+            )));
+        }
         match self {
             Precision::Bf16(Kernel::Avx512) if !Kernel::Avx512.available() => Err(Error::invalid(
                 "--precision bf16 needs a CPU with AVX-512 BF16 (e.g. AMD Zen 4, Intel Sapphire Rapids) or AMX; use f32",

@@ -59,6 +59,19 @@ pub fn parse_device(s: &str) -> Result<Device> {
     Device::new_cuda(n).map_err(|e| Error::invalid(format!("cannot open CUDA device {n}: {e}")))
 }
 
+/// `cpu`, or `cuda:N` with the GPU's name as its driver gives it (for reports).
+pub fn device_name(device: &Device) -> String {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let name = d.cuda_stream().context().name().unwrap_or_else(|e| format!("name unknown: {e}"));
+            format!("cuda:{} {name}", d.cuda_stream().context().ordinal())
+        }
+        Device::Cpu => "cpu".into(),
+        other => format!("{other:?}"),
+    }
+}
+
 /// Finds a component's safetensors weights, preferring full precision.
 pub fn weights_file(dir: &Path) -> Result<PathBuf> {
     for name in [
@@ -138,7 +151,7 @@ pub struct StableDiffusion {
 impl StableDiffusion {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         check_model_index(dir)?;
-        opts.precision.check()?;
+        opts.precision.check(&opts.device)?;
         let (dt, dev, prec) = (opts.dtype, &opts.device, opts.precision);
         let mut tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
         let clip_cfg = ClipConfig::from_file(&dir.join("text_encoder/config.json"))?;

@@ -22,6 +22,7 @@ pub struct InversionKey {
     pub steps: usize,
     pub size: usize,
     pub resize: String,
+    /// The UNet's dtype and product precision, and `/gpu` for inversions made on a GPU.
     pub dtype: String,
 }
 

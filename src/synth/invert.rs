@@ -120,7 +120,9 @@ pub fn invert_items(
             steps: inv.steps,
             size: inv.size,
             resize: format!("{:?}", inv.resize),
-            dtype: format!("{:?}/{}", p.sd.unet.dtype(), inv.precision),
+            // A GPU sums in other orders than the CPU kernels: its inversions are its own
+            // (CPU keys keep their old form, so existing caches stay valid).
+            dtype: format!("{:?}/{}{}", p.sd.unet.dtype(), inv.precision, if dev.is_cpu() { "" } else { "/gpu" }),
         };
         match cache::load(&cache::entry_path(&opts.cache, &item.rel), &key, &dev)? {
             Lookup::Hit(t) => {
