@@ -44,17 +44,20 @@ pub(crate) struct Geometry {
 /// The tiles for this CPU (each instruction set's [`x86::Isa::TILES`]), `None` where it has
 /// neither AVX-512 nor AVX2 with FMA.
 fn geometry() -> Option<Geometry> {
+    geometries().into_iter().flatten().next()
+}
+
+/// The tiles of each instruction set this CPU has, widest first (an AVX-512 CPU also runs the
+/// AVX2 tiles, which tests use).
+fn geometries() -> [Option<Geometry>; 2] {
     #[cfg(target_arch = "x86_64")]
-    {
+    let tiles = {
         use x86::Isa;
-        if super::simd::has_avx512() {
-            return Some(x86::Avx512::TILES);
-        }
-        if super::simd::has_avx2() {
-            return Some(x86::Avx2::TILES);
-        }
-    }
-    None
+        [super::simd::has_avx512().then_some(x86::Avx512::TILES), super::simd::has_avx2().then_some(x86::Avx2::TILES)]
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let tiles = [None, None];
+    tiles
 }
 
 /// Whether this CPU runs the direct kernels at all (AVX-512, or AVX2 with FMA).
@@ -706,19 +709,19 @@ mod x86 {
     #[inline(always)]
     unsafe fn tile<I: Isa, D: Depth, const R: usize, const V: usize, const MASKED: bool>(a: &Tile<'_, I, D>) {
         for k in 0..a.part.map_or(1, |p| p.tiles) {
-            let (x, carry) = (a.x.add(k * V * I::LANES), a.part.map(|p| p.carry.add(k * p.carry_stride)));
-            tile_at::<I, D, R, V, MASKED>(a, x, a.dst.add(k * V * I::LANES), carry);
+            let held = a.part.map(|p| (p, p.carry.add(k * p.carry_stride)));
+            tile_at::<I, D, R, V, MASKED>(a, a.x.add(k * V * I::LANES), a.dst.add(k * V * I::LANES), held);
         }
     }
 
-    /// One tile of [`tile`] at input `x` and output `dst`, its chains held in `carry` if
-    /// running a [`Part`].
+    /// One tile of [`tile`] at input `x` and output `dst`; running a [`Part`], its chains held
+    /// at `carry`.
     #[inline(always)]
-    unsafe fn tile_at<I: Isa, D: Depth, const R: usize, const V: usize, const MASKED: bool>(a: &Tile<'_, I, D>, x: *const f32, dst: *mut f32, carry: Option<*mut f32>) {
+    unsafe fn tile_at<I: Isa, D: Depth, const R: usize, const V: usize, const MASKED: bool>(a: &Tile<'_, I, D>, x: *const f32, dst: *mut f32, held: Option<(&Part, *mut f32)>) {
         for t in a.ts.clone() {
             let mut acc = [[I::zero(); V]; R];
-            let rows = match (a.part, carry) {
-                (Some(part), Some(carry)) => {
+            let rows = match held {
+                Some((part, carry)) => {
                     if part.resume {
                         for (r, acc) in acc.iter_mut().enumerate() {
                             for (v, acc) in acc.iter_mut().enumerate() {
@@ -728,7 +731,7 @@ mod x86 {
                     }
                     part.rows.clone()
                 }
-                _ => 0..a.depth.len(t),
+                None => 0..a.depth.len(t),
             };
             for i in rows {
                 let (wo, xo) = a.depth.row(t, i);
@@ -745,7 +748,7 @@ mod x86 {
                     }
                 }
             }
-            if let (Some(part), Some(carry)) = (a.part, carry) {
+            if let Some((part, carry)) = held {
                 if part.hold {
                     for (r, acc) in acc.iter().enumerate() {
                         for (v, &acc) in acc.iter().enumerate() {
@@ -816,17 +819,7 @@ mod tests {
         // 16 px).
         // Every instruction set this CPU has: an AVX-512 CPU also runs the AVX2 tiles (and
         // their depth-split order, from 33 input channels), which other CPUs take.
-        let mut tiles = vec![];
-        #[cfg(target_arch = "x86_64")]
-        {
-            use x86::Isa;
-            if crate::kernels::simd::has_avx512() {
-                tiles.push(x86::Avx512::TILES);
-            }
-            if crate::kernels::simd::has_avx2() {
-                tiles.push(x86::Avx2::TILES);
-            }
-        }
+        let tiles: Vec<Geometry> = geometries().into_iter().flatten().collect();
         for &(cout, cin, taps, plane, n, offs_step) in &[(70, 512, 5, 420, 400, 10), (16, 16, 9, 1190, 1088, 34), (3, 16, 9, 300, 288, 18), (19, 3, 9, 120, 80, 10), (2, 512, 4, 40, 18, 7), (9, 37, 1, 70, 50, 0), (64, 64, 9, 100, 24, 6), (130, 64, 9, 40, 23, 6), (70, 5, 9, 40, 13, 6), (17, 20, 3, 200, 161, 1)] {
             let offs: Vec<usize> = (0..taps).map(|t| (t / 3) * offs_step + t % 3).collect();
             let w_offs: Vec<usize> = (0..taps).map(|t| t * cin * cout).collect();

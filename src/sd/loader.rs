@@ -64,8 +64,9 @@ pub fn device_name(device: &Device) -> String {
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => {
-            let name = d.cuda_stream().context().name().unwrap_or_else(|e| format!("name unknown: {e}"));
-            format!("cuda:{} {name}", d.cuda_stream().context().ordinal())
+            let stream = d.cuda_stream();
+            let name = stream.context().name().unwrap_or_else(|e| format!("name unknown: {e}"));
+            format!("cuda:{} {name}", stream.context().ordinal())
         }
         Device::Cpu => "cpu".into(),
         other => format!("{other:?}"),
