@@ -4,17 +4,21 @@
 # Prepare the bundle first, on a CPU machine: scripts/gpu-bundle.sh.
 #
 #   scripts/gpu-check.sh [--bundle target/gpu-bundle] [--out DIR] [--python python3] [--reps N]
+#                        [--device cuda:N]
 #
 # It runs, writing each step's output to DIR (default gpu-check-out/) and to the terminal:
-#   1. parity.txt          diffii parity of the tiny fixture with --device cuda, at the CPU's
+#   1. parity.txt          diffii parity of the tiny fixture on the GPU (--device), at the CPU's
 #                          tolerances (exit status 1 when a tensor is outside them)
-#   2. bench-f32.txt/json  SD-1.5-shaped UNet steps at 64x64 latents, batch 1 / 4 / 8, the text
+#   2. batch.txt           the same augmentation of two fixture images (tiny model, 64 px) at
+#                          batch 1, 3 and 8 on the GPU: every written file must be identical
+#                          (exit status 1 when a batch size changes a byte)
+#   3. bench-f32.txt/json  SD-1.5-shaped UNet steps at 64x64 latents, batch 1 / 4 / 8, the text
 #                          encoder (batch 2), VAE encode / decode at 512 px, and one whole 512 px
 #                          Diff-II generation (50 + 50 inversion steps, 50 guided steps;
 #                          synthetic weights), f32 (no TF32 on either side); with PyTorch +
 #                          diffusers on the same shapes in the same run for every case but the
 #                          whole generation (diffusers has no Diff-II pipeline)
-#   3. bench-f16.*, bench-bf16.*  the UNet cases and the whole generation with the UNet in f16
+#   4. bench-f16.*, bench-bf16.*  the UNet cases and the whole generation with the UNet in f16
 #                          and in bf16 (text encoder and VAE stay f32), PyTorch likewise
 # Images per second at batch B = B / the UNet step's seconds, times steps per image.
 set -uo pipefail
@@ -23,13 +27,15 @@ bundle=target/gpu-bundle
 out=gpu-check-out
 python=python3
 reps=5
+device=cuda
 while [ $# -gt 0 ]; do
   case "$1" in
     --bundle) bundle="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --python) python="$2"; shift 2 ;;
     --reps) reps="$2"; shift 2 ;;
-    *) echo "unknown argument $1 (use --bundle DIR, --out DIR, --python PY, --reps N)" >&2; exit 2 ;;
+    --device) device="$2"; shift 2 ;;
+    *) echo "unknown argument $1 (use --bundle DIR, --out DIR, --python PY, --reps N, --device cuda:N)" >&2; exit 2 ;;
   esac
 done
 [ -f "$bundle/diffii.gz" ] || { echo "$bundle/diffii.gz not found: make the bundle with scripts/gpu-bundle.sh on a CPU machine" >&2; exit 1; }
@@ -75,8 +81,26 @@ step() {
   echo "== $name: $((SECONDS - t0)) s wall" | tee -a "$out/$name.txt"
 }
 fx="$bundle/fixtures"
-step parity "$bin" parity --model "$fx/tiny-sd" --reference "$fx/tiny-sd-ref" --device cuda
-common=(--sd15 --device cuda --sd15-latents 64 --sd15-batches 1,4,8 --sd15-flow --reps "$reps" --warmup 2
+step parity "$bin" parity --model "$fx/tiny-sd" --reference "$fx/tiny-sd-ref" --device "$device"
+# A sample's bytes must not depend on its batch (nor, so, on how a run is sharded).
+mkdir -p "$work/data/sparrow" && cp "$fx/tiny-sd-ref/input_a.png" "$fx/tiny-sd-ref/input_b.png" "$work/data/sparrow/"
+batch_check() {
+  local b rc=0
+  for b in 1 3 8; do
+    "$bin" augment --model "$fx/tiny-sd" --data "$work/data" --superclass bird --size 64 --inversion-steps 20 --steps 20 \
+      --per-class 8 --batch "$b" --device "$device" --quiet --out "$work/batch-$b" || return 1
+  done
+  for b in 3 8; do
+    if diff -r -q -x .diffii.lock "$work/batch-1" "$work/batch-$b"; then
+      echo "batch $b: every file identical to batch 1"
+    else
+      echo "batch $b: differs from batch 1"; rc=1
+    fi
+  done
+  return $rc
+}
+step batch batch_check
+common=(--sd15 --device "$device" --sd15-latents 64 --sd15-batches 1,4,8 --sd15-flow --reps "$reps" --warmup 2
   --compare-python "$python" --python-script scripts/reference/bench_sd15_cpu.py)
 step bench-f32 "$bin" bench "${common[@]}" --text-vae --sd15-vae --json "$out/bench-f32.json"
 step bench-f16 "$bin" bench "${common[@]}" --dtype f16 --json "$out/bench-f16.json"

@@ -46,6 +46,10 @@ pub struct BenchResult {
 pub struct CpuInfo {
     /// `model name` from /proc/cpuinfo, or "unknown".
     pub model: String,
+    /// `cpu family`, `model` and `stepping` from /proc/cpuinfo ("family 25 model 17 stepping
+    /// 1"), or empty: cloud VMs sell different CPUs under one model name (e.g. "AMD EPYC"), and
+    /// these numbers tell them apart.
+    pub id: String,
     /// Rayon worker threads (our kernels' parallelism; PyTorch is given the same count).
     pub threads: usize,
     pub avx2: bool,
@@ -78,6 +82,11 @@ impl CpuInfo {
                 .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().to_string()))
         };
         let model = field("model name").filter(|m| !m.is_empty()).unwrap_or_else(|| "unknown".to_string());
+        let id = [("cpu family", "family"), ("model", "model"), ("stepping", "stepping")]
+            .iter()
+            .filter_map(|(key, label)| field(key).filter(|v| !v.is_empty()).map(|v| format!("{label} {v}")))
+            .collect::<Vec<_>>()
+            .join(" ");
         let flags = field("flags").unwrap_or_default();
         let flag = |f: &str| flags.split_whitespace().any(|x| x == f);
         #[cfg(target_arch = "x86_64")]
@@ -91,7 +100,7 @@ impl CpuInfo {
         let (avx2, fma, avx512f, avx512bf16) = (false, false, false, false);
         let x86 = cfg!(target_arch = "x86_64");
         let (amx_bf16, amx_tile) = (x86 && flag("amx_bf16"), x86 && flag("amx_tile"));
-        CpuInfo { model, threads, avx2, fma, avx512f, avx512bf16, amx_bf16, amx_tile, fma_peak_gflops }
+        CpuInfo { model, id, threads, avx2, fma, avx512f, avx512bf16, amx_bf16, amx_tile, fma_peak_gflops }
     }
 
     /// One line for the top of the table.
@@ -110,9 +119,10 @@ impl CpuInfo {
             }
         }
         let feats = if feats.is_empty() { "none".to_string() } else { feats.join(" ") };
+        let id = if self.id.is_empty() { String::new() } else { format!(" ({})", self.id) };
         format!(
-            "cpu: {} | features: {} | threads: {} | f32 FMA peak (measured): {:.0} GFLOP/s\n",
-            self.model, feats, self.threads, self.fma_peak_gflops
+            "cpu: {}{} | features: {} | threads: {} | f32 FMA peak (measured): {:.0} GFLOP/s\n",
+            self.model, id, feats, self.threads, self.fma_peak_gflops
         )
     }
 }
@@ -556,16 +566,19 @@ mod tests {
 
     #[test]
     fn cpu_info_reads_model_and_amx_flags() {
-        let text = "processor\t: 0\nmodel name\t: Test CPU @ 2.0GHz\nflags\t\t: fpu avx2 amx_bf16 amx_tile avx512f\n\nprocessor\t: 1\nmodel name\t: Other\n";
+        let text = "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: Test CPU @ 2.0GHz\nstepping\t: 1\n\
+                    flags\t\t: fpu avx2 amx_bf16 amx_tile avx512f\n\nprocessor\t: 1\nmodel name\t: Other\nmodel\t\t: 1\n";
         let c = CpuInfo::from_cpuinfo(text, 3, 229.4);
         assert_eq!(c.model, "Test CPU @ 2.0GHz");
+        assert_eq!(c.id, "family 25 model 17 stepping 1");
         assert_eq!(c.threads, 3);
         assert_eq!((c.amx_bf16, c.amx_tile), (cfg!(target_arch = "x86_64"), cfg!(target_arch = "x86_64")));
         let line = c.line();
-        assert!(line.starts_with("cpu: Test CPU @ 2.0GHz | features: "), "{line}");
+        assert!(line.starts_with("cpu: Test CPU @ 2.0GHz (family 25 model 17 stepping 1) | features: "), "{line}");
         assert!(line.ends_with("| threads: 3 | f32 FMA peak (measured): 229 GFLOP/s\n"), "{line}");
         let none = CpuInfo::from_cpuinfo("", 1, 0.0);
         assert_eq!(none.model, "unknown");
+        assert!(none.line().starts_with("cpu: unknown | features: "), "{}", none.line());
         assert!(!none.amx_bf16 && !none.amx_tile);
     }
 

@@ -3,6 +3,7 @@
 use candle_core::{Tensor, D};
 
 use super::attention_grad;
+use super::items;
 use super::mode::{Mode, Precision};
 use crate::error::Result;
 use crate::instrument::flops;
@@ -53,13 +54,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
     let (qh, kh, vh) = scope(Class::Layout, || -> Result<_> { Ok((split(q, n)?, split(k, m)?, split(v, m)?)) })?;
     flops::add(2 * b * heads * n * m * d);
     let scale = 1.0 / (d as f64).sqrt();
-    let out = scope(Class::Attention, || -> Result<Tensor> {
-        let mut scores = (qh.matmul(&kh.t()?)? * scale)?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let probs = softmax_last_dim(&scores, mode)?;
-        Ok(probs.matmul(&vh)?)
+    let out = scope(Class::Attention, || {
+        items::per_item_on_gpu(&[&qh, &kh, &vh], |t| {
+            let mut scores = (t[0].matmul(&t[1].t()?)? * scale)?;
+            if let Some(mask) = mask {
+                scores = scores.broadcast_add(mask)?;
+            }
+            let probs = softmax_last_dim(&scores, mode)?;
+            Ok(probs.matmul(&t[2])?)
+        })
     })?;
     scope(Class::Layout, || Ok(out.transpose(1, 2)?.reshape((b, n, inner))?))
 }

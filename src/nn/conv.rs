@@ -7,6 +7,7 @@ use candle_core::Tensor;
 
 use super::linear::Pointwise;
 use super::frozen;
+use super::items;
 use super::mode::Precision;
 use super::packed::PackedWeight;
 use super::weights::Weights;
@@ -201,18 +202,23 @@ impl Conv2d {
             flops::add(b * ho * wo * cout * cin * kh * kw);
             return Ok(y);
         }
-        let y = scope(Class::Conv, || -> Result<Tensor> { Ok(if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 {
-            // A 1x1 convolution is a matmul over channels; candle's im2col path would copy.
-            let (b, c, h, wd) = x.dims4()?;
-            flops::add(b * h * wd * cin * cout);
-            let w2 = self.weight.reshape((cout, cin))?;
-            w2.broadcast_matmul(&x.reshape((b, c, h * wd))?)?.reshape((b, cout, h, wd))?
-        } else {
-            let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-            let (b, _, ho, wo) = y.dims4()?;
-            flops::add(b * ho * wo * cout * cin * kh * kw);
-            y
-        }) })?;
+        let y = scope(Class::Conv, || {
+            items::per_item_on_gpu(&[x], |t| {
+                let x = &t[0];
+                Ok(if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 {
+                    // A 1x1 convolution is a matmul over channels; candle's im2col path would copy.
+                    let (b, c, h, wd) = x.dims4()?;
+                    flops::add(b * h * wd * cin * cout);
+                    let w2 = self.weight.reshape((cout, cin))?;
+                    w2.broadcast_matmul(&x.reshape((b, c, h * wd))?)?.reshape((b, cout, h, wd))?
+                } else {
+                    let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+                    let (b, _, ho, wo) = y.dims4()?;
+                    flops::add(b * ho * wo * cout * cin * kh * kw);
+                    y
+                })
+            })
+        })?;
         scope(Class::Elementwise, || self.add_bias(y))
     }
 }

@@ -18,6 +18,7 @@ pub mod batchnorm;
 pub mod channel;
 pub mod conv;
 pub mod frozen;
+pub(crate) mod items;
 pub mod linear;
 pub mod mode;
 pub mod norm;
