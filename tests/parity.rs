@@ -28,6 +28,20 @@ fn every_stage_matches_the_diffusers_reference() {
 }
 
 #[test]
+fn candle_ops_path_matches_the_reference_in_f64() {
+    // In f64 no fused f32 kernel applies: every layer runs the candle ops a GPU runs.
+    let opts = Options { skip_teacher_forced: true, dtype: candle_core::DType::F64, ..Options::default() };
+    let rep = parity::run(&common::tiny_sd(), &common::tiny_ref(), &opts, |_| {}).unwrap();
+    eprintln!("{}", rep.table());
+    assert!(rep.all_ok(), "parity in f64 failed:\n{}", rep.table());
+    let abs = |name: &str| rep.get(name).unwrap_or_else(|| panic!("no line {name}")).max_abs;
+    for single in ["text_emb_a", "vae_mean_a", "probe_unet_out", "probe_vae_decode_out", "inv_eps0_a", "den_eps0_text"] {
+        assert!(abs(single) < 1e-5, "{single}: {}", abs(single));
+    }
+    assert!(abs("image_u8") <= 4.0);
+}
+
+#[test]
 fn parity_command_reports_a_corrupted_reference() {
     // Copy the reference and shift one tensor: that line must FAIL and the exit code be non-zero.
     let dir = std::env::temp_dir().join(format!("diffii-parity-corrupt-{}", std::process::id()));

@@ -23,11 +23,25 @@ pub struct Args {
     /// are the same on every device.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Weight and activation type: f32, or f64, which on the CPU runs every layer through
+    /// candle's own ops instead of the fused f32 kernels, the code a GPU runs (same tolerances).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum DtypeArg {
+    F32,
+    F64,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let device = diffii::sd::loader::parse_device(&a.device)?;
-    let opts = parity::Options { skip_teacher_forced: a.skip_teacher_forced, precision: a.precision.into(), device };
+    let dtype = match a.dtype {
+        DtypeArg::F32 => candle_core::DType::F32,
+        DtypeArg::F64 => candle_core::DType::F64,
+    };
+    let opts = parity::Options { skip_teacher_forced: a.skip_teacher_forced, precision: a.precision.into(), device, dtype };
     let start = std::time::Instant::now();
     let report = parity::run(&a.model, &a.reference, &opts, |stage| eprintln!("[parity] {stage}"))
         .with_context(|| format!("parity of {} against {}", a.model.display(), a.reference.display()))?;

@@ -371,7 +371,7 @@ pub fn sd15_flow(
 /// model load, text encoding, VAE encoding, both inversions, interpolation, two-stage guided
 /// sampling, decoding, plus the cheap comparisons), and fails if any tensor is off.
 pub fn flow(name: &str, model: &std::path::Path, reference: &std::path::Path, precision: Precision, reps: usize) -> Result<BenchResult> {
-    let opts = crate::measure::parity::Options { skip_teacher_forced: true, precision, device: Device::Cpu };
+    let opts = crate::measure::parity::Options { skip_teacher_forced: true, precision, device: Device::Cpu, dtype: candle_core::DType::F32 };
     timed(name, 1, 0, 0, reps, || {
         let report = crate::measure::parity::run(model, reference, &opts, |_| {})?;
         if !report.all_ok() {

@@ -162,11 +162,14 @@ pub struct Options {
     /// Where the model runs (the reference tensors are loaded there too; comparisons are made
     /// in f64 on the CPU).
     pub device: Device,
+    /// The model's weight and activation type. F64 on the CPU sends every layer through
+    /// candle's own ops instead of the fused f32 kernels: the code a GPU runs, checkable here.
+    pub dtype: DType,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { skip_teacher_forced: false, precision: Default::default(), device: Device::Cpu }
+        Options { skip_teacher_forced: false, precision: Default::default(), device: Device::Cpu, dtype: DType::F32 }
     }
 }
 
@@ -179,13 +182,15 @@ pub fn run(model: &Path, reference: &Path, opts: &Options, mut progress: impl Fn
     let dev = opts.device.clone();
     let r = candle_core::safetensors::load(&st_path, &dev)
         .map_err(|e| Error::bad_file(&st_path, format!("not a readable safetensors file: {e}")))?;
+    // Float reference tensors in the model's type, as the model's inputs would be.
     let get = |k: &str| -> Result<Tensor> {
-        r.get(k).cloned().ok_or_else(|| Error::Tensor { path: st_path.clone(), key: k.into(), msg: "missing from the reference".into() })
+        let t = r.get(k).ok_or_else(|| Error::Tensor { path: st_path.clone(), key: k.into(), msg: "missing from the reference".into() })?;
+        Ok(if t.dtype().is_float() { t.to_dtype(opts.dtype)? } else { t.clone() })
     };
     let mut rep = Report::default();
 
     progress("load model");
-    let sd = StableDiffusion::load(model, &LoadOptions { precision: opts.precision, device: dev.clone(), ..LoadOptions::default() })?;
+    let sd = StableDiffusion::load(model, &LoadOptions { precision: opts.precision, device: dev.clone(), dtype: opts.dtype, ..LoadOptions::default() })?;
     let sched = Ddim::new(sd.scheduler.clone())?;
 
     // ---- tokens and concept rows --------------------------------------------------------
@@ -241,7 +246,7 @@ pub fn run(model: &Path, reference: &Path, opts: &Options, mut progress: impl Fn
     let s = cfg.image_size;
     let img = |k: &str| -> Result<Tensor> {
         let u8s: Vec<u8> = get(k)?.flatten_all()?.to_vec1()?;
-        u8_to_tensor(&u8s, s, s, &dev)
+        Ok(u8_to_tensor(&u8s, s, s, &dev)?.to_dtype(opts.dtype)?)
     };
     let (x_a, x_b) = (img("image_a_u8")?, img("image_b_u8")?);
     rep.compare("image_a", &x_a, &get("image_a")?, TOL_CALL)?;
