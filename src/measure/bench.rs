@@ -33,7 +33,7 @@ pub struct BenchResult {
     pub percent_of_peak: f64,
     /// Process peak resident memory after the case (MiB).
     pub peak_rss_mib: f64,
-    /// The PyTorch figure for the same shape on this CPU class, when one is known.
+    /// PyTorch's median time for the same case, measured in this run (`--compare-python`).
     pub torch_seconds: Option<f64>,
     /// The dtype PyTorch ran in for `torch_seconds` ("f32" or "bf16"), when it ran in this run.
     #[serde(skip_serializing_if = "Option::is_none")]
