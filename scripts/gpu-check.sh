@@ -17,7 +17,8 @@
 #                          Diff-II generation (50 + 50 inversion steps, 50 guided steps;
 #                          synthetic weights), f32 (no TF32 on either side); with PyTorch +
 #                          diffusers on the same shapes in the same run for every case but the
-#                          whole generation (diffusers has no Diff-II pipeline)
+#                          whole generation (diffusers has no Diff-II pipeline); and the
+#                          GPU time of each op class (conv, linear, attention, ...) per case
 #   4. bench-f16.*, bench-bf16.*  the UNet cases and the whole generation with the UNet in f16
 #                          and in bf16 (text encoder and VAE stay f32), PyTorch likewise
 # Images per second at batch B = B / the UNet step's seconds, times steps per image.
@@ -102,7 +103,7 @@ batch_check() {
 step batch batch_check
 common=(--sd15 --device "$device" --sd15-latents 64 --sd15-batches 1,4,8 --sd15-flow --reps "$reps" --warmup 2
   --compare-python "$python" --python-script scripts/reference/bench_sd15_cpu.py)
-step bench-f32 "$bin" bench "${common[@]}" --text-vae --sd15-vae --json "$out/bench-f32.json"
+step bench-f32 "$bin" bench "${common[@]}" --text-vae --sd15-vae --profile --json "$out/bench-f32.json"
 step bench-f16 "$bin" bench "${common[@]}" --dtype f16 --json "$out/bench-f16.json"
 step bench-bf16 "$bin" bench "${common[@]}" --dtype bf16 --json "$out/bench-bf16.json"
 exit $status

@@ -39,6 +39,9 @@ pub mod profile {
     }
 
     static ENABLED: AtomicBool = AtomicBool::new(false);
+    /// The GPU whose queue each scope drains at its start and end while recording (see
+    /// [`start`]); `None` on the CPU, whose ops finish before they return.
+    static SYNC: std::sync::Mutex<Option<candle_core::Device>> = std::sync::Mutex::new(None);
     static NANOS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
     static CALLS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
 
@@ -47,18 +50,30 @@ pub mod profile {
         static STACK: RefCell<Vec<(Class, Instant)>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// Resets the counters and starts recording.
-    pub fn start() {
+    /// Resets the counters and starts recording the ops that run on `device`. A GPU runs ops
+    /// after they return, so there every scope waits for the GPU's queue at its start and end
+    /// (which slows the whole call, but charges each class its own GPU time).
+    pub fn start(device: &candle_core::Device) {
         for i in 0..7 {
             NANOS[i].store(0, Ordering::Relaxed);
             CALLS[i].store(0, Ordering::Relaxed);
         }
+        *SYNC.lock().unwrap_or_else(|e| e.into_inner()) = (!device.is_cpu()).then(|| device.clone());
         ENABLED.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits for the recorded GPU's queued work, if any.
+    fn drain() {
+        if let Some(d) = SYNC.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            // A failed wait surfaces at the op's own next call; the profile only loses accuracy.
+            let _ = d.synchronize();
+        }
     }
 
     /// Stops recording; returns (class, seconds, calls) per class.
     pub fn stop() -> Vec<(Class, f64, u64)> {
         ENABLED.store(false, Ordering::Relaxed);
+        *SYNC.lock().unwrap_or_else(|e| e.into_inner()) = None;
         CLASSES
             .iter()
             .enumerate()
@@ -77,6 +92,7 @@ pub mod profile {
             return f();
         }
         CALLS[class as usize].fetch_add(1, Ordering::Relaxed);
+        drain();
         STACK.with(|s| {
             let now = Instant::now();
             let mut s = s.borrow_mut();
@@ -86,6 +102,7 @@ pub mod profile {
             s.push((class, Instant::now()));
         });
         let out = f();
+        drain();
         STACK.with(|s| {
             let now = Instant::now();
             let mut s = s.borrow_mut();

@@ -37,7 +37,9 @@ pub struct Args {
     /// Untimed warm-up calls per case.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// Also print wall time per op class (conv, linear, attention, norms, elementwise, layout).
+    /// Also print wall time per op class (conv, linear, attention, norms, elementwise, layout); on
+    /// a GPU each op class waits for the GPU at its start and end, so the profiled call is slower
+    /// than the timed one but each class gets its own GPU time.
     #[arg(long)]
     pub profile: bool,
     /// Also time the model's VAE decode (batch 1, latent = the UNet's sample size).

@@ -324,7 +324,7 @@ pub fn text_encoder_step(name: &str, clip: &crate::sd::clip::ClipTextEncoder, ba
 /// [`profile_call`] of the text encoder on `batch` prompts of the full context length.
 pub fn text_encoder_profile(name: &str, clip: &crate::sd::clip::ClipTextEncoder, batch: usize, reps: usize) -> Result<Profile> {
     let ids = prompt_ids(clip, batch)?;
-    profile_call(name, batch, 0, reps, || clip.forward(&ids, None))
+    profile_call(name, clip.device(), batch, 0, reps, || clip.forward(&ids, None))
 }
 
 /// Times one whole Diff-II generation at SD-1.5 shapes (synthetic weights, two random 512 px
@@ -432,12 +432,12 @@ pub struct Profile {
 }
 
 /// Profiles the fastest of `reps` calls of `f` (one untimed warm-up first).
-pub fn profile_call(name: &str, batch: usize, latent: usize, reps: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<Profile> {
+pub fn profile_call(name: &str, device: &Device, batch: usize, latent: usize, reps: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<Profile> {
     use crate::instrument::profile;
-    f()?;
+    f()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     let mut best: Option<Profile> = None;
     for _ in 0..reps.max(1) {
-        profile::start();
+        profile::start(device);
         let t0 = Instant::now();
         let out = f()?;
         let _ = out.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
@@ -456,13 +456,13 @@ pub fn profile_call(name: &str, batch: usize, latent: usize, reps: usize, mut f:
 /// Profiles a UNet step like [`unet_step`].
 pub fn unet_profile(name: &str, unet: &UNet, batch: usize, latent: usize, reps: usize) -> Result<Profile> {
     let (x, ctx) = unet_inputs(unet, batch, latent)?;
-    profile_call(name, batch, latent, reps, || unet.forward_t(&x, 500, &ctx))
+    profile_call(name, unet.device(), batch, latent, reps, || unet.forward_t(&x, 500, &ctx))
 }
 
 /// Profiles a VAE decode like [`vae_decode_step`].
 pub fn vae_decode_profile(name: &str, vae: &crate::sd::vae::Vae, batch: usize, latent: usize, reps: usize) -> Result<Profile> {
     let z = decode_input(vae, batch, latent)?;
-    profile_call(name, batch, latent, reps, || vae.decode(&z))
+    profile_call(name, vae.device(), batch, latent, reps, || vae.decode(&z))
 }
 
 /// Profiles as a table: seconds and share of the total per op class.
@@ -544,7 +544,7 @@ pub fn resnet_steps(label: &str, config: &crate::classify::resnet::ResNetConfig,
 /// Wall time by op class of the fastest of `reps` training steps of [`resnet_steps`].
 pub fn resnet_train_profile(label: &str, config: &crate::classify::resnet::ResNetConfig, batch: usize, size: usize, reps: usize) -> Result<Profile> {
     let mut b = ResNetBench::new(config, batch, size)?;
-    profile_call(&format!("{label} train step"), batch, size, reps, || b.train_step())
+    profile_call(&format!("{label} train step"), &Device::Cpu, batch, size, reps, || b.train_step())
 }
 
 /// PyTorch timings from `scripts/reference/bench_classifier.py --json`: (case suffix, median
