@@ -381,10 +381,15 @@ pub fn flow(name: &str, model: &std::path::Path, reference: &std::path::Path, pr
     })
 }
 
+/// Reads a value of `out` back: on a GPU this waits for the queued work that makes it, so that
+/// none of it lands in the next timed call.
+fn finish(out: Tensor) -> Result<()> {
+    out.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    Ok(())
+}
+
 fn timed(name: &str, batch: usize, latent: usize, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<BenchResult> {
     reset_peak_rss();
-    // Reading a value back waits for a GPU's queued work, so that none of it lands in a timed call.
-    let finish = |out: Tensor| -> Result<f32> { Ok(out.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?) };
     for _ in 0..warmup {
         finish(f()?)?;
     }
@@ -434,13 +439,12 @@ pub struct Profile {
 /// Profiles the fastest of `reps` calls of `f` (one untimed warm-up first).
 pub fn profile_call(name: &str, device: &Device, batch: usize, latent: usize, reps: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<Profile> {
     use crate::instrument::profile;
-    f()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    finish(f()?)?;
     let mut best: Option<Profile> = None;
     for _ in 0..reps.max(1) {
         profile::start(device);
         let t0 = Instant::now();
-        let out = f()?;
-        let _ = out.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        finish(f()?)?;
         let total = t0.elapsed().as_secs_f64();
         let rows = profile::stop();
         let mut classes: Vec<(String, f64, u64)> = rows.iter().map(|(c, s, n)| (c.name().to_string(), *s, *n)).collect();
