@@ -313,7 +313,7 @@ fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchR
     let torch_dtype = |r: &BenchResult| {
         if Precision::from(a.precision) != Precision::F32 {
             "bf16"
-        } else if r.name.starts_with("unet") && a.dtype != "f32" {
+        } else if (r.name.starts_with("unet") || r.name.starts_with("diffii flow")) && a.dtype != "f32" {
             a.dtype.as_str()
         } else {
             "f32"
@@ -327,6 +327,7 @@ fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchR
                 ("text encoder", 2, _) => "text".into(),
                 ("vae encode", ..) => "vae_enc".into(),
                 ("vae decode", ..) => "vae_dec".into(),
+                ("diffii flow", 1, 64) => "flow".into(),
                 _ => continue,
             };
             only.push(key);
@@ -335,14 +336,20 @@ fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchR
             continue;
         }
         let json = std::env::temp_dir().join(format!("diffii-torch-bench-{}.json", std::process::id()));
-        let args = ["--threads", &threads, "--reps", &a.reps.to_string(), "--no-flops", "--dtype", dtype, "--device", &a.device, "--only", &only.join(",")];
+        // The same warm-up as ours: on a GPU the first calls load kernels and choose algorithms.
+        let args = ["--threads", &threads, "--warmup", &a.warmup.to_string(), "--reps", &a.reps.to_string(), "--no-flops", "--dtype", dtype, "--device", &a.device, "--only", &only.join(",")];
         let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        args.extend(["--flow-steps".to_string(), a.sd15_flow_steps.to_string()]);
+        if Precision::from(a.precision) != Precision::F32 {
+            // Our --precision bf16 runs the flow's text encoder and VAE in bf16 too.
+            args.push("--flow-all-dtype".to_string());
+        }
         args.extend(["--json".to_string(), json.display().to_string()]);
         run(&a.python_script, &args)?;
         let torch = bench::read_torch_json(&json)?;
         let _ = std::fs::remove_file(&json);
         for r in results.iter_mut().filter(|r| r.name.contains("sd15") && torch_dtype(r) == dtype) {
-            let case = ["unet", "text encoder", "vae encode", "vae decode"].into_iter().find(|c| r.name.starts_with(c));
+            let case = ["unet", "text encoder", "vae encode", "vae decode", "diffii flow"].into_iter().find(|c| r.name.starts_with(c));
             if let Some(&(_, _, _, secs)) = torch.iter().find(|(c, b, l, _)| Some(c.as_str()) == case && *b == r.batch && *l == r.latent) {
                 r.torch_seconds = Some(secs);
                 r.torch_dtype = Some(dtype.to_string());
