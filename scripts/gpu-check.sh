@@ -16,9 +16,10 @@
 #                          encoder (batch 2), VAE encode / decode at 512 px, and one whole 512 px
 #                          Diff-II generation (50 + 50 inversion steps, 50 guided steps;
 #                          synthetic weights), f32 (no TF32 on either side); with PyTorch +
-#                          diffusers on the same shapes in the same run for every case but the
-#                          whole generation (diffusers has no Diff-II pipeline); and the
-#                          GPU time of each op class (conv, linear, attention, ...) per case
+#                          diffusers on the same shapes in the same run for every case (the
+#                          whole generation composed of diffusers' models and DDIM steps, as
+#                          the research code does); and the GPU time of each op class (conv,
+#                          linear, attention, ...) per case
 #   4. bench-f16.*, bench-bf16.*  the UNet cases and the whole generation with the UNet in f16
 #                          and in bf16 (text encoder and VAE stay f32), PyTorch likewise
 # Images per second at batch B = B / the UNet step's seconds, times steps per image.

@@ -14,10 +14,18 @@ torch.cuda.synchronize(), and --dtype f16 is available.
 UNet cases: unet64 (batch 2, 64x64), unet32 (batch 2, 32x32), unet64b1 (batch 1, 64x64), or any
 unet_b<B>_l<L> (batch B, L x L latent).
 
+flow: one whole Diff-II image at 512 px as `diffii bench --sd15-flow` runs it: three prompts
+encoded, two random 512 px images encoded, each DDIM-inverted for --flow-steps steps (batch 1,
+stage-2 prompt), slerped at t = 0.5, --flow-steps guided DDIM steps (CFG 7.5 at batch 2, the
+stage-1 prompt while t >= 700, i.e. strength 0.3, then the stage-2 prompt) and decoded. The
+UNet runs in --dtype and the text encoder and VAE in f32, as `--dtype` does on our side; with
+--flow-all-dtype they run in --dtype too, as our `--precision bf16` does on the CPU. The DDIM
+steps are ref_diffii.py's, which match diffusers' DDIMScheduler / DDIMInverseScheduler.
+
 Usage:
     .venv-ref/bin/python scripts/reference/bench_sd15_cpu.py [--threads 2] [--reps 5] [--warmup 1]
-        [--only unet64,unet32,unet64b1,text,vae_enc,vae_dec] [--dtype f32|bf16|f16]
-        [--device cpu|cuda] [--json OUT.json]
+        [--only unet64,unet32,unet64b1,text,vae_enc,vae_dec,flow] [--flow-steps 50]
+        [--flow-all-dtype] [--dtype f32|bf16|f16] [--device cpu|cuda] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -98,6 +106,49 @@ def count_flops(fn) -> tuple[int, dict]:
 
 
 
+def diffii_flow(dev, dtype, steps: int, all_dtype: bool):
+    """The whole Diff-II flow at SD-1.5 shapes (see the module doc), built once; returns the
+    call that runs it."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ref_diffii import ddim_inverse_step, ddim_step, slerp
+
+    side = dtype if all_dtype else torch.float32
+    te = CLIPTextModel(CLIPTextConfig(**SD15_CLIP_TEXT)).eval().to(dev, side)
+    vae = AutoencoderKL(**SD15_VAE).eval().to(dev, side)
+    unet = UNet2DConditionModel(**SD15_UNET).eval().to(dev, dtype)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    ac = [float(a) for a in torch.cumprod(1.0 - betas, 0)]
+    ratio = 1000 // steps
+    t_inv = [i * ratio + 1 for i in range(steps)]  # "leading" spacing, steps_offset 1
+    t_den = t_inv[::-1]
+    ids = torch.randint(0, 49406, (3, 77)).to(dev)
+    images = torch.randn(2, 3, 512, 512).tanh().to(dev, side)
+    sf = SD15_VAE["scaling_factor"]
+
+    def flow():
+        with torch.inference_mode():
+            emb = te(ids)[0].to(dtype)
+            uncond, stage1, stage2 = emb[0:1], emb[1:2], emb[2:3]
+            inverted = []
+            for i in range(2):
+                x = (vae.encode(images[i:i + 1]).latent_dist.mean * sf).to(dtype)
+                for t in t_inv:
+                    eps = unet(x, torch.tensor([t], device=dev), encoder_hidden_states=stage2).sample
+                    x = ddim_inverse_step(eps, t, x, ac, ratio)
+                inverted.append(x)
+            x, _, _ = slerp(inverted[0].float(), inverted[1].float(), 0.5)
+            x = x.to(dtype)
+            for t in t_den:
+                e = torch.cat([uncond, stage1 if t >= 1000 * (1 - 0.3) else stage2])
+                eps_u, eps_c = unet(torch.cat([x, x]), torch.tensor([t], device=dev), encoder_hidden_states=e).sample.chunk(2)
+                x = ddim_step(eps_u + 7.5 * (eps_c - eps_u), t, x, ac, ratio)
+            return vae.decode((x / sf).to(side)).sample
+
+    return flow
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -107,6 +158,8 @@ def main() -> None:
     ap.add_argument("--no-flops", action="store_true")
     ap.add_argument("--dtype", choices=("f32", "bf16", "f16"), default="f32")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--flow-steps", type=int, default=50, help="DDIM steps of the flow's inversions and sampling")
+    ap.add_argument("--flow-all-dtype", action="store_true", help="the flow's text encoder and VAE in --dtype too")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     which = set(args.only.split(","))
@@ -222,6 +275,11 @@ def main() -> None:
             d.update(bench(f, max(1, args.reps // 2 + 1), args.warmup))
             report("vae_decode_512", d)
         del vae
+
+    if "flow" in which:
+        d = {"steps": args.flow_steps}
+        d.update(bench(synced(diffii_flow(dev, dtype, args.flow_steps, args.flow_all_dtype)), args.reps, args.warmup))
+        report("diffii_flow_sd15", d)
 
     if args.json:
         with open(args.json, "w") as fh:

@@ -227,6 +227,7 @@ pub fn read_torch_json(path: &std::path::Path) -> Result<Vec<(String, usize, usi
         ("clip_text_b2", "text encoder", 2, 0),
         ("vae_encode_512", "vae encode", 1, 64),
         ("vae_decode_512", "vae decode", 1, 64),
+        ("diffii_flow_sd15", "diffii flow", 1, 64),
     ] {
         if let Some(s) = v.get(key).and_then(|d| d.get("median_s")).and_then(|s| s.as_f64()) {
             out.push((case.to_string(), batch, latent, s));
@@ -610,5 +611,22 @@ mod tests {
         assert_eq!(rows, ["25.0%", "-"]);
         fill_percent_of_peak(&mut rs, 0.0);
         assert_eq!(rs[0].percent_of_peak, 0.0);
+    }
+
+    #[test]
+    fn torch_json_cases_map_to_our_rows() {
+        let dir = std::env::temp_dir().join(format!("diffii-torch-json-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("torch.json");
+        let json = r#"{"threads": 2, "unet64b1": {"median_s": 1.5}, "unet_b8_l32": {"median_s": 2.5},
+            "clip_text_b2": {"median_s": 0.25}, "diffii_flow_sd15": {"steps": 50, "median_s": 9.5},
+            "unet_build": {"params": 1}}"#;
+        std::fs::write(&path, json).unwrap();
+        let mut got = read_torch_json(&path).unwrap();
+        got.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        let want = [("diffii flow", 1, 64, 9.5), ("text encoder", 2, 0, 0.25), ("unet", 1, 64, 1.5), ("unet", 8, 32, 2.5)];
+        let want: Vec<(String, usize, usize, f64)> = want.iter().map(|&(c, b, l, s)| (c.to_string(), b, l, s)).collect();
+        assert_eq!(got, want);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
