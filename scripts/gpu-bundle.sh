@@ -4,10 +4,13 @@
 #
 #   target/gpu-bundle/diffii.gz     the CUDA build (scripts/build-cuda.sh), stripped, gzipped
 #   target/gpu-bundle/fixtures/     the tiny SD model and its reference run (for parity)
+#   target/gpu-bundle/tests/        the CPU kernel tests (tests/bf16.rs, tests/kernels.rs), built
+#                                   without CUDA, stripped, gzipped: GPU machines' host CPUs
+#                                   often have AMX, whose kernels no other machine can test
 #   target/gpu-bundle/wheels/       diffusers and what it needs beyond a PyTorch install
 #                                   (pure Python), for the same-run PyTorch comparison
 #
-# About 25 MB in all. Copy the repository (or just scripts/ and target/gpu-bundle/) to the GPU
+# About 40 MB in all. Copy the repository (or just scripts/ and target/gpu-bundle/) to the GPU
 # machine and run scripts/gpu-check.sh there. Needs what build-cuda.sh needs (set CUDA_HOME to
 # a toolkit; see its header), and pip with access to PyPI for the wheels.
 #
@@ -28,9 +31,17 @@ for d in tiny-sd tiny-sd-ref; do
 done
 scripts/build-cuda.sh
 out=target/gpu-bundle
-rm -rf "$out.tmp" && mkdir -p "$out.tmp/fixtures" "$out.tmp/wheels"
+rm -rf "$out.tmp" && mkdir -p "$out.tmp/fixtures" "$out.tmp/wheels" "$out.tmp/tests"
 strip -o "$out.tmp/diffii" target/cuda/release/diffii
 gzip -9 "$out.tmp/diffii"
+cargo test --release --locked --no-run --test bf16 --test kernels --message-format=json \
+  | "$python" -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])' \
+  | while read -r name exe; do strip -o "$out.tmp/tests/$name" "$exe" && gzip -9 "$out.tmp/tests/$name"; done
+[ -f "$out.tmp/tests/bf16.gz" ] && [ -f "$out.tmp/tests/kernels.gz" ] || { echo "building the kernel tests failed" >&2; exit 1; }
 cp -r "$fixtures/tiny-sd" "$fixtures/tiny-sd-ref" "$out.tmp/fixtures/"
 # The GPU image's Python (3.12) has torch, transformers, huggingface_hub, safetensors, numpy,
 # Pillow, regex and requests; diffusers and importlib_metadata travel.

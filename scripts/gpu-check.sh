@@ -4,7 +4,7 @@
 # Prepare the bundle first, on a CPU machine: scripts/gpu-bundle.sh.
 #
 #   scripts/gpu-check.sh [--bundle target/gpu-bundle] [--out DIR] [--python python3] [--reps N]
-#                        [--device cuda:N]
+#                        [--device cuda:N] [--cpu-bench [--cpu-threads N]]
 #
 # It runs, writing each step's output to DIR (default gpu-check-out/) and to the terminal:
 #   1. parity.txt          diffii parity of the tiny fixture on the GPU (--device), at the CPU's
@@ -22,6 +22,14 @@
 #                          linear, attention, ...) per case
 #   4. bench-f16.*, bench-bf16.*  the UNet cases and the whole generation with the UNet in f16
 #                          and in bf16 (text encoder and VAE stay f32), PyTorch likewise
+#   5. cpu-kernels.txt     the CPU kernel tests (tests/bf16.rs, tests/kernels.rs) on this host's
+#                          CPU, which on GPU servers often has AMX: each test says which bf16
+#                          kernels it ran and which it skipped for lack of the hardware
+#   6. with --cpu-bench:   cpu-f32.*, cpu-bf16.*  the CPU's own speed against PyTorch on the
+#                          CPU, --cpu-threads threads (default 2): the SD-1.5 UNet at batch 1,
+#                          64/32/16 latents, and the text encoder, in f32 and in bf16 (AMX where
+#                          the CPU has it; with the VAE and --profile); about 5 minutes at 2
+#                          threads on an Emerald-Rapids Xeon
 # Images per second at batch B = B / the UNet step's seconds, times steps per image.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +38,8 @@ out=gpu-check-out
 python=python3
 reps=5
 device=cuda
+cpu_bench=0
+cpu_threads=2
 while [ $# -gt 0 ]; do
   case "$1" in
     --bundle) bundle="$2"; shift 2 ;;
@@ -37,7 +47,9 @@ while [ $# -gt 0 ]; do
     --python) python="$2"; shift 2 ;;
     --reps) reps="$2"; shift 2 ;;
     --device) device="$2"; shift 2 ;;
-    *) echo "unknown argument $1 (use --bundle DIR, --out DIR, --python PY, --reps N, --device cuda:N)" >&2; exit 2 ;;
+    --cpu-bench) cpu_bench=1; shift ;;
+    --cpu-threads) cpu_threads="$2"; shift 2 ;;
+    *) echo "unknown argument $1 (use --bundle DIR, --out DIR, --python PY, --reps N, --device cuda:N, --cpu-bench, --cpu-threads N)" >&2; exit 2 ;;
   esac
 done
 [ -f "$bundle/diffii.gz" ] || { echo "$bundle/diffii.gz not found: make the bundle with scripts/gpu-bundle.sh on a CPU machine" >&2; exit 1; }
@@ -107,4 +119,21 @@ common=(--sd15 --device "$device" --sd15-latents 64 --sd15-batches 1,4,8 --sd15-
 step bench-f32 "$bin" bench "${common[@]}" --text-vae --sd15-vae --profile --json "$out/bench-f32.json"
 step bench-f16 "$bin" bench "${common[@]}" --dtype f16 --json "$out/bench-f16.json"
 step bench-bf16 "$bin" bench "${common[@]}" --dtype bf16 --json "$out/bench-bf16.json"
+kernel_tests() {
+  local t rc=0
+  for t in bf16 kernels; do
+    [ -f "$bundle/tests/$t.gz" ] || { echo "$bundle/tests/$t.gz not found: remake the bundle with scripts/gpu-bundle.sh"; return 1; }
+    gunzip -c "$bundle/tests/$t.gz" >"$work/test-$t" && chmod +x "$work/test-$t"
+    DIFFII_FIXTURES="$fx" "$work/test-$t" --test-threads 1 --nocapture || rc=1
+  done
+  return $rc
+}
+step cpu-kernels kernel_tests
+if [ "$cpu_bench" = 1 ]; then
+  cpu=(--sd15 --sd15-latents 64,32,16 --sd15-batches 1 --text-vae --reps 2 --warmup 1
+    --compare-python "$python" --python-script scripts/reference/bench_sd15_cpu.py)
+  step cpu-f32 env RAYON_NUM_THREADS="$cpu_threads" "$bin" bench "${cpu[@]}" --json "$out/cpu-f32.json"
+  step cpu-bf16 env RAYON_NUM_THREADS="$cpu_threads" "$bin" bench "${cpu[@]}" --sd15-vae --precision bf16 --profile \
+    --json "$out/cpu-bf16.json"
+fi
 exit $status
