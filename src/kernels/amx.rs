@@ -5,7 +5,9 @@
 //! in four 16 x 16 accumulator tiles (a 2 x 2 blocking uses all eight tile registers: four
 //! accumulators, two A tiles, two B tiles). A tile is 16 rows of 16 bf16 pairs (64 bytes), the
 //! layout [`super::bf16::PackedA`] packs for this kernel; B tiles are read straight from
-//! [`super::bf16::PairPlanes`], whose rows are k pairs, 16 columns of a pair being 64 bytes.
+//! [`super::bf16::PairPlanes`], 16 columns of a pair row being 64 bytes: whole pair rows a plane
+//! apart (a convolution's input, each tap an offset into it) or column panels, 128 bytes per
+//! pair row (weights and attention's K^T, read whole).
 //! The instructions are written as inline assembly because Rust's AMX intrinsics are not
 //! stable. Each output is summed in a fixed order (taps, then k blocks, then the hardware's
 //! order inside a tile product), so the result does not depend on the number of threads.
@@ -153,4 +155,44 @@ pub unsafe fn block(_tiles: &Tiles, a: *const u32, nk: usize, b: *const u8, b_ro
         c00 = in(reg) c00, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11, s = in(reg) c_row_bytes,
         options(nostack),
     );
+}
+
+/// What [`block`] computes, in scalar code that runs on any CPU (each tile product summed in
+/// pair order here, so the bits may differ from the hardware's in the last place): tests run
+/// the callers' addressing through it where the CPU has no AMX.
+///
+/// # Safety
+/// As [`block`]'s operands.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn block_emulated(a: *const u32, nk: usize, b: *const u8, b_row_bytes: usize, c: *mut f32, c_row_bytes: usize, load: bool) {
+    let half = |v: u32, hi: bool| f32::from_bits(if hi { v & 0xffff_0000 } else { v << 16 });
+    let c = c as *mut u8;
+    let at_c = |r: usize, j: usize| c.add(r * c_row_bytes + j * 4) as *mut f32;
+    let mut acc = [[0f32; BLOCK]; BLOCK];
+    for (r, row) in acc.iter_mut().enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = if load { at_c(r, j).read_unaligned() } else { 0.0 };
+        }
+    }
+    for kb in 0..nk {
+        let (ak, bk) = (a.add(kb * 2 * 16 * KB), b.add(kb * KB * b_row_bytes));
+        for (r, row) in acc.iter_mut().enumerate() {
+            // Rows 16..32 are the second A tile, KB pairs per row.
+            let ar = ak.add((r / 16) * 16 * KB + (r % 16) * KB);
+            for (j, v) in row.iter_mut().enumerate() {
+                // Columns 16..32 are the second B tile, 64 bytes on.
+                let bj = bk.add((j / 16) * 64 + (j % 16) * 4);
+                for p in 0..KB {
+                    let (x, y) = (ar.add(p).read_unaligned(), (bj.add(p * b_row_bytes) as *const u32).read_unaligned());
+                    *v += half(x, false) * half(y, false) + half(x, true) * half(y, true);
+                }
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            at_c(r, j).write_unaligned(v);
+        }
+    }
 }

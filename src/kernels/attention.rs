@@ -217,11 +217,8 @@ fn attention_bf16(
             let (bi, hi) = (bh / heads, bh % heads);
             let at = |key: usize, c: usize| (bi * m + key) * inner + hi * d + c;
             // In rows, K^T's pair rows would be a plane of m keys apart: at 4096 keys 16 KiB,
-            // all in one cache set; the AVX-512 kernel reads panels.
-            let kt = match kernel {
-                bf16::Kernel::Avx512 => PairPlanes::panels_from_positions(&ks[at(0, 0)..], d, m, inner),
-                bf16::Kernel::Amx => PairPlanes::from_fn(d, m, |c, key| ks[at(key, c)]),
-            };
+            // all in one cache set; both kernels read panels (the same bits).
+            let kt = PairPlanes::panels_from_positions(&ks[at(0, 0)..], d, m, inner);
             let vp = PairPlanes::from_rows(&vs[at(0, 0)..], m, d, inner);
             (kt, vp)
         })

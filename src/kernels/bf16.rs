@@ -457,7 +457,7 @@ pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
         return Err(Error::invalid("bf16 gemm: operands too small for the requested block"));
     }
     if a.kernel == Kernel::Amx {
-        gemm_taps_amx(a, b, offs, n, dst, dst_rs, accumulate, parallel);
+        gemm_taps_amx(&AmxUnits, a, b, offs, n, dst, dst_rs, accumulate, parallel);
         return Ok(());
     }
     const ROW_GROUP: usize = 16;
@@ -498,6 +498,45 @@ pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
     Ok(())
 }
 
+/// One 32 x 32 block product of [`gemm_taps_amx`] with its per-thread setup: the tile units
+/// ([`AmxUnits`]), or in tests a scalar emulation, so that the driver's addressing is tested on
+/// every CPU.
+trait TileBlock: Sync {
+    type Thread;
+    /// Called once per task, on the thread that runs it.
+    fn begin(&self) -> Self::Thread;
+    /// [`amx::block`]'s contract.
+    ///
+    /// # Safety
+    /// As [`amx::block`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(&self, thread: &Self::Thread, a: *const u32, nk: usize, b: *const u8, b_row_bytes: usize, c: *mut f32, c_row_bytes: usize, load: bool);
+}
+
+/// The AMX tile units ([`amx::block`]); only where [`amx::available`].
+struct AmxUnits;
+
+#[cfg(target_arch = "x86_64")]
+impl TileBlock for AmxUnits {
+    type Thread = amx::Tiles;
+    fn begin(&self) -> amx::Tiles {
+        // SAFETY: gemm_taps reaches the AMX kernel only where it is available (checked there).
+        unsafe { amx::Tiles::configure() }
+    }
+    unsafe fn block(&self, tiles: &amx::Tiles, a: *const u32, nk: usize, b: *const u8, b_row_bytes: usize, c: *mut f32, c_row_bytes: usize, load: bool) {
+        amx::block(tiles, a, nk, b, b_row_bytes, c, c_row_bytes, load);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+impl TileBlock for AmxUnits {
+    type Thread = ();
+    fn begin(&self) {}
+    unsafe fn block(&self, _: &(), _: *const u32, _: usize, _: *const u8, _: usize, _: *mut f32, _: usize, _: bool) {
+        unreachable!("AMX is x86-64 only")
+    }
+}
+
 /// [`gemm_taps`] on AMX tiles. A task is a group of 32-row blocks times a run of 32-column
 /// blocks. The (tap, k block) sequence is cut into chunks of at most KC k blocks, whose A tiles
 /// (KC * 2 KiB) stay in the L1 cache while the chunk is applied to every column block of the
@@ -506,7 +545,7 @@ pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
 /// accumulate in place in `dst`; edge blocks go through a zero-padded copy, one pass each.
 /// amx::BLOCK == NR, so the slack that covers the AVX-512 kernel's column blocks covers these.
 #[allow(clippy::too_many_arguments)]
-fn gemm_taps_amx(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, parallel: bool) {
+fn gemm_taps_amx<K: TileBlock>(kernel: &K, a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, parallel: bool) {
     const { assert!(amx::BLOCK == NR) };
     const ROW_GROUP: usize = 4;
     const KC: usize = 8;
@@ -531,22 +570,19 @@ fn gemm_taps_amx(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
         let cols_of = |nb: usize| amx::BLOCK.min(n - nb * amx::BLOCK);
         let nb_range = run * run_len..nbs.min((run + 1) * run_len);
         let mut edge = [0f32; amx::BLOCK * amx::BLOCK];
-        // SAFETY (the unsafe blocks below): AMX is available (checked by the caller); A holds
-        // taps * kblocks tile pairs per row block; B's pair rows are padded with zeros to whole
-        // k blocks, and its slack covers the columns (checked by the caller); full blocks lie
-        // inside dst. Tasks write disjoint blocks of dst.
-        #[cfg(target_arch = "x86_64")]
-        let tiles = unsafe { amx::Tiles::configure() };
-        #[cfg(target_arch = "x86_64")]
+        // SAFETY (the unsafe blocks below): the kernel runs here (checked by the caller); A
+        // holds taps * kblocks tile pairs per row block; B's pair rows are padded with zeros to
+        // whole k blocks, and its slack (or, in panels, its whole last panel) covers the
+        // columns (checked by the caller); full blocks lie inside dst. Tasks write disjoint
+        // blocks of dst.
+        let thread = kernel.begin();
         let apply = |mb: usize, nb: usize, &(t, k0, nk): &(usize, usize, usize), c: *mut f32, c_rs: usize, load: bool| unsafe {
             let a_at = a.block(mb).add((t * kblocks + k0) * tile_pair);
             let (at, stride) = b.column_block(offs[t], nb);
             let b_row_bytes = stride * 2;
             let b_at = (bptr.0.add(at) as *const u8).add(k0 * amx::KB * b_row_bytes);
-            amx::block(&tiles, a_at, nk, b_at, b_row_bytes, c, c_rs * 4, load);
+            kernel.block(&thread, a_at, nk, b_at, b_row_bytes, c, c_rs * 4, load);
         };
-        #[cfg(not(target_arch = "x86_64"))]
-        let apply = |_: usize, _: usize, _: &(usize, usize, usize), _: *mut f32, _: usize, _: bool| unreachable!("AMX is x86-64 only");
         for mb in group * ROW_GROUP..mbs.min((group + 1) * ROW_GROUP) {
             let rows = amx::BLOCK.min(a.m - mb * amx::BLOCK);
             let corner = |nb: usize| unsafe { d.0.add(mb * amx::BLOCK * dst_rs + nb * amx::BLOCK) };
@@ -673,6 +709,55 @@ mod tests {
             let fast = PackedA::from_tap_major(kernel, m, taps, k, &src);
             let generic = PackedA::new(kernel, m, taps, k, |r, t, kk| src[(t * k + kk) * m + r]);
             assert_eq!(fast.data, generic.data, "{kernel:?} tap-major");
+        }
+    }
+
+    /// The tile product in scalar code ([`amx::block_emulated`]), on any CPU.
+    struct Emulated;
+
+    impl TileBlock for Emulated {
+        type Thread = ();
+        fn begin(&self) {}
+        unsafe fn block(&self, _: &(), a: *const u32, nk: usize, b: *const u8, b_row_bytes: usize, c: *mut f32, c_row_bytes: usize, load: bool) {
+            amx::block_emulated(a, nk, b, b_row_bytes, c, c_row_bytes, load);
+        }
+    }
+
+    #[test]
+    fn amx_driver_reads_rows_and_panels_alike() {
+        // The AMX driver's addressing (row blocks, column blocks, taps, k chunks of KC blocks,
+        // edge blocks, accumulation) through the emulated tile product, on every CPU: against
+        // the exact product of the rounded inputs, and B in whole rows against B in panels.
+        let r = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
+        // (rows, taps and their offsets, k, columns, plane): a linear layer's shape with three
+        // k chunks and partial blocks both ways; a convolution's taps with odd k.
+        for (m, offs, k, n, plane) in [(77, vec![0], 600, 100, 100), (40, vec![0, 1, 9], 37, 50, 60)] {
+            let taps = offs.len();
+            let (x, w) = (data(m * taps * k), data(k * plane));
+            let a = PackedA::new(Kernel::Amx, m, taps, k, |row, t, kk| x[(row * taps + t) * k + kk]);
+            let rows = PairPlanes::from_rows(&w, k, plane, plane);
+            let start: Vec<f32> = data(m * n + 5).into_iter().skip(5).collect();
+            for accumulate in [false, true] {
+                let run = |b: &PairPlanes, parallel: bool| {
+                    let mut out = if accumulate { start.clone() } else { vec![f32::NAN; m * n] };
+                    gemm_taps_amx(&Emulated, &a, b, &offs, n, &mut out, n, accumulate, parallel);
+                    out
+                };
+                let got = run(&rows, true);
+                assert!(got.iter().zip(run(&rows, false)).all(|(p, q)| p.to_bits() == q.to_bits()), "threads change the bits");
+                if taps == 1 {
+                    let panels = PairPlanes::from_rows(&w, k, plane, plane).into_panels();
+                    assert!(got.iter().zip(run(&panels, true)).all(|(p, q)| p.to_bits() == q.to_bits()), "{m}x{k}x{n}: panels differ from rows");
+                }
+                for (i, j) in [(0, 0), (m - 1, n - 1), (m / 2, 33), (31, 31), (32, 32)] {
+                    let mut exact = if accumulate { start[i * n + j] as f64 } else { 0.0 };
+                    for (t, &o) in offs.iter().enumerate() {
+                        exact += (0..k).map(|kk| r(x[(i * taps + t) * k + kk]) * r(w[kk * plane + o + j])).sum::<f64>();
+                    }
+                    let e = (got[i * n + j] as f64 - exact).abs();
+                    assert!(e < 1e-5 * (1.0 + exact.abs()), "{m}x{k}x{n} taps {taps} ({i}, {j}): {} vs {exact}", got[i * n + j]);
+                }
+            }
         }
     }
 
