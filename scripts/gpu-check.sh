@@ -4,7 +4,7 @@
 # Prepare the bundle first, on a CPU machine: scripts/gpu-bundle.sh.
 #
 #   scripts/gpu-check.sh [--bundle target/gpu-bundle] [--out DIR] [--python python3] [--reps N]
-#                        [--device cuda:N] [--cpu-bench [--cpu-threads N]]
+#                        [--device cuda:N] [--cpu-bench [--cpu-threads N]] [--cpu-only]
 #
 # It runs, writing each step's output to DIR (default gpu-check-out/) and to the terminal:
 #   1. parity.txt          diffii parity of the tiny fixture on the GPU (--device), at the CPU's
@@ -28,8 +28,9 @@
 #   6. with --cpu-bench:   cpu-f32.*, cpu-bf16.*  the CPU's own speed against PyTorch on the
 #                          CPU, --cpu-threads threads (default 2): the SD-1.5 UNet at batch 1,
 #                          64/32/16 latents, and the text encoder, in f32 and in bf16 (AMX where
-#                          the CPU has it; with the VAE and --profile); about 5 minutes at 2
+#                          the CPU has it; with the VAE and --profile); about 6 minutes at 2
 #                          threads on an Emerald-Rapids Xeon
+# --cpu-only runs steps 5 and 6 alone (no GPU needed, but the CUDA libraries the binary links).
 # Images per second at batch B = B / the UNet step's seconds, times steps per image.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,7 @@ reps=5
 device=cuda
 cpu_bench=0
 cpu_threads=2
+gpu=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --bundle) bundle="$2"; shift 2 ;;
@@ -49,7 +51,8 @@ while [ $# -gt 0 ]; do
     --device) device="$2"; shift 2 ;;
     --cpu-bench) cpu_bench=1; shift ;;
     --cpu-threads) cpu_threads="$2"; shift 2 ;;
-    *) echo "unknown argument $1 (use --bundle DIR, --out DIR, --python PY, --reps N, --device cuda:N, --cpu-bench, --cpu-threads N)" >&2; exit 2 ;;
+    --cpu-only) gpu=0; cpu_bench=1; shift ;;
+    *) echo "unknown argument $1 (use --bundle DIR, --out DIR, --python PY, --reps N, --device cuda:N, --cpu-bench, --cpu-threads N, --cpu-only)" >&2; exit 2 ;;
   esac
 done
 [ -f "$bundle/diffii.gz" ] || { echo "$bundle/diffii.gz not found: make the bundle with scripts/gpu-bundle.sh on a CPU machine" >&2; exit 1; }
@@ -95,30 +98,32 @@ step() {
   echo "== $name: $((SECONDS - t0)) s wall" | tee -a "$out/$name.txt"
 }
 fx="$bundle/fixtures"
-step parity "$bin" parity --model "$fx/tiny-sd" --reference "$fx/tiny-sd-ref" --device "$device"
-# A sample's bytes must not depend on its batch (nor, so, on how a run is sharded).
-mkdir -p "$work/data/sparrow" && cp "$fx/tiny-sd-ref/input_a.png" "$fx/tiny-sd-ref/input_b.png" "$work/data/sparrow/"
-batch_check() {
-  local b rc=0
-  for b in 1 3 8; do
-    "$bin" augment --model "$fx/tiny-sd" --data "$work/data" --superclass bird --size 64 --inversion-steps 20 --steps 20 \
-      --per-class 8 --batch "$b" --device "$device" --quiet --out "$work/batch-$b" || return 1
-  done
-  for b in 3 8; do
-    if diff -r -q -x .diffii.lock "$work/batch-1" "$work/batch-$b"; then
-      echo "batch $b: every file identical to batch 1"
-    else
-      echo "batch $b: differs from batch 1"; rc=1
-    fi
-  done
-  return $rc
-}
-step batch batch_check
-common=(--sd15 --device "$device" --sd15-latents 64 --sd15-batches 1,4,8 --sd15-flow --reps "$reps" --warmup 2
-  --compare-python "$python" --python-script scripts/reference/bench_sd15_cpu.py)
-step bench-f32 "$bin" bench "${common[@]}" --text-vae --sd15-vae --profile --json "$out/bench-f32.json"
-step bench-f16 "$bin" bench "${common[@]}" --dtype f16 --json "$out/bench-f16.json"
-step bench-bf16 "$bin" bench "${common[@]}" --dtype bf16 --json "$out/bench-bf16.json"
+if [ "$gpu" = 1 ]; then
+  step parity "$bin" parity --model "$fx/tiny-sd" --reference "$fx/tiny-sd-ref" --device "$device"
+  # A sample's bytes must not depend on its batch (nor, so, on how a run is sharded).
+  mkdir -p "$work/data/sparrow" && cp "$fx/tiny-sd-ref/input_a.png" "$fx/tiny-sd-ref/input_b.png" "$work/data/sparrow/"
+  batch_check() {
+    local b rc=0
+    for b in 1 3 8; do
+      "$bin" augment --model "$fx/tiny-sd" --data "$work/data" --superclass bird --size 64 --inversion-steps 20 --steps 20 \
+        --per-class 8 --batch "$b" --device "$device" --quiet --out "$work/batch-$b" || return 1
+    done
+    for b in 3 8; do
+      if diff -r -q -x .diffii.lock "$work/batch-1" "$work/batch-$b"; then
+        echo "batch $b: every file identical to batch 1"
+      else
+        echo "batch $b: differs from batch 1"; rc=1
+      fi
+    done
+    return $rc
+  }
+  step batch batch_check
+  common=(--sd15 --device "$device" --sd15-latents 64 --sd15-batches 1,4,8 --sd15-flow --reps "$reps" --warmup 2
+    --compare-python "$python" --python-script scripts/reference/bench_sd15_cpu.py)
+  step bench-f32 "$bin" bench "${common[@]}" --text-vae --sd15-vae --profile --json "$out/bench-f32.json"
+  step bench-f16 "$bin" bench "${common[@]}" --dtype f16 --json "$out/bench-f16.json"
+  step bench-bf16 "$bin" bench "${common[@]}" --dtype bf16 --json "$out/bench-bf16.json"
+fi
 kernel_tests() {
   local t rc=0
   for t in bf16 kernels; do
@@ -130,7 +135,7 @@ kernel_tests() {
 }
 step cpu-kernels kernel_tests
 if [ "$cpu_bench" = 1 ]; then
-  cpu=(--sd15 --sd15-latents 64,32,16 --sd15-batches 1 --text-vae --reps 2 --warmup 1
+  cpu=(--sd15 --sd15-latents 64,32,16 --sd15-batches 1 --text-vae --reps 3 --warmup 1
     --compare-python "$python" --python-script scripts/reference/bench_sd15_cpu.py)
   step cpu-f32 env RAYON_NUM_THREADS="$cpu_threads" "$bin" bench "${cpu[@]}" --json "$out/cpu-f32.json"
   step cpu-bf16 env RAYON_NUM_THREADS="$cpu_threads" "$bin" bench "${cpu[@]}" --sd15-vae --precision bf16 --profile \

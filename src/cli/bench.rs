@@ -423,7 +423,7 @@ fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchR
         let _ = std::fs::remove_dir_all(&out_dir);
         times.sort_by(|x, y| x.total_cmp(y));
         if let Some(r) = results.iter_mut().find(|r| r.name.starts_with("diffii flow")) {
-            r.torch_seconds = Some(times[times.len() / 2]);
+            r.torch_seconds = Some(bench::median(&times));
         }
     }
     Ok(())

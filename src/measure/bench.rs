@@ -382,6 +382,16 @@ pub fn flow(name: &str, model: &std::path::Path, reference: &std::path::Path, pr
     })
 }
 
+/// The median of sorted `times`: for an even count the mean of the middle two, as Python's
+/// `statistics.median` gives the PyTorch side.
+pub fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 0 => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+        n => sorted[n / 2],
+    }
+}
+
 /// Reads a value of `out` back: on a GPU this waits for the queued work that makes it, so that
 /// none of it lands in the next timed call.
 fn finish(out: Tensor) -> Result<()> {
@@ -407,8 +417,8 @@ fn timed(name: &str, batch: usize, latent: usize, warmup: usize, reps: usize, mu
             flops = flops::stop();
         }
     }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let seconds = times[times.len() / 2];
+    times.sort_by(f64::total_cmp);
+    let seconds = median(&times);
     let gflop = flops as f64 / 1e9;
     let gflops = gflop / seconds;
     Ok(BenchResult {
@@ -611,6 +621,14 @@ mod tests {
         assert_eq!(rows, ["25.0%", "-"]);
         fill_percent_of_peak(&mut rs, 0.0);
         assert_eq!(rs[0].percent_of_peak, 0.0);
+    }
+
+    #[test]
+    fn median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[1.0, 2.0, 9.0]), 2.0);
+        assert_eq!(median(&[1.0, 2.0]), 1.5);
+        assert_eq!(median(&[1.0, 2.0, 4.0, 9.0]), 3.0);
+        assert!(median(&[]).is_nan());
     }
 
     #[test]

@@ -71,7 +71,7 @@ fn result(name: &str, batch: usize, latent: usize, mut times: Vec<f64>) -> Resul
         name: name.to_string(),
         batch,
         latent,
-        seconds: times[times.len() / 2],
+        seconds: crate::measure::bench::median(&times),
         min_seconds: times[0],
         gflop: 0.0,
         gflops: 0.0,
