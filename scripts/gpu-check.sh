@@ -31,7 +31,8 @@
 #                          the CPU has it; with the VAE and --profile); about 6 minutes at 2
 #                          threads on an Emerald-Rapids Xeon
 # --cpu-only runs steps 5 and 6 alone (no GPU needed, but the CUDA libraries the binary links).
-# Images per second at batch B = B / the UNet step's seconds, times steps per image.
+# UNet evaluations per second at batch B = B / the UNet step's seconds; a Diff-II sample costs 100
+# of them (50 guided steps, two evaluations each), plus its inputs' inversions, done once per input.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bundle=target/gpu-bundle

@@ -378,8 +378,9 @@ pub fn pack_weight(weight: &Tensor, kernel: bf16::Kernel) -> Result<PackedLinear
         with_slices(&[weight], |s| PairPlanes::from_fn(in_dim, out_dim, |i, o| s[0][o * in_dim + i]))?
     };
     // Panels for either kernel: a column block of 32 reads 128 bytes per pair row, and whole
-    // rows a plane apart (3 or 12 KiB for 768 or 3 072 outputs, 20 KiB for the UNet's widest)
-    // put the 16 rows of a tile load into one or a few cache sets. The bits are the same.
+    // rows a plane apart (3 or 12 KiB for 768 or 3 072 outputs, 20-40 KiB for the UNet's widest
+    // feed-forward layers) put the 16 rows of a tile load into one or a few cache sets. The bits
+    // are the same.
     let planes = planes.into_panels();
     Ok(PackedLinear { planes, kernel })
 }
