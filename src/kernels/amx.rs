@@ -125,7 +125,9 @@ pub unsafe fn block(_tiles: &Tiles, a: *const u32, nk: usize, b: *const u8, b_ro
     } else {
         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
     }
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     let (mut ap, mut bp) = (a, b);
+    let b_end = b.wrapping_add(nk * KB * b_row_bytes);
     for _ in 0..nk {
         asm!(
             "tileloadd tmm4, [{a0} + {row}*1]",
@@ -144,8 +146,19 @@ pub unsafe fn block(_tiles: &Tiles, a: *const u32, nk: usize, b: *const u8, b_ro
             bs = in(reg) b_row_bytes,
             options(nostack, readonly),
         );
-        ap = ap.add(2 * 16 * KB);
-        bp = bp.add(KB * b_row_bytes);
+        ap = ap.wrapping_add(2 * 16 * KB);
+        bp = bp.wrapping_add(KB * b_row_bytes);
+        if bp < b_end {
+            // The next k block's B rows into L1 while these products run: B is read once per
+            // block from L2 (or, a plane apart in a convolution's input, from rows no hardware
+            // prefetcher follows), and a tile load waits for all 16 of its rows.
+            for r in 0..KB {
+                let p = bp.add(r * b_row_bytes) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(p);
+                _mm_prefetch::<_MM_HINT_T0>(p.add(64));
+                _mm_prefetch::<_MM_HINT_T0>(p.add(127));
+            }
+        }
     }
     asm!(
         "tilestored [{c00} + {s}*1], tmm0",

@@ -196,7 +196,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
 
 /// The bf16 products of [`attention`]: K^T and V of each (batch, head) are packed once as the
 /// right operands; each query block packs its Q rows and, after the f32 softmax, its
-/// probabilities as the left operands. Same task split and softmax as the f32 path.
+/// probabilities as the left operands, each row's softmax (with [`softmax_row_bf16`]'s e^x)
+/// and conversion in one pass. Same task split as the f32 path.
 #[allow(clippy::too_many_arguments)]
 fn attention_bf16(
     kernel: bf16::Kernel,
@@ -243,34 +244,27 @@ fn attention_bf16(
             let q = &qs[(bi * n + q0) * inner + hi * d..];
             PAIRS.with(|pairs| {
                 let [qp, pp] = &mut *pairs.borrow_mut();
-                let a = match kernel {
-                    bf16::Kernel::Avx512 => {
-                        // The scaled queries go through obuf, which the output overwrites later.
-                        for (r, row) in obuf.chunks_exact_mut(d).enumerate() {
-                            for (o, &x) in row.iter_mut().zip(&q[r * inner..r * inner + d]) {
-                                *o = x * scale;
-                            }
-                        }
-                        PackedA::row_major(rows, d, obuf, d, std::mem::take(qp))
+                // The scaled queries go through obuf, which the output overwrites later.
+                for (r, row) in obuf.chunks_exact_mut(d).enumerate() {
+                    for (o, &x) in row.iter_mut().zip(&q[r * inner..r * inner + d]) {
+                        *o = x * scale;
                     }
-                    bf16::Kernel::Amx => PackedA::new(kernel, rows, 1, d, |r, _, c| q[r * inner + c] * scale),
+                }
+                let a = match kernel {
+                    bf16::Kernel::Avx512 => PackedA::row_major(rows, d, obuf, d, std::mem::take(qp)),
+                    bf16::Kernel::Amx => PackedA::from_rows_prepared(kernel, rows, d, obuf, d, std::mem::take(qp), |_, _| {}),
                 };
                 bf16::gemm_taps(&a, kt, &[0], m, sbuf, m, false, false).expect("packed to these shapes");
                 *qp = a.into_storage();
                 if let Some(mk) = ms {
                     add_mask(sbuf, &mk[q0 * m..(q0 + rows) * m]);
                 }
+                // Each row's softmax, then its conversion, while the row is in L1.
+                // SAFETY: both kernels run only on CPUs with AVX-512 BF16, hence F.
+                let softmax = |r: usize, row: &mut [f32]| sums[r] = unsafe { softmax_row_bf16(row) };
                 let p = match kernel {
-                    bf16::Kernel::Avx512 => {
-                        // Each row's softmax, then its conversion, while the row is in L1.
-                        // SAFETY: this kernel runs only on CPUs with AVX-512 BF16, hence F.
-                        let softmax = |r: usize, row: &mut [f32]| sums[r] = unsafe { softmax_row_bf16(row) };
-                        PackedA::row_major_prepared(rows, m, sbuf, m, std::mem::take(pp), softmax)
-                    }
-                    bf16::Kernel::Amx => {
-                        softmax_rows(sbuf, m, sums);
-                        PackedA::from_rows(kernel, rows, m, sbuf, m)
-                    }
+                    bf16::Kernel::Avx512 => PackedA::row_major_prepared(rows, m, sbuf, m, std::mem::take(pp), softmax),
+                    bf16::Kernel::Amx => PackedA::from_rows_prepared(kernel, rows, m, sbuf, m, std::mem::take(pp), softmax),
                 };
                 bf16::gemm_taps(&p, vp, &[0], d, obuf, d, false, false).expect("packed to these shapes");
                 *pp = p.into_storage();
@@ -287,13 +281,13 @@ fn attention_bf16(
     });
 }
 
-/// Softmax numerators of a row for the AVX-512 bf16 path: the row max, then e^(x - max) in
+/// Softmax numerators of a row for the bf16 paths (both kernels): the row max, then e^(x - max) in
 /// place, the row sum returned. Its e^x is cheaper than [`exp_v`]: 2^f by a degree-5 Taylor
 /// polynomial on [-1/2, 1/2] (relative error 2.4e-6) scaled by 2^k with `vscalefps`, the
 /// argument's product with log2(e) rounded to f32 (up to 5e-6 more at the far end); exactly 0
 /// below -87.34 and for -inf, as [`exp_v`]. The numerators are rounded to bf16 right after, a
 /// relative step of 2^-9, so the full-precision exp bought nothing here while it was a quarter
-/// of an attention call; the f32 and AMX paths keep [`softmax_rows`]. The order of every sum
+/// of an attention call; the f32 path keeps [`softmax_rows`]. The order of every sum
 /// is fixed.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -370,5 +364,39 @@ mod tests {
         let mut empty = vec![f32::NEG_INFINITY; 20];
         assert_eq!(unsafe { super::softmax_row_bf16(&mut empty) }, 0.0);
         assert!(empty.iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn the_amx_layouts_attention_matches_the_avx512_ones() {
+        // Where the CPU has no AMX the tile product is emulated (see `bf16::gemm_taps`), so the
+        // AMX path's packing, softmax and scaling are checked on every CPU with AVX-512 BF16.
+        use super::bf16::Kernel;
+        if !super::bf16::supported() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        let t = |seed: usize, shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| (((i * 7 + seed * 131) as f32) * 0.618).sin() * 2.0).collect();
+            candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+        };
+        let vals = |x: &candle_core::Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Masked cross-attention shape; 300 keys: two chunks of k blocks in P V and two query
+        // blocks (the last partial).
+        for (n, m, heads, d, masked) in [(45, 77, 3, 13, true), (150, 300, 2, 40, false)] {
+            let (q, k, v) = (t(1, &[2, n, heads * d]), t(2, &[2, m, heads * d]), t(3, &[2, m, heads * d]));
+            let mask = masked.then(|| t(4, &[n, m]));
+            let run = |kr| vals(&super::attention(&q, &k, &v, heads, mask.as_ref(), kr).unwrap());
+            let (amx, avx, f32s) = (run(Some(Kernel::Amx)), run(Some(Kernel::Avx512)), run(None));
+            let rel = |a: &[f32], b: &[f32]| {
+                let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+                (num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>()).sqrt()
+            };
+            // The same rounded inputs and the same softmax: only the order of f32 sums differs.
+            let (e, e32) = (rel(&amx, &avx), rel(&amx, &f32s));
+            eprintln!("{n}x{m}, {heads} heads of {d}: AMX layout vs AVX-512 {e:.2e}, vs f32 {e32:.2e}");
+            assert!(e < 1e-4, "AMX vs AVX-512 bf16 attention: {e}");
+            assert!(e32 > 1e-5 && e32 < 3e-2, "AMX bf16 vs f32 attention: {e32}");
+        }
     }
 }

@@ -47,7 +47,9 @@ impl Kernel {
     pub fn available(self) -> bool {
         match self {
             Kernel::Avx512 => supported(),
-            Kernel::Amx => amx::available(),
+            // Every CPU with AMX has AVX-512 BF16, whose conversions and softmax the AMX path
+            // shares; a (virtual) CPU that hid it would get neither kernel.
+            Kernel::Amx => amx::available() && supported(),
         }
     }
 
@@ -190,34 +192,35 @@ impl PackedA {
     /// same result as [`new`](Self::new), packed faster: each row is converted 16 values at a
     /// time (see `to_bf16` on subnormals), then its pairs are placed.
     pub fn from_rows(kernel: Kernel, m: usize, k: usize, src: &[f32], row_stride: usize) -> Self {
-        let k_pairs = k.div_ceil(2);
-        let kblocks = k_pairs.div_ceil(amx::KB);
+        let (k_pairs, kblocks) = (k.div_ceil(2), k.div_ceil(2).div_ceil(amx::KB));
         let (rows_per_block, block) = Self::block_shape(kernel, 1, k_pairs);
         let mut data = vec![0u32; m.div_ceil(rows_per_block) * block];
         data.par_chunks_mut(block).enumerate().for_each(|(mb, blk)| {
-            // A row's bf16 values, two per u32 in little-endian order: exactly the pairs. The
-            // odd k's high half stays zero: every row writes the same k halves.
             let mut row = vec![0u32; kblocks * amx::KB];
-            for r in 0..rows_per_block.min(m - mb * rows_per_block) {
-                let at = (mb * rows_per_block + r) * row_stride;
-                // SAFETY: a u32 buffer viewed as twice as many u16 values.
-                let halves = unsafe { std::slice::from_raw_parts_mut(row.as_mut_ptr() as *mut u16, row.len() * 2) };
-                to_bf16(&src[at..at + k], &mut halves[..k]);
-                match kernel {
-                    Kernel::Amx => {
-                        for kb in 0..kblocks {
-                            blk[(kb * amx::BLOCK + r) * amx::KB..][..amx::KB].copy_from_slice(&row[kb * amx::KB..(kb + 1) * amx::KB]);
-                        }
-                    }
-                    Kernel::Avx512 => {
-                        for (p, &v) in row[..k_pairs].iter().enumerate() {
-                            blk[p * MR + r] = v;
-                        }
-                    }
-                }
-            }
+            place_rows(kernel, blk, mb * rows_per_block, m, k, &mut row, &mut |r, halves| to_bf16(&src[r * row_stride..][..k], halves));
         });
         PackedA { data, m, taps: 1, k_pairs, kernel, row_stride: 0 }
+    }
+
+    /// [`from_rows`](Self::from_rows) on the calling thread (inside one attention task), running
+    /// `prepare(r, row)` on each f32 row just before it is converted, while it is in the L1 cache
+    /// (attention's softmax). `buf` is storage to reuse (see [`into_storage`](Self::into_storage));
+    /// every value of the layout is written, so it is not cleared.
+    pub fn from_rows_prepared(kernel: Kernel, m: usize, k: usize, src: &mut [f32], row_stride: usize, mut buf: Vec<u32>, mut prepare: impl FnMut(usize, &mut [f32])) -> Self {
+        let (k_pairs, kblocks) = (k.div_ceil(2), k.div_ceil(2).div_ceil(amx::KB));
+        let (rows_per_block, block) = Self::block_shape(kernel, 1, k_pairs);
+        let len = m.div_ceil(rows_per_block) * block;
+        buf.resize(len, 0);
+        buf.truncate(len);
+        let mut row = vec![0u32; kblocks * amx::KB];
+        for (mb, blk) in buf.chunks_mut(block.max(1)).enumerate() {
+            place_rows(kernel, blk, mb * rows_per_block, m, k, &mut row, &mut |r, halves| {
+                let x = &mut src[r * row_stride..][..k];
+                prepare(r, x);
+                to_bf16(x, halves);
+            });
+        }
+        PackedA { data: buf, m, taps: 1, k_pairs, kernel, row_stride: 0 }
     }
 
     /// From a tap-major `src` ([taps, k, m]: a convolution weight stored `[kh, kw, cin, cout]`):
@@ -307,6 +310,37 @@ impl PackedA {
         }
         let (_, len) = Self::block_shape(self.kernel, self.taps, self.k_pairs);
         self.data[mb * len..].as_ptr()
+    }
+}
+
+/// Writes one row block `blk` of the one-tap blocked layout for `kernel`, rows from `first`:
+/// `convert(r, halves)` gives row r's k bf16 values (two per u32 of `row`, which is zero beyond
+/// them and as long as the row's whole k blocks), and rows at or beyond `m` are zero. Every
+/// value of the block is written.
+fn place_rows(kernel: Kernel, blk: &mut [u32], first: usize, m: usize, k: usize, row: &mut [u32], convert: &mut impl FnMut(usize, &mut [u16])) {
+    let (rows_per_block, _) = PackedA::block_shape(kernel, 1, k.div_ceil(2));
+    let k_pairs = k.div_ceil(2);
+    for r in 0..rows_per_block {
+        if first + r < m {
+            // SAFETY: a u32 buffer viewed as twice as many u16 values.
+            let halves = unsafe { std::slice::from_raw_parts_mut(row.as_mut_ptr() as *mut u16, row.len() * 2) };
+            // The odd k's high half stays zero: every row writes the same k halves.
+            convert(first + r, &mut halves[..k]);
+        } else {
+            row.fill(0);
+        }
+        match kernel {
+            Kernel::Amx => {
+                for (kb, pairs) in row.chunks_exact(amx::KB).enumerate() {
+                    blk[(kb * amx::BLOCK + r) * amx::KB..][..amx::KB].copy_from_slice(pairs);
+                }
+            }
+            Kernel::Avx512 => {
+                for (p, &v) in row[..k_pairs].iter().enumerate() {
+                    blk[p * MR + r] = v;
+                }
+            }
+        }
     }
 }
 
@@ -448,13 +482,20 @@ pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
     if a.m == 0 || n == 0 {
         return Ok(());
     }
-    if !a.kernel.available() {
-        return Err(Error::invalid(format!("bf16 products with the {} kernel need a CPU that has it; use f32", a.kernel.name())));
-    }
     let max_off = offs.iter().copied().max().unwrap_or(0);
     let b_fits = if b.panels { max_off == 0 && n <= b.plane } else { max_off + n.div_ceil(NR) * NR <= 2 * b.plane + NR * 2 };
     if !b_fits || dst.len() < (a.m - 1) * dst_rs + n {
         return Err(Error::invalid("bf16 gemm: operands too small for the requested block"));
+    }
+    // Unit tests on a CPU without AMX run the AMX layouts through the scalar tile product, so
+    // that its callers (attention, convolution, linear) are tested everywhere.
+    #[cfg(test)]
+    if a.kernel == Kernel::Amx && !a.kernel.available() {
+        gemm_taps_amx(&tests::Emulated, a, b, offs, n, dst, dst_rs, accumulate, parallel);
+        return Ok(());
+    }
+    if !a.kernel.available() {
+        return Err(Error::invalid(format!("bf16 products with the {} kernel need a CPU that has it; use f32", a.kernel.name())));
     }
     if a.kernel == Kernel::Amx {
         gemm_taps_amx(&AmxUnits, a, b, offs, n, dst, dst_rs, accumulate, parallel);
@@ -703,6 +744,17 @@ mod tests {
             let fast = PackedA::from_rows(kernel, m, k, &src, 70);
             let generic = PackedA::new(kernel, m, 1, k, |r, _, kk| src[r * 70 + kk]);
             assert_eq!(fast.data, generic.data, "{kernel:?}");
+            // On one thread, each row prepared just before it is packed, into reused storage
+            // holding other values (the last row block's padding rows included).
+            let mut prepared_src = src.clone();
+            let mut seen = vec![];
+            let prepared = PackedA::from_rows_prepared(kernel, m, k, &mut prepared_src, 70, vec![u32::MAX; 3 * fast.data.len()], |r, row| {
+                seen.push(r);
+                row[0] = -row[0];
+            });
+            assert_eq!(seen, (0..m).collect::<Vec<_>>());
+            let negated = PackedA::new(kernel, m, 1, k, |r, _, kk| if kk == 0 { -src[r * 70] } else { src[r * 70 + kk] });
+            assert_eq!(prepared.data, negated.data, "{kernel:?} prepared");
             // Tap-major: 3 taps, odd k, a partial last row block.
             let taps = 3;
             let src = data(taps * k * m);
@@ -713,7 +765,7 @@ mod tests {
     }
 
     /// The tile product in scalar code ([`amx::block_emulated`]), on any CPU.
-    struct Emulated;
+    pub(super) struct Emulated;
 
     impl TileBlock for Emulated {
         type Thread = ();
