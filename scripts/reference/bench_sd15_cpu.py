@@ -11,6 +11,10 @@ torch.set_num_threads(--threads).  Each timing is repeated --reps times after --
 untimed runs; the median (and min/max) are reported.  On a GPU each call ends with
 torch.cuda.synchronize(), and --dtype f16 is available.
 
+With --profile (CPU only) one more call of each UNet, text encoder and VAE case runs under
+torch.profiler, and its ops' self times are summed into `diffii bench --profile`'s op classes
+(`profile` in the case's JSON: the classes, the profiled call's wall time, the slowest ops).
+
 UNet cases: unet64 (batch 2, 64x64), unet32 (batch 2, 32x32), unet64b1 (batch 1, 64x64), or any
 unet_b<B>_l<L> (batch B, L x L latent).
 
@@ -25,7 +29,7 @@ steps are ref_diffii.py's, which match diffusers' DDIMScheduler / DDIMInverseSch
 Usage:
     .venv-ref/bin/python scripts/reference/bench_sd15_cpu.py [--threads 2] [--reps 5] [--warmup 1]
         [--only unet64,unet32,unet64b1,text,vae_enc,vae_dec,flow] [--flow-steps 50]
-        [--flow-all-dtype] [--dtype f32|bf16|f16] [--device cpu|cuda] [--json OUT.json]
+        [--flow-all-dtype] [--dtype f32|bf16|f16] [--device cpu|cuda] [--profile] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -106,6 +110,63 @@ def count_flops(fn) -> tuple[int, dict]:
 
 
 
+# `diffii bench --profile`'s op classes, by ATen op name (without "aten::"). Upsampling, which
+# our convolutions read through, counts as layout; anything else unnamed here is "other".
+LAYOUT_OPS = {"copy_", "_to_copy", "to", "contiguous", "clone", "cat", "view", "reshape", "permute",
+              "transpose", "t", "empty", "empty_like", "zeros", "resize_", "as_strided", "expand",
+              "chunk", "split", "slice", "select", "unsqueeze", "squeeze", "flatten", "narrow",
+              "stack", "index_select", "embedding", "pad", "constant_pad_nd", "fill_", "zero_"}
+ELEMENTWISE_OPS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "rsub", "neg", "silu",
+                   "silu_", "gelu", "sigmoid", "exp", "sin", "cos", "tanh", "pow", "sqrt", "rsqrt",
+                   "clamp", "clamp_", "where", "mean", "sum", "arange", "baddbmm_", "masked_fill",
+                   "masked_fill_", "erf", "lt", "gt", "ge", "le", "eq", "argmax", "abs"}
+
+
+def op_class(name: str) -> str:
+    n = name.removeprefix("aten::")
+    if "scaled_dot_product" in n or "flash_attention" in n or n in ("bmm", "baddbmm", "_softmax", "softmax"):
+        return "attention"
+    if "conv" in n:
+        return "conv"
+    if n in ("addmm", "mm", "matmul", "linear", "_addmm_activation") or "linear" in n:
+        return "matmul/linear"
+    if "group_norm" in n:
+        return "group norm"
+    if "layer_norm" in n:
+        return "layer norm"
+    if n in LAYOUT_OPS or "upsample" in n:
+        return "copies/layout"
+    if n in ELEMENTWISE_OPS:
+        return "elementwise"
+    return "other"
+
+
+def profile_call(fn) -> dict:
+    """One call of fn under torch.profiler: the ops' self CPU times summed by op class (an op's
+    self time is its wall time on the calling thread less its children's, intra-op threads
+    included), "other" being the call's wall time less the classified ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        total = time.perf_counter() - t0
+    classes: dict = {}
+    ops = []
+    for e in prof.key_averages():
+        secs = e.self_cpu_time_total / 1e6
+        if secs <= 0:
+            continue
+        ops.append((e.key, secs, e.count))
+        c = op_class(e.key)
+        if c != "other":
+            classes[c] = classes.get(c, 0.0) + secs
+    classes["other"] = max(0.0, total - sum(classes.values()))
+    ops.sort(key=lambda o: -o[1])
+    return {"total_s": total, "classes": classes,
+            "top_ops": [{"op": k, "self_s": s, "calls": n} for k, s, n in ops[:12]]}
+
+
 def diffii_flow(dev, dtype, steps: int, all_dtype: bool):
     """The whole Diff-II flow at SD-1.5 shapes (see the module doc), built once; returns the
     call that runs it."""
@@ -160,8 +221,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--flow-steps", type=int, default=50, help="DDIM steps of the flow's inversions and sampling")
     ap.add_argument("--flow-all-dtype", action="store_true", help="the flow's text encoder and VAE in --dtype too")
+    ap.add_argument("--profile", action="store_true", help="also profile one call of each case by op class (CPU)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.profile and args.device != "cpu":
+        ap.error("--profile times the CPU's ops; use it with --device cpu")
     which = set(args.only.split(","))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -198,7 +262,12 @@ def main() -> None:
 
     def report(name, d):
         res[name] = d
-        print(name, json.dumps({k: v for k, v in d.items() if k != "flops_by_op"}), flush=True)
+        print(name, json.dumps({k: v for k, v in d.items() if k not in ("flops_by_op", "profile")}), flush=True)
+        if "profile" in d:
+            p = d["profile"]
+            print("  profile", json.dumps({k: round(v, 4) for k, v in p["classes"].items()}), flush=True)
+            for o in p["top_ops"]:
+                print(f"    {o['op']:<55} {o['self_s']:.4f} s {o['calls']:>5} calls", flush=True)
 
     if unet_cases:
         from diffusers import UNet2DConditionModel
@@ -222,6 +291,8 @@ def main() -> None:
             d.update(bench(f, args.reps, args.warmup))
             if "flops" in d:
                 d["achieved_gflops"] = d["flops"] / d["median_s"] / 1e9
+            if args.profile:
+                d["profile"] = profile_call(f)
             report(name, d)
         del unet
 
@@ -240,6 +311,8 @@ def main() -> None:
         if not args.no_flops:
             d["flops"], d["flops_by_op"] = count_flops(f)
         d.update(bench(f, args.reps, args.warmup))
+        if args.profile:
+            d["profile"] = profile_call(f)
         report("clip_text_b2", d)
         del te
 
@@ -260,6 +333,8 @@ def main() -> None:
             if not args.no_flops:
                 d["flops"], d["flops_by_op"] = count_flops(f)
             d.update(bench(f, max(1, args.reps // 2 + 1), args.warmup))
+            if args.profile:
+                d["profile"] = profile_call(f)
             report("vae_encode_512", d)
         if "vae_dec" in which:
             z = torch.randn(1, 4, 64, 64).to(dev, dtype)
@@ -273,6 +348,8 @@ def main() -> None:
             if not args.no_flops:
                 d["flops"], d["flops_by_op"] = count_flops(f)
             d.update(bench(f, max(1, args.reps // 2 + 1), args.warmup))
+            if args.profile:
+                d["profile"] = profile_call(f)
             report("vae_decode_512", d)
         del vae
 

@@ -39,7 +39,9 @@ pub struct Args {
     pub warmup: usize,
     /// Also print wall time per op class (conv, linear, attention, norms, elementwise, layout); on
     /// a GPU each op class waits for the GPU at its start and end, so the profiled call is slower
-    /// than the timed one but each class gets its own GPU time.
+    /// than the timed one but each class gets its own GPU time. With --compare-python on the CPU,
+    /// PyTorch's SD-1.5 cases are profiled too (torch.profiler, ops' self times in the same
+    /// classes) and printed beside ours.
     #[arg(long)]
     pub profile: bool,
     /// Also time the model's VAE decode (batch 1, latent = the UNet's sample size).
@@ -257,7 +259,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     if let Some(python) = &a.compare_python {
-        compare_with_python(&a, python, &mut results)?;
+        compare_with_python(&a, python, &mut results, &mut profiles)?;
     }
     if results.is_empty() {
         anyhow::bail!("nothing to measure: pass --demo, --model DIR, --sd15, --classifier and/or --resnet50");
@@ -280,7 +282,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         cpu.fma_peak_gflops, cpu.threads
     );
     if let Some(path) = &a.json {
-        let text = serde_json::to_string_pretty(&bench::BenchReport { cpu, device, results: &results })?;
+        let text = serde_json::to_string_pretty(&bench::BenchReport { cpu, device, results: &results, profiles: &profiles })?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
@@ -288,7 +290,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 /// Fills the PyTorch column: SD-1.5 shapes from `scripts/reference/bench_sd15_cpu.py`, the whole flow
 /// from `scripts/reference/ref_diffii.py` (its own `flow_total_s`: encode, inversions, sampling, decode).
-fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchResult]) -> anyhow::Result<()> {
+fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchResult], profiles: &mut [bench::Profile]) -> anyhow::Result<()> {
     let run = |script: &std::path::Path, args: &[String]| -> anyhow::Result<String> {
         eprintln!("[bench] PyTorch: {} {}", python.display(), script.display());
         let out = std::process::Command::new(python)
@@ -344,10 +346,22 @@ fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchR
             // Our --precision bf16 runs the flow's text encoder and VAE in bf16 too.
             args.push("--flow-all-dtype".to_string());
         }
+        // PyTorch's own profile of each profiled case (its profiler times CPU ops).
+        let profiled = a.profile && a.device == "cpu";
+        if profiled {
+            args.push("--profile".to_string());
+        }
         args.extend(["--json".to_string(), json.display().to_string()]);
         run(&a.python_script, &args)?;
         let torch = bench::read_torch_json(&json)?;
+        let torch_profiles = if profiled { bench::read_torch_profiles(&json)? } else { Vec::new() };
         let _ = std::fs::remove_file(&json);
+        for p in profiles.iter_mut().filter(|p| p.name.contains("sd15")) {
+            let case = ["unet", "text encoder", "vae encode", "vae decode"].into_iter().find(|c| p.name.starts_with(c));
+            if let Some((.., tp)) = torch_profiles.iter().find(|(c, b, l, _)| Some(c.as_str()) == case && *b == p.batch && *l == p.latent) {
+                p.torch = Some(tp.clone());
+            }
+        }
         for r in results.iter_mut().filter(|r| r.name.contains("sd15") && torch_dtype(r) == dtype) {
             let case = ["unet", "text encoder", "vae encode", "vae decode", "diffii flow"].into_iter().find(|c| r.name.starts_with(c));
             if let Some(&(_, _, _, secs)) = torch.iter().find(|(c, b, l, _)| Some(c.as_str()) == case && *b == r.batch && *l == r.latent) {

@@ -142,6 +142,9 @@ pub struct BenchReport<'a> {
     /// Where the SD-1.5 and `--model` cases ran: `cpu`, or `cuda:N` and the GPU's name.
     pub device: String,
     pub results: &'a [BenchResult],
+    /// `--profile`'s per-op-class profiles (with PyTorch's, under `--compare-python`).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub profiles: &'a [Profile],
 }
 
 /// Builds an SD-1.5-shaped UNet with deterministic synthetic weights.
@@ -219,6 +222,27 @@ pub fn synthetic_sd15_vae(dtype: DType, precision: Precision, device: &Device) -
 /// "vae decode".
 pub fn read_torch_json(path: &std::path::Path) -> Result<Vec<(String, usize, usize, f64)>> {
     let v: serde_json::Value = crate::error::read_json(path)?;
+    Ok(torch_cases(&v).into_iter().filter_map(|(case, b, l, d)| Some((case, b, l, d.get("median_s")?.as_f64()?))).collect())
+}
+
+/// The per-op-class profiles in the JSON of `scripts/reference/bench_sd15_cpu.py --profile`, as
+/// (case, batch, latent, profile) like [`read_torch_json`].
+pub fn read_torch_profiles(path: &std::path::Path) -> Result<Vec<(String, usize, usize, TorchProfile)>> {
+    let v: serde_json::Value = crate::error::read_json(path)?;
+    let mut out = Vec::new();
+    for (case, b, l, d) in torch_cases(&v) {
+        let Some(p) = d.get("profile") else { continue };
+        let bad = || crate::error::Error::invalid(format!("{}: a profile without total_s and classes", path.display()));
+        let total_seconds = p.get("total_s").and_then(|t| t.as_f64()).ok_or_else(bad)?;
+        let classes = p.get("classes").and_then(|c| c.as_object()).ok_or_else(bad)?;
+        let classes = classes.iter().filter_map(|(k, s)| Some((k.clone(), s.as_f64()?))).collect();
+        out.push((case, b, l, TorchProfile { total_seconds, classes }));
+    }
+    Ok(out)
+}
+
+/// The cases of the PyTorch benchmark's JSON: (our case name, batch, latent, its object).
+fn torch_cases(v: &serde_json::Value) -> Vec<(String, usize, usize, &serde_json::Value)> {
     let mut out = Vec::new();
     for (key, case, batch, latent) in [
         ("unet64", "unet", 2, 64),
@@ -229,19 +253,17 @@ pub fn read_torch_json(path: &std::path::Path) -> Result<Vec<(String, usize, usi
         ("vae_decode_512", "vae decode", 1, 64),
         ("diffii_flow_sd15", "diffii flow", 1, 64),
     ] {
-        if let Some(s) = v.get(key).and_then(|d| d.get("median_s")).and_then(|s| s.as_f64()) {
-            out.push((case.to_string(), batch, latent, s));
+        if let Some(d) = v.get(key) {
+            out.push((case.to_string(), batch, latent, d));
         }
     }
     // Any other UNet case: unet_b<B>_l<L>.
     for (key, d) in v.as_object().into_iter().flatten() {
         let Some((b, l)) = key.strip_prefix("unet_b").and_then(|r| r.split_once("_l")) else { continue };
         let (Ok(b), Ok(l)) = (b.parse::<usize>(), l.parse::<usize>()) else { continue };
-        if let Some(s) = d.get("median_s").and_then(|s| s.as_f64()) {
-            out.push(("unet".to_string(), b, l, s));
-        }
+        out.push(("unet".to_string(), b, l, d));
     }
-    Ok(out)
+    out
 }
 
 /// Builds an SD-1.5-shaped CLIP text encoder with deterministic synthetic weights.
@@ -445,6 +467,18 @@ pub struct Profile {
     pub total_seconds: f64,
     /// (class, seconds, calls); "other" is the total minus the classes.
     pub classes: Vec<(String, f64, u64)>,
+    /// PyTorch's profile of the same case in the same run (`--compare-python`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub torch: Option<TorchProfile>,
+}
+
+/// One call of a case in PyTorch under `torch.profiler`, its ops' self times summed into our op
+/// classes (`scripts/reference/bench_sd15_cpu.py --profile`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TorchProfile {
+    pub total_seconds: f64,
+    /// (class, seconds); "other" is the total minus the classified ops.
+    pub classes: Vec<(String, f64)>,
 }
 
 /// Profiles the fastest of `reps` calls of `f` (one untimed warm-up first).
@@ -462,7 +496,7 @@ pub fn profile_call(name: &str, device: &Device, batch: usize, latent: usize, re
         let accounted: f64 = rows.iter().map(|r| r.1).sum();
         classes.push(("other".to_string(), (total - accounted).max(0.0), 0));
         if best.as_ref().is_none_or(|b| total < b.total_seconds) {
-            best = Some(Profile { name: name.to_string(), batch, latent, total_seconds: total, classes });
+            best = Some(Profile { name: name.to_string(), batch, latent, total_seconds: total, classes, torch: None });
         }
     }
     Ok(best.unwrap())
@@ -480,13 +514,23 @@ pub fn vae_decode_profile(name: &str, vae: &crate::sd::vae::Vae, batch: usize, l
     profile_call(name, vae.device(), batch, latent, reps, || vae.decode(&z))
 }
 
-/// Profiles as a table: seconds and share of the total per op class.
+/// Profiles as a table: seconds and share of the total per op class, and PyTorch's seconds per
+/// class where it was profiled too.
 pub fn profile_table(profiles: &[Profile]) -> String {
     let mut s = String::new();
     for p in profiles {
-        s.push_str(&format!("profile: {} batch {} latent {}: {:.4} s\n", p.name, p.batch, p.latent, p.total_seconds));
+        let torch_total = p.torch.as_ref().map(|t| format!(" (PyTorch: {:.4} s)", t.total_seconds)).unwrap_or_default();
+        s.push_str(&format!("profile: {} batch {} latent {}: {:.4} s{torch_total}\n", p.name, p.batch, p.latent, p.total_seconds));
+        if p.torch.is_some() {
+            s.push_str(&format!("  {:<16} {:>9}  {:>6}   {:>6}       {:>10}  {:>6}\n", "op class", "ours", "share", "calls", "PyTorch", "share"));
+        }
         for (name, secs, calls) in &p.classes {
-            s.push_str(&format!("  {:<16} {:>9.4} s {:>6.1}%  {:>6} calls\n", name, secs, 100.0 * secs / p.total_seconds, calls));
+            s.push_str(&format!("  {:<16} {:>9.4} s {:>6.1}%  {:>6} calls", name, secs, 100.0 * secs / p.total_seconds, calls));
+            if let Some(t) = &p.torch {
+                let ts = t.classes.iter().find(|(c, _)| c == name).map_or(0.0, |c| c.1);
+                s.push_str(&format!(" {:>10.4} s {:>6.1}%", ts, 100.0 * ts / t.total_seconds));
+            }
+            s.push('\n');
         }
     }
     s
@@ -645,6 +689,30 @@ mod tests {
         let want = [("diffii flow", 1, 64, 9.5), ("text encoder", 2, 0, 0.25), ("unet", 1, 64, 1.5), ("unet", 8, 32, 2.5)];
         let want: Vec<(String, usize, usize, f64)> = want.iter().map(|&(c, b, l, s)| (c.to_string(), b, l, s)).collect();
         assert_eq!(got, want);
+        // PyTorch's profiles (--profile) go to the same cases and print beside ours.
+        let json = r#"{"unet_b1_l16": {"median_s": 0.6, "profile": {"total_s": 0.5,
+            "classes": {"conv": 0.25, "attention": 0.125, "other": 0.125}, "top_ops": []}},
+            "clip_text_b2": {"median_s": 0.25}}"#;
+        std::fs::write(&path, json).unwrap();
+        let profiles = read_torch_profiles(&path).unwrap();
+        assert_eq!(profiles.len(), 1);
+        let (case, b, l, tp) = &profiles[0];
+        assert_eq!((case.as_str(), *b, *l, tp.total_seconds), ("unet", 1, 16, 0.5));
+        let ours = Profile {
+            name: "unet sd15 (synthetic)".into(),
+            batch: 1,
+            latent: 16,
+            total_seconds: 0.2,
+            classes: vec![("conv".into(), 0.1, 66), ("layer norm".into(), 0.05, 48), ("other".into(), 0.05, 0)],
+            torch: Some(tp.clone()),
+        };
+        let table = profile_table(&[ours]);
+        assert!(table.contains("(PyTorch: 0.5000 s)"), "{table}");
+        let line = |class: &str| table.lines().find(|l| l.trim_start().starts_with(class)).unwrap().to_string();
+        assert!(line("conv").ends_with("0.2500 s   50.0%"), "{table}");
+        assert!(line("layer norm").ends_with("0.0000 s    0.0%"), "{table}");
+        std::fs::write(&path, r#"{"unet64": {"median_s": 1.0, "profile": {"classes": {}}}}"#).unwrap();
+        assert!(read_torch_profiles(&path).is_err(), "a profile without its total");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
