@@ -4,7 +4,8 @@
 # Prepare the bundle first, on a CPU machine: scripts/gpu-bundle.sh.
 #
 #   scripts/gpu-check.sh [--bundle target/gpu-bundle] [--out DIR] [--python python3] [--reps N]
-#                        [--device cuda:N] [--cpu-bench [--cpu-threads N]] [--cpu-only]
+#                        [--device cuda:N] [--cpu-bench [--cpu-threads N] [--cpu-precisions f32,bf16]]
+#                        [--cpu-demo] [--cpu-only]
 #
 # It runs, writing each step's output to DIR (default gpu-check-out/) and to the terminal:
 #   1. parity.txt          diffii parity of the tiny fixture on the GPU (--device), at the CPU's
@@ -28,9 +29,15 @@
 #   6. with --cpu-bench:   cpu-f32.*, cpu-bf16.*  the CPU's own speed against PyTorch on the
 #                          CPU, --cpu-threads threads (default 2): the SD-1.5 UNet at batch 1,
 #                          64/32/16 latents, and the text encoder, in f32 and in bf16 (AMX where
-#                          the CPU has it; with the VAE and --profile); about 6 minutes at 2
-#                          threads on an Emerald-Rapids Xeon
-# --cpu-only runs steps 5 and 6 alone (no GPU needed, but the CUDA libraries the binary links).
+#                          the CPU has it; with the VAE and --profile, PyTorch profiled too);
+#                          about 6 minutes at 2 threads on an Emerald-Rapids Xeon.
+#                          --cpu-precisions picks f32 and/or bf16. Where the bundle holds
+#                          diffii-base.gz (gpu-bundle.sh --baseline REV), cpu-bf16-base.* times
+#                          that build's bf16 UNet and text encoder right after, without PyTorch
+#   7. with --cpu-demo:    cpu-demo.*  the demo world stage by stage against PyTorch on the CPU
+#                          (`bench --demo`; needs the repository's models/fashion-mini-sd and
+#                          data/, and torchvision for the classifier stages)
+# --cpu-only runs steps 5 to 7 alone, without a GPU (a --cpu bundle needs no CUDA libraries).
 # UNet evaluations per second at batch B = B / the UNet step's seconds; a Diff-II sample costs 100
 # of them (50 guided steps, two evaluations each), plus its inputs' inversions, done once per input.
 set -uo pipefail
@@ -42,6 +49,8 @@ reps=5
 device=cuda
 cpu_bench=0
 cpu_threads=2
+cpu_precisions=f32,bf16
+cpu_demo=0
 gpu=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -52,8 +61,10 @@ while [ $# -gt 0 ]; do
     --device) device="$2"; shift 2 ;;
     --cpu-bench) cpu_bench=1; shift ;;
     --cpu-threads) cpu_threads="$2"; shift 2 ;;
+    --cpu-precisions) cpu_precisions="$2"; shift 2 ;;
+    --cpu-demo) cpu_demo=1; shift ;;
     --cpu-only) gpu=0; cpu_bench=1; shift ;;
-    *) echo "unknown argument $1 (use --bundle DIR, --out DIR, --python PY, --reps N, --device cuda:N, --cpu-bench, --cpu-threads N, --cpu-only)" >&2; exit 2 ;;
+    *) echo "unknown argument $1 (use --bundle DIR, --out DIR, --python PY, --reps N, --device cuda:N, --cpu-bench, --cpu-threads N, --cpu-precisions LIST, --cpu-demo, --cpu-only)" >&2; exit 2 ;;
   esac
 done
 [ -f "$bundle/diffii.gz" ] || { echo "$bundle/diffii.gz not found: make the bundle with scripts/gpu-bundle.sh on a CPU machine" >&2; exit 1; }
@@ -138,8 +149,27 @@ step cpu-kernels kernel_tests
 if [ "$cpu_bench" = 1 ]; then
   cpu=(--sd15 --sd15-latents 64,32,16 --sd15-batches 1 --text-vae --reps 3 --warmup 1
     --compare-python "$python" --python-script scripts/reference/bench_sd15_cpu.py)
-  step cpu-f32 env RAYON_NUM_THREADS="$cpu_threads" "$bin" bench "${cpu[@]}" --json "$out/cpu-f32.json"
-  step cpu-bf16 env RAYON_NUM_THREADS="$cpu_threads" "$bin" bench "${cpu[@]}" --sd15-vae --precision bf16 --profile \
-    --json "$out/cpu-bf16.json"
+  case ",$cpu_precisions," in *,f32,*)
+    step cpu-f32 env RAYON_NUM_THREADS="$cpu_threads" "$bin" bench "${cpu[@]}" --json "$out/cpu-f32.json" ;;
+  esac
+  case ",$cpu_precisions," in *,bf16,*)
+    step cpu-bf16 env RAYON_NUM_THREADS="$cpu_threads" "$bin" bench "${cpu[@]}" --sd15-vae --precision bf16 --profile \
+      --json "$out/cpu-bf16.json"
+    if [ -f "$bundle/diffii-base.gz" ]; then
+      gunzip -c "$bundle/diffii-base.gz" >"$work/diffii-base" && chmod +x "$work/diffii-base"
+      echo "baseline: $(cat "$bundle/diffii-base.rev" 2>/dev/null || echo unknown revision)" | tee "$out/baseline.txt"
+      step cpu-bf16-base env RAYON_NUM_THREADS="$cpu_threads" "$work/diffii-base" bench --sd15 --sd15-latents 64,32,16 \
+        --sd15-batches 1 --text-vae --reps 3 --warmup 1 --precision bf16 --profile --json "$out/cpu-bf16-base.json"
+    fi ;;
+  esac
+fi
+if [ "$cpu_demo" = 1 ]; then
+  if [ -d models/fashion-mini-sd ] && [ -d data ]; then
+    step cpu-demo env RAYON_NUM_THREADS="$cpu_threads" "$bin" bench --demo --reps 3 --warmup 1 \
+      --compare-python "$python" --python-script scripts/reference/bench_sd15_cpu.py --json "$out/cpu-demo.json"
+  else
+    echo "== cpu-demo: models/fashion-mini-sd or data/ not found: run from a copy of the whole repository" | tee "$out/cpu-demo.txt"
+    status=1
+  fi
 fi
 exit $status

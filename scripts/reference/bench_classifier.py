@@ -39,8 +39,33 @@ import json
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-from torchvision.models.resnet import BasicBlock
+try:
+    import torchvision
+    from torchvision.models.resnet import BasicBlock
+except ImportError:  # a PyTorch install without torchvision: the small network needs only this
+    torchvision = None
+
+    class BasicBlock(nn.Module):
+        """torchvision.models.resnet.BasicBlock (same modules, names and forward)."""
+
+        expansion = 1
+
+        def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None):
+            super().__init__()
+            self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(planes)
+            self.relu = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(planes)
+            self.downsample = downsample
+            self.stride = stride
+
+        def forward(self, x):
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            out += identity
+            return self.relu(out)
 
 from timing import bench
 
@@ -141,10 +166,12 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("f32", "bf16"), default="f32")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    if a.resnet50 and torchvision is None:
+        ap.error("--resnet50 needs torchvision, which this Python does not have")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    res: dict = {"threads": a.threads, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    res: dict = {"threads": a.threads, "torch": torch.__version__, "torchvision": torchvision.__version__ if torchvision else None,
                  "cpu_capability": torch.backends.cpu.get_cpu_capability(), "dtype": a.dtype}
 
     def report(name, d):

@@ -607,7 +607,10 @@ fn gemm_taps_amx<K: TileBlock>(kernel: &K, a: &PackedA, b: &PairPlanes, offs: &[
     let tile_pair = amx::BLOCK * amx::KB;
     for_tasks(groups * runs, parallel, |task| {
         let (bptr, d) = (bptr, dptr);
-        let (group, run) = (task / runs, task % runs);
+        // Run-major: rayon hands each thread a contiguous range of tasks, and a range then holds
+        // every row group (a short last group included) of its runs, so the ranges carry equal
+        // work; the tasks of one run, next to each other, share its B panels in the cache.
+        let (group, run) = (task % groups, task / groups);
         let cols_of = |nb: usize| amx::BLOCK.min(n - nb * amx::BLOCK);
         let nb_range = run * run_len..nbs.min((run + 1) * run_len);
         let mut edge = [0f32; amx::BLOCK * amx::BLOCK];
@@ -782,8 +785,9 @@ mod tests {
         // the exact product of the rounded inputs, and B in whole rows against B in panels.
         let r = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
         // (rows, taps and their offsets, k, columns, plane): a linear layer's shape with three
-        // k chunks and partial blocks both ways; a convolution's taps with odd k.
-        for (m, offs, k, n, plane) in [(77, vec![0], 600, 100, 100), (40, vec![0, 1, 9], 37, 50, 60)] {
+        // k chunks and partial blocks both ways; a convolution's taps with odd k; two row
+        // groups, the second short, over several column runs.
+        for (m, offs, k, n, plane) in [(77, vec![0], 600, 100, 100), (40, vec![0, 1, 9], 37, 50, 60), (150, vec![0], 40, 130, 130)] {
             let taps = offs.len();
             let (x, w) = (data(m * taps * k), data(k * plane));
             let a = PackedA::new(Kernel::Amx, m, taps, k, |row, t, kk| x[(row * taps + t) * k + kk]);
