@@ -597,8 +597,17 @@ fn gemm_taps_amx<K: TileBlock>(kernel: &K, a: &PackedA, b: &PairPlanes, offs: &[
         (0..offs.len()).flat_map(|t| (0..kblocks).step_by(KC).map(move |k0| (t, k0, KC.min(kblocks - k0)))).collect();
     let groups = mbs.div_ceil(ROW_GROUP);
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
-    // Column runs: enough tasks to balance the threads, each as long as that allows.
+    // Column runs: enough tasks to balance the threads, each as long as that allows, but no
+    // longer than keeps a run's B in L2 (RUN_BYTES, half of a Sapphire-Rapids core's): every
+    // row block of the group, and the next groups' tasks of the run, read it again. A run
+    // reads 2 KiB of B per column block and k block and row of taps (a 3x3 kernel's taps of
+    // one row read the same lines); a layer's whole weight is up to 26 MB (SD-1.5's widest
+    // feed-forward input at 1280 channels), which came from L3 once per 32 rows.
+    const RUN_BYTES: usize = 1 << 20;
+    let per_column_block = kblocks * 2048 * offs.len().min(3);
+    let max_run = (RUN_BYTES / per_column_block.max(1)).max(1);
     let runs = if threads > 1 { (4 * threads).div_ceil(groups).clamp(1, nbs) } else { 1 };
+    let runs = runs.max(nbs.div_ceil(max_run));
     let run_len = nbs.div_ceil(runs);
     let runs = nbs.div_ceil(run_len);
     let dptr = SendPtr(dst.as_mut_ptr());
@@ -786,8 +795,11 @@ mod tests {
         let r = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
         // (rows, taps and their offsets, k, columns, plane): a linear layer's shape with three
         // k chunks and partial blocks both ways; a convolution's taps with odd k; two row
-        // groups, the second short, over several column runs.
-        for (m, offs, k, n, plane) in [(77, vec![0], 600, 100, 100), (40, vec![0, 1, 9], 37, 50, 60), (150, vec![0], 40, 130, 130)] {
+        // groups, the second short, over several column runs;
+        // and a deep product whose B exceeds a run's L2 budget (several runs on one thread too).
+        for (m, offs, k, n, plane) in
+            [(77, vec![0], 600, 100, 100), (40, vec![0, 1, 9], 37, 50, 60), (150, vec![0], 40, 130, 130), (8, vec![0], 8192, 100, 100)]
+        {
             let taps = offs.len();
             let (x, w) = (data(m * taps * k), data(k * plane));
             let a = PackedA::new(Kernel::Amx, m, taps, k, |row, t, kk| x[(row * taps + t) * k + kk]);
@@ -805,7 +817,7 @@ mod tests {
                     let panels = PairPlanes::from_rows(&w, k, plane, plane).into_panels();
                     assert!(got.iter().zip(run(&panels, true)).all(|(p, q)| p.to_bits() == q.to_bits()), "{m}x{k}x{n}: panels differ from rows");
                 }
-                for (i, j) in [(0, 0), (m - 1, n - 1), (m / 2, 33), (31, 31), (32, 32)] {
+                for (i, j) in [(0, 0), (m - 1, n - 1), (m / 2, 33), (31, 31), (32, 32), (m - 1, 64)].into_iter().filter(|&(i, j)| i < m && j < n) {
                     let mut exact = if accumulate { start[i * n + j] as f64 } else { 0.0 };
                     for (t, &o) in offs.iter().enumerate() {
                         exact += (0..k).map(|kk| r(x[(i * taps + t) * k + kk]) * r(w[kk * plane + o + j])).sum::<f64>();
