@@ -29,14 +29,15 @@
 #   6. with --cpu-bench:   cpu-f32.*, cpu-bf16.*  the CPU's own speed against PyTorch on the
 #                          CPU, --cpu-threads threads (default 2): the SD-1.5 UNet at batch 1,
 #                          64/32/16 latents, and the text encoder, in f32 and in bf16 (AMX where
-#                          the CPU has it; with the VAE and --profile, PyTorch profiled too);
-#                          about 6 minutes at 2 threads on an Emerald-Rapids Xeon.
+#                          the CPU has it; bf16 with the VAE), each op class's time beside
+#                          PyTorch's (--profile); about 7 minutes at 2 threads on an
+#                          Emerald-Rapids Xeon.
 #                          --cpu-precisions picks f32 and/or bf16. Where the bundle holds
 #                          diffii-base.gz (gpu-bundle.sh --baseline REV), cpu-bf16-base.* times
 #                          that build's bf16 UNet and text encoder right after, without PyTorch
 #   7. with --cpu-demo:    cpu-demo.*  the demo world stage by stage against PyTorch on the CPU
-#                          (`bench --demo`; needs the repository's models/fashion-mini-sd and
-#                          data/, and torchvision for the classifier stages)
+#                          (`bench --demo`, about a minute on 2 threads; needs the repository's
+#                          models/fashion-mini-sd and data/)
 # --cpu-only runs steps 5 to 7 alone, without a GPU (a --cpu bundle needs no CUDA libraries).
 # UNet evaluations per second at batch B = B / the UNet step's seconds; a Diff-II sample costs 100
 # of them (50 guided steps, two evaluations each), plus its inputs' inversions, done once per input.
@@ -150,7 +151,7 @@ if [ "$cpu_bench" = 1 ]; then
   cpu=(--sd15 --sd15-latents 64,32,16 --sd15-batches 1 --text-vae --reps 3 --warmup 1
     --compare-python "$python" --python-script scripts/reference/bench_sd15_cpu.py)
   case ",$cpu_precisions," in *,f32,*)
-    step cpu-f32 env RAYON_NUM_THREADS="$cpu_threads" "$bin" bench "${cpu[@]}" --json "$out/cpu-f32.json" ;;
+    step cpu-f32 env RAYON_NUM_THREADS="$cpu_threads" "$bin" bench "${cpu[@]}" --profile --json "$out/cpu-f32.json" ;;
   esac
   case ",$cpu_precisions," in *,bf16,*)
     step cpu-bf16 env RAYON_NUM_THREADS="$cpu_threads" "$bin" bench "${cpu[@]}" --sd15-vae --precision bf16 --profile \

@@ -522,7 +522,7 @@ pub fn profile_table(profiles: &[Profile]) -> String {
         let torch_total = p.torch.as_ref().map(|t| format!(" (PyTorch: {:.4} s)", t.total_seconds)).unwrap_or_default();
         s.push_str(&format!("profile: {} batch {} latent {}: {:.4} s{torch_total}\n", p.name, p.batch, p.latent, p.total_seconds));
         if p.torch.is_some() {
-            s.push_str(&format!("  {:<16} {:>9}  {:>6}   {:>6}       {:>10}  {:>6}\n", "op class", "ours", "share", "calls", "PyTorch", "share"));
+            s.push_str(&format!("  {:<16} {:>9}   {:>6}   {:>6}       {:>10}   {:>6}\n", "op class", "ours", "share", "calls", "PyTorch", "share"));
         }
         for (name, secs, calls) in &p.classes {
             s.push_str(&format!("  {:<16} {:>9.4} s {:>6.1}%  {:>6} calls", name, secs, 100.0 * secs / p.total_seconds, calls));
