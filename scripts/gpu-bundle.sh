@@ -16,24 +16,25 @@
 #
 # --cpu bundles the default CPU build as diffii.gz instead (about 25 MB in all, no toolkit
 # needed), for `gpu-check.sh --cpu-only` on a host CPU: small enough to travel with the
-# repository's demo model and data (`--cpu-demo`). --baseline REV adds diffii-base.gz, the CPU
+# repository's demo model and data (`--cpu-demo`). --baseline REV adds base-<rev>.gz, the CPU
 # build of git revision REV (built in a worktree under target/), which `gpu-check.sh
 # --cpu-bench` times beside diffii.gz in the same run: a kernel change measured before and after
-# on a CPU no machine with Rust has.
+# on a CPU no machine with Rust has. Give it several times to time each step of a series of
+# changes (6 MB each).
 #
-#   scripts/gpu-bundle.sh [--fixtures DIR] [--python PY] [--cpu] [--baseline REV]
+#   scripts/gpu-bundle.sh [--fixtures DIR] [--python PY] [--cpu] [--baseline REV]...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fixtures="${DIFFII_FIXTURES:-../shared/fixtures}"
 python="python3"
 cpu=0
-baseline=""
+baselines=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --fixtures) fixtures="$2"; shift 2 ;;
     --python) python="$2"; shift 2 ;;
     --cpu) cpu=1; shift ;;
-    --baseline) baseline="$2"; shift 2 ;;
+    --baseline) baselines+=("$2"); shift 2 ;;
     *) echo "unknown argument $1 (use --fixtures DIR, --python PY, --cpu, --baseline REV)" >&2; exit 2 ;;
   esac
 done
@@ -50,16 +51,15 @@ else
   strip -o "$out.tmp/diffii" target/cuda/release/diffii
 fi
 gzip -9 "$out.tmp/diffii"
-if [ -n "$baseline" ]; then
+for baseline in "${baselines[@]}"; do
   rev="$(git rev-parse --verify "$baseline^{commit}")" || { echo "--baseline $baseline: not a git revision" >&2; exit 1; }
   tree="target/baseline-${rev:0:12}"
   [ -d "$tree" ] || git worktree add --detach "$tree" "$rev"
   # Its own target folder, so that neither build invalidates the other's.
   (cd "$tree" && cargo build --release --locked)
-  strip -o "$out.tmp/diffii-base" "$tree/target/release/diffii"
-  gzip -9 "$out.tmp/diffii-base"
-  echo "$rev" >"$out.tmp/diffii-base.rev"
-fi
+  strip -o "$out.tmp/base-${rev:0:12}" "$tree/target/release/diffii"
+  gzip -9 "$out.tmp/base-${rev:0:12}"
+done
 cargo test --release --locked --no-run --test bf16 --test kernels --message-format=json \
   | "$python" -c 'import json, sys
 for line in sys.stdin:

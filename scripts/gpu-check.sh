@@ -32,9 +32,10 @@
 #                          the CPU has it; bf16 with the VAE), each op class's time beside
 #                          PyTorch's (--profile); about 7 minutes at 2 threads on an
 #                          Emerald-Rapids Xeon.
-#                          --cpu-precisions picks f32 and/or bf16. Where the bundle holds
-#                          diffii-base.gz (gpu-bundle.sh --baseline REV), cpu-bf16-base.* times
-#                          that build's bf16 UNet and text encoder right after, without PyTorch
+#                          --cpu-precisions picks f32 and/or bf16. For each base-<rev>.gz of
+#                          the bundle (gpu-bundle.sh --baseline REV), cpu-bf16-base-<rev>.*
+#                          times that build's bf16 UNet and text encoder right after, without
+#                          PyTorch (half a minute each on the EPYC)
 #   7. with --cpu-demo:    cpu-demo.*  the demo world stage by stage against PyTorch on the CPU
 #                          (`bench --demo`, about a minute on 2 threads; needs the repository's
 #                          models/fashion-mini-sd and data/)
@@ -156,12 +157,13 @@ if [ "$cpu_bench" = 1 ]; then
   case ",$cpu_precisions," in *,bf16,*)
     step cpu-bf16 env RAYON_NUM_THREADS="$cpu_threads" "$bin" bench "${cpu[@]}" --sd15-vae --precision bf16 --profile \
       --json "$out/cpu-bf16.json"
-    if [ -f "$bundle/diffii-base.gz" ]; then
-      gunzip -c "$bundle/diffii-base.gz" >"$work/diffii-base" && chmod +x "$work/diffii-base"
-      echo "baseline: $(cat "$bundle/diffii-base.rev" 2>/dev/null || echo unknown revision)" | tee "$out/baseline.txt"
-      step cpu-bf16-base env RAYON_NUM_THREADS="$cpu_threads" "$work/diffii-base" bench --sd15 --sd15-latents 64,32,16 \
-        --sd15-batches 1 --text-vae --reps 3 --warmup 1 --precision bf16 --profile --json "$out/cpu-bf16-base.json"
-    fi ;;
+    for base in "$bundle"/base-*.gz; do
+      [ -f "$base" ] || continue
+      rev="$(basename "$base" .gz)"
+      gunzip -c "$base" >"$work/$rev" && chmod +x "$work/$rev"
+      step "cpu-bf16-$rev" env RAYON_NUM_THREADS="$cpu_threads" "$work/$rev" bench --sd15 --sd15-latents 64,32,16 \
+        --sd15-batches 1 --text-vae --reps 3 --warmup 1 --precision bf16 --profile --json "$out/cpu-bf16-$rev.json"
+    done ;;
   esac
 fi
 if [ "$cpu_demo" = 1 ]; then
