@@ -318,8 +318,8 @@ impl PackedA {
 /// them and as long as the row's whole k blocks), and rows at or beyond `m` are zero. Every
 /// value of the block is written.
 fn place_rows(kernel: Kernel, blk: &mut [u32], first: usize, m: usize, k: usize, row: &mut [u32], convert: &mut impl FnMut(usize, &mut [u16])) {
-    let (rows_per_block, _) = PackedA::block_shape(kernel, 1, k.div_ceil(2));
     let k_pairs = k.div_ceil(2);
+    let (rows_per_block, _) = PackedA::block_shape(kernel, 1, k_pairs);
     for r in 0..rows_per_block {
         if first + r < m {
             // SAFETY: a u32 buffer viewed as twice as many u16 values.
