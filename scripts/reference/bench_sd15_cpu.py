@@ -118,13 +118,13 @@ LAYOUT_OPS = {"copy_", "_to_copy", "to", "contiguous", "clone", "cat", "view", "
               "stack", "index_select", "embedding", "pad", "constant_pad_nd", "fill_", "zero_"}
 ELEMENTWISE_OPS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "rsub", "neg", "silu",
                    "silu_", "gelu", "sigmoid", "exp", "sin", "cos", "tanh", "pow", "sqrt", "rsqrt",
-                   "clamp", "clamp_", "where", "mean", "sum", "arange", "baddbmm_", "masked_fill",
+                   "clamp", "clamp_", "where", "mean", "sum", "arange", "masked_fill",
                    "masked_fill_", "erf", "lt", "gt", "ge", "le", "eq", "argmax", "abs"}
 
 
 def op_class(name: str) -> str:
     n = name.removeprefix("aten::")
-    if "scaled_dot_product" in n or "flash_attention" in n or n in ("bmm", "baddbmm", "_softmax", "softmax"):
+    if "scaled_dot_product" in n or "flash_attention" in n or n in ("bmm", "baddbmm", "baddbmm_", "_softmax", "softmax"):
         return "attention"
     if "conv" in n:
         return "conv"
@@ -269,6 +269,15 @@ def main() -> None:
             for o in p["top_ops"]:
                 print(f"    {o['op']:<55} {o['self_s']:.4f} s {o['calls']:>5} calls", flush=True)
 
+    def measure(d, f, reps):
+        """Into d: f's FLOPs (unless --no-flops), its timing, and with --profile one profiled call."""
+        if not args.no_flops:
+            d["flops"], d["flops_by_op"] = count_flops(f)
+        d.update(bench(f, reps, args.warmup))
+        if args.profile:
+            d["profile"] = profile_call(f)
+        return d
+
     if unet_cases:
         from diffusers import UNet2DConditionModel
 
@@ -285,14 +294,9 @@ def main() -> None:
                 with torch.inference_mode():
                     return unet(x, t, encoder_hidden_states=e).sample
 
-            d = {"batch": b, "latent": s}
-            if not args.no_flops:
-                d["flops"], d["flops_by_op"] = count_flops(f)
-            d.update(bench(f, args.reps, args.warmup))
+            d = measure({"batch": b, "latent": s}, f, args.reps)
             if "flops" in d:
                 d["achieved_gflops"] = d["flops"] / d["median_s"] / 1e9
-            if args.profile:
-                d["profile"] = profile_call(f)
             report(name, d)
         del unet
 
@@ -307,13 +311,7 @@ def main() -> None:
             with torch.inference_mode():
                 return te(ids)[0]
 
-        d = {"params": nparams(te), "batch": 2, "tokens": 77}
-        if not args.no_flops:
-            d["flops"], d["flops_by_op"] = count_flops(f)
-        d.update(bench(f, args.reps, args.warmup))
-        if args.profile:
-            d["profile"] = profile_call(f)
-        report("clip_text_b2", d)
+        report("clip_text_b2", measure({"params": nparams(te), "batch": 2, "tokens": 77}, f, args.reps))
         del te
 
     if which & {"vae_enc", "vae_dec"}:
@@ -329,13 +327,7 @@ def main() -> None:
                 with torch.inference_mode():
                     return vae.encode(x).latent_dist.mean
 
-            d = {"params": nparams(vae), "image": 512}
-            if not args.no_flops:
-                d["flops"], d["flops_by_op"] = count_flops(f)
-            d.update(bench(f, max(1, args.reps // 2 + 1), args.warmup))
-            if args.profile:
-                d["profile"] = profile_call(f)
-            report("vae_encode_512", d)
+            report("vae_encode_512", measure({"params": nparams(vae), "image": 512}, f, max(1, args.reps // 2 + 1)))
         if "vae_dec" in which:
             z = torch.randn(1, 4, 64, 64).to(dev, dtype)
 
@@ -344,13 +336,7 @@ def main() -> None:
                 with torch.inference_mode():
                     return vae.decode(z).sample
 
-            d = {"latent": 64}
-            if not args.no_flops:
-                d["flops"], d["flops_by_op"] = count_flops(f)
-            d.update(bench(f, max(1, args.reps // 2 + 1), args.warmup))
-            if args.profile:
-                d["profile"] = profile_call(f)
-            report("vae_decode_512", d)
+            report("vae_decode_512", measure({"latent": 64}, f, max(1, args.reps // 2 + 1)))
         del vae
 
     if "flow" in which:

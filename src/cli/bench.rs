@@ -357,13 +357,13 @@ fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchR
         let torch_profiles = if profiled { bench::read_torch_profiles(&json)? } else { Vec::new() };
         let _ = std::fs::remove_file(&json);
         for p in profiles.iter_mut().filter(|p| p.name.contains("sd15")) {
-            let case = ["unet", "text encoder", "vae encode", "vae decode"].into_iter().find(|c| p.name.starts_with(c));
+            let case = torch_case(&p.name);
             if let Some((.., tp)) = torch_profiles.iter().find(|(c, b, l, _)| Some(c.as_str()) == case && *b == p.batch && *l == p.latent) {
                 p.torch = Some(tp.clone());
             }
         }
         for r in results.iter_mut().filter(|r| r.name.contains("sd15") && torch_dtype(r) == dtype) {
-            let case = ["unet", "text encoder", "vae encode", "vae decode", "diffii flow"].into_iter().find(|c| r.name.starts_with(c));
+            let case = torch_case(&r.name);
             if let Some(&(_, _, _, secs)) = torch.iter().find(|(c, b, l, _)| Some(c.as_str()) == case && *b == r.batch && *l == r.latent) {
                 r.torch_seconds = Some(secs);
                 r.torch_dtype = Some(dtype.to_string());
@@ -441,6 +441,11 @@ fn compare_with_python(a: &Args, python: &std::path::Path, results: &mut [BenchR
         }
     }
     Ok(())
+}
+
+/// The case of `bench::read_torch_json` that our SD-1.5 result or profile `name` is.
+fn torch_case(name: &str) -> Option<&'static str> {
+    ["unet", "text encoder", "vae encode", "vae decode", "diffii flow"].into_iter().find(|c| name.starts_with(c))
 }
 
 /// Runs `scripts/reference/bench_classifier.py` with `args` and fills the PyTorch column of the

@@ -192,7 +192,8 @@ impl PackedA {
     /// same result as [`new`](Self::new), packed faster: each row is converted 16 values at a
     /// time (see `to_bf16` on subnormals), then its pairs are placed.
     pub fn from_rows(kernel: Kernel, m: usize, k: usize, src: &[f32], row_stride: usize) -> Self {
-        let (k_pairs, kblocks) = (k.div_ceil(2), k.div_ceil(2).div_ceil(amx::KB));
+        let k_pairs = k.div_ceil(2);
+        let kblocks = k_pairs.div_ceil(amx::KB);
         let (rows_per_block, block) = Self::block_shape(kernel, 1, k_pairs);
         let mut data = vec![0u32; m.div_ceil(rows_per_block) * block];
         data.par_chunks_mut(block).enumerate().for_each(|(mb, blk)| {
@@ -207,11 +208,11 @@ impl PackedA {
     /// (attention's softmax). `buf` is storage to reuse (see [`into_storage`](Self::into_storage));
     /// every value of the layout is written, so it is not cleared.
     pub fn from_rows_prepared(kernel: Kernel, m: usize, k: usize, src: &mut [f32], row_stride: usize, mut buf: Vec<u32>, mut prepare: impl FnMut(usize, &mut [f32])) -> Self {
-        let (k_pairs, kblocks) = (k.div_ceil(2), k.div_ceil(2).div_ceil(amx::KB));
+        let k_pairs = k.div_ceil(2);
+        let kblocks = k_pairs.div_ceil(amx::KB);
         let (rows_per_block, block) = Self::block_shape(kernel, 1, k_pairs);
         let len = m.div_ceil(rows_per_block) * block;
         buf.resize(len, 0);
-        buf.truncate(len);
         let mut row = vec![0u32; kblocks * amx::KB];
         for (mb, blk) in buf.chunks_mut(block.max(1)).enumerate() {
             place_rows(kernel, blk, mb * rows_per_block, m, k, &mut row, &mut |r, halves| {
