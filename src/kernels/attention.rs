@@ -254,7 +254,7 @@ fn attention_bf16(
                     bf16::Kernel::Avx512 => PackedA::row_major(rows, d, obuf, d, std::mem::take(qp)),
                     bf16::Kernel::Amx => PackedA::from_rows_prepared(kernel, rows, d, obuf, d, std::mem::take(qp), |_, _| {}),
                 };
-                bf16::gemm_taps(&a, kt, &[0], m, sbuf, m, false, false).expect("packed to these shapes");
+                bf16::gemm_taps(&a, kt, &[0], m, sbuf, m, bf16::Start::Zero, false).expect("packed to these shapes");
                 *qp = a.into_storage();
                 if let Some(mk) = ms {
                     add_mask(sbuf, &mk[q0 * m..(q0 + rows) * m]);
@@ -266,7 +266,7 @@ fn attention_bf16(
                     bf16::Kernel::Avx512 => PackedA::row_major_prepared(rows, m, sbuf, m, std::mem::take(pp), softmax),
                     bf16::Kernel::Amx => PackedA::from_rows_prepared(kernel, rows, m, sbuf, m, std::mem::take(pp), softmax),
                 };
-                bf16::gemm_taps(&p, vp, &[0], d, obuf, d, false, false).expect("packed to these shapes");
+                bf16::gemm_taps(&p, vp, &[0], d, obuf, d, bf16::Start::Zero, false).expect("packed to these shapes");
                 *pp = p.into_storage();
             });
             for (r, &sum) in sums.iter().enumerate() {

@@ -205,13 +205,14 @@ pub fn conv2d(
         if direct {
             let one = |bi: usize, dst: &mut [f32]| {
                 let bvec = sample_bias(bi);
-                let acc = preload_channels(dst, out_plane, bvec.as_deref(), res_of(bi));
                 match packed {
                     Some(pw) => {
                         let xb = bf16::PairPlanes::from_rows(&xs[bi * cin * in_plane..], cin, in_plane, in_plane);
-                        bf16::gemm_taps(pw, &xb, &[0], out_plane, dst, out_plane, acc, nt > 1).expect("shapes checked above");
+                        let start = bf16::Start::Fill { bias: bvec.as_deref().map(bf16::Bias::Rows), residual: res_of(bi) };
+                        bf16::gemm_taps(pw, &xb, &[0], out_plane, dst, out_plane, start, nt > 1).expect("shapes checked above");
                     }
                     None => unsafe {
+                        let acc = preload_channels(dst, out_plane, bvec.as_deref(), res_of(bi), nt > 1);
                         sgemm(cout, out_plane, cin, dst.as_mut_ptr(), out_plane, 1, acc, ws.as_ptr(), cin, 1, xs[bi * cin * in_plane..].as_ptr(), in_plane, 1, 1.0, nt)
                     },
                 }
@@ -254,53 +255,51 @@ pub fn conv2d(
                 xp[..cin * plane].chunks_mut(plane).enumerate().for_each(pad_plane);
             }
             let bvec = sample_bias(bi);
-            let acc = match bvec.as_deref() {
-                Some(bv) if channels_last => {
-                    for row in ext[..n_res * cout].chunks_exact_mut(cout) {
-                        row.copy_from_slice(bv);
-                    }
-                    true
-                }
-                Some(bv) => {
-                    for (row, &bv) in ext.chunks_exact_mut(n_ext).zip(bv) {
-                        row.fill(bv);
-                    }
-                    true
-                }
-                None => false,
-            };
             if let Some(pw) = packed {
                 let xb = bf16::PairPlanes::from_rows(xp, cin, plane, plane);
-                bf16::gemm_taps(pw, &xb, &offs, n_ext, ext, n_ext, acc, nt > 1).expect("shapes checked above");
-            } else if let Some(wt) = &taps_w {
-                conv_taps::conv_taps(wt, &w_offs, cout, cin, xp, plane, &offs, n_res, ext, acc, nt > 1, taps_layout);
+                let start = bf16::Start::Fill { bias: bvec.as_deref().map(bf16::Bias::Rows), residual: None };
+                bf16::gemm_taps(pw, &xb, &offs, n_ext, ext, n_ext, start, nt > 1).expect("shapes checked above");
             } else {
-                // Channel-major, the result is [pixel, cout]: the output channels run along the
-                // vector lanes and the pixels are broadcast, so each tap's weight is read once, in
-                // order, however few the pixels, and no lane idles on a 2x2 map. Each output
-                // element sees the same operations in the same order either way: same bytes.
-                let (d_rs, d_cs) = if channels_last { (1, cout) } else { (n_ext, 1) };
-                for (t, &off) in offs.iter().enumerate() {
-                    let (w_off, w_rs, w_cs) = w_at(t);
-                    unsafe {
-                        sgemm(
-                            cout,
-                            n_ext,
-                            cin,
-                            ext.as_mut_ptr(),
-                            d_rs,
-                            d_cs,
-                            acc || t > 0,
-                            ws[w_off..].as_ptr(),
-                            w_rs,
-                            w_cs,
-                            xp[off..].as_ptr(),
-                            plane,
-                            1,
-                            1.0,
-                            nt,
-                        )
-                    };
+                let acc = match bvec.as_deref() {
+                    Some(bv) if channels_last => {
+                        for row in ext[..n_res * cout].chunks_exact_mut(cout) {
+                            row.copy_from_slice(bv);
+                        }
+                        true
+                    }
+                    Some(bv) => preload_channels(&mut ext[..cout * n_ext], n_ext, Some(bv), None, nt > 1),
+                    None => false,
+                };
+                if let Some(wt) = &taps_w {
+                    conv_taps::conv_taps(wt, &w_offs, cout, cin, xp, plane, &offs, n_res, ext, acc, nt > 1, taps_layout);
+                } else {
+                    // Channel-major, the result is [pixel, cout]: the output channels run along the
+                    // vector lanes and the pixels are broadcast, so each tap's weight is read once, in
+                    // order, however few the pixels, and no lane idles on a 2x2 map. Each output
+                    // element sees the same operations in the same order either way: same bytes.
+                    let (d_rs, d_cs) = if channels_last { (1, cout) } else { (n_ext, 1) };
+                    for (t, &off) in offs.iter().enumerate() {
+                        let (w_off, w_rs, w_cs) = w_at(t);
+                        unsafe {
+                            sgemm(
+                                cout,
+                                n_ext,
+                                cin,
+                                ext.as_mut_ptr(),
+                                d_rs,
+                                d_cs,
+                                acc || t > 0,
+                                ws[w_off..].as_ptr(),
+                                w_rs,
+                                w_cs,
+                                xp[off..].as_ptr(),
+                                plane,
+                                1,
+                                1.0,
+                                nt,
+                            )
+                        };
+                    }
                 }
             }
             // Compact into NCHW with the epilogue.
@@ -374,28 +373,31 @@ pub fn conv2d(
 }
 
 /// Fills `dst` [c, plane] with `residual + bias[c]`; returns whether anything was written.
-pub(crate) fn preload_channels(dst: &mut [f32], plane: usize, bias: Option<&[f32]>, residual: Option<&[f32]>) -> bool {
-    match (bias, residual) {
-        (None, None) => false,
-        (Some(b), None) => {
-            for (row, &bv) in dst.chunks_exact_mut(plane).zip(b) {
-                row.fill(bv);
-            }
-            true
-        }
-        (None, Some(r)) => {
-            dst.copy_from_slice(r);
-            true
-        }
-        (Some(b), Some(r)) => {
-            for ((row, rrow), &bv) in dst.chunks_exact_mut(plane).zip(r.chunks_exact(plane)).zip(b) {
-                for (d, &rv) in row.iter_mut().zip(rrow) {
-                    *d = rv + bv;
-                }
-            }
-            true
-        }
+pub(crate) fn preload_channels(dst: &mut [f32], plane: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, parallel: bool) -> bool {
+    if bias.is_none() && residual.is_none() {
+        return false;
     }
+    if plane == 0 {
+        return true;
+    }
+    let fill = |(c, row): (usize, &mut [f32])| match (bias, residual) {
+        (None, None) => {}
+        (Some(b), None) => row.fill(b[c]),
+        (None, Some(r)) => row.copy_from_slice(&r[c * plane..][..plane]),
+        (Some(b), Some(r)) => {
+            for (d, &rv) in row.iter_mut().zip(&r[c * plane..][..plane]) {
+                *d = rv + b[c];
+            }
+        }
+    };
+    // A product split across the threads would otherwise wait for one thread's pass over its
+    // whole output.
+    if parallel {
+        dst.par_chunks_mut(plane).enumerate().for_each(fill);
+    } else {
+        dst.chunks_mut(plane).enumerate().for_each(fill);
+    }
+    true
 }
 
 /// Divides rather than multiplies by the inverse: diffusers divides by `output_scale_factor`,

@@ -11,27 +11,42 @@ use super::io::{check_per_channel, tensor, uninit, with_slices};
 use crate::error::{Error, Result};
 
 /// Fills `dst` (rows x cols, row-major) with `residual + bias` (either may be absent), returning
-/// whether anything was written (i.e. whether the gemm must accumulate).
-fn preload_rows(dst: &mut [f32], cols: usize, bias: Option<&[f32]>, residual: Option<&[f32]>) -> bool {
+/// whether anything was written (i.e. whether the gemm must accumulate). `parallel` spreads
+/// blocks of rows over the threads (a product split across them would wait for one thread's
+/// pass over its whole output).
+fn preload_rows(dst: &mut [f32], cols: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, parallel: bool) -> bool {
+    if (bias.is_none() && residual.is_none()) || cols == 0 {
+        return bias.is_some() || residual.is_some();
+    }
+    let chunk = PRELOAD_ROWS * cols;
+    let fill = |(c, d): (usize, &mut [f32])| fill_rows(d, cols, bias, residual.map(|r| &r[c * chunk..][..d.len()]));
+    if parallel {
+        dst.par_chunks_mut(chunk).enumerate().for_each(fill);
+    } else {
+        dst.chunks_mut(chunk).enumerate().for_each(fill);
+    }
+    true
+}
+
+/// Rows per task of [`preload_rows`].
+const PRELOAD_ROWS: usize = 64;
+
+/// [`preload_rows`] on one thread, with something to write.
+fn fill_rows(dst: &mut [f32], cols: usize, bias: Option<&[f32]>, residual: Option<&[f32]>) {
     match (bias, residual) {
-        (None, None) => false,
+        (None, None) => {}
         (Some(b), None) => {
             for row in dst.chunks_exact_mut(cols) {
                 row.copy_from_slice(b);
             }
-            true
         }
-        (None, Some(r)) => {
-            dst.copy_from_slice(r);
-            true
-        }
+        (None, Some(r)) => dst.copy_from_slice(r),
         (Some(b), Some(r)) => {
             for (row, rrow) in dst.chunks_exact_mut(cols).zip(r.chunks_exact(cols)) {
                 for ((d, &rv), &bv) in row.iter_mut().zip(rrow).zip(b) {
                     *d = rv + bv;
                 }
             }
-            true
         }
     }
 }
@@ -87,7 +102,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
         if rowwise(&dims) {
             // Single rows (e.g. the time embedding): rows are independent tasks.
             out.par_chunks_mut(out_dim).enumerate().for_each(|(i, dst)| {
-                let acc = preload_rows(dst, out_dim, bs, rs.map(|r| &r[i * out_dim..(i + 1) * out_dim]));
+                let acc = preload_rows(dst, out_dim, bs, rs.map(|r| &r[i * out_dim..(i + 1) * out_dim]), false);
                 unsafe {
                     sgemm(1, out_dim, in_dim, dst.as_mut_ptr(), out_dim, 1, acc, xs[i * in_dim..].as_ptr(), in_dim, 1, ws.as_ptr(), 1, in_dim, 1.0, 1)
                 };
@@ -98,16 +113,18 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
         // its product across the threads instead. Either way an item's arithmetic is the same.
         let nt = if items > 1 { 1 } else { nt };
         let one = |i: usize, dst: &mut [f32]| {
-            let acc = preload_rows(dst, out_dim, bs, rs.map(|r| &r[i * rows * out_dim..(i + 1) * rows * out_dim]));
+            let res = rs.map(|r| &r[i * rows * out_dim..(i + 1) * rows * out_dim]);
             if let Some(pw) = packed {
                 let xi = &xs[i * rows * in_dim..(i + 1) * rows * in_dim];
                 let a = match pw.kernel {
                     bf16::Kernel::Avx512 => bf16::PackedA::row_major(rows, in_dim, xi, in_dim, Vec::new()),
                     bf16::Kernel::Amx => bf16::PackedA::from_rows(pw.kernel, rows, in_dim, xi, in_dim),
                 };
-                bf16::gemm_taps(&a, &pw.planes, &[0], out_dim, dst, out_dim, acc, nt > 1).expect("shapes checked above");
+                let start = bf16::Start::Fill { bias: bs.map(bf16::Bias::Columns), residual: res };
+                bf16::gemm_taps(&a, &pw.planes, &[0], out_dim, dst, out_dim, start, nt > 1).expect("shapes checked above");
                 return;
             }
+            let acc = preload_rows(dst, out_dim, bs, res, nt > 1);
             // The weight's strides as the [in, out] right-hand side.
             let (w_rs, w_cs) = if in_major { (out_dim, 1) } else { (1, in_dim) };
             unsafe {
@@ -313,7 +330,7 @@ pub fn pointwise_to_tokens(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -
         }
         let nt = if b > 1 { 1 } else { threads() };
         let one = |bi: usize, dst: &mut [f32]| {
-            let acc = preload_rows(dst, cout, bs, None);
+            let acc = preload_rows(dst, cout, bs, None, nt > 1);
             unsafe { sgemm(hw, cout, c, dst.as_mut_ptr(), cout, 1, acc, xs[bi * c * hw..].as_ptr(), 1, hw, ws.as_ptr(), 1, c, 1.0, nt) };
         };
         per_item(&mut out, b, one);
@@ -350,7 +367,7 @@ pub fn pointwise_from_tokens(t: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
         }
         let nt = if b > 1 { 1 } else { threads() };
         let one = |bi: usize, dst: &mut [f32]| {
-            let acc = preload_channels(dst, hw, bs, rs.map(|r| &r[bi * cout * hw..(bi + 1) * cout * hw]));
+            let acc = preload_channels(dst, hw, bs, rs.map(|r| &r[bi * cout * hw..(bi + 1) * cout * hw]), nt > 1);
             unsafe { sgemm(cout, hw, c, dst.as_mut_ptr(), hw, 1, acc, ws.as_ptr(), c, 1, xs[bi * hw * c..].as_ptr(), 1, c, 1.0, nt) };
         };
         per_item(&mut out, b, one);
