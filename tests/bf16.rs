@@ -167,6 +167,67 @@ fn bf16_linear_stays_close_to_f32_and_is_thread_independent() {
 }
 
 #[test]
+fn bf16_pointwise_projections_stay_close_to_f32_and_are_thread_independent() {
+    for kernel in kernels_here("pointwise") {
+        // Odd channel counts and a map whose pixels fill no whole block; one image (its product
+        // split across the threads) and several (one per thread).
+        for (b, c, cout, h, w) in [(1, 37, 53, 9, 11), (3, 67, 40, 5, 7), (1, 320, 96, 16, 16)] {
+            let x = randn(40, &[b, c, h, w]);
+            let wt = (randn(41, &[cout, c, 1, 1]) * 0.1).unwrap();
+            let bias = randn(42, &[cout]);
+            let rows = kernels::linear::pack_weight(&wt.reshape((cout, c)).unwrap(), kernel).unwrap();
+            let conv = kernels::conv::pack_weight(&wt, kernel).unwrap();
+            let to = |p: Option<&kernels::linear::PackedLinear>| kernels::pointwise_to_tokens(&x, &wt, Some(&bias), p).unwrap();
+            let (f, t) = (to(None), to(Some(&rows)));
+            let e = rel(&t, &f);
+            eprintln!("pointwise to tokens {c}->{cout} ({}): bf16 vs f32 relative error {e:.2e}", kernel.name());
+            assert!(e > 0.0 && e < 2e-2, "to tokens: {e}");
+            assert_eq!(bits(&one_thread(|| to(Some(&rows)))), bits(&t), "to tokens: result depends on the thread count");
+            // The exact product of the rounded inputs: tokens [b, hw, cout].
+            let xt = bf16_rounded(&x).reshape((b, c, h * w)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            let w64 = bf16_rounded(&wt.reshape((cout, c)).unwrap());
+            let exact = xt.broadcast_matmul(&w64.t().unwrap()).unwrap().broadcast_add(&bias.to_dtype(DType::F64).unwrap()).unwrap();
+            let e = rel(&t.to_dtype(DType::F64).unwrap(), &exact);
+            assert!(e < 1e-5, "to tokens ({}): {e:.2e} from the exact product of the rounded inputs", kernel.name());
+
+            // Back: tokens [b, hw, c] -> [b, cout, h, w] plus a residual; the packed weight is
+            // the 1x1 convolution's, and the result that of that convolution on the map.
+            let tokens = randn(43, &[b, h * w, c]);
+            let res = randn(44, &[b, cout, h, w]);
+            let from = |p: Option<&bf16::PackedA>| kernels::pointwise_from_tokens(&tokens, &wt, Some(&bias), Some(&res), h, w, p).unwrap();
+            let (f, y) = (from(None), from(Some(&conv)));
+            let e = rel(&y, &f);
+            eprintln!("pointwise from tokens {c}->{cout} ({}): bf16 vs f32 relative error {e:.2e}", kernel.name());
+            assert!(e > 0.0 && e < 2e-2, "from tokens: {e}");
+            assert_eq!(bits(&one_thread(|| from(Some(&conv)))), bits(&y), "from tokens: result depends on the thread count");
+            let map = tokens.transpose(1, 2).unwrap().reshape((b, c, h, w)).unwrap().contiguous().unwrap();
+            let as_conv = kernels::conv2d(&map, &wt, Some(&bias), None, 1, ConvInput { upsample: None, pad: (0, 0, 0, 0) }, Some(&res), 1.0, Some(&conv)).unwrap();
+            assert_eq!(bits(&as_conv), bits(&y), "from tokens: not the 1x1 convolution's bits");
+            let tt = bf16_rounded(&tokens);
+            let exact = w64.broadcast_matmul(&tt.transpose(1, 2).unwrap()).unwrap().reshape((b, cout, h, w)).unwrap();
+            let exact = exact.broadcast_add(&bias.to_dtype(DType::F64).unwrap().reshape((1, cout, 1, 1)).unwrap()).unwrap();
+            let exact = (exact + res.to_dtype(DType::F64).unwrap()).unwrap();
+            let e = rel(&y.to_dtype(DType::F64).unwrap(), &exact);
+            assert!(e < 1e-5, "from tokens ({}): {e:.2e} from the exact product of the rounded inputs", kernel.name());
+            // Each image alone gives its bits in the batch.
+            for i in 0..b {
+                let one = |t: &Tensor| t.narrow(0, i, 1).unwrap();
+                let alone = kernels::pointwise_from_tokens(&one(&tokens), &wt, Some(&bias), Some(&one(&res)), h, w, Some(&conv)).unwrap();
+                assert_eq!(bits(&alone), bits(&one(&y)), "from tokens: image {i} depends on the batch");
+                let alone = kernels::pointwise_to_tokens(&one(&x), &wt, Some(&bias), Some(&rows)).unwrap();
+                assert_eq!(bits(&alone), bits(&one(&t)), "to tokens: image {i} depends on the batch");
+            }
+        }
+        // A packed weight of another shape is refused, not misread.
+        let (x, wt) = (randn(45, &[1, 8, 4, 4]), randn(46, &[6, 8, 1, 1]));
+        let wrong = kernels::linear::pack_weight(&randn(47, &[6, 9]), kernel).unwrap();
+        assert!(kernels::pointwise_to_tokens(&x, &wt, None, Some(&wrong)).is_err());
+        let wrong = kernels::conv::pack_weight(&randn(48, &[5, 8, 1, 1]), kernel).unwrap();
+        assert!(kernels::pointwise_from_tokens(&randn(49, &[1, 16, 8]), &wt, None, None, 4, 4, Some(&wrong)).is_err());
+    }
+}
+
+#[test]
 fn an_f32_and_a_bf16_model_live_in_one_process() {
     for kernel in kernels_here("two models") {
         two_models(Precision::Bf16(kernel));

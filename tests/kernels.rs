@@ -437,7 +437,7 @@ fn pointwise_token_projections_match_permute_and_matmul() {
             for use_bias in [false, true] {
                 let bo = use_bias.then_some(&bias);
                 let what = format!("pointwise_to_tokens x [{b}, {c}, {h}, {wd}], weight {:?}, bias {use_bias}", w.dims());
-                let got = kernels::pointwise_to_tokens(&x, &w, bo).unwrap();
+                let got = kernels::pointwise_to_tokens(&x, &w, bo, None).unwrap();
                 worst = worst.max(check(&what, &got, |dt| ref_to_tokens(&cast(&x, dt), &cast(&w, dt), cast_opt(bo, dt).as_ref())));
                 for use_res in [false, true] {
                     let ro = use_res.then_some(&res);
@@ -446,7 +446,7 @@ fn pointwise_token_projections_match_permute_and_matmul() {
                         h * wd,
                         w.dims()
                     );
-                    let got = kernels::pointwise_from_tokens(&t, &w, bo, ro, h, wd).unwrap();
+                    let got = kernels::pointwise_from_tokens(&t, &w, bo, ro, h, wd, None).unwrap();
                     worst = worst.max(check(&what, &got, |dt| {
                         ref_from_tokens(&cast(&t, dt), &cast(&w, dt), cast_opt(bo, dt).as_ref(), cast_opt(ro, dt).as_ref(), h, wd)
                     }));
@@ -1146,8 +1146,8 @@ fn kernels_give_the_same_bits_for_any_thread_count() {
     let cases: Vec<(&str, Box<dyn Fn() -> Tensor + Sync>)> = vec![
         ("linear rank 3", Box::new(|| kernels::linear(&x3, &wl, Some(&bl), Some(&rl), None).unwrap())),
         ("linear rank 2", Box::new(|| kernels::linear(&x2, &wl, Some(&bl), Some(&rl2), None).unwrap())),
-        ("pointwise_to_tokens", Box::new(|| kernels::pointwise_to_tokens(&xc, &wp, Some(&bc)).unwrap())),
-        ("pointwise_from_tokens", Box::new(|| kernels::pointwise_from_tokens(&tok, &wp, Some(&bc), Some(&rc), 31, 29).unwrap())),
+        ("pointwise_to_tokens", Box::new(|| kernels::pointwise_to_tokens(&xc, &wp, Some(&bc), None).unwrap())),
+        ("pointwise_from_tokens", Box::new(|| kernels::pointwise_from_tokens(&tok, &wp, Some(&bc), Some(&rc), 31, 29, None).unwrap())),
         (
             "conv2d 1x1 direct",
             Box::new(|| {
@@ -1198,15 +1198,15 @@ fn kernels_give_the_same_bits_for_any_batch_size() {
     let xc = randn(7, &[3, 13, 7, 9], 1.0);
     let wp = randn(8, &[33, 13], 0.3);
     let bp = randn(9, &[33], 0.5);
-    let whole = kernels::pointwise_to_tokens(&xc, &wp, Some(&bp)).unwrap();
-    each("pointwise_to_tokens", &whole, 3, &|i| kernels::pointwise_to_tokens(&item(&xc, i), &wp, Some(&bp)).unwrap());
+    let whole = kernels::pointwise_to_tokens(&xc, &wp, Some(&bp), None).unwrap();
+    each("pointwise_to_tokens", &whole, 3, &|i| kernels::pointwise_to_tokens(&item(&xc, i), &wp, Some(&bp), None).unwrap());
     let t = randn(10, &[3, 63, 33], 1.0);
     let wq = randn(11, &[13, 33], 0.2);
     let bq = randn(12, &[13], 0.5);
     let rq = randn(13, &[3, 13, 7, 9], 1.0);
-    let whole = kernels::pointwise_from_tokens(&t, &wq, Some(&bq), Some(&rq), 7, 9).unwrap();
+    let whole = kernels::pointwise_from_tokens(&t, &wq, Some(&bq), Some(&rq), 7, 9, None).unwrap();
     each("pointwise_from_tokens", &whole, 3, &|i| {
-        kernels::pointwise_from_tokens(&item(&t, i), &wq, Some(&bq), Some(&item(&rq, i)), 7, 9).unwrap()
+        kernels::pointwise_from_tokens(&item(&t, i), &wq, Some(&bq), Some(&item(&rq, i)), 7, 9, None).unwrap()
     });
     // Convolutions, with a per-sample bias.
     for (ci, c) in [CONV_CASES[0], CONV_CASES[5], CONV_CASES[9], CONV_CASES[12], CONV_CASES[14], CONV_CASES[17]].iter().enumerate() {
@@ -1288,10 +1288,10 @@ fn kernels_reject_mismatched_shapes() {
     expect_err("attention: 4 heads of 15", kernels::attention(&q, &k, &k, 4, None, None));
     expect_err("attention: mask [11, 7] for 7 queries x 11 keys", kernels::attention(&q, &k, &k, 3, Some(&randn(17, &[11, 7], 1.0)), None));
     expect_err("attention: k / v of different lengths", kernels::attention(&q, &k, &q, 3, None, None));
-    expect_err("pointwise_to_tokens: weight [7, 4]", kernels::pointwise_to_tokens(&xc, &randn(18, &[7, 4], 1.0), None));
+    expect_err("pointwise_to_tokens: weight [7, 4]", kernels::pointwise_to_tokens(&xc, &randn(18, &[7, 4], 1.0), None, None));
     expect_err(
         "pointwise_from_tokens: 63 tokens as 7x8",
-        kernels::pointwise_from_tokens(&randn(19, &[3, 63, 5], 1.0), &randn(20, &[7, 5], 1.0), None, None, 7, 8),
+        kernels::pointwise_from_tokens(&randn(19, &[3, 63, 5], 1.0), &randn(20, &[7, 5], 1.0), None, None, 7, 8, None),
     );
 }
 
@@ -1356,9 +1356,9 @@ fn kernels_reject_mis_sized_per_channel_parameters() {
     let w = randn(4, &[5, 3], 1.0);
     expect_err("linear, rank 2, bias [2] for 5 outputs", &|| kernels::linear(&randn(5, &[3, 3], 1.0), &w, Some(&short), None, None));
     expect_err("linear, rank 3, bias [9] for 5 outputs", &|| kernels::linear(&randn(6, &[2, 4, 3], 1.0), &w, Some(&long), None, None));
-    expect_err("pointwise_to_tokens, bias [2] for 5 outputs", &|| kernels::pointwise_to_tokens(&xc, &w, Some(&short)));
+    expect_err("pointwise_to_tokens, bias [2] for 5 outputs", &|| kernels::pointwise_to_tokens(&xc, &w, Some(&short), None));
     expect_err("pointwise_from_tokens, bias [2] for 5 outputs", &|| {
-        kernels::pointwise_from_tokens(&randn(7, &[2, 16, 3], 1.0), &w, Some(&short), None, 4, 4)
+        kernels::pointwise_from_tokens(&randn(7, &[2, 16, 3], 1.0), &w, Some(&short), None, 4, 4, None)
     });
     let w3 = randn(8, &[5, 3, 3, 3], 1.0);
     expect_err("conv2d 3x3, bias [2] for 5 outputs", &|| kernels::conv2d(&xc, &w3, Some(&short), None, 1, plain(1), None, 1.0, None));

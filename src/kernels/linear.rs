@@ -310,14 +310,20 @@ pub fn rowwise(dims: &[usize]) -> bool {
 
 /// Token features from an NCHW map through a pointwise layer: `x` [b, c, h, w], `weight`
 /// [cout, c] (or [cout, c, 1, 1]), `bias` \[cout\] -> [b, h*w, cout]; the transpose is folded
-/// into the product's strides. Inference only.
-pub fn pointwise_to_tokens(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+/// into the product's strides. With `packed` (the weight from [`pack_weight`], as a linear
+/// layer's) the product takes bf16 inputs with f32 accumulation. Inference only.
+pub fn pointwise_to_tokens(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, packed: Option<&PackedLinear>) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let cout = weight.dim(0)?;
     if weight.elem_count() != cout * c {
         return Err(Error::invalid(format!("pointwise_to_tokens: input {:?}, weight {:?}", x.dims(), weight.dims())));
     }
     check_per_channel("pointwise_to_tokens", "bias", bias, cout)?;
+    if let Some(pw) = packed {
+        if (pw.planes.k_pairs, pw.planes.plane) != (c.div_ceil(2), cout) {
+            return Err(Error::invalid(format!("pointwise_to_tokens: packed weight does not match {:?}", weight.dims())));
+        }
+    }
     let hw = h * w;
     let mut ts = vec![x, weight];
     ts.extend(bias);
@@ -330,6 +336,13 @@ pub fn pointwise_to_tokens(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -
         }
         let nt = if b > 1 { 1 } else { threads() };
         let one = |bi: usize, dst: &mut [f32]| {
+            if let Some(pw) = packed {
+                // The map's transpose as the left operand: token r's channel k is x[k, r].
+                let a = bf16::PackedA::from_tap_major(pw.kernel, hw, 1, c, &xs[bi * c * hw..][..c * hw]);
+                let start = bf16::Start::Fill { bias: bs.map(bf16::Bias::Columns), residual: None };
+                bf16::gemm_taps(&a, &pw.planes, &[0], cout, dst, cout, start, nt > 1).expect("shapes checked above");
+                return;
+            }
             let acc = preload_rows(dst, cout, bs, None, nt > 1);
             unsafe { sgemm(hw, cout, c, dst.as_mut_ptr(), cout, 1, acc, xs[bi * c * hw..].as_ptr(), 1, hw, ws.as_ptr(), 1, c, 1.0, nt) };
         };
@@ -340,9 +353,11 @@ pub fn pointwise_to_tokens(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -
 }
 
 /// The inverse: `t` [b, h*w, c] through a pointwise layer (`weight` [cout, c] or
-/// [cout, c, 1, 1], `bias` \[cout\]) into NCHW [b, cout, h, w], plus `residual` (NCHW).
-/// Inference only.
-pub fn pointwise_from_tokens(t: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, h: usize, w: usize) -> Result<Tensor> {
+/// [cout, c, 1, 1], `bias` \[cout\]) into NCHW [b, cout, h, w], plus `residual` (NCHW). With
+/// `packed` (the weight as a 1x1 convolution's, [`super::conv::pack_weight`]) the product takes
+/// bf16 inputs with f32 accumulation. Inference only.
+#[allow(clippy::too_many_arguments)]
+pub fn pointwise_from_tokens(t: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, h: usize, w: usize, packed: Option<&bf16::PackedA>) -> Result<Tensor> {
     let (b, hw, c) = t.dims3()?;
     let cout = weight.dim(0)?;
     if weight.elem_count() != cout * c || hw != h * w {
@@ -352,6 +367,11 @@ pub fn pointwise_from_tokens(t: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
     if let Some(r) = residual {
         if r.dims() != [b, cout, h, w] {
             return Err(Error::invalid(format!("pointwise_from_tokens: residual {:?}", r.dims())));
+        }
+    }
+    if let Some(pw) = packed {
+        if (pw.m, pw.taps, pw.k_pairs) != (cout, 1, c.div_ceil(2)) {
+            return Err(Error::invalid(format!("pointwise_from_tokens: packed weight does not match {:?}", weight.dims())));
         }
     }
     let mut ts = vec![t, weight];
@@ -367,7 +387,15 @@ pub fn pointwise_from_tokens(t: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
         }
         let nt = if b > 1 { 1 } else { threads() };
         let one = |bi: usize, dst: &mut [f32]| {
-            let acc = preload_channels(dst, hw, bs, rs.map(|r| &r[bi * cout * hw..(bi + 1) * cout * hw]), nt > 1);
+            let res = rs.map(|r| &r[bi * cout * hw..(bi + 1) * cout * hw]);
+            if let Some(pw) = packed {
+                // The tokens' transpose as the right operand: column r holds token r's channels.
+                let b = PairPlanes::panels_from_positions(&xs[bi * hw * c..][..hw * c], c, hw, c);
+                let start = bf16::Start::Fill { bias: bs.map(bf16::Bias::Rows), residual: res };
+                bf16::gemm_taps(pw, &b, &[0], hw, dst, hw, start, nt > 1).expect("shapes checked above");
+                return;
+            }
+            let acc = preload_channels(dst, hw, bs, res, nt > 1);
             unsafe { sgemm(cout, hw, c, dst.as_mut_ptr(), hw, 1, acc, ws.as_ptr(), c, 1, xs[bi * hw * c..].as_ptr(), 1, c, 1.0, nt) };
         };
         per_item(&mut out, b, one);
@@ -400,4 +428,52 @@ pub fn pack_weight(weight: &Tensor, kernel: bf16::Kernel) -> Result<PackedLinear
     // are the same.
     let planes = planes.into_panels();
     Ok(PackedLinear { planes, kernel })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bf16::Kernel;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn the_amx_layouts_pointwise_projections_match_the_avx512_ones() {
+        // Where the CPU has no AMX the tile product is emulated (see `bf16::gemm_taps`), so the
+        // AMX path's packing of the map's transpose and of the tokens is checked on every CPU
+        // with AVX-512 BF16.
+        if !super::bf16::supported() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        let t = |seed: usize, shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| (((i * 7 + seed * 131) as f32) * 0.618).sin()).collect();
+            Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        };
+        let vals = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let rel = |a: &[f32], b: &[f32]| {
+            let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+            (num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>()).sqrt()
+        };
+        // Partial row and column blocks both ways, an odd channel count, one image and two.
+        for (b, c, cout, h, w) in [(1, 37, 45, 7, 9), (2, 70, 33, 6, 6)] {
+            let (x, tokens) = (t(1, &[b, c, h, w]), t(2, &[b, h * w, c]));
+            let (wt, bias, res) = (t(3, &[cout, c, 1, 1]), t(4, &[cout]), t(5, &[b, cout, h, w]));
+            let w2 = wt.reshape((cout, c)).unwrap();
+            let to = |k: Option<Kernel>| {
+                let p = k.map(|k| super::pack_weight(&w2, k).unwrap());
+                vals(&super::pointwise_to_tokens(&x, &wt, Some(&bias), p.as_ref()).unwrap())
+            };
+            let from = |k: Option<Kernel>| {
+                let p = k.map(|k| super::super::conv::pack_weight(&wt, k).unwrap());
+                vals(&super::pointwise_from_tokens(&tokens, &wt, Some(&bias), Some(&res), h, w, p.as_ref()).unwrap())
+            };
+            for (what, amx, avx, f32s) in [("to tokens", to(Some(Kernel::Amx)), to(Some(Kernel::Avx512)), to(None)), ("from tokens", from(Some(Kernel::Amx)), from(Some(Kernel::Avx512)), from(None))] {
+                // The same rounded inputs: only the order of f32 sums differs.
+                let (e, e32) = (rel(&amx, &avx), rel(&amx, &f32s));
+                eprintln!("{what} {c}->{cout}, {b} images: AMX layout vs AVX-512 {e:.2e}, vs f32 {e32:.2e}");
+                assert!(e < 1e-5, "{what}: AMX vs AVX-512 {e}");
+                assert!(e32 > 1e-5 && e32 < 2e-2, "{what}: AMX vs f32 {e32}");
+            }
+        }
+    }
 }

@@ -14,7 +14,7 @@ use super::weights::Weights;
 use crate::error::Result;
 use crate::instrument::flops;
 use crate::instrument::profile::{scope, Class};
-use crate::kernels::{self, bf16::PackedA};
+use crate::kernels::{self, bf16::PackedA, linear::PackedLinear};
 
 pub use crate::kernels::ConvInput;
 
@@ -36,6 +36,8 @@ pub struct Conv2d {
     /// orders.
     pub unfold: bool,
     packed: PackedWeight<PackedA>,
+    /// The weight of a 1x1 layer packed as a linear layer's, for [`Pointwise::to_tokens`].
+    packed_rhs: PackedWeight<PackedLinear>,
     /// The flipped, transposed kernel that propagates gradients to the input when the weight
     /// is frozen (made on first use, see [`frozen::conv2d_frozen`]).
     grad_kernel: frozen::GradKernel,
@@ -62,6 +64,7 @@ impl Conv2d {
             frozen_ops: true,
             unfold: false,
             packed: PackedWeight::default(),
+            packed_rhs: PackedWeight::default(),
             grad_kernel: Default::default(),
         }
     }
@@ -98,7 +101,7 @@ impl Conv2d {
 
     /// This 1x1 convolution as a [`Pointwise`] projection.
     pub fn pointwise(&self) -> Pointwise<'_> {
-        Pointwise { weight: &self.weight, bias: self.bias.as_ref() }
+        Pointwise { weight: &self.weight, bias: self.bias.as_ref(), precision: self.precision, as_rhs: &self.packed_rhs, as_lhs: &self.packed }
     }
 
     /// True when the fused f32 kernels may run: nothing here tracks gradients.

@@ -11,7 +11,7 @@ use super::weights::Weights;
 use crate::error::Result;
 use crate::instrument::flops;
 use crate::instrument::profile::{scope, Class};
-use crate::kernels::{self, linear::PackedLinear};
+use crate::kernels::{self, bf16::PackedA, linear::PackedLinear};
 
 /// `nn.Linear`: y = x W^T + b, for inputs of any rank (the last dim is the feature dim),
 /// plus an optional unmerged low-rank adapter.
@@ -24,6 +24,8 @@ pub struct Linear {
     /// Skip the frozen weight's gradient when training through this layer (see [`frozen`]).
     pub frozen_ops: bool,
     packed: PackedWeight<PackedLinear>,
+    /// The weight packed as a 1x1 convolution's, for [`Pointwise::from_tokens`].
+    packed_lhs: PackedWeight<PackedA>,
 }
 
 /// An unmerged LoRA update: the layer computes `x W^T + b + scale (x down^T) up^T`. Training
@@ -70,7 +72,7 @@ impl Linear {
 
     /// A layer from given tensors (weight [out, in]).
     pub fn new(weight: Tensor, bias: Option<Tensor>, precision: Precision) -> Self {
-        Linear { weight, bias, adapter: None, precision, frozen_ops: true, packed: PackedWeight::default() }
+        Linear { weight, bias, adapter: None, precision, frozen_ops: true, packed: PackedWeight::default(), packed_lhs: PackedWeight::default() }
     }
 
     /// The bf16-packed weight when this layer runs its products in bf16.
@@ -311,32 +313,52 @@ impl Adapter {
 
 /// A pointwise projection (a linear layer, or a 1x1 convolution: the same product) between an
 /// NCHW map and token rows, with the transpose folded into the product's strides. Inference
-/// only: callers check [`super::fast_ok`] first.
+/// only: callers check [`super::fast_ok`] first. At bf16 precision the weight is packed for
+/// the direction it is used in (the right operand of [`to_tokens`](Self::to_tokens), as a
+/// linear layer's; the left one of [`from_tokens`](Self::from_tokens), as a 1x1
+/// convolution's), on first use, and kept by the layer.
 pub struct Pointwise<'a> {
     /// [cout, c] or [cout, c, 1, 1].
     pub weight: &'a Tensor,
     pub bias: Option<&'a Tensor>,
+    pub precision: Precision,
+    pub(crate) as_rhs: &'a PackedWeight<PackedLinear>,
+    pub(crate) as_lhs: &'a PackedWeight<PackedA>,
 }
 
 impl Pointwise<'_> {
     /// `x` [b, c, h, w] -> tokens [b, h*w, cout].
     pub fn to_tokens(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        flops::add(b * h * w * c * self.weight.dim(0)?);
-        scope(Class::Linear, || kernels::pointwise_to_tokens(x, self.weight, self.bias))
+        let cout = self.weight.dim(0)?;
+        flops::add(b * h * w * c * cout);
+        let packed = match self.precision {
+            Precision::F32 => None,
+            Precision::Bf16(kernel) => {
+                Some(self.as_rhs.get(self.weight, |w| kernels::linear::pack_weight(&w.reshape((cout, c))?, kernel))?)
+            }
+        };
+        scope(Class::Linear, || kernels::pointwise_to_tokens(x, self.weight, self.bias, packed.as_deref()))
     }
 
     /// Tokens `t` [b, h*w, c] -> [b, cout, h, w], plus `residual` (NCHW).
     pub fn from_tokens(&self, t: &Tensor, h: usize, w: usize, residual: Option<&Tensor>) -> Result<Tensor> {
         let (b, _, c) = t.dims3()?;
-        flops::add(b * h * w * c * self.weight.dim(0)?);
-        scope(Class::Linear, || kernels::pointwise_from_tokens(t, self.weight, self.bias, residual, h, w))
+        let cout = self.weight.dim(0)?;
+        flops::add(b * h * w * c * cout);
+        let packed = match self.precision {
+            Precision::F32 => None,
+            Precision::Bf16(kernel) => {
+                Some(self.as_lhs.get(self.weight, |w| kernels::conv::pack_weight(&w.reshape((cout, c, 1, 1))?, kernel))?)
+            }
+        };
+        scope(Class::Linear, || kernels::pointwise_from_tokens(t, self.weight, self.bias, residual, h, w, packed.as_deref()))
     }
 }
 
 impl Linear {
     /// This layer as a [`Pointwise`] projection (the adapter is not included).
     pub fn pointwise(&self) -> Pointwise<'_> {
-        Pointwise { weight: &self.weight, bias: self.bias.as_ref() }
+        Pointwise { weight: &self.weight, bias: self.bias.as_ref(), precision: self.precision, as_rhs: &self.packed, as_lhs: &self.packed_lhs }
     }
 }
