@@ -288,16 +288,23 @@ impl PackedA {
     /// 16 values at a time, and the kernel broadcasts from MR row streams, so no value is
     /// scattered one at a time. `buf` is storage to reuse (see
     /// [`into_storage`](Self::into_storage)). Products have the bits of the blocked layout's.
-    /// The rows are converted in parallel (blocks of rows, so a short product stays on one
-    /// thread); the bytes do not depend on it.
-    pub fn row_major(m: usize, k: usize, src: &[f32], src_stride: usize, buf: Vec<u32>) -> Self {
+    /// `parallel` converts blocks of rows on all threads (for a product that is split across
+    /// them); the bytes do not depend on it.
+    pub fn row_major(m: usize, k: usize, src: &[f32], src_stride: usize, buf: Vec<u32>, parallel: bool) -> Self {
+        const ROWS: usize = 64;
         let (mut a, row_stride) = Self::row_major_storage(m, k, buf);
-        a.data[..m * row_stride].par_chunks_mut(row_stride * 64).enumerate().for_each(|(c, rows)| {
+        let convert = |(c, rows): (usize, &mut [u32])| {
             for (i, row) in rows.chunks_exact_mut(row_stride).enumerate() {
-                let r = c * 64 + i;
+                let r = c * ROWS + i;
                 Self::convert_row(row, k, |halves| to_bf16(&src[r * src_stride..][..k], halves));
             }
-        });
+        };
+        let data = &mut a.data[..m * row_stride];
+        if parallel {
+            data.par_chunks_mut(row_stride * ROWS).enumerate().for_each(convert);
+        } else {
+            data.chunks_mut(row_stride * ROWS).enumerate().for_each(convert);
+        }
         a
     }
 
@@ -526,11 +533,11 @@ pub enum Start<'a> {
     Zero,
     /// What `dst` holds.
     Dst,
-    /// `residual + bias`, or whichever of the two is given (neither: zero). Each task sets its
-    /// own output block just before adding its sums, while the block is in the cache: the bits
-    /// of filling the whole of `dst` first, without a separate pass over it (a pass on one
-    /// thread, over up to 42 MB for SD-1.5's widest feed-forward output, took a fifth of that
-    /// layer's time). `residual` is laid out as `dst`.
+    /// `residual + bias`, or whichever of the two is given (neither: zero). Each task starts
+    /// its own output block from these values (in registers, or in the block while it is in
+    /// the cache): the bits of filling the whole of `dst` first, without a separate pass over
+    /// it (a pass on one thread, over up to 42 MB for SD-1.5's widest feed-forward output, took
+    /// a fifth of that layer's time). `residual` is laid out as `dst`.
     Fill { bias: Option<Bias<'a>>, residual: Option<&'a [f32]> },
 }
 
@@ -549,8 +556,8 @@ impl Start<'_> {
     }
 
     /// Sets `rows x cols` values at `c` (rows `c_rs` apart), output row `r0` and column `j0`
-    /// onwards, to their [`Start::Fill`] values (`dst_rs`: the rows' distance in a residual).
-    /// Nothing for the other starts.
+    /// onwards, to their [`Start::Fill`] values (`dst_rs`: the rows' distance in a residual);
+    /// the AMX kernel's start, whose tiles load from memory. Nothing for the other starts.
     ///
     /// # Safety
     /// `c` must address the block; the fill's slices must cover it (checked by `gemm_taps`).
@@ -643,8 +650,16 @@ pub fn gemm_taps(a: &PackedA, b: &PairPlanes, offs: &[usize], n: usize, dst: &mu
         #[cfg(target_arch = "x86_64")]
         unsafe {
             let (ap, bp, dp) = (a.block(mb), bptr.0.add(at), d.0.add(mb * MR * dst_rs + nb * NR));
-            start.fill(dp, dst_rs, dst_rs, mb * MR, nb * NR, rows, cols);
-            let args = (a.taps, a.k_pairs, offs, stride, dst_rs, rows, cols, start.adds());
+            let init = match start {
+                _ if !start.adds() => MicroInit::Zero,
+                Start::Fill { bias, residual } => MicroInit::Set {
+                    cols: if let Some(Bias::Columns(b)) = bias { b.as_ptr().add(nb * NR) } else { std::ptr::null() },
+                    rows: if let Some(Bias::Rows(b)) = bias { b.as_ptr().add(mb * MR) } else { std::ptr::null() },
+                    residual: residual.map_or(std::ptr::null(), |x| x.as_ptr().add(mb * MR * dst_rs + nb * NR)),
+                },
+                _ => MicroInit::Dst,
+            };
+            let args = (a.taps, a.k_pairs, offs, stride, dst_rs, rows, cols, init);
             // A last column block of at most 16 columns needs one register per row, not two.
             match (cols <= 16, a.row_stride > 0) {
                 (false, false) => micro_avx512::<2, false>(ap, a.row_stride, bp, dp, args),
@@ -796,7 +811,17 @@ fn gemm_taps_amx<K: TileBlock>(kernel: &K, a: &PackedA, b: &PairPlanes, offs: &[
 
 /// Arguments of [`micro_avx512`] besides its pointers: taps, k pairs, tap offsets, B's pair
 /// stride, dst's row stride, valid rows and columns, and whether to add to dst.
-type MicroArgs<'a> = (usize, usize, &'a [usize], usize, usize, usize, usize, bool);
+type MicroArgs<'a> = (usize, usize, &'a [usize], usize, usize, usize, usize, MicroInit);
+
+/// What [`micro_avx512`]'s sums start from: zero, dst, or [`Start::Fill`]'s values, set in
+/// registers (each pointer at the block's first row / column, null where absent; a residual's
+/// rows dst's row stride apart).
+#[derive(Clone, Copy)]
+enum MicroInit {
+    Zero,
+    Dst,
+    Set { cols: *const f32, rows: *const f32, residual: *const f32 },
+}
 
 /// One MR x (16 NV) block. A is at `a`: blocked (`ROWS` false: per tap and k pair MR values),
 /// or row-major (`ROWS` true, one tap: row r's pairs from `a + r a_rs`). `b` is the column
@@ -811,16 +836,39 @@ unsafe fn micro_avx512<const NV: usize, const ROWS: bool>(
     a_rs: usize,
     b: *const u16,
     dst: *mut f32,
-    (taps, k_pairs, offs, b_pair_stride, dst_rs, rows, cols, accumulate): MicroArgs<'_>,
+    (taps, k_pairs, offs, b_pair_stride, dst_rs, rows, cols, init): MicroArgs<'_>,
 ) {
     use std::arch::x86_64::*;
     let masks = [first_lanes(cols), first_lanes(cols.saturating_sub(16))];
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-    if accumulate {
-        for (r, accr) in acc.iter_mut().enumerate().take(rows) {
-            let d = dst.add(r * dst_rs);
-            for (v, x) in accr.iter_mut().enumerate() {
-                *x = _mm512_maskz_loadu_ps(masks[v], d.add(16 * v));
+    match init {
+        MicroInit::Zero => {}
+        MicroInit::Dst => {
+            for (r, accr) in acc.iter_mut().enumerate().take(rows) {
+                let d = dst.add(r * dst_rs);
+                for (v, x) in accr.iter_mut().enumerate() {
+                    *x = _mm512_maskz_loadu_ps(masks[v], d.add(16 * v));
+                }
+            }
+        }
+        MicroInit::Set { cols: bias_cols, rows: bias_rows, residual } => {
+            // Residual + bias with one rounding, or either alone as it is: Start::Fill's values.
+            for (r, accr) in acc.iter_mut().enumerate().take(rows) {
+                for (v, x) in accr.iter_mut().enumerate() {
+                    let bias = if !bias_cols.is_null() {
+                        Some(_mm512_maskz_loadu_ps(masks[v], bias_cols.add(16 * v)))
+                    } else if !bias_rows.is_null() {
+                        Some(_mm512_set1_ps(*bias_rows.add(r)))
+                    } else {
+                        None
+                    };
+                    *x = match (residual.is_null(), bias) {
+                        (true, Some(b)) => b,
+                        (false, None) => _mm512_maskz_loadu_ps(masks[v], residual.add(r * dst_rs + 16 * v)),
+                        (false, Some(b)) => _mm512_add_ps(_mm512_maskz_loadu_ps(masks[v], residual.add(r * dst_rs + 16 * v)), b),
+                        (true, None) => _mm512_setzero_ps(),
+                    };
+                }
             }
         }
     }
@@ -972,7 +1020,7 @@ mod tests {
             let mut seen = vec![];
             let rows = PackedA::row_major_prepared(m, k, &mut xs, k + 3, vec![7; 3], |r, _| seen.push(r));
             assert_eq!(seen, (0..m).collect::<Vec<_>>());
-            assert_eq!(rows.data, PackedA::row_major(m, k, &x, k + 3, Vec::new()).data);
+            assert_eq!(rows.data, PackedA::row_major(m, k, &x, k + 3, Vec::new(), true).data);
             let planes = PairPlanes::from_rows(&w, k, n, n);
             let mut reference = vec![0f32; m * n];
             gemm_taps(&blocked, &planes, &[0], n, &mut reference, n, Start::Zero, true).unwrap();

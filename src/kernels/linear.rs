@@ -117,7 +117,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
             if let Some(pw) = packed {
                 let xi = &xs[i * rows * in_dim..(i + 1) * rows * in_dim];
                 let a = match pw.kernel {
-                    bf16::Kernel::Avx512 => bf16::PackedA::row_major(rows, in_dim, xi, in_dim, Vec::new()),
+                    bf16::Kernel::Avx512 => bf16::PackedA::row_major(rows, in_dim, xi, in_dim, Vec::new(), nt > 1),
                     bf16::Kernel::Amx => bf16::PackedA::from_rows(pw.kernel, rows, in_dim, xi, in_dim),
                 };
                 let start = bf16::Start::Fill { bias: bs.map(bf16::Bias::Columns), residual: res };
