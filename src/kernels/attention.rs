@@ -340,8 +340,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_bf16_paths_softmax_is_close_to_the_exact_one() {
-        if !super::bf16::supported() {
-            eprintln!("skipped: this CPU has no AVX-512 BF16");
+        if crate::kernels::testing::without_bf16() {
             return;
         }
         // A tail of 13 lanes, a masked key, the far left of the range, a row of only -inf.
@@ -374,16 +373,11 @@ mod tests {
         // Where the CPU has no AMX the tile product is emulated (see `bf16::gemm_taps`), so the
         // AMX path's packing, softmax and scaling are checked on every CPU with AVX-512 BF16.
         use super::bf16::Kernel;
-        if !super::bf16::supported() {
-            eprintln!("skipped: this CPU has no AVX-512 BF16");
+        if crate::kernels::testing::without_bf16() {
             return;
         }
-        let t = |seed: usize, shape: &[usize]| {
-            let n: usize = shape.iter().product();
-            let v: Vec<f32> = (0..n).map(|i| (((i * 7 + seed * 131) as f32) * 0.618).sin() * 2.0).collect();
-            candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
-        };
-        let vals = |x: &candle_core::Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        use crate::kernels::testing::{rel_l2 as rel, values as vals, wave};
+        let t = |seed: usize, shape: &[usize]| wave(seed, shape, 2.0);
         // Masked cross-attention shape; 300 keys: two chunks of k blocks in P V and two query
         // blocks (the last partial).
         for (n, m, heads, d, masked) in [(45, 77, 3, 13, true), (150, 300, 2, 40, false)] {
@@ -391,10 +385,6 @@ mod tests {
             let mask = masked.then(|| t(4, &[n, m]));
             let run = |kr| vals(&super::attention(&q, &k, &v, heads, mask.as_ref(), kr).unwrap());
             let (amx, avx, f32s) = (run(Some(Kernel::Amx)), run(Some(Kernel::Avx512)), run(None));
-            let rel = |a: &[f32], b: &[f32]| {
-                let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-                (num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>()).sqrt()
-            };
             // The same rounded inputs and the same softmax: only the order of f32 sums differs.
             let (e, e32) = (rel(&amx, &avx), rel(&amx, &f32s));
             eprintln!("{n}x{m}, {heads} heads of {d}: AMX layout vs AVX-512 {e:.2e}, vs f32 {e32:.2e}");

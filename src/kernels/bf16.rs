@@ -1007,8 +1007,7 @@ mod tests {
 
     #[test]
     fn row_major_and_panels_give_the_blocked_layouts_bits() {
-        if !supported() {
-            eprintln!("skipped: this CPU has no AVX-512 BF16");
+        if crate::kernels::testing::without_bf16() {
             return;
         }
         // Partial row and column blocks, a last column block of at most 16 (one register per

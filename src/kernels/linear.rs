@@ -433,27 +433,17 @@ pub fn pack_weight(weight: &Tensor, kernel: bf16::Kernel) -> Result<PackedLinear
 #[cfg(test)]
 mod tests {
     use super::bf16::Kernel;
-    use candle_core::{Device, Tensor};
+    use crate::kernels::testing::{rel_l2 as rel, values as vals, wave};
 
     #[test]
     fn the_amx_layouts_pointwise_projections_match_the_avx512_ones() {
         // Where the CPU has no AMX the tile product is emulated (see `bf16::gemm_taps`), so the
         // AMX path's packing of the map's transpose and of the tokens is checked on every CPU
         // with AVX-512 BF16.
-        if !super::bf16::supported() {
-            eprintln!("skipped: this CPU has no AVX-512 BF16");
+        if crate::kernels::testing::without_bf16() {
             return;
         }
-        let t = |seed: usize, shape: &[usize]| {
-            let n: usize = shape.iter().product();
-            let v: Vec<f32> = (0..n).map(|i| (((i * 7 + seed * 131) as f32) * 0.618).sin()).collect();
-            Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-        };
-        let vals = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let rel = |a: &[f32], b: &[f32]| {
-            let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-            (num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>()).sqrt()
-        };
+        let t = |seed: usize, shape: &[usize]| wave(seed, shape, 1.0);
         // Partial row and column blocks both ways, an odd channel count, one image and two.
         for (b, c, cout, h, w) in [(1, 37, 45, 7, 9), (2, 70, 33, 6, 6)] {
             let (x, tokens) = (t(1, &[b, c, h, w]), t(2, &[b, h * w, c]));

@@ -47,3 +47,36 @@ pub use io::{fast_dtype_ok, fast_ok};
 pub use linear::{linear, pointwise_from_tokens, pointwise_to_tokens};
 pub use norm::group_norm;
 pub use simd::{erf_slice, exp_slice};
+
+/// Helpers of the kernels' unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{Device, Tensor};
+
+    /// A deterministic tensor of `shape`: `amp` times the sine of a scrambled index.
+    pub fn wave(seed: usize, shape: &[usize], amp: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| (((i * 7 + seed * 131) as f32) * 0.618).sin() * amp).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Whether a test of the bf16 kernels must skip on this CPU (no AVX-512 BF16), saying so.
+    pub fn without_bf16() -> bool {
+        let skip = !super::bf16::supported();
+        if skip {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+        }
+        skip
+    }
+
+    /// The values of `x` in order.
+    pub fn values(x: &Tensor) -> Vec<f32> {
+        x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// The L2 distance of `a` from `b`, relative to `b`'s norm.
+    pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        (num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>()).sqrt()
+    }
+}
