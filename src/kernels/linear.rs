@@ -109,6 +109,17 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
             });
             return out;
         }
+        // On AMX tiles several items run as one product over all their rows: the items' rows
+        // share 32-row tile blocks (the text encoder's two 77-token prompts fill 5 blocks, not
+        // 2 x 3) and the threads split the weight's columns instead of each reading all of it.
+        // Every output element is still one chain over k in the same order, so each item keeps
+        // the bits it has alone.
+        if let Some(pw) = packed.filter(|pw| pw.kernel == bf16::Kernel::Amx && items > 1) {
+            let a = bf16::PackedA::from_rows(pw.kernel, total_rows, in_dim, xs, in_dim);
+            let start = bf16::Start::Fill { bias: bs.map(bf16::Bias::Columns), residual: rs };
+            bf16::gemm_taps(&a, &pw.planes, &[0], out_dim, &mut out, out_dim, start, nt > 1).expect("shapes checked above");
+            return out;
+        }
         // Several items: one item per task, each product on one thread; a single item splits
         // its product across the threads instead. Either way an item's arithmetic is the same.
         let nt = if items > 1 { 1 } else { nt };
@@ -434,6 +445,30 @@ pub fn pack_weight(weight: &Tensor, kernel: bf16::Kernel) -> Result<PackedLinear
 mod tests {
     use super::bf16::Kernel;
     use crate::kernels::testing::{rel_l2 as rel, values as vals, wave};
+
+    #[test]
+    fn amx_linear_items_in_one_product_keep_their_own_bits() {
+        // Where the CPU has no AMX the tile product is emulated (see `bf16::gemm_taps`). Three
+        // items of 45 rows share tile blocks in one product; each alone gives the same bits.
+        if crate::kernels::testing::without_bf16() {
+            return;
+        }
+        let (items, rows, k, out) = (3, 45, 67, 53);
+        let (x, w) = (wave(1, &[items, rows, k], 1.0), wave(2, &[out, k], 0.1));
+        let (bias, res) = (wave(3, &[out], 1.0), wave(4, &[items, rows, out], 1.0));
+        let packed = super::pack_weight(&w, Kernel::Amx).unwrap();
+        let batch = vals(&super::linear(&x, &w, Some(&bias), Some(&res), Some(&packed)).unwrap());
+        for i in 0..items {
+            let one = |t: &candle_core::Tensor| t.narrow(0, i, 1).unwrap();
+            let alone = vals(&super::linear(&one(&x), &w, Some(&bias), Some(&one(&res)), Some(&packed)).unwrap());
+            let part = &batch[i * rows * out..(i + 1) * rows * out];
+            assert!(alone.iter().zip(part).all(|(p, q)| p.to_bits() == q.to_bits()), "item {i} depends on the batch");
+        }
+        let avx = super::pack_weight(&w, Kernel::Avx512).unwrap();
+        let reference = vals(&super::linear(&x, &w, Some(&bias), Some(&res), Some(&avx)).unwrap());
+        let e = rel(&batch, &reference);
+        assert!(e < 1e-6, "AMX items in one product vs AVX-512: {e}");
+    }
 
     #[test]
     fn the_amx_layouts_pointwise_projections_match_the_avx512_ones() {
