@@ -119,9 +119,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
     // Query block: enough rows for an efficient gemm, the score block within ~4 MiB. Every
     // f32 block packs its head's K and V again, so taller blocks pack less: at 4096 keys, 64
     // rows instead of 32 made a self-attention call 15 % faster, and 256 instead of 64 another
-    // 8 % with SD-1.5's 40-wide heads and 38 % with the VAE's single 512-wide head (bf16: 17 %
-    // and level). The block depends on the shapes alone, so the bits do not depend on the
-    // threads or the batch.
+    // 8 % with SD-1.5's 40-wide heads and 38 % with the VAE's single 512-wide head (timed
+    // alone; bf16 17 % alone, level inside the UNet). The block depends on the shapes alone, so
+    // the bits do not depend on the threads or the batch.
     let bq = ((1 << 20) / m.max(1)).clamp(16, 256).min(n.max(1));
     let nblocks = n.div_ceil(bq);
     let mut ts: Vec<&Tensor> = vec![q, k, v];
