@@ -526,7 +526,8 @@ struct Ptr<T>(*const T);
 unsafe impl<T> Send for Ptr<T> {}
 unsafe impl<T> Sync for Ptr<T> {}
 
-/// What the sums of [`gemm_taps`] are added to.
+/// What the sums of a product are added to: of [`gemm_taps`], or of an f32 product that
+/// cannot start from bias and residual itself ([`Start::preload`]).
 #[derive(Clone, Copy, Debug)]
 pub enum Start<'a> {
     /// Zero.
@@ -585,6 +586,27 @@ impl Start<'_> {
                 }
             }
         }
+    }
+
+    /// Sets `dst` (whole rows of `cols` values, residual rows `cols` apart too) to its
+    /// [`Start::Fill`] values, returning whether the product must add to it: the start of a
+    /// product that cannot begin from them itself (`gemm`'s f32 ones). `parallel` spreads
+    /// blocks of rows over the threads (a product split across them would otherwise wait for
+    /// one thread's pass over its whole output). Nothing written for the other starts.
+    pub fn preload(&self, dst: &mut [f32], cols: usize, parallel: bool) -> bool {
+        if !matches!(self, Start::Fill { .. }) || !self.adds() || cols == 0 {
+            return self.adds();
+        }
+        let rows = ((1 << 14) / cols).max(1);
+        // SAFETY: each chunk is whole rows of dst; fill reads bias and residual through
+        // bounds-checked slices.
+        let fill = |(c, d): (usize, &mut [f32])| unsafe { self.fill(d.as_mut_ptr(), cols, cols, c * rows, 0, d.len() / cols, cols) };
+        if parallel {
+            dst.par_chunks_mut(rows * cols).enumerate().for_each(fill);
+        } else {
+            dst.chunks_mut(rows * cols).enumerate().for_each(fill);
+        }
+        self.adds()
     }
 
     /// Whether the fill's slices cover an `m x n` output with rows `dst_rs` apart.

@@ -205,14 +205,14 @@ pub fn conv2d(
         if direct {
             let one = |bi: usize, dst: &mut [f32]| {
                 let bvec = sample_bias(bi);
+                let start = bf16::Start::Fill { bias: bvec.as_deref().map(bf16::Bias::Rows), residual: res_of(bi) };
                 match packed {
                     Some(pw) => {
                         let xb = bf16::PairPlanes::from_rows(&xs[bi * cin * in_plane..], cin, in_plane, in_plane);
-                        let start = bf16::Start::Fill { bias: bvec.as_deref().map(bf16::Bias::Rows), residual: res_of(bi) };
                         bf16::gemm_taps(pw, &xb, &[0], out_plane, dst, out_plane, start, nt > 1).expect("shapes checked above");
                     }
                     None => unsafe {
-                        let acc = preload_channels(dst, out_plane, bvec.as_deref(), res_of(bi), nt > 1);
+                        let acc = start.preload(dst, out_plane, nt > 1);
                         sgemm(cout, out_plane, cin, dst.as_mut_ptr(), out_plane, 1, acc, ws.as_ptr(), cin, 1, xs[bi * cin * in_plane..].as_ptr(), in_plane, 1, 1.0, nt)
                     },
                 }
@@ -255,20 +255,17 @@ pub fn conv2d(
                 xp[..cin * plane].chunks_mut(plane).enumerate().for_each(pad_plane);
             }
             let bvec = sample_bias(bi);
+            // The bias per output channel: per row of the planar result, per column of the
+            // channels-last one ([pixel, cout]).
+            let bias = bvec.as_deref().map(|b| if channels_last { bf16::Bias::Columns(b) } else { bf16::Bias::Rows(b) });
+            let start = bf16::Start::Fill { bias, residual: None };
             if let Some(pw) = packed {
                 let xb = bf16::PairPlanes::from_rows(xp, cin, plane, plane);
-                let start = bf16::Start::Fill { bias: bvec.as_deref().map(bf16::Bias::Rows), residual: None };
                 bf16::gemm_taps(pw, &xb, &offs, n_ext, ext, n_ext, start, nt > 1).expect("shapes checked above");
             } else {
-                let acc = match bvec.as_deref() {
-                    Some(bv) if channels_last => {
-                        for row in ext[..n_res * cout].chunks_exact_mut(cout) {
-                            row.copy_from_slice(bv);
-                        }
-                        true
-                    }
-                    Some(bv) => preload_channels(&mut ext[..cout * n_ext], n_ext, Some(bv), None, nt > 1),
-                    None => false,
+                let acc = match channels_last {
+                    true => start.preload(&mut ext[..n_res * cout], cout, nt > 1),
+                    false => start.preload(&mut ext[..cout * n_ext], n_ext, nt > 1),
                 };
                 if let Some(wt) = &taps_w {
                     conv_taps::conv_taps(wt, &w_offs, cout, cin, xp, plane, &offs, n_res, ext, acc, nt > 1, taps_layout);
@@ -370,34 +367,6 @@ pub fn conv2d(
         out
     })?;
     tensor(out, &out_shape)
-}
-
-/// Fills `dst` [c, plane] with `residual + bias[c]`; returns whether anything was written.
-pub(crate) fn preload_channels(dst: &mut [f32], plane: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, parallel: bool) -> bool {
-    if bias.is_none() && residual.is_none() {
-        return false;
-    }
-    if plane == 0 {
-        return true;
-    }
-    let fill = |(c, row): (usize, &mut [f32])| match (bias, residual) {
-        (None, None) => {}
-        (Some(b), None) => row.fill(b[c]),
-        (None, Some(r)) => row.copy_from_slice(&r[c * plane..][..plane]),
-        (Some(b), Some(r)) => {
-            for (d, &rv) in row.iter_mut().zip(&r[c * plane..][..plane]) {
-                *d = rv + b[c];
-            }
-        }
-    };
-    // A product split across the threads would otherwise wait for one thread's pass over its
-    // whole output.
-    if parallel {
-        dst.par_chunks_mut(plane).enumerate().for_each(fill);
-    } else {
-        dst.chunks_mut(plane).enumerate().for_each(fill);
-    }
-    true
 }
 
 /// Divides rather than multiplies by the inverse: diffusers divides by `output_scale_factor`,

@@ -4,52 +4,10 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::bf16::{self, PairPlanes};
-use super::conv::preload_channels;
 use super::conv_taps;
 use super::gemm::{per_item, sgemm, threads};
 use super::io::{check_per_channel, tensor, uninit, with_slices};
 use crate::error::{Error, Result};
-
-/// Fills `dst` (rows x cols, row-major) with `residual + bias` (either may be absent), returning
-/// whether anything was written (i.e. whether the gemm must accumulate). `parallel` spreads
-/// blocks of rows over the threads (a product split across them would wait for one thread's
-/// pass over its whole output).
-fn preload_rows(dst: &mut [f32], cols: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, parallel: bool) -> bool {
-    if (bias.is_none() && residual.is_none()) || cols == 0 {
-        return bias.is_some() || residual.is_some();
-    }
-    let chunk = PRELOAD_ROWS * cols;
-    let fill = |(c, d): (usize, &mut [f32])| fill_rows(d, cols, bias, residual.map(|r| &r[c * chunk..][..d.len()]));
-    if parallel {
-        dst.par_chunks_mut(chunk).enumerate().for_each(fill);
-    } else {
-        dst.chunks_mut(chunk).enumerate().for_each(fill);
-    }
-    true
-}
-
-/// Rows per task of [`preload_rows`].
-const PRELOAD_ROWS: usize = 64;
-
-/// [`preload_rows`] on one thread, with something to write.
-fn fill_rows(dst: &mut [f32], cols: usize, bias: Option<&[f32]>, residual: Option<&[f32]>) {
-    match (bias, residual) {
-        (None, None) => {}
-        (Some(b), None) => {
-            for row in dst.chunks_exact_mut(cols) {
-                row.copy_from_slice(b);
-            }
-        }
-        (None, Some(r)) => dst.copy_from_slice(r),
-        (Some(b), Some(r)) => {
-            for (row, rrow) in dst.chunks_exact_mut(cols).zip(r.chunks_exact(cols)) {
-                for ((d, &rv), &bv) in row.iter_mut().zip(rrow).zip(b) {
-                    *d = rv + bv;
-                }
-            }
-        }
-    }
-}
 
 /// `x` [items, rows, in] (rank >= 3: items = dim 0) or [rows, in] (rank 2: every row is its
 /// own item) times `weight` [out, in]^T, plus `bias` \[out\] and `residual` (shaped like the
@@ -102,7 +60,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
         if rowwise(&dims) {
             // Single rows (e.g. the time embedding): rows are independent tasks.
             out.par_chunks_mut(out_dim).enumerate().for_each(|(i, dst)| {
-                let acc = preload_rows(dst, out_dim, bs, rs.map(|r| &r[i * out_dim..(i + 1) * out_dim]), false);
+                let start = bf16::Start::Fill { bias: bs.map(bf16::Bias::Columns), residual: rs.map(|r| &r[i * out_dim..(i + 1) * out_dim]) };
+                let acc = start.preload(dst, out_dim, false);
                 unsafe {
                     sgemm(1, out_dim, in_dim, dst.as_mut_ptr(), out_dim, 1, acc, xs[i * in_dim..].as_ptr(), in_dim, 1, ws.as_ptr(), 1, in_dim, 1.0, 1)
                 };
@@ -125,17 +84,17 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
         let nt = if items > 1 { 1 } else { nt };
         let one = |i: usize, dst: &mut [f32]| {
             let res = rs.map(|r| &r[i * rows * out_dim..(i + 1) * rows * out_dim]);
+            let start = bf16::Start::Fill { bias: bs.map(bf16::Bias::Columns), residual: res };
             if let Some(pw) = packed {
                 let xi = &xs[i * rows * in_dim..(i + 1) * rows * in_dim];
                 let a = match pw.kernel {
                     bf16::Kernel::Avx512 => bf16::PackedA::row_major(rows, in_dim, xi, in_dim, Vec::new(), nt > 1),
                     bf16::Kernel::Amx => bf16::PackedA::from_rows(pw.kernel, rows, in_dim, xi, in_dim),
                 };
-                let start = bf16::Start::Fill { bias: bs.map(bf16::Bias::Columns), residual: res };
                 bf16::gemm_taps(&a, &pw.planes, &[0], out_dim, dst, out_dim, start, nt > 1).expect("shapes checked above");
                 return;
             }
-            let acc = preload_rows(dst, out_dim, bs, res, nt > 1);
+            let acc = start.preload(dst, out_dim, nt > 1);
             // The weight's strides as the [in, out] right-hand side.
             let (w_rs, w_cs) = if in_major { (out_dim, 1) } else { (1, in_dim) };
             unsafe {
@@ -347,14 +306,14 @@ pub fn pointwise_to_tokens(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, p
         }
         let nt = if b > 1 { 1 } else { threads() };
         let one = |bi: usize, dst: &mut [f32]| {
+            let start = bf16::Start::Fill { bias: bs.map(bf16::Bias::Columns), residual: None };
             if let Some(pw) = packed {
                 // The map's transpose as the left operand: token r's channel k is x[k, r].
                 let a = bf16::PackedA::from_tap_major(pw.kernel, hw, 1, c, &xs[bi * c * hw..][..c * hw]);
-                let start = bf16::Start::Fill { bias: bs.map(bf16::Bias::Columns), residual: None };
                 bf16::gemm_taps(&a, &pw.planes, &[0], cout, dst, cout, start, nt > 1).expect("shapes checked above");
                 return;
             }
-            let acc = preload_rows(dst, cout, bs, None, nt > 1);
+            let acc = start.preload(dst, cout, nt > 1);
             unsafe { sgemm(hw, cout, c, dst.as_mut_ptr(), cout, 1, acc, xs[bi * c * hw..].as_ptr(), 1, hw, ws.as_ptr(), 1, c, 1.0, nt) };
         };
         per_item(&mut out, b, one);
@@ -399,14 +358,14 @@ pub fn pointwise_from_tokens(t: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
         let nt = if b > 1 { 1 } else { threads() };
         let one = |bi: usize, dst: &mut [f32]| {
             let res = rs.map(|r| &r[bi * cout * hw..(bi + 1) * cout * hw]);
+            let start = bf16::Start::Fill { bias: bs.map(bf16::Bias::Rows), residual: res };
             if let Some(pw) = packed {
                 // The tokens' transpose as the right operand: column r holds token r's channels.
                 let b = PairPlanes::panels_from_positions(&xs[bi * hw * c..][..hw * c], c, hw, c);
-                let start = bf16::Start::Fill { bias: bs.map(bf16::Bias::Rows), residual: res };
                 bf16::gemm_taps(pw, &b, &[0], hw, dst, hw, start, nt > 1).expect("shapes checked above");
                 return;
             }
-            let acc = preload_channels(dst, hw, bs, res, nt > 1);
+            let acc = start.preload(dst, hw, nt > 1);
             unsafe { sgemm(cout, hw, c, dst.as_mut_ptr(), hw, 1, acc, ws.as_ptr(), c, 1, xs[bi * hw * c..].as_ptr(), 1, c, 1.0, nt) };
         };
         per_item(&mut out, b, one);
