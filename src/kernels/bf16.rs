@@ -225,43 +225,20 @@ impl PackedA {
     }
 
     /// From a tap-major `src` ([taps, k, m]: a convolution weight stored `[kh, kw, cin, cout]`,
-    /// or an NCHW map read as token rows): the same result as [`new`](Self::new) with
-    /// `get(row, t, kk) = src[(t * k + kk) * m + row]`. For the AVX-512 layout a block's pairs for
-    /// one tap and k pair are 8 consecutive rows of two source rows, interleaved 16 values at a
-    /// time (see `to_bf16` on subnormals).
+    /// or an NCHW map read as token rows, per call for a transformer's input projection): the
+    /// same result as [`new`](Self::new) with `get(row, t, kk) = src[(t * k + kk) * m + row]`.
+    /// A block's rows for one tap and k pair are consecutive in two source rows, interleaved 16
+    /// values at a time (see `to_bf16` on subnormals), then placed: side by side in the AVX-512
+    /// layout, a tile row (16 pairs) apart in the AMX one.
     pub fn from_tap_major(kernel: Kernel, m: usize, taps: usize, k: usize, src: &[f32]) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if kernel == Kernel::Avx512 && supported() {
-            let k_pairs = k.div_ceil(2);
-            let (rows_per_block, block) = Self::block_shape(kernel, taps, k_pairs);
-            let mut data = vec![0u32; m.div_ceil(rows_per_block) * block];
-            data.par_chunks_mut(block).enumerate().for_each(|(mb, blk)| {
-                let (r0, rows) = (mb * MR, MR.min(m - mb * MR));
-                for t in 0..taps {
-                    for p in 0..k_pairs {
-                        let row = |kk: usize| &src[(t * k + kk) * m + r0..][..rows];
-                        let hi = (2 * p + 1 < k).then(|| row(2 * p + 1));
-                        let at = (t * k_pairs + p) * MR;
-                        // SAFETY: a u32 block viewed as twice as many u16 values; the CPU has
-                        // AVX-512 F, BW and BF16 (checked).
-                        let dst = unsafe { std::slice::from_raw_parts_mut(blk[at..at + MR].as_mut_ptr() as *mut u16, 2 * MR) };
-                        unsafe { interleave_avx512(row(2 * p), hi, dst) };
-                    }
-                }
-            });
-            return PackedA { data, m, taps, k_pairs, kernel, row_stride: 0 };
-        }
-        // AMX: the block's rows of one tap and k pair are interleaved as above, then placed a
-        // tile row (16 pairs) apart. Used per call by a transformer's input projection, which
-        // reads the map's transpose.
-        #[cfg(target_arch = "x86_64")]
-        if kernel == Kernel::Amx && supported() {
+        if supported() {
             let k_pairs = k.div_ceil(2);
             let kblocks = k_pairs.div_ceil(amx::KB);
             let (rows_per_block, block) = Self::block_shape(kernel, taps, k_pairs);
             let mut data = vec![0u32; m.div_ceil(rows_per_block) * block];
             data.par_chunks_mut(block).enumerate().for_each(|(mb, blk)| {
-                let (r0, rows) = (mb * amx::BLOCK, amx::BLOCK.min(m - mb * amx::BLOCK));
+                let (r0, rows) = (mb * rows_per_block, rows_per_block.min(m - mb * rows_per_block));
                 let mut pairs = [0u32; amx::BLOCK];
                 for t in 0..taps {
                     for p in 0..k_pairs {
@@ -271,9 +248,14 @@ impl PackedA {
                         // AVX-512 F, BW and BF16 (checked).
                         let dst = unsafe { std::slice::from_raw_parts_mut(pairs.as_mut_ptr() as *mut u16, 2 * amx::BLOCK) };
                         unsafe { interleave_avx512(row(2 * p), hi, dst) };
-                        let first = ((t * kblocks + p / amx::KB) * amx::BLOCK) * amx::KB + p % amx::KB;
-                        for (r, &v) in pairs[..rows].iter().enumerate() {
-                            blk[first + r * amx::KB] = v;
+                        match kernel {
+                            Kernel::Avx512 => blk[(t * k_pairs + p) * MR..][..rows].copy_from_slice(&pairs[..rows]),
+                            Kernel::Amx => {
+                                let first = ((t * kblocks + p / amx::KB) * amx::BLOCK) * amx::KB + p % amx::KB;
+                                for (r, &v) in pairs[..rows].iter().enumerate() {
+                                    blk[first + r * amx::KB] = v;
+                                }
+                            }
                         }
                     }
                 }
