@@ -68,12 +68,12 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
             });
             return out;
         }
-        // On AMX tiles several items run as one product over all their rows: the items' rows
+        // On AMX tiles all items run as one product over all their rows: several items' rows
         // share 32-row tile blocks (the text encoder's two 77-token prompts fill 5 blocks, not
         // 2 x 3) and the threads split the weight's columns instead of each reading all of it.
         // Every output element is still one chain over k in the same order, so each item keeps
         // the bits it has alone.
-        if let Some(pw) = packed.filter(|pw| pw.kernel == bf16::Kernel::Amx && items > 1) {
+        if let Some(pw) = packed.filter(|pw| pw.kernel == bf16::Kernel::Amx) {
             let a = bf16::PackedA::from_rows(pw.kernel, total_rows, in_dim, xs, in_dim);
             let start = bf16::Start::Fill { bias: bs.map(bf16::Bias::Columns), residual: rs };
             bf16::gemm_taps(&a, &pw.planes, &[0], out_dim, &mut out, out_dim, start, nt > 1).expect("shapes checked above");
@@ -86,11 +86,9 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
             let res = rs.map(|r| &r[i * rows * out_dim..(i + 1) * rows * out_dim]);
             let start = bf16::Start::Fill { bias: bs.map(bf16::Bias::Columns), residual: res };
             if let Some(pw) = packed {
+                // AVX-512 (AMX took the branch above).
                 let xi = &xs[i * rows * in_dim..(i + 1) * rows * in_dim];
-                let a = match pw.kernel {
-                    bf16::Kernel::Avx512 => bf16::PackedA::row_major(rows, in_dim, xi, in_dim, Vec::new(), nt > 1),
-                    bf16::Kernel::Amx => bf16::PackedA::from_rows(pw.kernel, rows, in_dim, xi, in_dim),
-                };
+                let a = bf16::PackedA::row_major(rows, in_dim, xi, in_dim, Vec::new(), nt > 1);
                 bf16::gemm_taps(&a, &pw.planes, &[0], out_dim, dst, out_dim, start, nt > 1).expect("shapes checked above");
                 return;
             }
