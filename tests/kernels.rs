@@ -25,9 +25,9 @@
 //! updates (AdamW, the weights' moving average) are compared bit for bit with the candle ops
 //! they replace.
 //!
-//! Two known defects are kept at the end as `#[ignore]`d tests that fail today (run them with
+//! A known defect is kept at the end as an `#[ignore]`d test that fails today (run it with
 //! `cargo test --test kernels -- --ignored`): GELU that does not vanish for very negative
-//! gates, and NaN inputs that come out as numbers.
+//! gates.
 //!
 //! Not reachable from the public API and so covered only through the entry points above: the
 //! portable `A16` instantiation of the SIMD helpers (this file runs whichever of AVX-512 / A16
@@ -1295,6 +1295,71 @@ fn kernels_reject_mismatched_shapes() {
     );
 }
 
+/// A NaN input gives NaN, as candle's ops and std do, in the vector body and the tail alike,
+/// and leaves the other values as they are without it. A clamp that picked its bound for a NaN
+/// lane would turn exp(NaN) into 1.2e-38 and erf(NaN) into -1, and softmax would give a NaN
+/// score a probability of ~0 and normalise the rest of its row as if it were absent: a
+/// blown-up attention score would then pass the synthesis driver's check for non-finite images.
+#[test]
+fn nan_inputs_give_nan() {
+    // 37 values: two 16-lane vectors and a 5-value tail; NaN in the body and in the tail.
+    let clean: Vec<f32> = f32s(&randn(21, &[37], 2.0));
+    let nans = [3usize, 34];
+    let dirty: Vec<f32> = clean.iter().enumerate().map(|(i, &v)| if nans.contains(&i) { f32::NAN } else { v }).collect();
+    type SliceFn = fn(&mut [f32]);
+    for (name, f) in [("exp", kernels::exp_slice as SliceFn), ("erf", kernels::erf_slice as SliceFn)] {
+        let (mut a, mut b) = (clean.clone(), dirty.clone());
+        f(&mut a);
+        f(&mut b);
+        for i in 0..a.len() {
+            if nans.contains(&i) {
+                assert!(b[i].is_nan(), "{name}(NaN) at {i} = {:e}", b[i]);
+            } else {
+                assert_eq!(a[i].to_bits(), b[i].to_bits(), "{name} at {i} changed by a NaN elsewhere");
+            }
+        }
+    }
+    let geglu = f32s(&kernels::geglu(&from_vec(vec![1.0, 2.0, f32::NAN, -1.0], &[2, 2])).unwrap());
+    assert!(geglu[1].is_nan() && !geglu[0].is_nan(), "geglu with a NaN gate = {geglu:?}");
+
+    // Softmax: rows of 37 with a NaN in the body of row 1 and in the tail of row 2 become NaN;
+    // row 0 keeps its bits.
+    let mut rows = clean.repeat(3);
+    rows[37 + 3] = f32::NAN;
+    rows[2 * 37 + 34] = f32::NAN;
+    let s = f32s(&kernels::softmax_last_dim(&from_vec(rows, &[3, 37])).unwrap());
+    let s0 = f32s(&kernels::softmax_last_dim(&from_vec(clean.clone(), &[1, 37])).unwrap());
+    assert_eq!(slice_bits(&s[..37]), slice_bits(&s0), "softmax row 0 changed by NaNs in other rows");
+    for r in 1..3 {
+        assert!(s[r * 37..(r + 1) * 37].iter().all(|v| v.is_nan()), "softmax of row {r} with a NaN = {:?}", &s[r * 37..(r + 1) * 37]);
+    }
+
+    // Attention over 37 keys, 2 heads of 4: a NaN in one query row makes that row's output NaN
+    // (both heads: the NaN sits in head 0's part, so head 1 stays a number) and no other row's.
+    let q = randn(22, &[1, 5, 8], 1.0);
+    let kv = randn(23, &[1, 37, 8], 1.0);
+    let mut qv = f32s(&q);
+    qv[2 * 8 + 1] = f32::NAN;
+    let a = f32s(&kernels::attention(&from_vec(qv, &[1, 5, 8]), &kv, &kv, 2, None, None).unwrap());
+    let a0 = f32s(&kernels::attention(&q, &kv, &kv, 2, None, None).unwrap());
+    for (i, (&x, &y)) in a.iter().zip(&a0).enumerate() {
+        let (row, col) = (i / 8, i % 8);
+        if row == 2 && col < 4 {
+            assert!(x.is_nan(), "attention output [{row}, {col}] with a NaN query = {x:e}");
+        } else {
+            assert_eq!(x.to_bits(), y.to_bits(), "attention output [{row}, {col}] changed by a NaN query elsewhere");
+        }
+    }
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn slice_bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Known kernel defects, kept as ignored tests so they run (`cargo test -- --ignored`) once the
 // kernels are fixed.
@@ -1312,29 +1377,6 @@ fn geglu_vanishes_for_very_negative_gates() {
         let want = candle_core::cpu::erf::erf_f64(g as f64 / std::f64::consts::SQRT_2).mul_add(0.5 * g as f64, 0.5 * g as f64);
         assert!((got as f64 - want).abs() <= 1e-6, "geglu(value 1, gate {g:e}) = {got:e}, want {want:e}");
     }
-}
-
-/// A NaN input should give NaN, as candle's ops and std do. The SIMD helpers' clamps
-/// (`max` / `min` that pick the bound when a lane is NaN) turn NaN into a number instead:
-/// exp(NaN) = 1.2e-38, erf(NaN) = -1, and softmax gives a NaN score a probability of ~0 while
-/// normalising the rest of the row as if it were absent (candle: a row of NaN), which would hide
-/// a blown-up attention score.
-#[test]
-#[ignore = "known defect: NaN inputs to exp / erf / softmax / attention do not give NaN"]
-fn nan_inputs_give_nan() {
-    let mut e = [f32::NAN];
-    kernels::exp_slice(&mut e);
-    assert!(e[0].is_nan(), "exp(NaN) = {:e}", e[0]);
-    let mut e = [f32::NAN];
-    kernels::erf_slice(&mut e);
-    assert!(e[0].is_nan(), "erf(NaN) = {:e}", e[0]);
-    let s =
-        kernels::softmax_last_dim(&from_vec(vec![0.0, f32::NAN, 1.0], &[1, 3])).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert!(s.iter().all(|v| v.is_nan()), "softmax([0, NaN, 1]) = {s:?}");
-    let q = from_vec(vec![f32::NAN, 1.0], &[1, 1, 2]);
-    let kv = from_vec(vec![1.0, 0.5, -1.0, 2.0], &[1, 2, 2]);
-    let a = kernels::attention(&q, &kv, &kv, 1, None, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert!(a.iter().all(|v| v.is_nan()), "attention with a NaN query = {a:?}");
 }
 
 /// Per-channel parameters (bias, gamma, beta) of the wrong length are errors: unchecked, a

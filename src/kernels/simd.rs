@@ -355,13 +355,14 @@ pub(crate) use dispatch;
 const EXP_LO: f32 = -87.336_54;
 
 /// e^x, max relative error ~2 ulp; exactly 0 below -87.34 (and for -inf), saturates above
-/// 88.37 (Cephes expf polynomial after a ln2 range reduction).
+/// 88.37 (Cephes expf polynomial after a ln2 range reduction); NaN for NaN.
 #[inline(always)]
 pub(crate) fn exp_v<V: Vf>(x0: V) -> V {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x0.max(V::splat(EXP_LO)).min(V::splat(88.376_26));
+    // The bound is the first operand so a NaN lane (every comparison false) stays NaN.
+    let x = V::splat(88.376_26).min(V::splat(EXP_LO).max(x0));
     let t = x.fma(V::splat(LOG2E), V::splat(EXP_ROUND));
     let n = t.sub(V::splat(EXP_ROUND));
     let r = n.fma(V::splat(-LN2_HI), x);
@@ -379,10 +380,12 @@ pub(crate) fn exp_v<V: Vf>(x0: V) -> V {
     p.mul(a).mul(b).zero_where_lt(x0, EXP_LO)
 }
 
-/// erf(x), rational approximation on [-4, 4] (Eigen / XLA's f32 erf), |error| < 1e-6.
+/// erf(x), rational approximation on [-4, 4] (Eigen / XLA's f32 erf), |error| < 1e-6; NaN for
+/// NaN.
 #[inline(always)]
 pub(crate) fn erf_v<V: Vf>(x: V) -> V {
-    let x = x.max(V::splat(-4.0)).min(V::splat(4.0));
+    // As in `exp_v`, the bounds come first so NaN stays NaN.
+    let x = V::splat(4.0).min(V::splat(-4.0).max(x));
     let x2 = x.mul(x);
     let mut p = V::splat(-2.726_142_3e-10);
     p = p.fma(x2, V::splat(2.770_681_4e-8));
@@ -443,3 +446,36 @@ dispatch!(
     /// In place erf over a slice (exposed for tests).
     pub fn erf_slice(x: &mut [f32]) => erf_slice_imp
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every instantiation keeps NaN through exp and erf (their clamps put the bound first) and
+    /// clamps the infinities as before.
+    fn nan_stays_nan<V: Vf>() {
+        let lanes = |v: V| v.lanes()[..V::N].to_vec();
+        for f in [exp_v::<V> as fn(V) -> V, erf_v::<V>] {
+            assert!(lanes(f(V::splat(f32::NAN))).iter().all(|v| v.is_nan()));
+        }
+        assert!(lanes(exp_v(V::splat(f32::NEG_INFINITY))).iter().all(|&v| v == 0.0));
+        assert!(lanes(exp_v(V::splat(f32::INFINITY))).iter().all(|&v| v > 1e38));
+        assert!(lanes(erf_v(V::splat(f32::NEG_INFINITY))).iter().all(|&v| v < -0.9999));
+        assert!(lanes(erf_v(V::splat(f32::INFINITY))).iter().all(|&v| v > 0.9999));
+    }
+
+    #[test]
+    fn nan_stays_nan_in_every_instantiation() {
+        nan_stays_nan::<S1>();
+        nan_stays_nan::<A16>();
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512() {
+                nan_stays_nan::<x86::Avx512>();
+            }
+            // SAFETY: AVX-512F was detected.
+            unsafe { avx512() };
+        }
+    }
+}
