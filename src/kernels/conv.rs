@@ -159,10 +159,13 @@ pub fn conv2d(
     // layout, on maps too small for its planar layout to pay, and where
     // [`direct_channels_last`] holds.
     let n_ext = ho * wp_real.div_ceil(stride);
-    let taps_exact = packed.is_none() && !direct && conv_taps::applies(cout, cin, n_ext);
+    let taps_fit = packed.is_none() && !direct && conv_taps::applies(cout, cin, n_ext);
     let channels_last = packed.is_none()
         && n_ext <= CHANNELS_LAST_MAX_PIXELS
-        && (tap_major || (taps_exact && (!conv_taps::planar_pays(n_ext) || direct_channels_last(cout, n_ext))));
+        && (tap_major || (taps_fit && (!conv_taps::planar_pays(n_ext) || direct_channels_last(cout, n_ext))));
+    // Where `gemm` runs a planar product faster (see [`conv_taps::gemm_beats_planar`]) it takes
+    // it: the same bits either way.
+    let taps_exact = taps_fit && (channels_last || !conv_taps::gemm_beats_planar(cin));
     let skip_junk = channels_last && taps_exact && ho * wo >= 2;
     // Pixels of the product's result, and the distance of its rows.
     let (n_res, res_row) = if skip_junk { (ho * wo, wo) } else { (n_ext, wp_real.div_ceil(stride)) };

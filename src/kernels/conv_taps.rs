@@ -79,6 +79,27 @@ pub(crate) fn channels_last_fills(cout: usize) -> bool {
     geometry().is_some_and(|g| cout >= g.cl_channels)
 }
 
+/// Whether one `gemm` call per tap runs a large map's product of `cin` input channels per tap
+/// faster than this kernel's planar tiles, which then give way (the bits are the same). On AVX2
+/// a planar tile reads each input channel a plane away from the last, and the 6 x 16 tile
+/// cannot hold its chains in registers through a deep tap while its inputs stay in L1; even in
+/// the depth-split order (see [`depth_split`]) it ran SD-1.5's 3x3 convolutions of 128-512
+/// channels at 50-65 % of a Zen 3 EPYC's FMA peak, where `gemm`, which packs each tap's
+/// shifted input into panels, ran them at 65-85 %. Shallow taps (up to one stretch) keep
+/// the tiles, whose advantage there is what they were made for; AVX-512's planar tiles too.
+pub(crate) fn gemm_beats_planar(cin: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use x86::Isa;
+        geometry() == Some(x86::Avx2::TILES) && cin > SPLIT_ROWS
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = cin;
+        false
+    }
+}
+
 /// Whether the planar layout is worth it: below one tile of pixels (a 4x4 map with AVX-512)
 /// `gemm` was as fast; small maps take [`Layout::ChannelsLast`] instead.
 pub(crate) fn planar_pays(n: usize) -> bool {
