@@ -84,8 +84,8 @@ pub(crate) fn channels_last_fills(cout: usize) -> bool {
 /// a planar tile reads each input channel a plane away from the last, and the 6 x 16 tile
 /// cannot hold its chains in registers through a deep tap while its inputs stay in L1; even in
 /// the depth-split order (see [`depth_split`]) it ran SD-1.5's 3x3 convolutions of 128-512
-/// channels at 50-65 % of a Zen 3 EPYC's FMA peak, where `gemm`, which packs each tap's
-/// shifted input into panels, ran them at 65-85 %. Shallow taps (up to one stretch) keep
+/// channels at 45-65 % of a Zen 3 EPYC's FMA peak, where `gemm`, which packs each tap's
+/// shifted input into panels, ran them at 60-85 % (README, "Large maps on AVX2 through gemm"). Shallow taps (up to one stretch) keep
 /// the tiles, whose advantage there is what they were made for; AVX-512's planar tiles too.
 pub(crate) fn gemm_beats_planar(cin: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -278,7 +278,9 @@ const SPLIT_TILES: usize = 16;
 /// stay in L1 across the output channels. Running each tile through its whole depth instead,
 /// every row brought new input and weight lines from L2 (a tile's input over 128 channels and
 /// 3 rows of taps is 48 KiB, the L1 32 KiB on the Zen CPU measured), and the 6 x 16 tile ran
-/// SD-1.5's VAE convolutions (128-512 channels) at 40-50 % of the FMA peak; now 61-68 %.
+/// SD-1.5's VAE convolutions (128-512 channels) at 40-50 % of the FMA peak; now 61-68 %. On a
+/// CPU with twice that FMA rate `gemm` ran them faster still, and `conv2d` now gives them to it
+/// ([`gemm_beats_planar`]); this order still serves the other deep planar products here.
 fn depth_split<D: Depth>(depth: &D, layout: Layout, wide: bool) -> bool {
     !wide && layout == Layout::Planar && (0..depth.blocks()).any(|t| depth.len(t) > SPLIT_ROWS)
 }
