@@ -85,8 +85,9 @@ pub(crate) fn channels_last_fills(cout: usize) -> bool {
 /// cannot hold its chains in registers through a deep tap while its inputs stay in L1; even in
 /// the depth-split order (see [`depth_split`]) it ran SD-1.5's 3x3 convolutions of 128-512
 /// channels at 45-65 % of a Zen 3 EPYC's FMA peak, where `gemm`, which packs each tap's
-/// shifted input into panels, ran them at 60-85 % (README, "Large maps on AVX2 through gemm"). Shallow taps (up to one stretch) keep
-/// the tiles, whose advantage there is what they were made for; AVX-512's planar tiles too.
+/// shifted input into panels, ran them at 60-85 % (README, "Large maps on AVX2 through
+/// gemm"). Shallow taps (up to one stretch) keep the tiles, whose advantage there is what they
+/// were made for; AVX-512's planar tiles too.
 pub(crate) fn gemm_beats_planar(cin: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
