@@ -610,8 +610,24 @@ fn conv2d_kernel_matches_candle_conv_for_every_input_and_epilogue() {
             ref_conv(&cast(&d.x, dt), &cast(&d.w, dt), Some(&cast(&d.bias, dt)), None, c.stride, c.input, Some(&cast(&d.res, dt)), 1.0)
         }));
     }
+    // Maps over 512 grid pixels with more than 32 input channels: on AVX2 one `gemm` per tap,
+    // elsewhere the planar tiles (stride 1 and 2, an upsampled input).
+    for (i, c) in DEEP_LARGE_MAPS.iter().enumerate() {
+        let d = conv_data(3950 + 10 * i as u64, c);
+        let got = kernels::conv2d(&d.x, &d.w, Some(&d.bias), None, c.stride, c.input, Some(&d.res), 1.0, None).unwrap();
+        worst = worst.max(check(&format!("conv2d {c:?}"), &got, |dt| {
+            ref_conv(&cast(&d.x, dt), &cast(&d.w, dt), Some(&cast(&d.bias, dt)), None, c.stride, c.input, Some(&cast(&d.res, dt)), 1.0)
+        }));
+    }
     eprintln!("conv2d kernel: max relative error {worst:.2e} (tolerance {TOL:.0e})");
 }
+
+/// Large maps of more than 32 input channels (see `conv_taps::gemm_beats_planar`).
+const DEEP_LARGE_MAPS: [ConvCase; 3] = [
+    ConvCase { b: 2, cin: 40, cout: 24, hw: (24, 26), k: 3, stride: 1, input: plain(1) },
+    ConvCase { b: 1, cin: 48, cout: 20, hw: (64, 60), k: 3, stride: 2, input: ConvInput { upsample: None, pad: (0, 0, 1, 1) } },
+    ConvCase { b: 1, cin: 36, cout: 16, hw: (12, 14), k: 3, stride: 1, input: up(24, 28, 1) },
+];
 
 /// A weight stored tap-major is read in its own order, with the output channels along the
 /// vector lanes (or, on large maps, as the pixel-major product's strided operand): same maths,
@@ -629,7 +645,7 @@ fn conv2d_tap_major_weight_gives_the_same_bits() {
         ConvCase { b: 1, cin: 9, cout: 5, hw: (56, 48), k: 3, stride: 2, input: ConvInput { upsample: None, pad: (0, 0, 1, 1) } },
     ];
     let mut n = 0;
-    for (i, c) in CONV_CASES.iter().chain(&extra).enumerate().filter(|(_, c)| c.k > 1) {
+    for (i, c) in CONV_CASES.iter().chain(&extra).chain(&DEEP_LARGE_MAPS).enumerate().filter(|(_, c)| c.k > 1) {
         let d = conv_data(4000 + 100 * i as u64, c);
         let wt = kernels::conv::tap_major(&d.w).unwrap();
         assert_eq!(wt.dims(), d.w.dims());
