@@ -165,8 +165,8 @@ pub fn conv2d(
         && (tap_major || (taps_fit && (!conv_taps::planar_pays(n_ext) || direct_channels_last(cout, n_ext))));
     // Where `gemm` runs a planar product faster (see [`conv_taps::gemm_beats_planar`]) it takes
     // it: the same bits either way.
-    let taps_exact = taps_fit && (channels_last || !conv_taps::gemm_beats_planar(cin));
-    let skip_junk = channels_last && taps_exact && ho * wo >= 2;
+    let use_taps = taps_fit && (channels_last || !conv_taps::gemm_beats_planar(cin));
+    let skip_junk = channels_last && use_taps && ho * wo >= 2;
     // Pixels of the product's result, and the distance of its rows.
     let (n_res, res_row) = if skip_junk { (ho * wo, wo) } else { (n_ext, wp_real.div_ceil(stride)) };
     let mut ts: Vec<&Tensor> = vec![x, weight];
@@ -238,8 +238,9 @@ pub fn conv2d(
         let offs: Vec<usize> = (0..kk).map(tap_off).collect();
         // (offset of tap t, row stride, column stride) of its [cout, cin] weight matrix.
         let w_at = |t: usize| if tap_major { (t * cin * cout, 1, cout) } else { (t, cin * kk, kk) };
-        // The f32 product goes through the direct kernel where it gives gemm's bits.
-        let taps_w = taps_exact.then(|| conv_taps::pack_taps(ws, cout, cin, kk, w_at));
+        // The f32 product goes through the direct kernel where it gives gemm's bits and is the
+        // faster of the two.
+        let taps_w = use_taps.then(|| conv_taps::pack_taps(ws, cout, cin, kk, w_at));
         let w_offs: Vec<usize> = (0..kk).map(|t| t * cin * cout).collect();
         let taps_layout = match (channels_last, skip_junk) {
             (false, _) => conv_taps::Layout::Planar,
