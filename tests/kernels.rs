@@ -1313,6 +1313,35 @@ fn kernels_reject_mismatched_shapes() {
         "pointwise_from_tokens: 63 tokens as 7x8",
         kernels::pointwise_from_tokens(&randn(19, &[3, 63, 5], 1.0), &randn(20, &[7, 5], 1.0), None, None, 7, 8, None),
     );
+    // The entry points on raw data (custom ops' storage) check the data against the shapes
+    // they are given: an error, not a read past the end.
+    let (xv, wv) = (vec![0.5f32; 3 * 5 * 7 * 9], vec![0.25f32; 7 * 5 * 3 * 3]);
+    let data = |x: &'static str| {
+        let (xs, ws): (&[f32], &[f32]) = match x {
+            "short input" => (&xv[1..], &wv),
+            "short weight" => (&xv, &wv[1..]),
+            _ => (&xv, &wv),
+        };
+        let d = kernels::conv::ConvData {
+            x: xs,
+            x_dims: [3, 5, 7, 9],
+            weight: ws,
+            w_dims: [7, 5, 3, 3],
+            tap_major: false,
+            bias: (x == "short bias").then_some(&wv[..6]),
+            extra_bias: None,
+            residual: (x == "short residual").then_some(&xv[..10]),
+        };
+        kernels::conv::conv2d_data(&d, 1, plain(1), 1.0, None).map(|(v, _)| v.len())
+    };
+    for what in ["short input", "short weight", "short bias", "short residual"] {
+        assert!(data(what).is_err(), "conv2d_data with a {what}: expected an error");
+    }
+    assert_eq!(data("whole").ok(), Some(3 * 7 * 7 * 9), "conv2d_data: the output of well-formed data");
+    let qv = vec![0.1f32; 3 * 7 * 15];
+    let on = |q: &[f32]| kernels::attention::attention_on([q, &qv, &qv], [[3, 7, 15]; 3], 3, None, None);
+    assert!(on(&qv[1..]).is_err(), "attention_on with short queries: expected an error");
+    assert_eq!(on(&qv).map(|v| v.len()).ok(), Some(3 * 7 * 15), "attention_on: the output of well-formed data");
 }
 
 /// A NaN input gives NaN, as candle's ops and std do, in the vector body and the tail alike,

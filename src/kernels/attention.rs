@@ -104,10 +104,26 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// optional additive `mask` [n, m] (broadcast over batch and heads). Returns [b, n, heads*d].
 /// With `bf16_kernel` the two products take bf16 inputs. Inference only.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, bf16_kernel: Option<bf16::Kernel>) -> Result<Tensor> {
-    let (b, n, inner) = q.dims3()?;
-    let (bk, m, inner_k) = k.dims3()?;
-    if bk != b || inner_k != inner || v.dims() != k.dims() || heads == 0 || inner % heads != 0 {
-        return Err(Error::invalid(format!("attention: q {:?}, k {:?}, v {:?}, {heads} heads", q.dims(), k.dims(), v.dims())));
+    let dims3 = |t: &Tensor| -> Result<[usize; 3]> {
+        let (a, b, c) = t.dims3()?;
+        Ok([a, b, c])
+    };
+    let dims = [dims3(q)?, dims3(k)?, dims3(v)?];
+    let out = with_slices(&[q, k, v], |s| attention_on([s[0], s[1], s[2]], dims, heads, mask, bf16_kernel))??;
+    tensor(out, &dims[0])
+}
+
+/// [`attention`] of queries, keys and values given as contiguous data with their shapes
+/// `[q, k, v]` (a custom op's storage: no copies in or out); the output is shaped like q.
+pub fn attention_on(qkv: [&[f32]; 3], dims: [[usize; 3]; 3], heads: usize, mask: Option<&Tensor>, bf16_kernel: Option<bf16::Kernel>) -> Result<Vec<f32>> {
+    let [[b, n, inner], [bk, m, inner_k], v_dims] = dims;
+    if bk != b || inner_k != inner || v_dims != dims[1] || heads == 0 || inner % heads != 0 {
+        return Err(Error::invalid(format!("attention: q {:?}, k {:?}, v {:?}, {heads} heads", dims[0], dims[1], dims[2])));
+    }
+    for (t, d) in qkv.iter().zip(&dims) {
+        if t.len() != d.iter().product::<usize>() {
+            return Err(Error::invalid(format!("attention: {} values for shape {d:?}", t.len())));
+        }
     }
     if let Some(mk) = mask {
         if mk.dims() != [n, m] {
@@ -124,13 +140,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
     // the bits do not depend on the threads or the batch.
     let bq = ((1 << 20) / m.max(1)).clamp(16, 256).min(n.max(1));
     let nblocks = n.div_ceil(bq);
-    let mut ts: Vec<&Tensor> = vec![q, k, v];
-    if let Some(mk) = mask {
-        ts.push(mk);
-    }
-    let out = with_slices(&ts, |s| {
-        let (qs, ks, vs) = (s[0], s[1], s[2]);
-        let ms = mask.map(|_| s[3]);
+    let ts: Vec<&Tensor> = mask.into_iter().collect();
+    with_slices(&ts, |s| {
+        let [qs, ks, vs] = qkv;
+        let ms = s.first().copied();
         let mut out = uninit(b * n * inner);
         if out.is_empty() || m == 0 {
             out.fill(0.0);
@@ -193,8 +206,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
             });
         });
         out
-    })?;
-    tensor(out, &[b, n, inner])
+    })
 }
 
 /// The bf16 products of [`attention`]: K^T and V of each (batch, head) are packed once as the

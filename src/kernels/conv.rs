@@ -101,6 +101,25 @@ impl Phases {
     }
 }
 
+/// A convolution's operands as contiguous f32 data, for [`conv2d_data`].
+#[derive(Clone, Copy, Debug)]
+pub struct ConvData<'a> {
+    /// [b, cin, h, w].
+    pub x: &'a [f32],
+    pub x_dims: [usize; 4],
+    /// [cout, cin, k, k] values, or, with `tap_major`, the same weight stored [k, k, cin, cout]
+    /// (see [`tap_major`]).
+    pub weight: &'a [f32],
+    pub w_dims: [usize; 4],
+    pub tap_major: bool,
+    /// [cout].
+    pub bias: Option<&'a [f32]>,
+    /// [b, cout]: a per-sample bias.
+    pub extra_bias: Option<&'a [f32]>,
+    /// Shaped like the output.
+    pub residual: Option<&'a [f32]>,
+}
+
 /// `x` [b, cin, h, w], `weight` [cout, cin, k, k], `bias` \[cout\], `extra_bias` [b, cout]:
 /// convolution with `stride`, input prepared per `input`, then
 /// `(conv + bias + extra_bias + residual) / out_scale`. With `packed` (the weight from
@@ -118,42 +137,109 @@ pub fn conv2d(
     out_scale: f64,
     packed: Option<&PackedA>,
 ) -> Result<Tensor> {
-    let (b, cin, h0, w0) = x.dims4()?;
-    let (cout, wcin, kh, kw) = weight.dims4()?;
-    if wcin != cin || kh != kw || stride == 0 {
-        return Err(Error::invalid(format!("conv2d: input {:?}, weight {:?}, stride {stride}", x.dims(), weight.dims())));
+    let (b, c, h, w) = x.dims4()?;
+    let (out, shape) = with_slices(&[x], |s| conv2d_on(s[0], [b, c, h, w], weight, bias, extra_bias, stride, input, residual, out_scale, packed))??;
+    tensor(out, &shape)
+}
+
+/// [`conv2d`] of an input given as contiguous data `x` of shape `x_dims` (a custom op's
+/// storage: no copy in), returning the output's values and shape [b, cout, ho, wo] (no copy
+/// out).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_on(
+    x: &[f32],
+    x_dims: [usize; 4],
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    extra_bias: Option<&Tensor>,
+    stride: usize,
+    input: ConvInput,
+    residual: Option<&Tensor>,
+    out_scale: f64,
+    packed: Option<&PackedA>,
+) -> Result<(Vec<f32>, [usize; 4])> {
+    let (co, ci, kh, kw) = weight.dims4()?;
+    let w_dims = [co, ci, kh, kw];
+    check_per_channel("conv2d", "bias", bias, co)?;
+    if let Some(e) = extra_bias {
+        if e.dims() != [x_dims[0], co] {
+            return Err(Error::invalid(format!("conv2d: extra bias {:?} vs [{}, {co}]", e.dims(), x_dims[0])));
+        }
     }
-    check_per_channel("conv2d", "bias", bias, cout)?;
+    if let Some(r) = residual {
+        if ci == x_dims[1] && kh == kw {
+            let want = output_shape(x_dims, w_dims, stride, input)?;
+            if r.dims() != want {
+                return Err(Error::invalid(format!("conv2d: residual {:?} vs output {want:?}", r.dims())));
+            }
+        }
+    }
+    // A tap-major weight (see [`tap_major`]) is read through its storage order, [k, k, cin, cout].
+    let hwio = tap_major_storage(weight)?;
+    let mut ts: Vec<&Tensor> = vec![hwio.as_ref().unwrap_or(weight)];
+    ts.extend(bias);
+    ts.extend(extra_bias);
+    ts.extend(residual);
+    with_slices(&ts, |s| {
+        let mut rest = s[1..].iter().copied();
+        let data = ConvData {
+            x,
+            x_dims,
+            weight: s[0],
+            w_dims,
+            tap_major: hwio.is_some(),
+            bias: bias.and_then(|_| rest.next()),
+            extra_bias: extra_bias.and_then(|_| rest.next()),
+            residual: residual.and_then(|_| rest.next()),
+        };
+        conv2d_data(&data, stride, input, out_scale, packed)
+    })?
+}
+
+/// The output shape [b, cout, ho, wo] of [`conv2d`].
+fn output_shape(x_dims: [usize; 4], w_dims: [usize; 4], stride: usize, input: ConvInput) -> Result<[usize; 4]> {
+    let k = w_dims[2];
+    let (h, w) = input.upsample.unwrap_or((x_dims[2], x_dims[3]));
+    let (pt, pl, pb, pr) = input.pad;
+    let (hp, wp) = (h + pt + pb, w + pl + pr);
+    if hp < k || wp < k || stride == 0 {
+        return Err(Error::invalid(format!("conv2d: padded input {hp}x{wp} smaller than kernel {k} (or stride {stride})")));
+    }
+    Ok([x_dims[0], w_dims[0], (hp - k) / stride + 1, (wp - k) / stride + 1])
+}
+
+/// [`conv2d`] on contiguous data: the output's values and its shape [b, cout, ho, wo].
+pub fn conv2d_data(d: &ConvData<'_>, stride: usize, input: ConvInput, out_scale: f64, packed: Option<&PackedA>) -> Result<(Vec<f32>, [usize; 4])> {
+    let [b, cin, h0, w0] = d.x_dims;
+    let [cout, wcin, kh, kw] = d.w_dims;
+    if wcin != cin || kh != kw || stride == 0 {
+        return Err(Error::invalid(format!("conv2d: input {:?}, weight {:?}, stride {stride}", d.x_dims, d.w_dims)));
+    }
     let k = kh;
+    let sizes = [("input", Some(d.x.len()), b * cin * h0 * w0), ("weight", Some(d.weight.len()), cout * cin * k * k)];
+    let per_channel = [("bias", d.bias.map(<[f32]>::len), cout), ("extra bias", d.extra_bias.map(<[f32]>::len), b * cout)];
+    for (what, len, want) in sizes.into_iter().chain(per_channel) {
+        if len.is_some_and(|n| n != want) {
+            return Err(Error::invalid(format!("conv2d: {what} holds {} values, not {want}", len.unwrap_or(0))));
+        }
+    }
+    let out_shape = output_shape(d.x_dims, d.w_dims, stride, input)?;
+    let [_, _, ho, wo] = out_shape;
     let (h, w) = input.upsample.unwrap_or((h0, w0));
     let (pt, pl, pb, pr) = input.pad;
     let (hp, wp_real) = (h + pt + pb, w + pl + pr);
-    if hp < k || wp_real < k {
-        return Err(Error::invalid(format!("conv2d: padded input {hp}x{wp_real} smaller than kernel {k}")));
-    }
-    let ho = (hp - k) / stride + 1;
-    let wo = (wp_real - k) / stride + 1;
-    let out_shape = [b, cout, ho, wo];
-    if let Some(r) = residual {
-        if r.dims() != out_shape {
-            return Err(Error::invalid(format!("conv2d: residual {:?} vs output {out_shape:?}", r.dims())));
-        }
-    }
-    if let Some(e) = extra_bias {
-        if e.dims() != [b, cout] {
-            return Err(Error::invalid(format!("conv2d: extra bias {:?} vs [{b}, {cout}]", e.dims())));
+    if let Some(r) = d.residual {
+        if r.len() != b * cout * ho * wo {
+            return Err(Error::invalid(format!("conv2d: residual of {} values vs output {out_shape:?}", r.len())));
         }
     }
     if let Some(pw) = packed {
         if (pw.m, pw.taps, pw.k_pairs) != (cout, k * k, cin.div_ceil(2)) {
-            return Err(Error::invalid(format!("conv2d: packed weight does not match {:?}", weight.dims())));
+            return Err(Error::invalid(format!("conv2d: packed weight does not match {:?}", d.w_dims)));
         }
     }
     let direct = k == 1 && stride == 1 && input.upsample.is_none() && input.pad == (0, 0, 0, 0);
-    // A tap-major weight (see [`tap_major`]) is read through its storage order, [k, k, cin, cout].
-    let hwio = tap_major_storage(weight)?;
-    let tap_major = hwio.is_some();
-    let weight = hwio.as_ref().unwrap_or(weight);
+    let tap_major = d.tap_major;
     // The f32 product of a tap-major weight runs channel-major when the image has few pixels and
     // leaves its result as [pixel, cout] (see below). So does the direct kernel, for any weight
     // layout, on maps too small for its planar layout to pay, and where
@@ -169,23 +255,11 @@ pub fn conv2d(
     let skip_junk = channels_last && use_taps && ho * wo >= 2;
     // Pixels of the product's result, and the distance of its rows.
     let (n_res, res_row) = if skip_junk { (ho * wo, wo) } else { (n_ext, wp_real.div_ceil(stride)) };
-    let mut ts: Vec<&Tensor> = vec![x, weight];
-    ts.extend(bias);
-    ts.extend(extra_bias);
-    ts.extend(residual);
     let inv_scale = out_scale != 1.0;
-    let out = with_slices(&ts, |s| {
-        let (xs, ws) = (s[0], s[1]);
-        let mut next = 2;
-        let mut take = |present: bool| {
-            present.then(|| {
-                next += 1;
-                s[next - 1]
-            })
-        };
-        let bias_s = take(bias.is_some());
-        let extra_s = take(extra_bias.is_some());
-        let rs = take(residual.is_some());
+    // A closure, for the early returns of the paths that finish sooner.
+    let out = (|| {
+        let (xs, ws) = (d.x, d.weight);
+        let (bias_s, extra_s, rs) = (d.bias, d.extra_bias, d.residual);
         // Per-sample bias: bias + extra_bias[bi] (the sum rounded once, before the product).
         let sample_bias = |bi: usize| -> Option<Vec<f32>> {
             match (bias_s, extra_s) {
@@ -369,8 +443,8 @@ pub fn conv2d(
             one(0, &mut out, &mut scratch());
         }
         out
-    })?;
-    tensor(out, &out_shape)
+    })();
+    Ok((out, out_shape))
 }
 
 /// Divides rather than multiplies by the inverse: diffusers divides by `output_scale_factor`,

@@ -53,12 +53,6 @@ pub(crate) fn tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
-/// A custom op's `cpu_fwd` input as a tensor the kernels take (the data is copied: candle hands
-/// custom ops storage, not tensors).
-pub(crate) fn op_input(s: &CpuStorage, l: &Layout, op: &str) -> candle_core::Result<Tensor> {
-    Tensor::from_vec(op_slice(s, l, op)?.to_vec(), l.shape(), &Device::Cpu)
-}
-
 /// A custom op's contiguous f32 input as a slice, without copying it.
 pub(crate) fn op_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
     let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
@@ -67,14 +61,15 @@ pub(crate) fn op_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_co
     Ok(&v[a..b])
 }
 
-/// A kernel's result as a custom op's `cpu_fwd` output.
-pub(crate) fn op_output(result: Result<Tensor>, op: &str) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-    let t = result.map_err(|e| candle_core::Error::Msg(format!("{op}: {e}")))?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cs) => Ok((candle_core::backend::BackendStorage::try_clone(cs, layout)?, layout.shape().clone())),
-        _ => candle_core::bail!("{op}: expected a CPU result"),
-    }
+/// The shape of a custom op's `N`-d input.
+pub(crate) fn op_dims<const N: usize>(l: &Layout, op: &str) -> candle_core::Result<[usize; N]> {
+    l.dims().try_into().map_err(|_| candle_core::Error::Msg(format!("{op}: expected a {N}-d input, got shape {:?}", l.dims())))
+}
+
+/// A kernel's values and shape as a custom op's `cpu_fwd` output (no copy).
+pub(crate) fn op_result<const N: usize>(result: Result<(Vec<f32>, [usize; N])>, op: &str) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+    let (v, shape) = result.map_err(|e| candle_core::Error::Msg(format!("{op}: {e}")))?;
+    Ok((CpuStorage::F32(v), candle_core::Shape::from(shape.to_vec())))
 }
 
 /// A custom op's gradient shaped like `like`, computed by `f` from the contiguous f32 data of

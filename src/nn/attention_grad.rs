@@ -46,8 +46,10 @@ impl CustomOp3 for AttentionOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         const OP: &str = "fused attention";
-        let (q, k, v) = (kernels::io::op_input(s1, l1, OP)?, kernels::io::op_input(s2, l2, OP)?, kernels::io::op_input(s3, l3, OP)?);
-        kernels::io::op_output(kernels::attention(&q, &k, &v, self.heads, self.mask.as_ref(), None), OP)
+        let qkv = [kernels::io::op_slice(s1, l1, OP)?, kernels::io::op_slice(s2, l2, OP)?, kernels::io::op_slice(s3, l3, OP)?];
+        let dims = [kernels::io::op_dims::<3>(l1, OP)?, kernels::io::op_dims::<3>(l2, OP)?, kernels::io::op_dims::<3>(l3, OP)?];
+        let out = kernels::attention::attention_on(qkv, dims, self.heads, self.mask.as_ref(), None).map(|v| (v, dims[0]));
+        kernels::io::op_result(out, OP)
     }
 
     fn bwd(

@@ -147,11 +147,11 @@ impl CustomOp1 for FrozenConv {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         const OP: &str = "frozen conv";
-        let x = kernels::io::op_input(s, l, OP)?;
+        let (x, x_dims) = (kernels::io::op_slice(s, l, OP)?, kernels::io::op_dims::<4>(l, OP)?);
         let c = &self.conv;
         let p = c.padding;
         let input = ConvInput { upsample: None, pad: (p, p, p, p) };
-        kernels::io::op_output(kernels::conv2d(&x, &c.weight, c.bias.as_ref(), None, c.stride, input, None, 1.0, c.packed.as_deref()), OP)
+        kernels::io::op_result(kernels::conv::conv2d_on(x, x_dims, &c.weight, c.bias.as_ref(), None, c.stride, input, None, 1.0, c.packed.as_deref()), OP)
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -260,9 +260,18 @@ impl CustomOp2 for TrainableConv {
             let y = kernels::conv_unfold::conv2d_unfolded(kernels::io::op_slice(s1, l1, OP)?, kernels::io::op_slice(s2, l2, OP)?, shape);
             return Ok((CpuStorage::F32(y), Shape::from((shape.b, shape.cout, ho, wo))));
         }
-        let (x, w) = (kernels::io::op_input(s1, l1, OP)?, kernels::io::op_input(s2, l2, OP)?);
+        let data = kernels::conv::ConvData {
+            x: kernels::io::op_slice(s1, l1, OP)?,
+            x_dims: kernels::io::op_dims::<4>(l1, OP)?,
+            weight: kernels::io::op_slice(s2, l2, OP)?,
+            w_dims: kernels::io::op_dims::<4>(l2, OP)?,
+            tap_major: false,
+            bias: None,
+            extra_bias: None,
+            residual: None,
+        };
         let input = ConvInput { upsample: None, pad: (p, p, p, p) };
-        kernels::io::op_output(kernels::conv2d(&x, &w, None, None, self.stride, input, None, 1.0, None), OP)
+        kernels::io::op_result(kernels::conv::conv2d_data(&data, self.stride, input, 1.0, None), OP)
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
