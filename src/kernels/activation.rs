@@ -168,6 +168,7 @@ pub fn silu_exact(x: &[f32]) -> Vec<f32> {
 }
 
 /// [`silu_exact`] of `s` into `d` (one task's share).
+#[inline(always)]
 pub(super) fn silu_exact_into(s: &[f32], d: &mut [f32]) {
     each_exp(s.len(), |i| -s[i], |i, e| d[i] = s[i] / (1.0 + e));
 }
@@ -185,6 +186,7 @@ pub fn silu_exact_backward(x: &[f32], y: &[f32], grad: &[f32]) -> Vec<f32> {
 }
 
 /// [`silu_exact_backward`] of one task's share into `d`.
+#[inline(always)]
 pub(super) fn silu_exact_backward_into(x: &[f32], y: &[f32], g: &[f32], d: &mut [f32]) {
     each_exp(x.len(), |i| -x[i], |i, e| {
         let s = 1.0 / (e * 1.0 + 1.0);

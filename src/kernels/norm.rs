@@ -303,6 +303,7 @@ pub fn batch_norm_backward(x: &[f32], dy: &[f32], y: &[f32], relu: bool, n: usiz
 
 /// candle's contiguous last-dim sum (`sum_keepdim` over the last dim calls this per row): the
 /// same function, so the same order and bits on every CPU.
+#[inline(always)]
 fn candle_row_sum(row: &[f32]) -> f32 {
     use candle_core::cpu::kernels::VecOps;
     let mut s = 0f32;
@@ -313,6 +314,7 @@ fn candle_row_sum(row: &[f32]) -> f32 {
 
 /// A row's statistics as the composed norms compute them: `mean = sum * (1/n)`, the
 /// centred values, `std = sqrt(sum(xc²) * (1/n) + eps)` (each scalar step an f32 affine).
+#[inline(always)]
 fn exact_row_stats(x: &[f32], xc: &mut [f32], eps: f32) -> f32 {
     let inv_n = (1.0 / x.len() as f64) as f32;
     let mean = candle_row_sum(x) * inv_n + 0.0;
@@ -334,6 +336,7 @@ fn exact_row_stats(x: &[f32], xc: &mut [f32], eps: f32) -> f32 {
 /// factor; `sqr` gives `(xc * g) * 2`; the subtraction gives the centred values' gradient to
 /// the input and its negation, summed, to the mean. Each accumulation starts from candle's
 /// zero tensor (`0 + a`), which also fixes the sign of zero results.
+#[inline(always)]
 fn normalize_row_backward(xc: &[f32], std: f32, g: &[f32], d: &mut [f32]) {
     let inv_n = (1.0 / xc.len() as f64) as f32;
     let std_sq = std * std;
@@ -378,6 +381,7 @@ impl GroupShape {
 }
 
 /// A row's normalised values `xc / std` (the broadcast division's bits), into `out`.
+#[inline(always)]
 fn normalize_row(xc: &[f32], std: f32, out: &mut [f32]) {
     for (o, &c) in out.iter_mut().zip(xc) {
         *o = c / std;
@@ -386,6 +390,7 @@ fn normalize_row(xc: &[f32], std: f32, out: &mut [f32]) {
 
 /// A row's normalised values ([`normalize_row`]; into `xn` too, when given), then the affine
 /// `· w[c] + b[c]`, into `a`; each step rounded once, like the broadcast ops it stands for.
+#[inline(always)]
 fn affine_row(xc: &[f32], std: f32, w: &[f32], b: &[f32], inner: usize, xn: Option<&mut [f32]>, a: &mut [f32]) {
     normalize_row(xc, std, a);
     if let Some(xn) = xn {
@@ -411,19 +416,28 @@ pub fn group_norm_exact(x: &[f32], w: &[f32], b: &[f32], shape: GroupShape, eps:
     }
     out.par_chunks_mut(n).zip(x.par_chunks(n)).enumerate().for_each(|(r, (o, x))| {
         let c0 = shape.first_channel(r);
-        let (w, b) = (&w[c0..], &b[c0..]);
-        let mut xc = vec![0f32; n];
-        let std = exact_row_stats(x, &mut xc, eps as f32);
-        if silu {
-            let mut a = uninit(n);
-            affine_row(&xc, std, w, b, shape.inner, None, &mut a);
-            super::activation::silu_exact_into(&a, o);
-        } else {
-            affine_row(&xc, std, w, b, shape.inner, None, o);
-        }
+        exact_row(x, &w[c0..], &b[c0..], shape.inner, eps as f32, silu, o);
     });
     out
 }
+
+/// One row of [`group_norm_exact`] into `o`.
+#[inline(always)]
+fn exact_row_imp<V: Vf>(x: &[f32], w: &[f32], b: &[f32], inner: usize, eps: f32, silu: bool, o: &mut [f32]) {
+    let n = x.len();
+    let mut xc = vec![0f32; n];
+    let std = exact_row_stats(x, &mut xc, eps);
+    if silu {
+        let mut a = uninit(n);
+        affine_row(&xc, std, w, b, inner, None, &mut a);
+        super::activation::silu_exact_into(&a, o);
+    } else {
+        affine_row(&xc, std, w, b, inner, None, o);
+    }
+}
+// Compiled for the CPU's vector width (the loops are plain per-element arithmetic, so any width
+// gives the same bits; the default build had them in 4-lane SSE).
+dispatch!(fn exact_row(x: &[f32], w: &[f32], b: &[f32], inner: usize, eps: f32, silu: bool, o: &mut [f32]) => exact_row_imp);
 
 /// The input's gradient and, when asked for, the weight's and the bias's.
 pub type GroupNormGrads = (Vec<f32>, Option<(Vec<f32>, Vec<f32>)>);
@@ -448,32 +462,7 @@ pub fn group_norm_exact_backward(x: &[f32], y: &[f32], grad: &[f32], w: &[f32], 
     let rows = dx.par_chunks_mut(n).zip(x.par_chunks(n).zip(y.par_chunks(n)).zip(grad.par_chunks(n))).enumerate();
     let body = |r: usize, d: &mut [f32], x: &[f32], y: &[f32], g: &[f32], ga: Option<&mut [f32]>, xn: Option<&mut [f32]>| {
         let c0 = shape.first_channel(r);
-        let (w, b) = (&w[c0..], &b[c0..]);
-        let mut xc = vec![0f32; n];
-        let std = exact_row_stats(x, &mut xc, eps as f32);
-        // The gradient reaching the affine's output: through SiLU, from the affine's output
-        // recomputed (candle accumulates it into a zero: `+ 0`), or straight from the output.
-        let mut row = uninit(n);
-        if silu {
-            let mut a = uninit(n);
-            affine_row(&xc, std, w, b, shape.inner, xn, &mut a);
-            super::activation::silu_exact_backward_into(&a, y, g, &mut row);
-            row.iter_mut().for_each(|v| *v += 0.0);
-        } else {
-            if let Some(xn) = xn {
-                normalize_row(&xc, std, xn);
-            }
-            row.copy_from_slice(g);
-        }
-        if let Some(ga) = ga {
-            ga.copy_from_slice(&row);
-        }
-        // Through the product: the normalised values' gradient, accumulated into a zero.
-        for (ch, v) in row.chunks_exact_mut(shape.inner).enumerate() {
-            let wc = w[ch];
-            v.iter_mut().for_each(|v| *v = 0.0 + *v * wc);
-        }
-        normalize_row_backward(&xc, std, &row, d);
+        exact_row_backward(x, y, g, &w[c0..], &b[c0..], shape.inner, eps as f32, silu, d, ga, xn);
     };
     match (params, silu) {
         (true, true) => rows.zip(ga_rows.zip(xn_rows)).for_each(|((r, (d, ((x, y), g))), (ga, xn))| body(r, d, x, y, g, Some(ga), Some(xn))),
@@ -486,6 +475,52 @@ pub fn group_norm_exact_backward(x: &[f32], y: &[f32], grad: &[f32], w: &[f32], 
     });
     (dx, sums)
 }
+
+/// One row of [`group_norm_exact_backward`]: the input's gradient into `d`, and when given,
+/// the gradient reaching the affine's output into `ga` and the normalised values into `xn`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn exact_row_backward_imp<V: Vf>(
+    x: &[f32],
+    y: &[f32],
+    g: &[f32],
+    w: &[f32],
+    b: &[f32],
+    inner: usize,
+    eps: f32,
+    silu: bool,
+    d: &mut [f32],
+    ga: Option<&mut [f32]>,
+    xn: Option<&mut [f32]>,
+) {
+    let n = x.len();
+    let mut xc = vec![0f32; n];
+    let std = exact_row_stats(x, &mut xc, eps);
+    // The gradient reaching the affine's output: through SiLU, from the affine's output
+    // recomputed (candle accumulates it into a zero: `+ 0`), or straight from the output.
+    let mut row = uninit(n);
+    if silu {
+        let mut a = uninit(n);
+        affine_row(&xc, std, w, b, inner, xn, &mut a);
+        super::activation::silu_exact_backward_into(&a, y, g, &mut row);
+        row.iter_mut().for_each(|v| *v += 0.0);
+    } else {
+        if let Some(xn) = xn {
+            normalize_row(&xc, std, xn);
+        }
+        row.copy_from_slice(g);
+    }
+    if let Some(ga) = ga {
+        ga.copy_from_slice(&row);
+    }
+    // Through the product: the normalised values' gradient, accumulated into a zero.
+    for (ch, v) in row.chunks_exact_mut(inner).enumerate() {
+        let wc = w[ch];
+        v.iter_mut().for_each(|v| *v = 0.0 + *v * wc);
+    }
+    normalize_row_backward(&xc, std, &row, d);
+}
+dispatch!(#[allow(clippy::too_many_arguments)] fn exact_row_backward(x: &[f32], y: &[f32], g: &[f32], w: &[f32], b: &[f32], inner: usize, eps: f32, silu: bool, d: &mut [f32], ga: Option<&mut [f32]>, xn: Option<&mut [f32]>) => exact_row_backward_imp);
 
 #[cfg(test)]
 mod tests {
@@ -528,6 +563,32 @@ mod tests {
                 ((h >> 8) as f32 / (1 << 24) as f32 - 0.5) * (1.0 + (h % 7) as f32 * 10.0)
             })
             .collect()
+    }
+
+    #[test]
+    fn training_group_norm_rows_give_the_same_bits_on_every_instantiation() {
+        // A row of 2 channels x 37 values (vector body and tail), offset so that the centring is
+        // lossy: the dispatched instantiation (AVX2 or AVX-512 where present) against the
+        // portable one compiled for the baseline x86-64.
+        let (inner, n) = (37, 74);
+        let x: Vec<f32> = values(n, 4).iter().map(|v| v * 3.0 + 5.0).collect();
+        let (w, b, y, g) = (values(2, 5), values(2, 6), values(n, 7), values(n, 8));
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for silu in [false, true] {
+            let (mut got, mut want) = (vec![0f32; n], vec![0f32; n]);
+            exact_row(&x, &w, &b, inner, 1e-5, silu, &mut got);
+            exact_row_imp::<A16>(&x, &w, &b, inner, 1e-5, silu, &mut want);
+            assert_eq!(bits(&got), bits(&want), "forward, silu {silu}");
+            let mut got = [vec![0f32; n], vec![0f32; n], vec![0f32; n]];
+            let mut want = got.clone();
+            let [d, ga, xn] = &mut got;
+            exact_row_backward(&x, &y, &g, &w, &b, inner, 1e-5, silu, d, Some(ga), Some(xn));
+            let [d, ga, xn] = &mut want;
+            exact_row_backward_imp::<A16>(&x, &y, &g, &w, &b, inner, 1e-5, silu, d, Some(ga), Some(xn));
+            for (what, got, want) in [("dx", &got[0], &want[0]), ("affine grad", &got[1], &want[1]), ("normalised", &got[2], &want[2])] {
+                assert_eq!(bits(got), bits(want), "backward {what}, silu {silu}");
+            }
+        }
     }
 
     #[test]
