@@ -138,26 +138,30 @@ pub fn conv2d(
     packed: Option<&PackedA>,
 ) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    let (out, shape) = with_slices(&[x], |s| conv2d_on(s[0], [b, c, h, w], weight, bias, extra_bias, stride, input, residual, out_scale, packed))??;
+    let epilogue = Epilogue { extra_bias, residual, out_scale };
+    let (out, shape) = with_slices(&[x], |s| conv2d_on(s[0], [b, c, h, w], weight, bias, stride, input, epilogue, packed))??;
     tensor(out, &shape)
+}
+
+/// What [`conv2d`] adds to the product after the bias: `(+ extra_bias[b] + residual) / out_scale`.
+#[derive(Clone, Copy, Debug)]
+pub struct Epilogue<'a> {
+    pub extra_bias: Option<&'a Tensor>,
+    pub residual: Option<&'a Tensor>,
+    pub out_scale: f64,
+}
+
+impl Epilogue<'_> {
+    /// Nothing added, no scale.
+    pub const NONE: Epilogue<'static> = Epilogue { extra_bias: None, residual: None, out_scale: 1.0 };
 }
 
 /// [`conv2d`] of an input given as contiguous data `x` of shape `x_dims` (a custom op's
 /// storage: no copy in), returning the output's values and shape [b, cout, ho, wo] (no copy
 /// out).
 #[allow(clippy::too_many_arguments)]
-pub fn conv2d_on(
-    x: &[f32],
-    x_dims: [usize; 4],
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    extra_bias: Option<&Tensor>,
-    stride: usize,
-    input: ConvInput,
-    residual: Option<&Tensor>,
-    out_scale: f64,
-    packed: Option<&PackedA>,
-) -> Result<(Vec<f32>, [usize; 4])> {
+pub fn conv2d_on(x: &[f32], x_dims: [usize; 4], weight: &Tensor, bias: Option<&Tensor>, stride: usize, input: ConvInput, epilogue: Epilogue<'_>, packed: Option<&PackedA>) -> Result<(Vec<f32>, [usize; 4])> {
+    let Epilogue { extra_bias, residual, out_scale } = epilogue;
     let (co, ci, kh, kw) = weight.dims4()?;
     let w_dims = [co, ci, kh, kw];
     check_per_channel("conv2d", "bias", bias, co)?;

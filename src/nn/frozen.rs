@@ -151,7 +151,7 @@ impl CustomOp1 for FrozenConv {
         let c = &self.conv;
         let p = c.padding;
         let input = ConvInput { upsample: None, pad: (p, p, p, p) };
-        kernels::io::op_result(kernels::conv::conv2d_on(x, x_dims, &c.weight, c.bias.as_ref(), None, c.stride, input, None, 1.0, c.packed.as_deref()), OP)
+        kernels::io::op_result(kernels::conv::conv2d_on(x, x_dims, &c.weight, c.bias.as_ref(), c.stride, input, kernels::conv::Epilogue::NONE, c.packed.as_deref()), OP)
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
