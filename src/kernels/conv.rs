@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::bf16::{self, PackedA};
 use super::conv_taps;
 use super::gemm::{per_item, sgemm, threads};
-use super::io::{check_per_channel, tensor, uninit, with_slices};
+use super::io::{tensor, uninit, with_slices};
 use crate::error::{Error, Result};
 
 /// Up to this many output pixels (on the padded grid) a convolution with a tap-major weight, or
@@ -164,7 +164,7 @@ pub fn conv2d_on(x: &[f32], x_dims: [usize; 4], weight: &Tensor, bias: Option<&T
     let Epilogue { extra_bias, residual, out_scale } = epilogue;
     let (co, ci, kh, kw) = weight.dims4()?;
     let w_dims = [co, ci, kh, kw];
-    check_per_channel("conv2d", "bias", bias, co)?;
+    // The bias's length is checked with the data's (`conv2d_data`), the shapes here.
     if let Some(e) = extra_bias {
         if e.dims() != [x_dims[0], co] {
             return Err(Error::invalid(format!("conv2d: extra bias {:?} vs [{}, {co}]", e.dims(), x_dims[0])));
@@ -206,8 +206,11 @@ fn output_shape(x_dims: [usize; 4], w_dims: [usize; 4], stride: usize, input: Co
     let (h, w) = input.upsample.unwrap_or((x_dims[2], x_dims[3]));
     let (pt, pl, pb, pr) = input.pad;
     let (hp, wp) = (h + pt + pb, w + pl + pr);
-    if hp < k || wp < k || stride == 0 {
-        return Err(Error::invalid(format!("conv2d: padded input {hp}x{wp} smaller than kernel {k} (or stride {stride})")));
+    if stride == 0 {
+        return Err(Error::invalid("conv2d: stride 0"));
+    }
+    if hp < k || wp < k {
+        return Err(Error::invalid(format!("conv2d: padded input {hp}x{wp} smaller than kernel {k}")));
     }
     Ok([x_dims[0], w_dims[0], (hp - k) / stride + 1, (wp - k) / stride + 1])
 }
