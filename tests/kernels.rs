@@ -623,8 +623,27 @@ fn conv2d_kernel_matches_candle_conv_for_every_input_and_epilogue() {
             ref_conv(&cast(&d.x, dt), &cast(&d.w, dt), Some(&cast(&d.bias, dt)), None, c.stride, c.input, Some(&cast(&d.res, dt)), 1.0)
         }));
     }
+    // Many channels on maps of 32x32 and more: Winograd's F(2x2, 3x3).
+    for (i, c) in WINOGRAD_MAPS.iter().enumerate() {
+        let d = conv_data(3970 + 10 * i as u64, c);
+        let scale = 1.0 / 0.18215;
+        let got = kernels::conv2d(&d.x, &d.w, Some(&d.bias), Some(&d.extra), c.stride, c.input, Some(&d.res), scale, None).unwrap();
+        worst = worst.max(check(&format!("conv2d {c:?}"), &got, |dt| {
+            let (b, e, r) = (cast(&d.bias, dt), cast(&d.extra, dt), cast(&d.res, dt));
+            ref_conv(&cast(&d.x, dt), &cast(&d.w, dt), Some(&b), Some(&e), c.stride, c.input, Some(&r), scale)
+        }));
+    }
     eprintln!("conv2d kernel: max relative error {worst:.2e} (tolerance {TOL:.0e})");
 }
+
+/// 3x3 stride-1 convolutions of at least 128 channels with at least 32x32 outputs, which take
+/// Winograd's F(2x2, 3x3) (`kernels::winograd`): odd output sizes (a last block half used), an
+/// upsampled input, no padding.
+const WINOGRAD_MAPS: [ConvCase; 3] = [
+    ConvCase { b: 2, cin: 128, cout: 130, hw: (33, 35), k: 3, stride: 1, input: plain(1) },
+    ConvCase { b: 1, cin: 129, cout: 128, hw: (16, 17), k: 3, stride: 1, input: up(32, 34, 1) },
+    ConvCase { b: 1, cin: 128, cout: 128, hw: (34, 35), k: 3, stride: 1, input: plain(0) },
+];
 
 /// Large maps of more than 32 input channels (see `conv_taps::gemm_beats_planar`).
 const DEEP_LARGE_MAPS: [ConvCase; 3] = [
@@ -649,7 +668,7 @@ fn conv2d_tap_major_weight_gives_the_same_bits() {
         ConvCase { b: 1, cin: 9, cout: 5, hw: (56, 48), k: 3, stride: 2, input: ConvInput { upsample: None, pad: (0, 0, 1, 1) } },
     ];
     let mut n = 0;
-    for (i, c) in CONV_CASES.iter().chain(&extra).chain(&DEEP_LARGE_MAPS).enumerate().filter(|(_, c)| c.k > 1) {
+    for (i, c) in CONV_CASES.iter().chain(&extra).chain(&DEEP_LARGE_MAPS).chain(&WINOGRAD_MAPS[..1]).enumerate().filter(|(_, c)| c.k > 1) {
         let d = conv_data(4000 + 100 * i as u64, c);
         let wt = kernels::conv::tap_major(&d.w).unwrap();
         assert_eq!(wt.dims(), d.w.dims());
@@ -1162,6 +1181,10 @@ fn kernels_give_the_same_bits_for_any_thread_count() {
     let mask = randn(23, &[133, 77], 1.0);
     let sm = randn(24, &[3, 133, 77], 3.0);
     let s2 = ConvInput { upsample: None, pad: (0, 0, 1, 1) };
+    // One image of 128 channels, 33x32: Winograd's blocks, in bands run in parallel.
+    let xw = randn(25, &[1, 128, 33, 32], 1.0);
+    let ww = randn(26, &[128, 128, 3, 3], 0.03);
+    let rw = randn(27, &[1, 128, 33, 32], 1.0);
     #[allow(clippy::type_complexity)]
     let cases: Vec<(&str, Box<dyn Fn() -> Tensor + Sync>)> = vec![
         ("linear rank 3", Box::new(|| kernels::linear(&x3, &wl, Some(&bl), Some(&rl), None).unwrap())),
@@ -1177,6 +1200,7 @@ fn kernels_give_the_same_bits_for_any_thread_count() {
         ("conv2d 3x3", Box::new(|| kernels::conv2d(&xc, &wc, Some(&bc), Some(&ec), 1, plain(1), Some(&rc), 1.5, None).unwrap())),
         ("conv2d 3x3 stride 2", Box::new(|| kernels::conv2d(&xc, &wc, Some(&bc), None, 2, s2, Some(&rc2), 1.0, None).unwrap())),
         ("conv2d 3x3 upsampled", Box::new(|| kernels::conv2d(&xc, &wc, Some(&bc), None, 1, up(62, 58, 1), Some(&rup), 1.0, None).unwrap())),
+        ("conv2d 3x3 Winograd", Box::new(|| kernels::conv2d(&xw, &ww, None, None, 1, plain(1), Some(&rw), 1.0, None).unwrap())),
         ("group_norm", Box::new(|| kernels::group_norm(&gn, 13, &gg, &gb, 1e-5, false).unwrap())),
         ("group_norm + silu", Box::new(|| kernels::group_norm(&gn, 5, &gg, &gb, 1e-6, true).unwrap())),
         ("geglu", Box::new(|| kernels::geglu(&h).unwrap())),
@@ -1229,7 +1253,7 @@ fn kernels_give_the_same_bits_for_any_batch_size() {
         kernels::pointwise_from_tokens(&item(&t, i), &wq, Some(&bq), Some(&item(&rq, i)), 7, 9, None).unwrap()
     });
     // Convolutions, with a per-sample bias.
-    for (ci, c) in [CONV_CASES[0], CONV_CASES[5], CONV_CASES[9], CONV_CASES[12], CONV_CASES[14], CONV_CASES[17]].iter().enumerate() {
+    for (ci, c) in [CONV_CASES[0], CONV_CASES[5], CONV_CASES[9], CONV_CASES[12], CONV_CASES[14], CONV_CASES[17], WINOGRAD_MAPS[0]].iter().enumerate() {
         let d = conv_data(20 + 10 * ci as u64, c);
         let whole = kernels::conv2d(&d.x, &d.w, Some(&d.bias), Some(&d.extra), c.stride, c.input, Some(&d.res), 1.5, None).unwrap();
         each(&format!("conv2d {c:?}"), &whole, c.b, &|i| {

@@ -278,7 +278,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     println!(
         "%peak: of {:.0} GFLOP/s, the f32 FMA throughput of these {} threads timed at the start of this run \
-         (bf16 products can exceed it); the PyTorch column is filled only by --compare-python, in this run",
+         (GFLOP counts a convolution's direct multiply-adds, so bf16 products and the f32 Winograd convolutions, \
+         2.25x fewer multiply-adds, can exceed it); the PyTorch column is filled only by --compare-python, in this run",
         cpu.fma_peak_gflops, cpu.threads
     );
     if let Some(path) = &a.json {

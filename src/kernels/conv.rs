@@ -1,12 +1,15 @@
 //! Convolution (NCHW), as k*k accumulated gemms over a zero-padded copy of the input: tap
 //! (kh, kw) of output pixel p = oy*We + ox reads padded pixel s*p + kh*Wp + kw, a strided view,
 //! so no im2col matrix is built. Outputs are computed on a grid We = Wp/s wide (a few junk
-//! columns per row) and compacted, with bias / residual / scale, into NCHW.
+//! columns per row) and compacted, with bias / residual / scale, into NCHW. 3x3 stride-1 f32
+//! convolutions of many channels on large maps take Winograd's F(2x2, 3x3) instead
+//! (the `winograd` module): not the same bits as the gemms, within their error's order.
 use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::bf16::{self, PackedA};
 use super::conv_taps;
+use super::winograd;
 use super::gemm::{per_item, sgemm, threads};
 use super::io::{tensor, uninit, with_slices};
 use crate::error::{Error, Result};
@@ -259,6 +262,9 @@ pub fn conv2d_data(d: &ConvData<'_>, stride: usize, input: ConvInput, out_scale:
     // Where `gemm` runs a planar product faster (see [`conv_taps::gemm_beats_planar`]) it takes
     // it: the same bits either way.
     let use_taps = taps_fit && (channels_last || !conv_taps::gemm_beats_planar(cin));
+    // Many channels on a large map: Winograd's F(2x2, 3x3), 2.25x fewer multiply-adds (see
+    // [`winograd`]); a choice of the shape alone, like the others.
+    let wino = packed.is_none() && !direct && k == 3 && stride == 1 && winograd::pays(cin, cout, ho, wo);
     let skip_junk = channels_last && use_taps && ho * wo >= 2;
     // Pixels of the product's result, and the distance of its rows.
     let (n_res, res_row) = if skip_junk { (ho * wo, wo) } else { (n_ext, wp_real.div_ceil(stride)) };
@@ -307,7 +313,13 @@ pub fn conv2d_data(d: &ConvData<'_>, stride: usize, input: ConvInput, out_scale:
             per_item(&mut out, b, one);
             return out;
         }
-        let grid = Phases::new(hp, wp_real, stride, k);
+        let grid = match wino {
+            true => {
+                let (hw, ww) = winograd::padded_size(ho, wo);
+                Phases::new(hw, ww, 1, k)
+            }
+            false => Phases::new(hp, wp_real, stride, k),
+        };
         let (wq, plane, slack) = (grid.wq, grid.plane, grid.slack);
         let we = wq;
         // Exactly candle's nearest rule: src = min(src_len - 1, floor(i * (src_len / dst_len))).
@@ -321,7 +333,8 @@ pub fn conv2d_data(d: &ConvData<'_>, stride: usize, input: ConvInput, out_scale:
         let w_at = |t: usize| if tap_major { (t * cin * cout, 1, cout) } else { (t, cin * kk, kk) };
         // The f32 product goes through the direct kernel where it gives gemm's bits and is the
         // faster of the two.
-        let taps_w = use_taps.then(|| conv_taps::pack_taps(ws, cout, cin, kk, w_at));
+        let taps_w = (use_taps && !wino).then(|| conv_taps::pack_taps(ws, cout, cin, kk, w_at));
+        let wino_u = wino.then(|| winograd::transform_weight(ws, cout, cin, tap_major));
         let w_offs: Vec<usize> = (0..kk).map(|t| t * cin * cout).collect();
         let taps_layout = match (channels_last, skip_junk) {
             (false, _) => conv_taps::Layout::Planar,
@@ -330,7 +343,7 @@ pub fn conv2d_data(d: &ConvData<'_>, stride: usize, input: ConvInput, out_scale:
         };
         // Scratch per task: the padded input (its zero border is set once and never written)
         // and the product on the wq-wide grid.
-        let scratch = || (vec![0f32; cin * plane + slack], uninit(cout * n_ext));
+        let scratch = || (vec![0f32; cin * plane + slack], uninit(if wino { 0 } else { cout * n_ext }));
         let one = |bi: usize, dst: &mut [f32], (xp, ext): &mut (Vec<f32>, Vec<f32>)| {
             let xb = &xs[bi * cin * in_plane..(bi + 1) * cin * in_plane];
             let pad_plane = |(ci, dstp): (usize, &mut [f32])| grid.fill(&xb[ci * in_plane..(ci + 1) * in_plane], w0, &src_rows, &src_cols, pt, pl, dstp);
@@ -340,6 +353,11 @@ pub fn conv2d_data(d: &ConvData<'_>, stride: usize, input: ConvInput, out_scale:
                 xp[..cin * plane].chunks_mut(plane).enumerate().for_each(pad_plane);
             }
             let bvec = sample_bias(bi);
+            if let Some(u) = &wino_u {
+                let finish = winograd::Finish { bias: bvec.as_deref(), residual: res_of(bi), div: inv_scale.then_some(out_scale as f32) };
+                winograd::conv(u, cout, cin, &xp[..cin * plane], ho, wo, finish, dst, nt);
+                return;
+            }
             // The bias per output channel: per row of the planar result, per column of the
             // channels-last one ([pixel, cout]).
             let bias = bvec.as_deref().map(|b| if channels_last { bf16::Bias::Columns(b) } else { bf16::Bias::Rows(b) });

@@ -1,5 +1,5 @@
 //! CPU compute kernels in f32 (and bf16 products with f32 accumulation), one module per
-//! operation: [`linear`](mod@linear), [`conv`] (and, through unfolded inputs, small-channel convolutions and the gradients, [`conv_unfold`]), [`attention`](mod@attention)
+//! operation: [`linear`](mod@linear), [`conv`] (with Winograd's F(2x2, 3x3) for 3x3 convolutions of many channels on large maps, `winograd`, and, through unfolded inputs, small-channel convolutions and the gradients, [`conv_unfold`]), [`attention`](mod@attention)
 //! (and its backward for training, [`attention_grad`]),
 //! [`norm`], [`activation`], nearest upsampling for training ([`resize`]), the optimiser updates
 //! ([`optim`]) and the timed FMA peak `bench` reports against ([`peak`]), on top of the
@@ -16,7 +16,8 @@
 //! threads. Matrix products go through the `gemm` crate once per batch element (per batch
 //! element and head for attention), whose summation order depends only on the product's
 //! (m, n, k) (the direct convolution kernel, `conv_taps`, repeats that order exactly where it
-//! stands in for it); reductions (norm statistics, softmax sums) run in a fixed order inside one task.
+//! stands in for it; the Winograd convolutions, whose transforms round differently, are chosen by
+//! the layer's shapes alone); reductions (norm statistics, softmax sums) run in a fixed order inside one task.
 //! Frozen weights may be stored in the order the products read them (convolutions tap-major,
 //! [`conv::tap_major`]; linear layers input-major, [`linear::in_major`]); gemm then sums each
 //! output element in the same order, so the bytes do not depend on the storage either.
@@ -39,6 +40,7 @@ pub mod optim;
 pub mod peak;
 pub mod resize;
 pub mod simd;
+mod winograd;
 
 pub use activation::{geglu, silu};
 pub use attention::{attention, softmax_last_dim};
