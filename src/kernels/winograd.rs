@@ -55,23 +55,20 @@ pub(crate) fn transform_weight(w: &[f32], cout: usize, cin: usize, tap_major: bo
     assert_eq!(w.len(), cout * cin * 9, "winograd: weight of {} values for {cout} x {cin} x 3 x 3", w.len());
     let mut u = uninit(16 * cout * cin);
     let per = cout * cin;
-    let up = SendPtr(u.as_mut_ptr());
+    let u_ptr = SendPtr(u.as_mut_ptr());
     (0..cout).into_par_iter().for_each(|co| {
-        let up = up;
+        let up = u_ptr;
         for ci in 0..cin {
             let g = |ky: usize, kx: usize| match tap_major {
                 true => w[((ky * 3 + kx) * cin + ci) * cout + co],
                 false => w[((co * cin + ci) * 3 + ky) * 3 + kx],
             };
             // t = G g (4 x 3), then U = t Gᵀ (4 x 4).
-            let mut t = [[0f32; 3]; 4];
-            for kx in 0..3 {
+            let cols = [0, 1, 2].map(|kx| {
                 let (g0, g1, g2) = (g(0, kx), g(1, kx), g(2, kx));
-                t[0][kx] = g0;
-                t[1][kx] = (g0 + g1 + g2) * 0.5;
-                t[2][kx] = (g0 - g1 + g2) * 0.5;
-                t[3][kx] = g2;
-            }
+                [g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2]
+            });
+            let t = [0, 1, 2, 3].map(|r| [cols[0][r], cols[1][r], cols[2][r]]);
             for (r, tr) in t.iter().enumerate() {
                 let row = [tr[0], (tr[0] + tr[1] + tr[2]) * 0.5, (tr[0] - tr[1] + tr[2]) * 0.5, tr[2]];
                 for (c, v) in row.into_iter().enumerate() {
@@ -106,9 +103,9 @@ pub(crate) fn conv(u: &[f32], cout: usize, cin: usize, xp: &[f32], ho: usize, wo
     let rows = band_rows(bh, bw);
     let bands = bh.div_ceil(rows);
     let gemm_threads = if bands >= threads { 1 } else { threads };
-    let dp = SendPtr(dst.as_mut_ptr());
+    let dst_ptr = SendPtr(dst.as_mut_ptr());
     let band = |scratch: &mut Scratch, bi: usize| {
-        let dp = dp;
+        let dp = dst_ptr;
         let (i0, i1) = (bi * rows, ((bi + 1) * rows).min(bh));
         let nb = (i1 - i0) * bw;
         let (v, m, eo, y) = scratch.sized(16 * cin * nb, 16 * cout * nb);
@@ -266,7 +263,7 @@ fn output_block_row_imp<V: super::simd::Vf>(m: &[f32], xi_stride: usize, bw: usi
                 val += bias;
             }
             if let Some(res) = res {
-                val = res[r * wo + x] + val;
+                val += res[r * wo + x];
             }
             if has_div {
                 val /= div;
