@@ -1,8 +1,8 @@
 //! 3x3 stride-1 f32 convolutions of many channels on large maps by Winograd's minimal filtering
 //! F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016):
 //! each 2x2 block of outputs comes from the 4x4 block of padded input around it through
-//! `Y = Aᵀ [Σ_ci (G g Gᵀ) ⊙ (Bᵀ d B)] A`, 16 products per block and input channel in place of
-//! 36, 2.25 times fewer multiply-adds. The sum over input channels is, for each of the 16
+//! `Y = Aᵀ [Σ_ci (G g Gᵀ) ⊙ (Bᵀ d B)] A`, 16 multiply-adds per block and (input, output)
+//! channel pair in place of 36, 2.25 times fewer. The sum over input channels is, for each of the 16
 //! positions ξ of the transformed block, one matrix product `M[ξ] = U[ξ] · V[ξ]`
 //! ([cout, cin] by [cin, blocks]) through `gemm`, so the bulk of the work keeps its packed
 //! microkernel while the transforms cost a few additions per input and output value.
@@ -14,15 +14,16 @@
 //! the bytes still do not depend on the batch size, the thread count or the shard.
 //!
 //! The blocks are processed in bands of block rows ([`band_rows`]), so each band's transformed
-//! input and products stay a few MiB; bands run in parallel on a single image, each product on
-//! one thread (the same arithmetic as on several: `gemm` splits outputs, never sums).
+//! input and products stay a few MiB; on a single image the bands run in parallel, and with
+//! fewer bands than threads each product also splits across the threads (the same arithmetic
+//! either way: `gemm` splits outputs, never sums).
 use rayon::prelude::*;
 
 use super::gemm::sgemm;
 use super::io::{uninit, SendPtr};
 use super::simd::dispatch;
 
-/// Input channels from which the 2.25x fewer multiply-adds outweigh the transforms.
+/// Input and output channels from which the 2.25x fewer multiply-adds outweigh the transforms.
 const MIN_CHANNELS: usize = 128;
 /// Output pixels from which the blocks of a band fill `gemm`'s panels.
 const MIN_PIXELS: usize = 32 * 32;
@@ -43,7 +44,7 @@ pub(crate) fn padded_size(ho: usize, wo: usize) -> (usize, usize) {
 }
 
 /// Block rows per band for a map of `bh` x `bw` blocks: bands of about [`BAND_BLOCKS`] blocks,
-/// of equal height within a row.
+/// all but the last of the same height.
 fn band_rows(bh: usize, bw: usize) -> usize {
     let bands = (bh * bw).div_ceil(BAND_BLOCKS).max(1);
     bh.div_ceil(bands)
