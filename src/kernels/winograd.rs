@@ -120,6 +120,8 @@ pub(crate) fn conv(u: &[f32], cout: usize, cin: usize, xp: &[f32], ho: usize, wo
         }
         // M[ξ] = U[ξ] V[ξ].
         for xi in 0..16 {
+            // SAFETY: ξ's blocks of m, u and v are [cout, nb], [cout, cin] and [cin, nb], within
+            // the slices (`sized`, the assert above), and m aliases neither input.
             unsafe {
                 sgemm(
                     cout,
@@ -190,7 +192,8 @@ dispatch!(fn input_block_row(rows: [&[f32]; 4], bw: usize, eo: &mut Vec<f32>, v:
 
 /// The transformed input of one row of `bw` blocks from its four padded input rows:
 /// `v[ξ · xi_stride + j]` for block j. Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0],
-/// [0, 1, 0, -1]]; the columns first, then the rows.
+/// [0, 1, 0, -1]]; the columns first, then the rows. `V` only picks the instantiation: the loops
+/// are plain, vectorised by the compiler for the features [`dispatch`] enables.
 fn input_block_row_imp<V: super::simd::Vf>(rows: [&[f32]; 4], bw: usize, eo: &mut Vec<f32>, v: &mut [f32], xi_stride: usize) {
     let n = bw + 1;
     eo.resize(8 * n, 0.0);
