@@ -152,8 +152,7 @@ pub(crate) fn conv(u: &[f32], cout: usize, cin: usize, xp: &[f32], ho: usize, wo
                 // SAFETY: the band writes its own output rows y0..y0 + n_rows of channel co.
                 let out = unsafe { std::slice::from_raw_parts_mut(dp.0.add(co * plane + y0 * wo), n_rows * wo) };
                 let res = finish.residual.map(|r| &r[co * plane + y0 * wo..co * plane + (y0 + n_rows) * wo]);
-                let bias = finish.bias.map_or(0.0, |b| b[co]);
-                output_block_row(src, cout * nb, bw, y, wo, out, res, bias, finish.bias.is_some(), finish.div.unwrap_or(1.0), finish.div.is_some());
+                output_block_row(src, cout * nb, bw, y, wo, out, res, finish.bias.map(|b| b[co]), finish.div);
             }
         }
     };
@@ -209,7 +208,7 @@ fn input_block_row_imp<V: super::simd::Vf>(rows: [&[f32]; 4], bw: usize, eo: &mu
     let (e, o) = (|r: usize| &eo[2 * r * n..(2 * r + 1) * n], |r: usize| &eo[(2 * r + 1) * n..(2 * r + 2) * n]);
     let (e0, e1, e2, e3) = (e(0), e(1), e(2), e(3));
     let (o0, o1, o2, o3) = (o(0), o(1), o(2), o(3));
-    // Column transform c of row r at block j, from its four columns (a, b, c, d).
+    // Column transform `k` of a row at a block, from the block's four columns (a, b, c, d).
     fn col(k: usize, a: f32, b: f32, c: f32, d: f32) -> f32 {
         match k {
             0 => a - c,
@@ -232,13 +231,13 @@ fn input_block_row_imp<V: super::simd::Vf>(rows: [&[f32]; 4], bw: usize, eo: &mu
     }
 }
 
-dispatch!(#[allow(clippy::too_many_arguments)] fn output_block_row(m: &[f32], xi_stride: usize, bw: usize, y: &mut Vec<f32>, wo: usize, out: &mut [f32], res: Option<&[f32]>, bias: f32, has_bias: bool, div: f32, has_div: bool) => output_block_row_imp);
+dispatch!(#[allow(clippy::too_many_arguments)] fn output_block_row(m: &[f32], xi_stride: usize, bw: usize, y: &mut Vec<f32>, wo: usize, out: &mut [f32], res: Option<&[f32]>, bias: Option<f32>, div: Option<f32>) => output_block_row_imp);
 
 /// One row of `bw` blocks of the output from the products `m[ξ · xi_stride + j]`: Aᵀ = [[1, 1,
 /// 1, 0], [0, 1, -1, -1]], the rows first, then the columns; then the bias, the residual and
 /// the division, into `out`'s one or two rows `wo` wide.
 #[allow(clippy::too_many_arguments)]
-fn output_block_row_imp<V: super::simd::Vf>(m: &[f32], xi_stride: usize, bw: usize, y: &mut Vec<f32>, wo: usize, out: &mut [f32], res: Option<&[f32]>, bias: f32, has_bias: bool, div: f32, has_div: bool) {
+fn output_block_row_imp<V: super::simd::Vf>(m: &[f32], xi_stride: usize, bw: usize, y: &mut Vec<f32>, wo: usize, out: &mut [f32], res: Option<&[f32]>, bias: Option<f32>, div: Option<f32>) {
     y.resize(4 * bw, 0.0);
     let (y0, rest) = y.split_at_mut(bw);
     let (y1, rest) = rest.split_at_mut(bw);
@@ -263,13 +262,13 @@ fn output_block_row_imp<V: super::simd::Vf>(m: &[f32], xi_stride: usize, bw: usi
         let row = &mut out[r * wo..(r + 1) * wo];
         for (x, o) in row.iter_mut().enumerate() {
             let mut val = if x % 2 == 0 { ya[x / 2] } else { yb[x / 2] };
-            if has_bias {
+            if let Some(bias) = bias {
                 val += bias;
             }
             if let Some(res) = res {
                 val += res[r * wo + x];
             }
-            if has_div {
+            if let Some(div) = div {
                 val /= div;
             }
             *o = val;
