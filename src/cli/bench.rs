@@ -7,7 +7,7 @@ use candle_core::DType;
 use diffii::measure::bench::{self, BenchResult};
 use diffii::nn::{Mode, Precision};
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// diffusers SD-1.x folder whose UNet to time (e.g. the tiny fixture model).
     #[arg(long)]
@@ -115,6 +115,13 @@ pub struct Args {
     /// other cases always run on the CPU). With --compare-python, PyTorch runs there too.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Measure everything this many times, each round ours and then PyTorch's (with
+    /// --compare-python), and report per case the medians of the rounds and the median of
+    /// their ratios with its range: a shared VM's speed can drift by tens of percent within
+    /// minutes, which one round's ratio cannot tell from a real difference. --profile profiles
+    /// the first round only.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rounds: u64,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -126,6 +133,55 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     prec.check(&dev)?;
     // First, while nothing else runs: it times the FMA peak on every thread.
     let cpu = bench::CpuInfo::detect();
+    let mut rounds = Vec::new();
+    let mut profiles = Vec::new();
+    for round in 0..a.rounds {
+        if a.rounds > 1 {
+            eprintln!("[bench] round {} of {}", round + 1, a.rounds);
+        }
+        let a = Args { profile: a.profile && round == 0, ..a.clone() };
+        let (mut results, mut round_profiles) = measure(&a, &dev, prec)?;
+        if let Some(python) = &a.compare_python {
+            compare_with_python(&a, python, &mut results, &mut round_profiles)?;
+        }
+        profiles.extend(round_profiles);
+        rounds.push(results);
+    }
+    let mut results = bench::merge_rounds(rounds)?;
+    let device = diffii::sd::loader::device_name(&dev);
+    if dev.is_cpu() {
+        bench::fill_percent_of_peak(&mut results, cpu.fma_peak_gflops);
+    }
+    print!("{}", cpu.line());
+    if !dev.is_cpu() {
+        println!("device: {device} (the SD-1.5 and --model cases; %peak is left empty, peak MiB is this process's host memory)");
+    }
+    print!("{}", bench::table(&results));
+    if !profiles.is_empty() {
+        print!("{}", bench::profile_table(&profiles));
+    }
+    println!(
+        "%peak: of {:.0} GFLOP/s, the f32 FMA throughput of these {} threads timed at the start of this run \
+         (GFLOP counts a convolution's direct multiply-adds, so bf16 products and the f32 Winograd convolutions, \
+         2.25x fewer multiply-adds, can exceed it); the PyTorch column is filled only by --compare-python, in this run",
+        cpu.fma_peak_gflops, cpu.threads
+    );
+    if a.rounds > 1 {
+        println!(
+            "{} rounds, each ours then PyTorch's: seconds are the medians of the rounds' medians, the ratio the median of the rounds' ratios",
+            a.rounds
+        );
+    }
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&bench::BenchReport { cpu, device, results: &results, profiles: &profiles })?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// One round of every case `a` asks for, with the profiles it asks for.
+fn measure(a: &Args, dev: &candle_core::Device, prec: Precision) -> anyhow::Result<(Vec<BenchResult>, Vec<bench::Profile>)> {
+    let dev = dev.clone();
     let mut results: Vec<BenchResult> = Vec::new();
     let mut profiles: Vec<bench::Profile> = Vec::new();
     if let Some(model) = &a.model {
@@ -213,7 +269,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     if a.demo {
         eprintln!("[bench] the demo world, stage by stage");
-        let model = demo_model(&a);
+        let model = demo_model(a);
         let work = std::env::temp_dir().join(format!("diffii-bench-demo-{}", std::process::id()));
         let b = diffii::measure::demo_world::DemoBench {
             model: &model,
@@ -258,35 +314,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         }
     }
-    if let Some(python) = &a.compare_python {
-        compare_with_python(&a, python, &mut results, &mut profiles)?;
-    }
     if results.is_empty() {
         anyhow::bail!("nothing to measure: pass --demo, --model DIR, --sd15, --classifier and/or --resnet50");
     }
-    let device = diffii::sd::loader::device_name(&dev);
-    if dev.is_cpu() {
-        bench::fill_percent_of_peak(&mut results, cpu.fma_peak_gflops);
-    }
-    print!("{}", cpu.line());
-    if !dev.is_cpu() {
-        println!("device: {device} (the SD-1.5 and --model cases; %peak is left empty, peak MiB is this process's host memory)");
-    }
-    print!("{}", bench::table(&results));
-    if !profiles.is_empty() {
-        print!("{}", bench::profile_table(&profiles));
-    }
-    println!(
-        "%peak: of {:.0} GFLOP/s, the f32 FMA throughput of these {} threads timed at the start of this run \
-         (GFLOP counts a convolution's direct multiply-adds, so bf16 products and the f32 Winograd convolutions, \
-         2.25x fewer multiply-adds, can exceed it); the PyTorch column is filled only by --compare-python, in this run",
-        cpu.fma_peak_gflops, cpu.threads
-    );
-    if let Some(path) = &a.json {
-        let text = serde_json::to_string_pretty(&bench::BenchReport { cpu, device, results: &results, profiles: &profiles })?;
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+    Ok((results, profiles))
 }
 
 /// Fills the PyTorch column: SD-1.5 shapes from `scripts/reference/bench_sd15_cpu.py`, the whole flow

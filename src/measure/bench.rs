@@ -38,6 +38,102 @@ pub struct BenchResult {
     /// The dtype PyTorch ran in for `torch_seconds` ("f32" or "bf16"), when it ran in this run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
+    /// Each round's medians when the case was measured over several rounds (`bench --rounds`,
+    /// [`merge_rounds`]); empty for one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<Round>,
+}
+
+/// One round of a case measured over several: our median time, then PyTorch's of the same case
+/// (measured after all of ours in that round).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Round {
+    pub seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub torch_seconds: Option<f64>,
+}
+
+impl BenchResult {
+    /// A case's result before any PyTorch figure or %peak is filled in.
+    pub fn new(name: &str, batch: usize, latent: usize, seconds: f64, min_seconds: f64, gflop: f64) -> BenchResult {
+        BenchResult {
+            name: name.to_string(),
+            batch,
+            latent,
+            seconds,
+            min_seconds,
+            gflop,
+            gflops: if seconds > 0.0 { gflop / seconds } else { 0.0 },
+            percent_of_peak: 0.0,
+            peak_rss_mib: peak_rss_mib(),
+            torch_seconds: None,
+            torch_dtype: None,
+            rounds: Vec::new(),
+        }
+    }
+
+    /// The rounds' ours / PyTorch ratios, in round order (empty unless measured over several
+    /// rounds with PyTorch).
+    fn round_ratios(&self) -> Vec<f64> {
+        self.rounds.iter().filter_map(|r| r.torch_seconds.map(|t| r.seconds / t)).collect()
+    }
+
+    /// Ours / PyTorch's time: over several rounds the median of the rounds' ratios (the two
+    /// times of a round are minutes apart, so a drift of a shared machine's speed between
+    /// rounds cancels out of each ratio), else the ratio of the two medians.
+    pub fn ratio(&self) -> Option<f64> {
+        let mut ratios = self.round_ratios();
+        if ratios.is_empty() {
+            return self.torch_seconds.map(|t| self.seconds / t);
+        }
+        ratios.sort_by(f64::total_cmp);
+        Some(median(&ratios))
+    }
+
+    /// The lowest and the highest of the rounds' ratios, when there are two or more.
+    pub fn ratio_range(&self) -> Option<(f64, f64)> {
+        let ratios = self.round_ratios();
+        (ratios.len() > 1).then(|| ratios.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &r| (lo.min(r), hi.max(r))))
+    }
+}
+
+/// The results of several rounds of the same cases (`bench --rounds`, each round all of ours
+/// and then PyTorch's) as one result per case: the median of the rounds' medians for each side,
+/// the fastest call, the largest peak memory, and every round kept in [`BenchResult::rounds`].
+/// One round is returned as it is.
+pub fn merge_rounds(mut rounds: Vec<Vec<BenchResult>>) -> Result<Vec<BenchResult>> {
+    if rounds.len() <= 1 {
+        return Ok(rounds.pop().unwrap_or_default());
+    }
+    let key = |r: &BenchResult| (r.name.clone(), r.batch, r.latent);
+    let first: Vec<_> = rounds[0].iter().map(key).collect();
+    if let Some(i) = rounds.iter().position(|round| round.iter().map(key).collect::<Vec<_>>() != first) {
+        return Err(crate::error::Error::invalid(format!("bench round {} measured other cases than round 1", i + 1)));
+    }
+    let merged = (0..first.len())
+        .map(|c| {
+            let cases: Vec<&BenchResult> = rounds.iter().map(|round| &round[c]).collect();
+            let sorted = |mut v: Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v
+            };
+            let seconds = median(&sorted(cases.iter().map(|r| r.seconds).collect()));
+            let torch = sorted(cases.iter().filter_map(|r| r.torch_seconds).collect());
+            let min_seconds = cases.iter().map(|r| r.min_seconds).fold(f64::INFINITY, f64::min);
+            BenchResult {
+                seconds,
+                min_seconds,
+                gflops: if seconds > 0.0 { cases[0].gflop / seconds } else { 0.0 },
+                percent_of_peak: 0.0,
+                peak_rss_mib: cases.iter().map(|r| r.peak_rss_mib).fold(0.0, f64::max),
+                torch_seconds: (!torch.is_empty()).then(|| median(&torch)),
+                torch_dtype: cases.iter().find_map(|r| r.torch_dtype.clone()),
+                rounds: cases.iter().map(|r| Round { seconds: r.seconds, torch_seconds: r.torch_seconds }).collect(),
+                ..cases[0].clone()
+            }
+        })
+        .collect();
+    Ok(merged)
 }
 
 /// The CPU a benchmark ran on: its model name and the run-time detected features our kernels
@@ -280,28 +376,39 @@ pub fn synthetic_sd15_text_encoder(
 
 /// A fixed-width table of results.
 pub fn table(results: &[BenchResult]) -> String {
+    // Measured over several rounds: each ratio's range beside it.
+    let ranged = results.iter().any(|r| r.ratio_range().is_some());
     let mut s = format!(
-        "{:<32} {:>5} {:>6} {:>10} {:>10} {:>9} {:>7} {:>10} {:>12} {:>8}\n",
+        "{:<32} {:>5} {:>6} {:>10} {:>10} {:>9} {:>7} {:>10} {:>12} {:>8}",
         "case", "batch", "latent", "seconds", "GFLOP", "GFLOP/s", "%peak", "peak MiB", "torch s", "ratio"
     );
+    if ranged {
+        s.push_str(&format!(" {:>13}", "rounds' range"));
+    }
+    s.push('\n');
     for r in results {
-        let (ts, ratio) = match r.torch_seconds {
+        let (ts, ratio) = match (r.torch_seconds, r.ratio()) {
             // Decimals that keep sub-0.1 s PyTorch figures readable; bf16 PyTorch runs are marked.
-            Some(t) => {
+            (Some(t), Some(ratio)) => {
                 let mark = match r.torch_dtype.as_deref() {
                     Some(d) if d != "f32" => format!(" {d}"),
                     _ => String::new(),
                 };
-                (format!("{t:.3}{mark}"), format!("{:.2}x", r.seconds / t))
+                (format!("{t:.3}{mark}"), format!("{ratio:.2}x"))
             }
-            None => ("-".into(), "-".into()),
+            _ => ("-".into(), "-".into()),
         };
         // No FLOPs counted (the demo's stages) or no peak to compare with (a GPU).
         let percent = if r.percent_of_peak > 0.0 { format!("{:.1}%", r.percent_of_peak) } else { "-".into() };
         s.push_str(&format!(
-            "{:<32} {:>5} {:>6} {:>10.4} {:>10.2} {:>9.1} {:>7} {:>10.0} {:>12} {:>8}\n",
+            "{:<32} {:>5} {:>6} {:>10.4} {:>10.2} {:>9.1} {:>7} {:>10.0} {:>12} {:>8}",
             r.name, r.batch, r.latent, r.seconds, r.gflop, r.gflops, percent, r.peak_rss_mib, ts, ratio
         ));
+        if ranged {
+            let range = r.ratio_range().map_or("-".to_string(), |(lo, hi)| format!("{lo:.2}-{hi:.2}x"));
+            s.push_str(&format!(" {range:>13}"));
+        }
+        s.push('\n');
     }
     s
 }
@@ -442,20 +549,7 @@ fn timed(name: &str, batch: usize, latent: usize, warmup: usize, reps: usize, mu
     times.sort_by(f64::total_cmp);
     let seconds = median(&times);
     let gflop = flops as f64 / 1e9;
-    let gflops = gflop / seconds;
-    Ok(BenchResult {
-        name: name.to_string(),
-        batch,
-        latent,
-        seconds,
-        min_seconds: times[0],
-        gflop,
-        gflops,
-        percent_of_peak: 0.0,
-        peak_rss_mib: peak_rss_mib(),
-        torch_seconds: None,
-        torch_dtype: None,
-    })
+    Ok(BenchResult::new(name, batch, latent, seconds, times[0], gflop))
 }
 
 /// Wall time of one call split by op class (see [`crate::instrument::profile`]).
@@ -655,6 +749,7 @@ mod tests {
             peak_rss_mib: 0.0,
             torch_seconds: None,
             torch_dtype: None,
+            rounds: Vec::new(),
         };
         let mut rs = vec![r(50.0), r(0.0)];
         fill_percent_of_peak(&mut rs, 200.0);
@@ -673,6 +768,44 @@ mod tests {
         assert_eq!(median(&[1.0, 2.0]), 1.5);
         assert_eq!(median(&[1.0, 2.0, 4.0, 9.0]), 3.0);
         assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn rounds_merge_into_medians_and_the_median_ratio() {
+        let case = |name: &str, seconds: f64, torch: Option<f64>, rss: f64| BenchResult {
+            torch_seconds: torch,
+            torch_dtype: torch.map(|_| "f32".to_string()),
+            peak_rss_mib: rss,
+            ..BenchResult::new(name, 2, 8, seconds, seconds * 0.9, 4.0)
+        };
+        // The machine's speed drifts between rounds, for both sides.
+        let rounds = vec![
+            vec![case("a", 1.0, Some(4.0), 10.0), case("b", 3.0, None, 5.0)],
+            vec![case("a", 2.0, Some(2.5), 30.0), case("b", 4.0, None, 5.0)],
+            vec![case("a", 3.0, Some(3.0), 20.0), case("b", 2.0, None, 5.0)],
+        ];
+        let merged = merge_rounds(rounds.clone()).unwrap();
+        let a = &merged[0];
+        assert_eq!((a.seconds, a.torch_seconds, a.min_seconds, a.peak_rss_mib), (2.0, Some(3.0), 0.9, 30.0));
+        assert_eq!(a.gflops, 2.0);
+        // Ratios per round 0.25, 0.8, 1.0: their median, not 2.0 / 3.0 of the medians.
+        assert_eq!(a.ratio(), Some(0.8));
+        assert_eq!(a.ratio_range(), Some((0.25, 1.0)));
+        assert_eq!(a.rounds.len(), 3);
+        let b = &merged[1];
+        assert_eq!((b.seconds, b.torch_seconds, b.ratio(), b.ratio_range()), (3.0, None, None, None));
+        let text = table(&merged);
+        assert!(text.lines().next().unwrap().ends_with("rounds' range"), "{text}");
+        assert!(text.lines().nth(1).unwrap().ends_with(" 0.80x    0.25-1.00x"), "{text}");
+        // One round passes through unchanged, with no range column.
+        let one = merge_rounds(rounds[..1].to_vec()).unwrap();
+        assert!(one[0].rounds.is_empty() && one[0].ratio() == Some(0.25) && one[0].ratio_range().is_none());
+        assert!(!table(&one).contains("range"));
+        // Rounds that measured different cases are refused, not paired wrongly.
+        let mut other = rounds.clone();
+        other[2][1].batch = 4;
+        let err = merge_rounds(other).unwrap_err().to_string();
+        assert!(err.contains("round 3"), "{err}");
     }
 
     #[test]

@@ -67,19 +67,7 @@ fn result(name: &str, batch: usize, latent: usize, mut times: Vec<f64>) -> Resul
         return Err(Error::invalid(format!("{name}: nothing was timed")));
     }
     times.sort_by(f64::total_cmp);
-    Ok(BenchResult {
-        name: name.to_string(),
-        batch,
-        latent,
-        seconds: crate::measure::bench::median(&times),
-        min_seconds: times[0],
-        gflop: 0.0,
-        gflops: 0.0,
-        percent_of_peak: 0.0,
-        peak_rss_mib: crate::instrument::peak_rss_mib(),
-        torch_seconds: None,
-        torch_dtype: None,
-    })
+    Ok(BenchResult::new(name, batch, latent, crate::measure::bench::median(&times), times[0], 0.0))
 }
 
 /// `pretrain` with the demo recipe for warmup + reps steps of each phase; the per-step seconds
