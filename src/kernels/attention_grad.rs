@@ -101,7 +101,9 @@ fn softmax_row(row: &mut [f32]) {
     let mut max = f32::NEG_INFINITY;
     // SAFETY: the pointers cover `row`, which is not empty.
     unsafe { f32::vec_reduce_max(row.as_ptr(), &mut max, row.len()) };
-    row.iter_mut().for_each(|v| *v = (*v - max).exp());
+    row.iter_mut().for_each(|v| *v -= max);
+    // `f32::exp`'s bits, in vectors.
+    super::expf::exp_in_place(row);
     let mut sum = 0f32;
     unsafe { f32::vec_reduce_sum(row.as_ptr(), &mut sum, row.len()) };
     row.iter_mut().for_each(|v| *v /= sum);
