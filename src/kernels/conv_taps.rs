@@ -23,6 +23,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{for_tasks, threads};
+use super::io::Lines;
 #[cfg(target_arch = "x86_64")]
 use super::io::SendPtr;
 #[cfg(target_arch = "x86_64")]
@@ -145,13 +146,20 @@ impl Layout {
 }
 
 /// The weight of tap `t` given as (offset, row stride, column stride) of its [cout, cin] matrix
-/// in `w`, gathered as [tap][cin][cout], the order [`conv_taps`] reads it.
-pub(crate) fn pack_taps(w: &[f32], cout: usize, cin: usize, taps: usize, at: impl Fn(usize) -> (usize, usize, usize)) -> Vec<f32> {
-    let mut out = Vec::with_capacity(taps * cin * cout);
+/// in `w`, gathered as [tap][cin][cout], the order [`conv_taps`] reads it, from the start of a
+/// cache line (so that with a multiple of 16 output channels every 16-channel run of a row is
+/// one line).
+pub(crate) fn pack_taps(w: &[f32], cout: usize, cin: usize, taps: usize, at: impl Fn(usize) -> (usize, usize, usize)) -> Lines {
+    let mut out = Lines::zeros(taps * cin * cout);
+    if cout == 0 {
+        return out;
+    }
+    let mut rows = out.chunks_exact_mut(cout);
     for t in 0..taps {
         let (off, rs, cs) = at(t);
         for ci in 0..cin {
-            out.extend((0..cout).map(|co| w[off + co * rs + ci * cs]));
+            let row = rows.next().expect("taps x cin rows of cout");
+            row.iter_mut().enumerate().for_each(|(co, v)| *v = w[off + co * rs + ci * cs]);
         }
     }
     out
@@ -907,6 +915,8 @@ mod tests {
         let w: Vec<f32> = (0..cout * cin * taps).map(|i| i as f32).collect();
         // [cout, cin, taps] storage: tap t of (co, ci) at co * cin * taps + ci * taps + t.
         let p = pack_taps(&w, cout, cin, taps, |t| (t, cin * taps, taps));
+        assert_eq!(p.len(), cout * cin * taps);
+        assert_eq!(p.as_ptr() as usize % 64, 0, "the packed weight starts a cache line");
         for t in 0..taps {
             for ci in 0..cin {
                 for co in 0..cout {

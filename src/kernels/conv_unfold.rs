@@ -471,7 +471,7 @@ fn input_grad_direct(wt: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
     let grid = Phases::new(gh, gw, 1, k);
     let (rows, cols): (Vec<usize>, Vec<usize>) = ((0..ho).collect(), (0..wo).collect());
     // Per phase: its packed weight, and each tap's weight and gradient offsets.
-    let products: Vec<(Vec<f32>, Vec<usize>, Vec<usize>)> = phases
+    let products: Vec<(super::io::Lines, Vec<usize>, Vec<usize>)> = phases
         .iter()
         .map(|ph| {
             let packed = conv_taps::pack_taps(wt, cin, cout, ph.taps.len(), |t| (ph.taps[t].0 * k + ph.taps[t].1, k * k, cin * k * k));
