@@ -26,7 +26,7 @@ use super::conv::Phases;
 use super::conv_taps;
 use super::gemm;
 use super::gemm::sgemm;
-use super::io::uninit;
+use super::io::{uninit, Lines};
 
 /// Images per partial sum.
 pub const GROUP: usize = 4;
@@ -120,7 +120,8 @@ fn conv2d_direct(x: &[f32], wt: &[f32], sh: ConvShape, block: usize) -> Vec<f32>
     let grid = Phases::new(h + 2 * pad, w + 2 * pad, stride, k);
     let n_ext = ho * grid.wq;
     let x_offs: Vec<usize> = (0..ckk).map(|r| (r / (k * k)) * grid.plane + grid.tap(r / k % k, r % k)).collect();
-    let mut w_rows = uninit(ckk * cout);
+    // From the start of a cache line, as `conv_taps::pack_taps` packs its weights.
+    let mut w_rows = Lines::zeros(ckk * cout);
     transpose(wt, cout, ckk, &mut w_rows);
     let (rows, cols): (Vec<usize>, Vec<usize>) = ((0..h).collect(), (0..w).collect());
     // A single image splits its pixels across the threads; a batch runs one image per task.
@@ -471,7 +472,7 @@ fn input_grad_direct(wt: &[f32], g: &[f32], sh: ConvShape) -> Vec<f32> {
     let grid = Phases::new(gh, gw, 1, k);
     let (rows, cols): (Vec<usize>, Vec<usize>) = ((0..ho).collect(), (0..wo).collect());
     // Per phase: its packed weight, and each tap's weight and gradient offsets.
-    let products: Vec<(super::io::Lines, Vec<usize>, Vec<usize>)> = phases
+    let products: Vec<(Lines, Vec<usize>, Vec<usize>)> = phases
         .iter()
         .map(|ph| {
             let packed = conv_taps::pack_taps(wt, cin, cout, ph.taps.len(), |t| (ph.taps[t].0 * k + ph.taps[t].1, k * k, cin * k * k));
