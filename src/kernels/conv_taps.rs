@@ -150,7 +150,7 @@ impl Layout {
 /// cache line (so that with a multiple of 16 output channels every 16-channel run of a row is
 /// one line).
 pub(crate) fn pack_taps(w: &[f32], cout: usize, cin: usize, taps: usize, at: impl Fn(usize) -> (usize, usize, usize)) -> Lines {
-    let mut out = Lines::zeros(taps * cin * cout);
+    let mut out = Lines::uninit(taps * cin * cout);
     if cout == 0 {
         return out;
     }

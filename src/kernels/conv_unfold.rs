@@ -121,7 +121,7 @@ fn conv2d_direct(x: &[f32], wt: &[f32], sh: ConvShape, block: usize) -> Vec<f32>
     let n_ext = ho * grid.wq;
     let x_offs: Vec<usize> = (0..ckk).map(|r| (r / (k * k)) * grid.plane + grid.tap(r / k % k, r % k)).collect();
     // From the start of a cache line, as `conv_taps::pack_taps` packs its weights.
-    let mut w_rows = Lines::zeros(ckk * cout);
+    let mut w_rows = Lines::uninit(ckk * cout);
     transpose(wt, cout, ckk, &mut w_rows);
     let (rows, cols): (Vec<usize>, Vec<usize>) = ((0..h).collect(), (0..w).collect());
     // A single image splits its pixels across the threads; a batch runs one image per task.

@@ -63,9 +63,15 @@ pub(crate) struct Lines {
 struct Line([f32; 16]);
 
 impl Lines {
-    /// `len` zeros.
-    pub(crate) fn zeros(len: usize) -> Lines {
-        Lines { lines: vec![Line([0.0; 16]); len.div_ceil(16)], len }
+    /// `len` values that the caller overwrites completely (as [`uninit`]: zeroing a large
+    /// packed weight first would be a second pass over it on every call).
+    #[allow(clippy::uninit_vec)]
+    pub(crate) fn uninit(len: usize) -> Lines {
+        let mut lines = Vec::with_capacity(len.div_ceil(16));
+        // SAFETY: a `Line` is 16 f32s, which have no invalid bit patterns; every caller writes
+        // all `len` values before reading, and the tail past `len` is never read.
+        unsafe { lines.set_len(len.div_ceil(16)) };
+        Lines { lines, len }
     }
 }
 
