@@ -181,7 +181,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 /// One round of every case `a` asks for, with the profiles it asks for.
 fn measure(a: &Args, dev: &candle_core::Device, prec: Precision) -> anyhow::Result<(Vec<BenchResult>, Vec<bench::Profile>)> {
-    let dev = dev.clone();
     let mut results: Vec<BenchResult> = Vec::new();
     let mut profiles: Vec<bench::Profile> = Vec::new();
     if let Some(model) = &a.model {
@@ -224,7 +223,7 @@ fn measure(a: &Args, dev: &candle_core::Device, prec: Precision) -> anyhow::Resu
         }
     }
     if a.sd15 && a.text_vae {
-        let clip = bench::synthetic_sd15_text_encoder(DType::F32, prec, &dev, Mode::Infer, true)?;
+        let clip = bench::synthetic_sd15_text_encoder(DType::F32, prec, dev, Mode::Infer, true)?;
         eprintln!("[bench] SD-1.5 text encoder");
         results.push(bench::text_encoder_step("text encoder sd15", &clip, 2, a.warmup, a.reps)?);
         if a.profile {
@@ -232,7 +231,7 @@ fn measure(a: &Args, dev: &candle_core::Device, prec: Precision) -> anyhow::Resu
         }
     }
     if a.sd15 && a.sd15_vae {
-        let vae = bench::synthetic_sd15_vae(DType::F32, prec, &dev)?;
+        let vae = bench::synthetic_sd15_vae(DType::F32, prec, dev)?;
         eprintln!("[bench] SD-1.5 VAE encode 512 px, decode 64x64");
         results.push(bench::vae_encode_step("vae encode sd15", &vae, 1, 512, a.warmup, a.reps)?);
         results.push(bench::vae_decode_step("vae decode sd15", &vae, 1, 64, a.warmup, a.reps)?);
@@ -243,8 +242,8 @@ fn measure(a: &Args, dev: &candle_core::Device, prec: Precision) -> anyhow::Resu
     if a.sd15 && a.ti {
         for frozen_ops in [true, false] {
             eprintln!("[bench] building SD-1.5-shaped text encoder + UNet (training mode)");
-            let clip = bench::synthetic_sd15_text_encoder(DType::F32, prec, &dev, Mode::Train, frozen_ops)?;
-            let unet = bench::synthetic_sd15_unet_mode(DType::F32, prec, &dev, Mode::Train, frozen_ops)?;
+            let clip = bench::synthetic_sd15_text_encoder(DType::F32, prec, dev, Mode::Train, frozen_ops)?;
+            let unet = bench::synthetic_sd15_unet_mode(DType::F32, prec, dev, Mode::Train, frozen_ops)?;
             let name = if frozen_ops { "ti step sd15" } else { "ti step sd15, no frozen" };
             eprintln!("[bench] {name} latent {}", a.ti_latent);
             results.push(bench::ti_step(name, &clip, &unet, 1, a.ti_latent, 0, a.reps)?);
@@ -295,11 +294,11 @@ fn measure(a: &Args, dev: &candle_core::Device, prec: Precision) -> anyhow::Resu
             "bf16" => DType::BF16,
             other => anyhow::bail!("--dtype {other}: use f32, f16 or bf16"),
         };
-        let unet = bench::synthetic_sd15_unet(dtype, prec, &dev)?;
+        let unet = bench::synthetic_sd15_unet(dtype, prec, dev)?;
         eprintln!("[bench] built in {:.1} s", t0.elapsed().as_secs_f64());
         if a.sd15_flow {
-            let clip = bench::synthetic_sd15_text_encoder(DType::F32, prec, &dev, Mode::Infer, true)?;
-            let vae = bench::synthetic_sd15_vae(DType::F32, prec, &dev)?;
+            let clip = bench::synthetic_sd15_text_encoder(DType::F32, prec, dev, Mode::Infer, true)?;
+            let vae = bench::synthetic_sd15_vae(DType::F32, prec, dev)?;
             let n = a.sd15_flow_steps;
             eprintln!("[bench] whole SD-1.5 Diff-II generation, {n} + {n} inversion steps, {n} guided steps, 512 px");
             results.push(bench::sd15_flow("diffii flow sd15 (synthetic)", &clip, &vae, &unet, n, n, a.warmup, a.reps)?);

@@ -58,7 +58,6 @@ pub(crate) struct Lines {
     len: usize,
 }
 
-#[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Line([f32; 16]);
 

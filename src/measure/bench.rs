@@ -63,7 +63,7 @@ impl BenchResult {
             seconds,
             min_seconds,
             gflop,
-            gflops: if seconds > 0.0 { gflop / seconds } else { 0.0 },
+            gflops: rate(gflop, seconds),
             percent_of_peak: 0.0,
             peak_rss_mib: peak_rss_mib(),
             torch_seconds: None,
@@ -97,6 +97,15 @@ impl BenchResult {
     }
 }
 
+/// GFLOP/s of `gflop` done in `seconds` (0 for no time measured).
+fn rate(gflop: f64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        gflop / seconds
+    } else {
+        0.0
+    }
+}
+
 /// The results of several rounds of the same cases (`bench --rounds`, each round all of ours
 /// and then PyTorch's) as one result per case: the median of the rounds' medians for each side,
 /// the fastest call, the largest peak memory, and every round kept in [`BenchResult::rounds`].
@@ -123,7 +132,7 @@ pub fn merge_rounds(mut rounds: Vec<Vec<BenchResult>>) -> Result<Vec<BenchResult
             BenchResult {
                 seconds,
                 min_seconds,
-                gflops: if seconds > 0.0 { cases[0].gflop / seconds } else { 0.0 },
+                gflops: rate(cases[0].gflop, seconds),
                 percent_of_peak: 0.0,
                 peak_rss_mib: cases.iter().map(|r| r.peak_rss_mib).fold(0.0, f64::max),
                 torch_seconds: (!torch.is_empty()).then(|| median(&torch)),
