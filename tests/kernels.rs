@@ -387,6 +387,56 @@ fn linear_layer_matches_its_composed_paths() {
     eprintln!("nn::Linear: max relative error {worst:.2e} (tolerance {TOL:.0e})");
 }
 
+/// The f32 weight packed into panels once ([`kernels::linear::pack_panels`]) gives every
+/// output the bits of `gemm`'s product in [`kernels::linear`]: depths of one block, of blocks
+/// of 512 (at most 64 x 64 outputs per item) and of the blocks `gemm` sizes from the L1 cache
+/// (600, 768 and 3 072 deep, as the text encoder's layers), output counts off the panels'
+/// width, several items run as one product, both weight layouts, 1 and 2 threads; and it
+/// refuses the shapes it does not reproduce.
+#[test]
+fn linear_panels_give_gemms_bits() {
+    if !kernels::linear::panels_pay(&[1, 77, 64], 64, 64) {
+        eprintln!("linear panels: SKIPPED, this CPU has neither AVX-512 nor AVX2 with FMA");
+        return;
+    }
+    let cases: [(&[usize], usize); 9] = [
+        (&[2, 77, 96], 80),
+        (&[1, 77, 600], 40),
+        (&[2, 77, 768], 200),
+        (&[2, 20, 3072], 100),
+        (&[3, 40, 1100], 50),
+        (&[3, 7, 33], 70),
+        (&[1, 256, 64], 13),
+        (&[2, 4, 4, 17], 64),
+        (&[1, 9, 5], 300),
+    ];
+    for (i, &(shape, out_dim)) in cases.iter().enumerate() {
+        let (x, w, bias, res) = linear_data(7000 + 100 * i as u64, shape, out_dim);
+        let in_dim = *shape.last().unwrap();
+        assert!(kernels::linear::panels_pay(shape, in_dim, out_dim), "{shape:?} -> {out_dim} should take the panels");
+        for w in [w.clone(), kernels::linear::in_major(&w).unwrap()] {
+            let panels = kernels::linear::pack_panels(&w).unwrap();
+            for (use_bias, use_res) in [(false, false), (true, true), (true, false)] {
+                let (b, r) = (use_bias.then_some(&bias), use_res.then_some(&res));
+                let want = kernels::linear(&x, &w, b, r, None).unwrap();
+                for threads in [1, 2] {
+                    let got = with_threads(threads, || kernels::linear::linear_panels(&x, &panels, b, r).unwrap());
+                    let what = format!("panels x {shape:?} -> {out_dim}, bias {use_bias}, residual {use_res}, {threads} threads");
+                    assert_same_bits(&what, &got, &want);
+                }
+            }
+        }
+    }
+    // Shapes whose bits `gemm` sums otherwise, or where the panels do not pay.
+    let w = randn(1, &[32, 40], 0.1);
+    let panels = kernels::linear::pack_panels(&w).unwrap();
+    for shape in [&[5, 40][..], &[1, 1, 40], &[3, 1, 40], &[1, 300, 40], &[2, 200, 40], &[1, 4, 40]] {
+        assert!(!kernels::linear::panels_pay(shape, 40, 32), "{shape:?} should not take the panels");
+        assert!(kernels::linear::linear_panels(&randn(2, shape, 1.0), &panels, None, None).is_err(), "{shape:?} accepted");
+    }
+    assert!(kernels::linear::linear_panels(&randn(3, &[1, 77, 41], 1.0), &panels, None, None).is_err(), "wrong depth accepted");
+}
+
 /// A weight stored input-major is read in place: the same bits as the usual layout on the fast
 /// path (items of several rows, one-row items, one item split across threads) and on the
 /// composed training path (forward and the input's gradient through a frozen weight). The

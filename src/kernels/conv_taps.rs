@@ -192,13 +192,111 @@ pub(crate) fn conv_taps(w: &[f32], w_offs: &[usize], cout: usize, cin: usize, x:
 ///
 /// Panics unless `x` holds every element the offsets reach.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn conv_rows(w: &[f32], cout: usize, x_offs: &[usize], block: usize, x: &[f32], n: usize, dst: &mut [f32], parallel: bool, layout: Layout) {
+pub(crate) fn conv_rows(w: &[f32], cout: usize, x_offs: &[usize], block: usize, x: &[f32], n: usize, dst: &mut [f32], preloaded: bool, parallel: bool, layout: Layout) {
     assert!(available() && cout >= 1 && block >= 1 && n >= 1, "conv_rows: not applicable");
     assert!(w.len() >= x_offs.len() * cout && dst.len() >= cout * n);
     let reach = x_offs.iter().max().copied().unwrap_or(0) + layout.last_pixel(n) + 1;
     assert!(x.len() >= reach, "conv_rows: input of {} floats, the rows reach {reach}", x.len());
-    run(the_geometry(), w, &Rows { x_offs, block, cout }, cout, x, n, dst, false, parallel, layout);
+    run(the_geometry(), w, &Rows { x_offs, block, cout }, cout, x, n, dst, preloaded, parallel, layout);
 }
+
+/// Output channels per panel of [`pack_panels`]: one channels-last tile's width (16 with
+/// AVX2, 64 with AVX-512).
+pub(crate) fn panel_width() -> usize {
+    the_geometry().cl_channels
+}
+
+/// A weight `W` [k, cout] (element (r, co) at `w[r·rs + co·cs]`) as panels of
+/// [`panel_width`] output channels, each [k, width] and padded with zeros to the full width,
+/// from the start of a cache line: the order [`panels`] reads it, one line per depth row of a
+/// panel with AVX2 (four with AVX-512), the rows consecutive.
+pub(crate) fn pack_panels(w: &[f32], k: usize, cout: usize, (rs, cs): (usize, usize)) -> Lines {
+    use rayon::prelude::*;
+    let width = panel_width();
+    let count = cout.div_ceil(width);
+    let mut out = Lines::uninit(count * k * width);
+    if out.is_empty() {
+        return out;
+    }
+    // The panels in parallel: a layer packs once, but the text encoder's are 340 MB in all.
+    out.par_chunks_exact_mut(k * width).enumerate().for_each(|(j, panel)| {
+        let c = (cout - j * width).min(width);
+        if cs == 1 {
+            for (r, row) in panel.chunks_exact_mut(width).enumerate() {
+                let src = &w[r * rs + j * width..][..c];
+                row[..c].copy_from_slice(src);
+                row[c..].fill(0.0);
+            }
+        } else {
+            // Each output channel's row of the weight is read in order.
+            for (i, co) in (j * width..j * width + c).enumerate() {
+                for (r, v) in panel.iter_mut().skip(i).step_by(width).enumerate() {
+                    *v = w[r * rs + co * cs];
+                }
+            }
+            for row in panel.chunks_exact_mut(width) {
+                row[c..].fill(0.0);
+            }
+        }
+    });
+    out
+}
+
+/// `dst[p, co]` (rows `ld` apart) `= (preloaded ? dst : 0) + Σ_b Σ_{r in block b} W[r, co] ·
+/// x[p·x_stride + r]` for the `n` rows `p` of `x`, the weight from [`pack_panels`], the depth
+/// `k` taken in blocks of `block` (the last one shorter), each one fused multiply-add chain
+/// from zero added into the output in order: the arithmetic of one `gemm` product whose depth
+/// blocks are `block` long ([`super::gemm::depth_block`]), with the weight packed once instead
+/// of on every call. Per depth block, each panel runs through every row tile while its block of
+/// weights stays near the core; the panels are split across rayon's threads when `parallel`
+/// (same arithmetic).
+///
+/// Panics unless [`available`] and the slices hold what the shapes say.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn panels(w: &[f32], cout: usize, k: usize, block: usize, x: &[f32], x_stride: usize, n: usize, dst: &mut [f32], ld: usize, preloaded: bool, parallel: bool) {
+    assert!(available() && block >= 1 && k >= 1 && x_stride >= k && ld >= cout, "panels: not applicable");
+    let width = panel_width();
+    let count = cout.div_ceil(width);
+    assert!(w.len() >= count * k * width && dst.len() >= n.saturating_sub(1) * ld + cout && x.len() >= n.saturating_sub(1) * x_stride + k);
+    if n == 0 || cout == 0 {
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the direct kernel needs AVX-512 or AVX2");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let wide = the_geometry() == <x86::Avx512 as x86::Isa>::TILES;
+        let x_offs: Vec<usize> = (0..k).collect();
+        let depth = Rows { x_offs: &x_offs, block, cout: width };
+        let dst_ptr = SendPtr(dst.as_mut_ptr());
+        // Panels per task: a few, so that a task's weights for one block stay in L2.
+        let per_task = if parallel { count.div_ceil(threads()).clamp(1, PANELS_PER_TASK) } else { PANELS_PER_TASK };
+        for_tasks(count.div_ceil(per_task), parallel, |task| {
+            let js = task * per_task..((task + 1) * per_task).min(count);
+            for t in 0..depth.blocks() {
+                for j in js.clone() {
+                    let d = dst_ptr;
+                    let c = (cout - j * width).min(width);
+                    let wj = &w[j * k * width..(j + 1) * k * width];
+                    // SAFETY: the instruction set was detected, the bounds checked above, and
+                    // each task writes only its own panels' columns of dst.
+                    unsafe {
+                        let out = d.0.add(j * width);
+                        if wide {
+                            x86::block_cl_avx512(wj, &depth, c, ld, x, (1, x_stride), 0, n, out, preloaded, t..t + 1)
+                        } else {
+                            x86::block_cl_avx2(wj, &depth, c, ld, x, (1, x_stride), 0, n, out, preloaded, t..t + 1)
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Panels per task of [`panels`] (its tasks' weights for one depth block of 512 rows: 128 KiB
+/// with AVX2's 16-channel panels).
+const PANELS_PER_TASK: usize = 4;
 
 /// The depth rows of a product and how they fall into chains: each block's rows are one
 /// fused multiply-add chain, the blocks' chains added into the output in order.
@@ -347,9 +445,9 @@ fn run<D: Depth>(g: Geometry, w: &[f32], depth: &D, cout: usize, x: &[f32], n: u
             // SAFETY: as for `run`.
             unsafe {
                 if wide {
-                    x86::block_cl_avx512(w, depth, cout, x, px_rows, p0, p1, d.0, preloaded)
+                    x86::block_cl_avx512(w, depth, cout, cout, x, px_rows, p0, p1, d.0, preloaded, 0..depth.blocks())
                 } else {
-                    x86::block_cl_avx2(w, depth, cout, x, px_rows, p0, p1, d.0, preloaded)
+                    x86::block_cl_avx2(w, depth, cout, cout, x, px_rows, p0, p1, d.0, preloaded, 0..depth.blocks())
                 }
             }
         };
@@ -618,7 +716,7 @@ mod x86 {
             /// As the planar entry.
             #[allow(clippy::too_many_arguments)]
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $block_cl<D: Depth>(w: &[f32], depth: &D, cout: usize, x: &[f32], (cols, stride): (usize, usize), p0: usize, p1: usize, dst: *mut f32, preloaded: bool) {
+            pub(super) unsafe fn $block_cl<D: Depth>(w: &[f32], depth: &D, cout: usize, ld: usize, x: &[f32], (cols, stride): (usize, usize), p0: usize, p1: usize, dst: *mut f32, preloaded: bool, ts: Range<usize>) {
                 type I = $isa;
                 let mut co = 0;
                 while co < cout {
@@ -639,7 +737,7 @@ mod x86 {
                                 *o = at(p + j) - at(p);
                             }
                         }
-                        let args = Tile::<I, D> { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(at(p)), pix, dst: dst.add(p * cout + co), ld: cout, last, preloaded, ts: 0..depth.blocks(), part: None };
+                        let args = Tile::<I, D> { w: w.as_ptr().add(co), depth, x: x.as_ptr().add(at(p)), pix, dst: dst.add(p * ld + co), ld, last, preloaded, ts: ts.clone(), part: None };
                         match (px, vecs, masked, split) {
                             $(
                                 ($p, 1, false, false) => tile_cl::<I, D, $p, 1, false, false>(&args),

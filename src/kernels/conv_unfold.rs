@@ -92,14 +92,16 @@ fn conv2d_gemm(x: &[f32], wt: &[f32], sh: ConvShape) -> Vec<f32> {
 }
 
 /// The depth block in which `gemm` sums the product `W [cout, cin·k·k] @ U [cin·k·k, ho·wo]`
-/// ([`gemm::depth_block`]), where the direct kernel (AVX-512 or AVX2) can reproduce it. A 1x1
-/// convolution stays with `gemm`: its unfolding is at most a subsampling copy.
+/// ([`gemm::depth_block`]), where the direct kernel (AVX-512 or AVX2) reproduces it and was
+/// measured to pay: depths of one block, and products of at most 64 x 64. A 1x1 convolution
+/// stays with `gemm`: its unfolding is at most a subsampling copy.
 fn direct_block(sh: ConvShape) -> Option<usize> {
     let (ho, wo) = sh.out_hw();
-    if sh.k == 1 || !conv_taps::available() {
+    let depth = sh.cin * sh.k * sh.k;
+    if sh.k == 1 || !conv_taps::available() || (depth > 512 && (sh.cout > 64 || ho * wo > 64)) {
         return None;
     }
-    gemm::depth_block(sh.cout, ho * wo, sh.cin * sh.k * sh.k)
+    gemm::depth_block(sh.cout, ho * wo, depth)
 }
 
 /// [`conv2d_unfolded`] through the direct kernel ([`conv_taps::conv_rows`]): each image is
@@ -137,15 +139,15 @@ fn conv2d_direct(x: &[f32], wt: &[f32], sh: ConvShape, block: usize) -> Vec<f32>
             if channels_last {
                 // Only the map's pixels, as [pixel, cout], then transposed.
                 let layout = conv_taps::Layout::ChannelsLastRows { cols: wo, stride: grid.wq };
-                conv_taps::conv_rows(&w_rows, cout, &x_offs, block, xp, hw, ext, parallel, layout);
+                conv_taps::conv_rows(&w_rows, cout, &x_offs, block, xp, hw, ext, false, parallel, layout);
                 transpose(&ext[..hw * cout], hw, cout, dst);
                 return;
             }
             if grid.wq == wo {
-                conv_taps::conv_rows(&w_rows, cout, &x_offs, block, xp, n_ext, dst, parallel, conv_taps::Layout::Planar);
+                conv_taps::conv_rows(&w_rows, cout, &x_offs, block, xp, n_ext, dst, false, parallel, conv_taps::Layout::Planar);
                 return;
             }
-            conv_taps::conv_rows(&w_rows, cout, &x_offs, block, xp, n_ext, ext, parallel, conv_taps::Layout::Planar);
+            conv_taps::conv_rows(&w_rows, cout, &x_offs, block, xp, n_ext, ext, false, parallel, conv_taps::Layout::Planar);
             for (d, e) in dst.chunks_exact_mut(wo).zip(ext.chunks_exact(grid.wq)) {
                 d.copy_from_slice(&e[..wo]);
             }

@@ -17,23 +17,37 @@ pub(crate) fn per_item(out: &mut [f32], items: usize, one: impl Fn(usize, &mut [
     }
 }
 
-/// The depth block in which `gemm` 0.19 sums each entry of an `m x k` by `k x n` product,
-/// where that is known. Its usual kernels (at least 2 rows and 2 columns, a depth of at least
-/// 3, more than 256 outputs) run one fused multiply-add chain per depth block, from zero, and
-/// add the blocks in order: a depth up to 512 is one block, products of at most 64 x 64 take
-/// blocks of 512 at any depth, and other deeper products blocks sized from the CPU's caches
-/// (its `kernel_params`), not reproduced here. Its other kernels (`gevv` for a depth of 1-2,
+/// The depth block in which `gemm` 0.19 sums each entry of an `m x k` by `k x n` product
+/// (the last block shorter). Its usual kernels (at least 2 rows and 2 columns, a depth of at
+/// least 3, more than 256 outputs) run one fused multiply-add chain per depth block, from
+/// zero, and add the blocks in order: a depth up to 512 is one block, products of at most
+/// 64 x 64 take blocks of 512 at any depth, and other deeper products the block its
+/// `cache::kernel_params` sizes from the CPU's L1 cache and the microkernel's rows (64 with
+/// AVX-512, 16 with AVX2; 6 columns), k split evenly (768 -> 2 x 384 on the CPUs measured,
+/// 3072 -> 6 x 512), whatever `m` and `n`. Its other kernels (`gevv` for a depth of 1-2,
 /// `gemv` for one row or column, the "horizontal" ones for at most 256 outputs) sum in orders
-/// of their own. `None` for all of those. Our direct kernels, which sum the same way, give
-/// `gemm`'s bits exactly where this is `Some`.
+/// of their own: `None` for those. Our direct kernels, which sum the same way, give `gemm`'s
+/// bits exactly where this is `Some` (tested against `gemm` at depths 768 and 3072).
 pub(crate) fn depth_block(m: usize, n: usize, k: usize) -> Option<usize> {
     if m < 2 || n < 2 || k < 3 || m * n <= 256 {
         None
     } else if k <= 512 {
         Some(k)
+    } else if m <= 64 && n <= 64 {
+        Some(512)
     } else {
-        (m <= 64 && n <= 64).then_some(512)
+        Some(gemm_common::cache::kernel_params(m, n, k, microkernel_rows(), 6, 4).kc)
     }
+}
+
+/// Rows of the f32 microkernel `gemm` dispatches to on this CPU (its own test: AVX-512F,
+/// else FMA).
+fn microkernel_rows() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        return 64;
+    }
+    16
 }
 
 /// Whether `gemm` sums each entry of the product in one chain over the whole depth (see

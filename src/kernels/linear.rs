@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use super::bf16::{self, PairPlanes};
 use super::conv_taps;
 use super::gemm::{per_item, sgemm, threads};
-use super::io::{check_per_channel, tensor, uninit, with_slices};
+use super::io::{check_per_channel, tensor, uninit, with_slices, Lines};
 use crate::error::{Error, Result};
 
 /// `x` [items, rows, in] (rank >= 3: items = dim 0) or [rows, in] (rank 2: every row is its
@@ -21,11 +21,9 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
     if w_in != in_dim {
         return Err(Error::invalid(format!("linear: input dim {in_dim} vs weight {:?}", weight.dims())));
     }
-    check_per_channel("linear", "bias", bias, out_dim)?;
+    let out_shape = checked_out_shape("linear", &dims, out_dim, bias, residual)?;
     let (rows, items) = row_blocks(&dims);
     let total_rows = rows * items;
-    let mut out_shape = dims.clone();
-    *out_shape.last_mut().unwrap() = out_dim;
     // The bf16 product reads only the packed weight; the f32 one may be an input-major view,
     // which `with_slices` would copy whole on every call, so it is left out (`x` holds its slot).
     let mut ts: Vec<&Tensor> = vec![x, if packed.is_some() { x } else { weight }];
@@ -33,9 +31,6 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
         ts.push(b);
     }
     if let Some(r) = residual {
-        if r.dims() != out_shape.as_slice() {
-            return Err(Error::invalid(format!("linear: residual {:?} vs output {out_shape:?}", r.dims())));
-        }
         ts.push(r);
     }
     if let Some(pw) = packed {
@@ -119,6 +114,86 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Opti
         out
     })?;
     tensor(out, &out_shape)
+}
+
+/// A frozen f32 weight [out, in] packed once for [`linear_panels`]: panels of one register
+/// tile's width of output channels, each [in, width], from the start of a cache line.
+pub struct Panels {
+    lines: Lines,
+    in_dim: usize,
+    out_dim: usize,
+}
+
+/// `weight` [out, in], stored either way, packed for [`linear_panels`] (done once per layer).
+pub fn pack_panels(weight: &Tensor) -> Result<Panels> {
+    let (out_dim, in_dim) = weight.dims2()?;
+    if !conv_taps::available() {
+        return Err(Error::invalid("linear panels: the direct kernel needs AVX-512 or AVX2 with FMA"));
+    }
+    let (w, o_stride, i_stride) = stored_2d(weight)?;
+    let lines = with_slices(&[&w], |s| conv_taps::pack_panels(s[0], in_dim, out_dim, (i_stride, o_stride)))?;
+    Ok(Panels { lines, in_dim, out_dim })
+}
+
+/// Whether [`linear_panels`] runs the f32 product of an input shaped `dims` (its last dim
+/// `in_dim`) with an [`out_dim`, `in_dim`] weight, and pays: on AVX-512 or AVX2, for products
+/// whose every entry `gemm` sums in depth blocks the panels reproduce
+/// ([`gemm::depth_block`](super::gemm::depth_block); so not a single row, nor items of one row
+/// each), with at most [`PANEL_ROWS`] rows in all. There `gemm`'s packing of the whole weight
+/// on every call, which the panels do once, cost 10-25 % of the product (the text encoder's 77
+/// tokens per prompt); with thousands of rows it is a small share, and `gemm`'s blocking of the
+/// rows wins.
+pub fn panels_pay(dims: &[usize], in_dim: usize, out_dim: usize) -> bool {
+    let (rows, items) = row_blocks(dims);
+    conv_taps::available() && dims.len() >= 3 && rows * items <= PANEL_ROWS && super::gemm::depth_block(rows, out_dim, in_dim).is_some()
+}
+
+/// Rows up to which [`panels_pay`] (measured on an AVX2 EPYC: at 154 rows the panels ran the
+/// text encoder's layers at 175-185 GFLOP/s against `gemm`'s 150-170, at 512 they were level,
+/// and at 4096 slower).
+pub const PANEL_ROWS: usize = 256;
+
+/// [`linear`] in f32 on a weight from [`pack_panels`]: `x` [items, rows, in] times the weight,
+/// plus `bias` \[out\] and `residual` (shaped like the output), with every output element summed
+/// as `gemm` sums it in [`linear`] (the same bits; the items' rows run as one product, the
+/// threads splitting the panels). Only where [`panels_pay`]. Inference only (no backward).
+pub fn linear_panels(x: &Tensor, panels: &Panels, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (in_dim, out_dim) = (panels.in_dim, panels.out_dim);
+    if !panels_pay(&dims, in_dim, out_dim) || dims.last() != Some(&in_dim) {
+        return Err(Error::invalid(format!("linear panels: input {dims:?} with a weight [{out_dim}, {in_dim}]")));
+    }
+    let out_shape = checked_out_shape("linear panels", &dims, out_dim, bias, residual)?;
+    let (rows, items) = row_blocks(&dims);
+    let block = super::gemm::depth_block(rows, out_dim, in_dim).expect("panels_pay checked it");
+    let mut ts = vec![x];
+    ts.extend(bias);
+    ts.extend(residual);
+    let out = with_slices(&ts, |s| {
+        let bs = bias.map(|_| s[1]);
+        let rs = residual.map(|_| s[s.len() - 1]);
+        let mut out = uninit(rows * items * out_dim);
+        let parallel = threads() > 1;
+        let start = bf16::Start::Fill { bias: bs.map(bf16::Bias::Columns), residual: rs };
+        let preloaded = start.preload(&mut out, out_dim, parallel);
+        conv_taps::panels(&panels.lines, out_dim, in_dim, block, s[0], in_dim, rows * items, &mut out, out_dim, preloaded, parallel);
+        out
+    })?;
+    tensor(out, &out_shape)
+}
+
+/// The output shape of a linear layer with `out_dim` outputs on an input shaped `dims`, after
+/// checking the bias and residual against it.
+fn checked_out_shape(what: &str, dims: &[usize], out_dim: usize, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Vec<usize>> {
+    check_per_channel(what, "bias", bias, out_dim)?;
+    let mut out_shape = dims.to_vec();
+    *out_shape.last_mut().ok_or_else(|| Error::invalid(format!("{what}: scalar input")))? = out_dim;
+    if let Some(r) = residual {
+        if r.dims() != out_shape.as_slice() {
+            return Err(Error::invalid(format!("{what}: residual {:?} vs output {out_shape:?}", r.dims())));
+        }
+    }
+    Ok(out_shape)
 }
 
 /// The same weight [out, in] stored input-major, as [in, out] in memory (a transposed view, so

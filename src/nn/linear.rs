@@ -11,7 +11,7 @@ use super::weights::Weights;
 use crate::error::Result;
 use crate::instrument::flops;
 use crate::instrument::profile::{scope, Class};
-use crate::kernels::{self, bf16::PackedA, linear::PackedLinear};
+use crate::kernels::{self, bf16::PackedA, linear::PackedLinear, linear::Panels};
 
 /// `nn.Linear`: y = x W^T + b, for inputs of any rank (the last dim is the feature dim),
 /// plus an optional unmerged low-rank adapter.
@@ -26,6 +26,10 @@ pub struct Linear {
     packed: PackedWeight<PackedLinear>,
     /// The weight packed as a 1x1 convolution's, for [`Pointwise::from_tokens`].
     packed_lhs: PackedWeight<PackedA>,
+    /// The f32 weight packed for inputs of few rows ([`kernels::linear::panels_pay`]): made on
+    /// the first such call, a second copy of the weight kept beside it (the text encoder's
+    /// layers, and the UNet's where its maps are small or it reads the prompt).
+    panels: PackedWeight<Panels>,
 }
 
 /// An unmerged LoRA update: the layer computes `x W^T + b + scale (x down^T) up^T`. Training
@@ -72,7 +76,7 @@ impl Linear {
 
     /// A layer from given tensors (weight [out, in]).
     pub fn new(weight: Tensor, bias: Option<Tensor>, precision: Precision) -> Self {
-        Linear { weight, bias, adapter: None, precision, frozen_ops: true, packed: PackedWeight::default(), packed_lhs: PackedWeight::default() }
+        Linear { weight, bias, adapter: None, precision, frozen_ops: true, packed: PackedWeight::default(), packed_lhs: PackedWeight::default(), panels: PackedWeight::default() }
     }
 
     /// The bf16-packed weight when this layer runs its products in bf16.
@@ -115,6 +119,10 @@ impl Linear {
             let in_dim = x.dim(candle_core::D::Minus1)?;
             flops::add(x.elem_count() / in_dim.max(1) * in_dim * self.weight.dim(0)?);
             let packed = if kernels::linear::rowwise(x.dims()) { None } else { self.packed()? };
+            if packed.is_none() && kernels::linear::panels_pay(x.dims(), in_dim, self.weight.dim(0)?) {
+                let panels = self.panels.get(&self.weight, kernels::linear::pack_panels)?;
+                return scope(Class::Linear, || kernels::linear::linear_panels(x, &panels, self.bias.as_ref(), residual));
+            }
             return scope(Class::Linear, || kernels::linear(x, &self.weight, self.bias.as_ref(), residual, packed.as_deref()));
         }
         let y = self.forward_composed(x)?;
