@@ -391,8 +391,9 @@ fn linear_layer_matches_its_composed_paths() {
 /// output the bits of `gemm`'s product in [`kernels::linear`]: depths of one block, of blocks
 /// of 512 (at most 64 x 64 outputs per item) and of the blocks `gemm` sizes from the L1 cache
 /// (600, 768 and 3 072 deep, as the text encoder's layers), output counts off the panels'
-/// width, several items run as one product, both weight layouts, 1 and 2 threads; and it
-/// refuses the shapes it does not reproduce.
+/// width, several items run as one product, both weight layouts, 1 and 2 threads, and through
+/// a layer ([`Linear::with_panels`]) whose weight changes; and it refuses the shapes it does
+/// not reproduce.
 #[test]
 fn linear_panels_give_gemms_bits() {
     if !kernels::linear::panels_pay(&[1, 77, 64], 64, 64) {
@@ -427,6 +428,16 @@ fn linear_panels_give_gemms_bits() {
             }
         }
     }
+    // A layer reading panels: the bits of one that does not, also after its weight changes (a
+    // merged LoRA update), when the panels are packed again.
+    let (x, w, bias, _) = linear_data(7900, &[2, 77, 96], 80);
+    let mut plain = Linear::new(w.clone(), Some(bias.clone()), Precision::F32).in_major().unwrap();
+    let mut paneled = plain.clone().with_panels();
+    assert_same_bits("nn::Linear with panels", &paneled.forward(&x).unwrap(), &plain.forward(&x).unwrap());
+    let delta = randn(7901, &[80, 96], 0.05);
+    plain.add_to_weight(&delta).unwrap();
+    paneled.add_to_weight(&delta).unwrap();
+    assert_same_bits("nn::Linear with panels, merged update", &paneled.forward(&x).unwrap(), &plain.forward(&x).unwrap());
     // Shapes whose bits `gemm` sums otherwise, or where the panels do not pay.
     let w = randn(1, &[32, 40], 0.1);
     let panels = kernels::linear::pack_panels(&w).unwrap();

@@ -36,7 +36,8 @@ pub struct ClipTextEncoder {
 impl ClipTextEncoder {
     /// `w` is the text encoder's file; keys are read under `text_model.` (the loader registers
     /// the alias for checkpoints saved without that prefix). Its linear layers see 77 rows per
-    /// prompt and keep frozen weights input-major ([`Linear::in_major`]).
+    /// prompt, keep frozen weights input-major ([`Linear::in_major`]) and read them from panels
+    /// on the f32 CPU path ([`Linear::with_panels`]).
     pub fn load(w: &Weights, config: &ClipConfig, mode: Mode) -> Result<Self> {
         let c = config;
         let h = c.hidden_size;
@@ -49,13 +50,13 @@ impl ClipTextEncoder {
                 let wa = wl.pp("self_attn");
                 Ok(EncoderLayer {
                     layer_norm1: LayerNorm::load(&wl.pp("layer_norm1"), h, eps, mode)?,
-                    q_proj: Linear::load(&wa.pp("q_proj"), h, h, true)?.in_major()?,
-                    k_proj: Linear::load(&wa.pp("k_proj"), h, h, true)?.in_major()?,
-                    v_proj: Linear::load(&wa.pp("v_proj"), h, h, true)?.in_major()?,
-                    out_proj: Linear::load(&wa.pp("out_proj"), h, h, true)?.in_major()?,
+                    q_proj: Linear::load(&wa.pp("q_proj"), h, h, true)?.in_major()?.with_panels(),
+                    k_proj: Linear::load(&wa.pp("k_proj"), h, h, true)?.in_major()?.with_panels(),
+                    v_proj: Linear::load(&wa.pp("v_proj"), h, h, true)?.in_major()?.with_panels(),
+                    out_proj: Linear::load(&wa.pp("out_proj"), h, h, true)?.in_major()?.with_panels(),
                     layer_norm2: LayerNorm::load(&wl.pp("layer_norm2"), h, eps, mode)?,
-                    fc1: Linear::load(&wl.pp("mlp").pp("fc1"), h, c.intermediate_size, true)?.in_major()?,
-                    fc2: Linear::load(&wl.pp("mlp").pp("fc2"), c.intermediate_size, h, true)?.in_major()?,
+                    fc1: Linear::load(&wl.pp("mlp").pp("fc1"), h, c.intermediate_size, true)?.in_major()?.with_panels(),
+                    fc2: Linear::load(&wl.pp("mlp").pp("fc2"), c.intermediate_size, h, true)?.in_major()?.with_panels(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
