@@ -92,9 +92,10 @@ fn conv2d_gemm(x: &[f32], wt: &[f32], sh: ConvShape) -> Vec<f32> {
 }
 
 /// The depth block in which `gemm` sums the product `W [cout, cin·k·k] @ U [cin·k·k, ho·wo]`
-/// ([`gemm::depth_block`]), where the direct kernel (AVX-512 or AVX2) reproduces it and was
-/// measured to pay: depths of one block, and products of at most 64 x 64. A 1x1 convolution
-/// stays with `gemm`: its unfolding is at most a subsampling copy.
+/// ([`gemm::depth_block`]), where the direct kernel (AVX-512 or AVX2) reproduces it: depths
+/// of one block, and products of at most 64 x 64 (deeper, larger products, whose blocks `gemm`
+/// sizes from the L1 cache, stay with `gemm`: the direct kernel's speed on them is not
+/// measured). A 1x1 convolution stays with `gemm`: its unfolding is at most a subsampling copy.
 fn direct_block(sh: ConvShape) -> Option<usize> {
     let (ho, wo) = sh.out_hw();
     let depth = sh.cin * sh.k * sh.k;

@@ -23,8 +23,8 @@ pub(crate) fn per_item(out: &mut [f32], items: usize, one: impl Fn(usize, &mut [
 /// zero, and add the blocks in order: a depth up to 512 is one block, products of at most
 /// 64 x 64 take blocks of 512 at any depth, and other deeper products the block its
 /// `cache::kernel_params` sizes from the CPU's L1 cache and the microkernel's rows (64 with
-/// AVX-512, 16 with AVX2; 6 columns), k split evenly (768 -> 2 x 384 on the CPUs measured,
-/// 3072 -> 6 x 512), whatever `m` and `n`. Its other kernels (`gevv` for a depth of 1-2,
+/// AVX-512, 16 with AVX2 and FMA; 6 columns), k split evenly (768 -> 2 x 384 on the CPUs
+/// measured, 3072 -> 6 x 512), whatever `m` and `n` (`None` for those on other CPUs). Its other kernels (`gevv` for a depth of 1-2,
 /// `gemv` for one row or column, the "horizontal" ones for at most 256 outputs) sum in orders
 /// of their own: `None` for those. Our direct kernels, which sum the same way, give `gemm`'s
 /// bits exactly where this is `Some` (tested against `gemm` at depths 768 and 3072).
@@ -36,18 +36,23 @@ pub(crate) fn depth_block(m: usize, n: usize, k: usize) -> Option<usize> {
     } else if m <= 64 && n <= 64 {
         Some(512)
     } else {
-        Some(gemm_common::cache::kernel_params(m, n, k, microkernel_rows(), 6, 4).kc)
+        microkernel_rows().map(|mr| gemm_common::cache::kernel_params(m, n, k, mr, 6, 4).kc)
     }
 }
 
-/// Rows of the f32 microkernel `gemm` dispatches to on this CPU (its own test: AVX-512F,
-/// else FMA).
-fn microkernel_rows() -> usize {
+/// Rows of the f32 microkernel `gemm` dispatches to on this CPU (its own test: AVX-512F, else
+/// FMA); `None` on other CPUs, whose kernels are not reproduced here.
+fn microkernel_rows() -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        return 64;
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return Some(64);
+        }
+        if std::is_x86_feature_detected!("fma") {
+            return Some(16);
+        }
     }
-    16
+    None
 }
 
 /// Whether `gemm` sums each entry of the product in one chain over the whole depth (see

@@ -140,9 +140,8 @@ pub fn pack_panels(weight: &Tensor) -> Result<Panels> {
 /// whose every entry `gemm` sums in depth blocks the panels reproduce
 /// ([`gemm::depth_block`](super::gemm::depth_block); so not a single row, nor items of one row
 /// each), with at most [`PANEL_ROWS`] rows in all. There `gemm`'s packing of the whole weight
-/// on every call, which the panels do once, cost 10-25 % of the product (the text encoder's 77
-/// tokens per prompt); with thousands of rows it is a small share, and `gemm`'s blocking of the
-/// rows wins.
+/// on every call, which the panels do once, was 14 % of the text encoder's time (77 tokens per
+/// prompt); with thousands of rows it is a small share, and `gemm`'s blocking of the rows wins.
 pub fn panels_pay(dims: &[usize], in_dim: usize, out_dim: usize) -> bool {
     let (rows, items) = row_blocks(dims);
     conv_taps::available() && dims.len() >= 3 && rows * items <= PANEL_ROWS && super::gemm::depth_block(rows, out_dim, in_dim).is_some()
