@@ -143,8 +143,16 @@ pub fn pack_panels(weight: &Tensor) -> Result<Panels> {
 /// on every call, which the panels do once, was 14 % of the text encoder's time (77 tokens per
 /// prompt); with thousands of rows it is a small share, and `gemm`'s blocking of the rows wins.
 pub fn panels_pay(dims: &[usize], in_dim: usize, out_dim: usize) -> bool {
+    panel_block(dims, in_dim, out_dim).is_some()
+}
+
+/// The depth block of [`linear_panels`]' product where [`panels_pay`], else `None`.
+fn panel_block(dims: &[usize], in_dim: usize, out_dim: usize) -> Option<usize> {
     let (rows, items) = row_blocks(dims);
-    conv_taps::available() && dims.len() >= 3 && rows * items <= PANEL_ROWS && super::gemm::depth_block(rows, out_dim, in_dim).is_some()
+    if !conv_taps::available() || dims.len() < 3 || rows * items > PANEL_ROWS {
+        return None;
+    }
+    super::gemm::depth_block(rows, out_dim, in_dim)
 }
 
 /// Rows up to which [`panels_pay`] (measured on an AVX2 EPYC: at 154 rows the panels ran the
@@ -159,12 +167,12 @@ pub const PANEL_ROWS: usize = 256;
 pub fn linear_panels(x: &Tensor, panels: &Panels, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (in_dim, out_dim) = (panels.in_dim, panels.out_dim);
-    if !panels_pay(&dims, in_dim, out_dim) || dims.last() != Some(&in_dim) {
+    let block = panel_block(&dims, in_dim, out_dim).filter(|_| dims.last() == Some(&in_dim));
+    let Some(block) = block else {
         return Err(Error::invalid(format!("linear panels: input {dims:?} with a weight [{out_dim}, {in_dim}]")));
-    }
+    };
     let out_shape = checked_out_shape("linear panels", &dims, out_dim, bias, residual)?;
     let (rows, items) = row_blocks(&dims);
-    let block = super::gemm::depth_block(rows, out_dim, in_dim).expect("panels_pay checked it");
     let mut ts = vec![x];
     ts.extend(bias);
     ts.extend(residual);

@@ -128,10 +128,10 @@ impl Linear {
     /// `x W^T + b + residual`, without the adapter.
     fn forward_base(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         if self.fast_base(x) && residual.is_none_or(|r| kernels::fast_ok(&[r])) {
-            let in_dim = x.dim(candle_core::D::Minus1)?;
-            flops::add(x.elem_count() / in_dim.max(1) * in_dim * self.weight.dim(0)?);
+            let (in_dim, out_dim) = (x.dim(candle_core::D::Minus1)?, self.weight.dim(0)?);
+            flops::add(x.elem_count() / in_dim.max(1) * in_dim * out_dim);
             let packed = if kernels::linear::rowwise(x.dims()) { None } else { self.packed()? };
-            if self.use_panels && packed.is_none() && kernels::linear::panels_pay(x.dims(), in_dim, self.weight.dim(0)?) {
+            if self.use_panels && packed.is_none() && kernels::linear::panels_pay(x.dims(), in_dim, out_dim) {
                 let panels = self.panels.get(&self.weight, kernels::linear::pack_panels)?;
                 return scope(Class::Linear, || kernels::linear::linear_panels(x, &panels, self.bias.as_ref(), residual));
             }
